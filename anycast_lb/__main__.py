@@ -1,0 +1,3 @@
+from anycast_lb.cli import main
+
+main()

@@ -1,0 +1,419 @@
+"""Node configuration: the one source of truth (pydantic v2 models).
+
+Shape of the YAML file (``docs/config.md`` has every field, and
+``docs/config.schema.json`` is generated from these models)::
+
+    node: {name: lb1}
+    api: {listen: 127.0.0.1:9180, admin_token_file: /etc/anycast-lb/token}
+    drain: {timeout: 30, announce_grace: 2}
+    services:
+      - name: web
+        vip: 198.51.100.10
+        port: 80
+        protocol: tcp
+        backends: [{address: 203.0.113.130, port: 8080, weight: 1}]
+        health: {kind: http, path: /healthz}
+    bgp: {...}            # optional; without it the node is a plain L4 LB
+
+Every model is frozen and forbids unknown keys. Durations are seconds
+(floats) unless a field says otherwise. ``load_config`` raises
+:class:`~anycast_lb.errors.ConfigError` listing one line per problem, each
+naming the field path (``services[0].backends[1].port: ...``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from anycast_lb.errors import ConfigError
+
+
+
+def _ip(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_ip)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# A BGP community "ASN:VALUE" (RFC 1997), each half 0-65535.
+_COMMUNITY_RE = re.compile(r"^(\d{1,5}):(\d{1,5})$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Protocol(str, Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Balance(str, Enum):
+    MAGLEV = "maglev"
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONN = "least_conn"
+
+
+class HashKey(str, Enum):
+    FIVE_TUPLE = "five_tuple"
+    SOURCE_IP = "source_ip"
+
+
+class HealthKind(str, Enum):
+    TCP = "tcp"
+    HTTP = "http"
+    EXEC = "exec"
+    NONE = "none"
+
+
+def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Parse ``host:port`` or ``[v6]:port`` into an address and a port.
+
+    Raises ValueError naming what is wrong.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("IPv6 listen address must look like [::1]:9180")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9180")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"{host!r} is not an IP address") from exc
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port (0-65535)")
+    return address, int(port)
+
+
+def format_host_port(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | str, port: int
+) -> str:
+    """``198.51.100.1:80`` or ``[2001:db8::1]:80``."""
+    address = ipaddress.ip_address(address)
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+class NodeSection(_Model):
+    name: str = Field(default="lb1", pattern=_NAME_RE)
+
+
+class ApiConfig(_Model):
+    listen: str = "127.0.0.1:9180"
+    """``host:port``; IPv6 as ``[::1]:9180``. Port 0 picks a free port."""
+    admin_token_file: Path | None = None
+    """File holding the bearer token for POST /drain and /undrain."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        return parse_host_port(self.listen)
+
+
+class DrainConfig(_Model):
+    timeout: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    """Seconds established connections may keep running after a drain starts."""
+    announce_grace: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    """Seconds the GRACEFUL_SHUTDOWN announcement (RFC 8326) stays up before
+    the withdraw, so routers move traffic away first."""
+
+
+class BackendConfig(_Model):
+    address: IPAddress
+    port: Port
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+    @property
+    def key(self) -> str:
+        """Stable backend name, ``addr:port``: the Maglev table hashes it, so
+        every node given the same pool builds the same table."""
+        return format_host_port(self.address, self.port)
+
+
+class HealthConfig(_Model):
+    kind: HealthKind = HealthKind.TCP
+    port: Port | None = None
+    """Port to probe; the backend's own port when unset."""
+    path: str = "/healthz"
+    """HTTP only: request path."""
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=lambda: list(range(200, 300)), min_length=1
+    )
+    """HTTP only: status codes counted as healthy (default any 2xx)."""
+    host: str | None = None
+    """HTTP only: Host header (default the backend address)."""
+    command: list[str] | None = None
+    """exec only: argv run with env BACKEND_ADDRESS, BACKEND_PORT; exit 0 = healthy."""
+    interval: Seconds = 2.0
+    fast_interval: Seconds = 0.2
+    """Seconds between checks while a backend is rising or falling."""
+    timeout: Seconds = 1.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "\r\n\t "):
+            raise ValueError("must start with / and hold no whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> HealthConfig:
+        if self.kind is HealthKind.EXEC and not self.command:
+            raise ValueError("kind exec needs a non-empty command list")
+        if self.kind is not HealthKind.EXEC and self.command:
+            raise ValueError(f"command is only for kind exec, not {self.kind.value}")
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+class ServiceConfig(_Model):
+    name: str = Field(pattern=_NAME_RE)
+    vip: IPAddress
+    port: Port
+    protocol: Protocol = Protocol.TCP
+    balance: Balance = Balance.MAGLEV
+    hash_key: HashKey = HashKey.FIVE_TUPLE
+    min_healthy: Annotated[int, Field(ge=1)] = 1
+    proxy_protocol: bool = False
+    """Send a PROXY protocol v2 header to backends (TCP only)."""
+    connect_timeout: Seconds = 1.0
+    idle_timeout: Seconds | None = None
+    """Seconds a connection (TCP, default 300) or flow (UDP, default 30) may idle."""
+    max_flows: Annotated[int, Field(ge=1, le=10_000_000)] = 65536
+    """UDP: most client flows kept at once; the least recently used is evicted."""
+    maglev_table_size: Annotated[int, Field(ge=7, le=1_000_003)] = 65537
+    backends: list[BackendConfig] = Field(min_length=1)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+    @field_validator("maglev_table_size")
+    @classmethod
+    def _prime(cls, value: int) -> int:
+        if not _is_prime(value):
+            raise ValueError("must be a prime (Maglev, NSDI 2016, section 3.4)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceConfig:
+        if self.min_healthy > len(self.backends):
+            raise ValueError(
+                f"min_healthy ({self.min_healthy}) exceeds the number of backends "
+                f"({len(self.backends)})"
+            )
+        if self.proxy_protocol and self.protocol is Protocol.UDP:
+            raise ValueError("proxy_protocol is only supported for tcp services")
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.key in seen:
+                raise ValueError(f"duplicate backend {backend.key}")
+            seen.add(backend.key)
+        return self
+
+    @property
+    def effective_idle_timeout(self) -> float:
+        if self.idle_timeout is not None:
+            return self.idle_timeout
+        return 30.0 if self.protocol is Protocol.UDP else 300.0
+
+    @property
+    def prefix(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The VIP's anycast host prefix (/32 or /128)."""
+        return ipaddress.ip_network(self.vip)
+
+
+class PeerConfig(_Model):
+    address: IPAddress
+    peer_as: Annotated[int, Field(ge=1, le=4294967295)]
+
+
+class AnnounceConfig(_Model):
+    med: Annotated[int, Field(ge=0, le=4294967295)] = 100
+    """Must be the same on every node, or ECMP drops the odd one out."""
+    communities: list[str] = Field(default_factory=list)
+    as_path_prepend: Annotated[int, Field(ge=0, le=10)] = 0
+    withdraw_on_down: bool = True
+    down_med: Annotated[int, Field(ge=0, le=4294967295)] = 1000
+
+    @field_validator("communities")
+    @classmethod
+    def _communities(cls, values: list[str]) -> list[str]:
+        for value in values:
+            match = _COMMUNITY_RE.match(value)
+            if not match or any(int(g) > 65535 for g in match.groups()):
+                raise ValueError(f"{value!r} is not a community ASN:VALUE (0-65535 each)")
+        return values
+
+
+class DampingConfig(_Model):
+    """Origin-side flap damping (the idea of RFC 2439 section 4.2)."""
+
+    enabled: bool = True
+    penalty: Annotated[float, Field(gt=0)] = 1000.0
+    """Added per withdraw."""
+    suppress: Annotated[float, Field(gt=0)] = 3000.0
+    reuse: Annotated[float, Field(gt=0)] = 750.0
+    half_life: Seconds = 30.0
+    max_suppress: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> DampingConfig:
+        if self.reuse >= self.suppress:
+            raise ValueError("reuse must be below suppress")
+        return self
+
+
+class BgpConfig(_Model):
+    local_as: Annotated[int, Field(ge=1, le=4294967295)]
+    router_id: ipaddress.IPv4Address
+    local_address: IPAddress
+    hold_time: Annotated[int, Field(ge=0, le=65535)] = 3
+    """Seconds; 0 or at least 3 (RFC 4271 section 4.2)."""
+    peers: list[PeerConfig] = Field(min_length=1)
+    announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
+    damping: DampingConfig = Field(default_factory=DampingConfig)
+    exabgp: str = "exabgp"
+    """ExaBGP executable (5.x started as ``exabgp server CONF``, 4.2 as ``exabgp CONF``)."""
+    refresh_interval: Seconds = 30.0
+    """Seconds between safety-net re-announcements of the whole route set."""
+    node_timeout: Seconds = 0.6
+    """Seconds the announcer waits for word from the node before it stops
+    trusting it and withdraws everything (a hung node)."""
+
+    @field_validator("hold_time")
+    @classmethod
+    def _hold(cls, value: int) -> int:
+        if value in (1, 2):
+            raise ValueError("hold time must be 0 or at least 3 s (RFC 4271 section 4.2)")
+        return value
+
+
+class NodeConfig(_Model):
+    node: NodeSection = Field(default_factory=NodeSection)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    drain: DrainConfig = Field(default_factory=DrainConfig)
+    services: list[ServiceConfig] = Field(min_length=1)
+    bgp: BgpConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> NodeConfig:
+        names: set[str] = set()
+        listeners: set[tuple[str, int, str]] = set()
+        problems = []
+        for service in self.services:
+            if service.name in names:
+                problems.append(f"duplicate service name {service.name!r}")
+            names.add(service.name)
+            listener = (str(service.vip), service.port, service.protocol.value)
+            if listener in listeners:
+                problems.append(
+                    f"duplicate VIP:port {format_host_port(service.vip, service.port)}"
+                    f"/{service.protocol.value} (service {service.name!r})"
+                )
+            listeners.add(listener)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        # Union members add a location part naming the member's validator;
+        # keep the user's field path only.
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        where = _location(loc) or "(top level)"
+        problems.append(f"{where}: {message}")
+    # Unions report once per member; keep each line once, in order.
+    return list(dict.fromkeys(problems))
+
+
+def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
+    """Validate already-parsed data. Raises ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections"])
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format_errors(exc)) from exc
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Read and validate a YAML config file.
+
+    Raises ConfigError for a missing/unreadable file, bad YAML, or any
+    validation problem (one line each).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
+    return parse_config(data, str(path))
+
+
+def json_schema() -> str:
+    """The JSON schema of the config file, as published in docs/."""
+    return json.dumps(NodeConfig.model_json_schema(), indent=2, sort_keys=True) + "\n"
+

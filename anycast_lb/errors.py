@@ -1,0 +1,66 @@
+"""The one exception hierarchy of anycast-lb.
+
+::
+
+    AnycastLBError
+    +-- ConfigError            the config file is missing, unreadable or invalid
+    +-- BindError              a forwarder or the HTTP API cannot bind its address
+    +-- BackendError           no backend of a pool could take a flow
+    |   +-- NoHealthyBackend   the pool has no backend in state up
+    +-- AnnouncerError         the ExaBGP side cannot be driven
+    |   +-- UnsafeAttribute    a BGP attribute would inject an API command
+    +-- LabError               the namespace lab cannot be built or used
+        +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
+                               traffic tool runs outside its lab namespace
+
+OS errors are translated at the edge with ``raise ... from exc``; only the
+CLI turns these into exit codes (2 for ConfigError, 1 for the rest).
+"""
+
+from __future__ import annotations
+
+
+class AnycastLBError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(AnycastLBError):
+    """The config is invalid.
+
+    ``problems`` holds one line per problem, each naming the field path
+    (``services[0].backends[1].port: ...``).
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class BindError(AnycastLBError):
+    """A listening socket could not be bound (address in use, not local...)."""
+
+
+class BackendError(AnycastLBError):
+    """No backend could take a flow."""
+
+
+class NoHealthyBackend(BackendError):
+    """The pool has no backend in state up."""
+
+
+class AnnouncerError(AnycastLBError):
+    """ExaBGP cannot be driven (bad config, process gone, protocol error)."""
+
+
+class UnsafeAttribute(AnnouncerError):
+    """A BGP attribute string holds a character that would break an API line."""
+
+
+class LabError(AnycastLBError):
+    """The namespace lab cannot be built, used or torn down."""
+
+
+class UnsafeLab(LabError):
+    """Refused for network safety (prefix overlap, wrong namespace)."""
