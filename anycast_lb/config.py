@@ -104,6 +104,8 @@ def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
         host, sep, port = text.rpartition(":")
         if not sep:
             raise ValueError("expected host:port, e.g. 127.0.0.1:9180")
+        if ":" in host:
+            raise ValueError("write an IPv6 address in brackets, e.g. [::1]:9180")
     try:
         address = ipaddress.ip_address(host)
     except ValueError as exc:

@@ -1,0 +1,211 @@
+"""The ``anycast-lb`` command line. The only place exceptions become exit codes:
+0 success, 1 runtime error, 2 invalid config or usage.
+
+::
+
+    anycast-lb check-config node.yaml
+    anycast-lb run --config node.yaml
+    anycast-lb drain|undrain --config node.yaml
+    anycast-lb status --config node.yaml
+    anycast-lb exabgp-config --config node.yaml
+    anycast-lb schema
+    anycast-lb lab up|status|run|down|demo
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from anycast_lb import __version__, log
+from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
+from anycast_lb.errors import AnycastLBError, ConfigError
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _load(path: Path) -> NodeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"anycast-lb: invalid config {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="anycast-lb")
+def main() -> None:
+    """Active-active BGP anycast L4 load balancer."""
+
+
+@main.command("check-config")
+@click.argument("config", type=click.Path(path_type=Path))
+def check_config(config: Path) -> None:
+    """Validate CONFIG; print a summary, or one line per problem (exit 2)."""
+    cfg = _load(config)
+    click.echo(f"{config}: ok (node {cfg.node.name}, {len(cfg.services)} service(s), "
+               f"bgp {'on' if cfg.bgp else 'off'})")
+    for s in cfg.services:
+        click.echo(f"  {s.name}: {format_host_port(s.vip, s.port)}/{s.protocol.value} -> "
+                   f"{len(s.backends)} backend(s), {s.balance.value}, health {s.health.kind.value}")
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path),
+              help="Node config file (YAML).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Directory for ExaBGP's config and the announcer socket (default: a new temp dir).")
+@click.option("--no-uvloop", is_flag=True, help="Use the standard asyncio loop.")
+def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> None:
+    """Run a node: forwarders, health checks, HTTP API and (with a bgp section) ExaBGP.
+
+    SIGTERM or SIGINT drains and stops gracefully (exit 0); a second signal
+    exits at once (exit 1).
+    """
+    cfg = _load(config)
+    log.setup(log_level)
+    if not no_uvloop:
+        _use_uvloop()
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        asyncio.run(_run_node(cfg, run_dir))
+    except AnycastLBError as exc:
+        log.error("node.failed", error=str(exc))
+        click.echo(f"anycast-lb: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+async def _run_node(cfg: NodeConfig, run_dir: Path | None) -> None:
+    from anycast_lb.node import Node  # deferred: keeps check-config light
+
+    node = Node(cfg, run_dir=run_dir)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.event("node.signal", signal=signal.Signals(signum).name, action="graceful stop")
+            node.request_stop()
+        else:
+            log.event("node.signal", signal=signal.Signals(signum).name, action="exit now")
+            sys.stderr.flush()
+            # The kernel closes every socket; ExaBGP dies with us (PDEATHSIG).
+            import os
+
+            os._exit(EXIT_ERROR)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await node.run()
+
+
+def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+    host, port = cfg.api.host_port
+    url = f"http://{format_host_port(host, port)}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, {"error": body.decode(errors="replace")}
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"anycast-lb: cannot reach the node's API at {url}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def _admin(config: Path, path: str) -> None:
+    cfg = _load(config)
+    token = None
+    if cfg.api.admin_token_file is not None:
+        try:
+            token = cfg.api.admin_token_file.read_text().strip()
+        except OSError as exc:
+            click.echo(f"anycast-lb: cannot read {cfg.api.admin_token_file}: {exc.strerror}", err=True)
+            sys.exit(EXIT_ERROR)
+    status, body = _api_call(cfg, "POST", path, token)
+    click.echo(json.dumps(body))
+    if status != 200:
+        sys.exit(EXIT_ERROR)
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def drain(config: Path) -> None:
+    """Drain the running node: GRACEFUL_SHUTDOWN (RFC 8326), then withdraw."""
+    _admin(config, "/drain")
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def undrain(config: Path) -> None:
+    """End a drain: announce again where healthy."""
+    _admin(config, "/undrain")
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def status(config: Path) -> None:
+    """Print the running node's /status JSON."""
+    cfg = _load(config)
+    code, body = _api_call(cfg, "GET", "/status")
+    click.echo(json.dumps(body, indent=2))
+    if code != 200:
+        sys.exit(EXIT_ERROR)
+
+
+@main.command("exabgp-config")
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def exabgp_config(config: Path) -> None:
+    """Print the ExaBGP config (neighbors and the announcer process stanza)
+    for people who run ExaBGP themselves."""
+    cfg = _load(config)
+    if cfg.bgp is None:
+        click.echo(f"anycast-lb: {config} has no bgp section", err=True)
+        sys.exit(EXIT_CONFIG)
+    from anycast_lb.bgp.exabgp import exabgp_config_text
+
+    click.echo(exabgp_config_text(cfg, config.resolve()), nl=False)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON schema of the config file."""
+    click.echo(json_schema(), nl=False)
+
+
+def _mount_lab() -> None:
+    try:
+        from anycast_lb.lab.cli import lab
+    except ImportError:  # the lab package is optional at import time
+        return
+    main.add_command(lab)
+
+
+_mount_lab()

@@ -1,0 +1,120 @@
+"""Prometheus metrics of one node (prometheus-client, text exposition).
+
+Data-path counters live as plain ints on each :class:`~anycast_lb.pool.Backend`
+and are read at scrape time by a custom collector, so forwarding a byte costs
+no metrics call. Only the health-check latency histogram is observed as it
+happens (a few observations per second).
+
+Exported families (all prefixed ``anycast_lb_``):
+
+- ``backend_up{service,backend}`` gauge, 1 while the backend is up
+- ``backend_active_connections{service,backend}`` gauge (UDP: live flows)
+- ``backend_connections_total{service,backend}`` counter
+- ``backend_connect_failures_total{service,backend}`` counter
+- ``backend_bytes_total{service,backend,direction}`` counter, direction
+  ``in`` (client to backend) or ``out``
+- ``backend_packets_total{service,backend,direction}`` counter (UDP)
+- ``service_healthy{service}`` gauge, 1 while ``min_healthy`` backends are up
+- ``service_up_backends{service}`` gauge
+- ``node_draining`` gauge
+- ``health_check_duration_seconds{service,backend}`` histogram
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from anycast_lb.pool import Pool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_CHECK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _PoolCollector(Collector):
+    def __init__(
+        self,
+        pools: Mapping[str, Pool],
+        draining: Callable[[], bool],
+        extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]] | None,
+    ) -> None:
+        self._pools = pools
+        self._draining = draining
+        self._extra = extra
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["service", "backend"]
+        up = GaugeMetricFamily("anycast_lb_backend_up", "1 while the backend is up", labels=labels)
+        active = GaugeMetricFamily(
+            "anycast_lb_backend_active_connections",
+            "Open connections (UDP: live flows) to the backend",
+            labels=labels,
+        )
+        conns = CounterMetricFamily(
+            "anycast_lb_backend_connections", "Connections (UDP: flows) sent to the backend", labels=labels
+        )
+        failures = CounterMetricFamily(
+            "anycast_lb_backend_connect_failures", "Failed connects to the backend", labels=labels
+        )
+        nbytes = CounterMetricFamily(
+            "anycast_lb_backend_bytes", "Bytes relayed, in = client to backend", labels=[*labels, "direction"]
+        )
+        packets = CounterMetricFamily(
+            "anycast_lb_backend_packets", "UDP datagrams relayed", labels=[*labels, "direction"]
+        )
+        healthy = GaugeMetricFamily(
+            "anycast_lb_service_healthy", "1 while min_healthy backends are up", labels=["service"]
+        )
+        up_backends = GaugeMetricFamily(
+            "anycast_lb_service_up_backends", "Backends in state up", labels=["service"]
+        )
+        for name, pool in self._pools.items():
+            healthy.add_metric([name], 1.0 if pool.healthy else 0.0)
+            up_backends.add_metric([name], float(pool.up_count))
+            for b in pool.backends:
+                lv = [name, b.key]
+                up.add_metric(lv, 1.0 if b.up else 0.0)
+                active.add_metric(lv, float(b.active_connections))
+                conns.add_metric(lv, float(b.connections_total))
+                failures.add_metric(lv, float(b.connect_failures))
+                nbytes.add_metric([*lv, "in"], float(b.bytes_in))
+                nbytes.add_metric([*lv, "out"], float(b.bytes_out))
+                packets.add_metric([*lv, "in"], float(b.packets_in))
+                packets.add_metric([*lv, "out"], float(b.packets_out))
+        draining = GaugeMetricFamily("anycast_lb_node_draining", "1 while the node drains")
+        draining.add_metric([], 1.0 if self._draining() else 0.0)
+        yield from (up, active, conns, failures, nbytes, packets, healthy, up_backends, draining)
+        if self._extra is not None:
+            yield from self._extra()
+
+
+class NodeMetrics:
+    """The metrics registry of one node (not the process-global registry, so
+    tests can run several nodes in one process)."""
+
+    def __init__(
+        self,
+        pools: Mapping[str, Pool],
+        draining: Callable[[], bool],
+        extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_PoolCollector(pools, draining, extra))
+        self.check_duration = Histogram(
+            "anycast_lb_health_check_duration_seconds",
+            "Duration of backend health checks (s)",
+            ["service", "backend"],
+            buckets=_CHECK_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_check(self, service: str, backend: str, seconds: float) -> None:
+        self.check_duration.labels(service, backend).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry)
