@@ -1,0 +1,221 @@
+"""Bring the lab up and down (the only module that knows every part).
+
+``up`` refuses to start unless root, no lab is already recorded, and no lab
+prefix overlaps the root namespace. Every namespace and process is written
+to the state file the moment it exists, so ``down`` can undo a crash at any
+point. ``down`` stops the recorded processes by PID (checked against their
+start time), then any process still inside a lab namespace (found by
+namespace identity, ``ip netns pids``), then deletes the namespaces.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from anycast_lb.errors import LabError
+from anycast_lb.lab import frr, netns, nodes, state
+from anycast_lb.lab import topology as T
+from anycast_lb.lab.fib import FibReader
+from anycast_lb.lab.state import LabState
+from anycast_lb.lab.topology import Node, Topology
+
+ROUTER_SYSCTLS: dict[str, str | int] = {
+    # LAB-NOTES trap 7: forward, hash on L4 (else every flow goes to one
+    # node), no reverse-path filter, and skip next hops whose link is down.
+    "net.ipv4.ip_forward": 1,
+    "net.ipv4.fib_multipath_hash_policy": 1,
+    "net.ipv4.conf.all.rp_filter": 0,
+    "net.ipv4.conf.default.rp_filter": 0,
+    "net.ipv4.conf.all.ignore_routes_with_linkdown": 1,
+    "net.ipv4.conf.default.ignore_routes_with_linkdown": 1,
+}
+NODE_SYSCTLS: dict[str, str | int] = {
+    "net.ipv4.conf.all.rp_filter": 0,
+    "net.ipv4.conf.default.rp_filter": 0,
+    "net.ipv4.ip_local_port_range": "10000 65000",
+    "net.ipv4.tcp_tw_reuse": 1,
+}
+CLIENT_SYSCTLS: dict[str, str | int] = {
+    "net.ipv4.ip_local_port_range": "10000 65000",
+    "net.ipv4.tcp_tw_reuse": 1,
+}
+MODES = ("node", "static")
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    state: LabState
+    run_dir: Path
+    mode: str
+
+    @property
+    def router_frr(self) -> frr.FrrPaths:
+        return frr.paths_for(self.run_dir, self.topo.router_ns)
+
+    def vip_prefix(self) -> str:
+        return f"{self.topo.vip}/32"
+
+    def fib(self) -> FibReader:
+        return FibReader(self.topo.router_ns)
+
+
+def load() -> Lab:
+    """The running lab, from the state file. Raises LabError when none."""
+    st = state.load()
+    if st is None:
+        raise LabError("no lab is up (no state file at "
+                       f"{state.STATE_FILE}); start one with `anycast-lb lab up`")
+    t = st.topology
+    topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")))
+    return Lab(topo, st, state.RUN_DIR, str(t.get("mode", "node")))
+
+
+def _link(lab: Lab) -> None:
+    topo = lab.topo
+    r = topo.router_ns
+    netns.sysctls(r, ROUTER_SYSCTLS)
+    netns.veth(topo.client_ns, "up0", r, "client")
+    netns.addr(topo.client_ns, "up0", f"{topo.client_address}/{topo.links_prefixlen}")
+    netns.addr(r, "client", f"{topo.router_client_address}/{topo.links_prefixlen}")
+    netns.run(["ip", "route", "add", "default", "via", str(topo.router_client_address)],
+              ns=topo.client_ns)
+    netns.sysctls(topo.client_ns, CLIENT_SYSCTLS)
+    netns.run(["ip", "link", "add", "br0", "type", "bridge"], ns=topo.lan_ns)
+    netns.run(["ip", "link", "set", "br0", "up"], ns=topo.lan_ns)
+    for node in topo.nodes:
+        netns.sysctls(node.ns, NODE_SYSCTLS)
+        netns.veth(node.ns, node.uplink_if, r, node.router_if)
+        netns.addr(node.ns, node.uplink_if, f"{node.address}/{topo.links_prefixlen}")
+        netns.addr(r, node.router_if, f"{node.router_address}/{topo.links_prefixlen}")
+        netns.run(["ip", "route", "add", "default", "via", str(node.router_address)],
+                  ns=node.ns)
+        netns.addr(node.ns, "lo", f"{topo.vip}/32")
+        netns.veth(node.ns, node.lan_if, topo.lan_ns, node.bridge_port)
+        netns.run(["ip", "link", "set", node.bridge_port, "master", "br0"], ns=topo.lan_ns)
+        netns.addr(node.ns, node.lan_if, f"{node.lan_address}/{topo.lan_prefixlen}")
+    for be in topo.backends:
+        netns.veth(be.ns, be.lan_if, topo.lan_ns, be.bridge_port)
+        netns.run(["ip", "link", "set", be.bridge_port, "master", "br0"], ns=topo.lan_ns)
+        netns.addr(be.ns, be.lan_if, f"{be.address}/{topo.lan_prefixlen}")
+
+
+def start_backend(lab: Lab, index: int) -> None:
+    be = lab.topo.backends[index - 1]
+    log = lab.run_dir / "logs" / f"server-{be.name}.log"
+    proc = netns.spawn(be.ns, [sys.executable, "-m", "anycast_lb.lab.servers", "--ns", be.ns,
+                               "--name", be.name, "--http", str(T.BACKEND_HTTP_PORT),
+                               "--tcp", str(T.BACKEND_ECHO_PORT),
+                               "--udp", str(T.BACKEND_ECHO_PORT)], log)
+    lab.state.add_process("server", be.ns, proc.pid, log, node=be.name)
+
+
+def _listening(ns: str, port: int) -> bool:
+    out = netns.run(["ss", "-Hltn", f"sport = :{port}"], ns=ns, check=False)
+    return bool(out.strip())
+
+
+def start_node(lab: Lab, node: Node) -> None:
+    """Start what runs in a node namespace (per ``lab.mode``)."""
+    directory = nodes.node_dir(lab.run_dir, node)
+    directory.mkdir(parents=True, exist_ok=True)
+    if lab.topo.bfd and lab.state.find("bfdd", node.name) is None:
+        frr.start_node_bfdd(lab.state, node, lab.run_dir)
+    if lab.mode == "static":
+        conf = directory / "exabgp.conf"
+        conf.write_text(nodes.static_exabgp_config(lab.topo, node))
+        log = directory / "exabgp.log"
+        proc = netns.spawn(node.ns, nodes.static_argv(conf), log, env=nodes.EXABGP_ENV)
+        lab.state.add_process("exabgp", node.ns, proc.pid, log, node=node.name)
+        return
+    conf = nodes.write_node_config(lab.topo, node, lab.run_dir)
+    log = directory / "anycast-lb.log"
+    proc = netns.spawn(node.ns, nodes.node_argv(conf), log)
+    lab.state.add_process("anycast-lb", node.ns, proc.pid, log, node=node.name)
+
+
+def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "node",
+       timeout: float = 30.0) -> Lab:
+    """Build the lab and wait until the router has one next hop per node.
+
+    Raises LabError (UnsafeLab for safety refusals); on failure the caller
+    should run :func:`down` (the CLI does)."""
+    if mode not in MODES:
+        raise LabError(f"mode must be one of {', '.join(MODES)}")
+    netns.require_root()
+    if state.load() is not None or netns.lab_namespaces():
+        raise LabError("a lab is already up (or left over): run `anycast-lb lab down` first")
+    netns.check_root_namespace()
+    topo = T.plan(n_nodes, n_backends, bfd)
+    run_dir = state.RUN_DIR
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    st = LabState(topology={"nodes": n_nodes, "backends": n_backends, "bfd": bfd,
+                            "mode": mode, "vip": str(topo.vip)})
+    st.save()
+    lab = Lab(topo, st, run_dir, mode)
+    for name in topo.namespaces:
+        st.add_namespace(name)
+        netns.create(name)
+    _link(lab)
+    for be in topo.backends:
+        start_backend(lab, be.index)
+    frr.start_router(st, topo, run_dir)
+    for node in topo.nodes:
+        start_node(lab, node)
+    for be in topo.backends:
+        netns.wait_for(lambda ns=be.ns: _listening(ns, T.BACKEND_ECHO_PORT), 10.0,
+                       f"backend server in {be.ns}")
+    want = sorted(str(n.address) for n in topo.nodes)
+    with lab.fib() as fib:
+        fib.wait(lab.vip_prefix(), lambda hops: sorted(hops) == want, timeout)
+    return lab
+
+
+def down(log: bool = True) -> list[str]:
+    """Remove every process and namespace the lab made. Returns what was done.
+
+    Works without a state file too (then only namespaces named ``alb-*``
+    and the processes inside them are removed)."""
+    netns.require_root()
+    done: list[str] = []
+    st = state.load()
+    if st is not None:
+        for proc in reversed(st.processes):
+            if proc.same_process() and netns.pid_alive(proc.pid):
+                gone = netns.terminate(proc.pid, proc.start)
+                done.append(f"stopped {proc.role} pid {proc.pid} in {proc.ns}"
+                            + ("" if gone else " (STILL ALIVE)"))
+    names = sorted(set((st.namespaces if st else []) + netns.lab_namespaces()))
+    for name in names:
+        for pid in netns.pids_in(name):
+            gone = netns.terminate(pid, netns.proc_start(pid))
+            done.append(f"stopped stray pid {pid} in {name}" + ("" if gone else " (STILL ALIVE)"))
+    for name in names:
+        if netns.exists(name):
+            netns.delete(name)
+            done.append(f"deleted namespace {name}")
+    state.remove()
+    return done
+
+
+def leftovers() -> list[str]:
+    """What a teardown failed to remove: lab namespaces and live lab PIDs."""
+    out = [f"namespace {n}" for n in netns.lab_namespaces()]
+    st = state.load()
+    if st is not None:
+        out += [f"pid {p.pid} ({p.role})" for p in st.processes
+                if p.same_process() and netns.pid_alive(p.pid)]
+    return out
+
+
+def wait_gone(pids: list[tuple[int, int | None]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(netns.proc_start(p) == s and netns.pid_alive(p) for p, s in pids):
+            return
+        time.sleep(0.01)

@@ -1,0 +1,141 @@
+"""What runs in a node namespace: the node's config, and how it is started.
+
+Two modes:
+
+- ``node`` (default): a real ``anycast-lb run --config node.yaml``, which
+  supervises its own ExaBGP child announcing the VIP ``next-hop self``.
+- ``static``: a plain ExaBGP announcing the VIP unconditionally, to test the
+  topology without the node (no health gating, no forwarder).
+
+The generated node config is a plain dict (written as YAML) and is validated
+with :func:`anycast_lb.config.parse_config` before use.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anycast_lb.config import parse_config
+from anycast_lb.lab import topology as T
+from anycast_lb.lab.topology import Node, Topology
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Health checking in the lab.
+
+    ``interval`` equals ``fast_interval`` on purpose: fall counting starts
+    with the first miss, which comes one *stable* interval after the fault
+    at worst; with interval 1 s the health-fail target (fall x fast_interval
+    + 150 ms) could not hold. Probes are HTTP to the backends' /healthz.
+    """
+
+    interval: float = 0.1
+    fast_interval: float = 0.1
+    timeout: float = 0.1
+    rise: int = 2
+    fall: int = 3
+
+    def detect_bound_s(self) -> float:
+        """Worst case from a fault until the fall-th miss (s)."""
+        return self.interval + (self.fall - 1) * self.fast_interval
+
+
+HEALTH = HealthSettings()
+DRAIN_GRACE_S = 1.0
+DRAIN_TIMEOUT_S = 5.0
+
+
+def node_dir(run_dir: Path, node: Node) -> Path:
+    return run_dir / "nodes" / node.name
+
+
+def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
+    """The ``node.yaml`` of one lab node (see anycast_lb/config.py)."""
+    health = {"kind": "http", "port": T.BACKEND_HTTP_PORT, "path": "/healthz",
+              "interval": HEALTH.interval, "fast_interval": HEALTH.fast_interval,
+              "timeout": HEALTH.timeout, "rise": HEALTH.rise, "fall": HEALTH.fall}
+
+    def backends(port: int) -> list[dict[str, Any]]:
+        return [{"address": str(b.address), "port": port} for b in topo.backends]
+
+    return {
+        "node": {"name": node.name},
+        "api": {"listen": T.API_LISTEN, "admin_token_file": str(token_file)},
+        "drain": {"timeout": DRAIN_TIMEOUT_S, "announce_grace": DRAIN_GRACE_S},
+        "services": [
+            {"name": "echo", "vip": str(topo.vip), "port": T.SERVICE_PORT, "protocol": "tcp",
+             "backends": backends(T.BACKEND_ECHO_PORT), "health": health},
+            {"name": "web", "vip": str(topo.vip), "port": T.WEB_PORT, "protocol": "tcp",
+             "backends": backends(T.BACKEND_HTTP_PORT), "health": health},
+            {"name": "echo-udp", "vip": str(topo.vip), "port": T.UDP_PORT, "protocol": "udp",
+             "backends": backends(T.BACKEND_ECHO_PORT), "health": health},
+        ],
+        "bgp": {
+            "local_as": T.NODE_AS,
+            "router_id": str(node.address),
+            "local_address": str(node.address),
+            "hold_time": 3,
+            "peers": [{"address": str(node.router_address), "peer_as": T.ROUTER_AS}],
+            "announce": {"med": 100, "communities": [T.NODE_COMMUNITY]},
+            "exabgp": str(Path(sys.executable).with_name("exabgp")),
+        },
+    }
+
+
+def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:
+    """Write token and node.yaml under the node's run directory; return the
+    config path. Raises ConfigError when the node's models reject it."""
+    directory = node_dir(run_dir, node)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = directory / "admin-token"
+    token.write_text(T.ADMIN_TOKEN + "\n")
+    token.chmod(0o600)
+    data = node_config(topo, node, token)
+    parse_config(data, f"lab config of {node.name}")
+    path = directory / "node.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def node_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "anycast_lb", "run", "--config", str(config)]
+
+
+def static_exabgp_config(topo: Topology, node: Node) -> str:
+    """ExaBGP config announcing the VIP unconditionally (``static`` mode)."""
+    return f"""\
+neighbor {node.router_address} {{
+    router-id {node.address};
+    local-address {node.address};
+    local-as {T.NODE_AS};
+    peer-as {T.ROUTER_AS};
+    hold-time 3;
+    family {{
+        ipv4 unicast;
+    }}
+    announce {{
+        ipv4 {{
+            unicast {topo.vip}/32 next-hop self med 100 community [{T.NODE_COMMUNITY}];
+        }}
+    }}
+}}
+"""
+
+
+EXABGP_ENV = {
+    # Per LAB-NOTES trap 11: stay root, no shared CLI pipes between nodes.
+    "exabgp_daemon_drop": "false",
+    "exabgp_api_cli": "false",
+    "exabgp_log_destination": "stdout",
+    "exabgp_daemon_daemonize": "false",
+}
+
+
+def static_argv(config: Path) -> list[str]:
+    return [str(Path(sys.executable).with_name("exabgp")), "server", str(config)]

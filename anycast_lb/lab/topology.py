@@ -1,0 +1,178 @@
+"""The lab's address plan and shape: a pure description, no I/O.
+
+::
+
+    alb-client --- alb-router (FRR) ---+--- alb-lb1 ---+
+     .2   203.0.113.0/30   .1          +--- alb-lb2 ---+--- alb-lan (bridge) --- alb-be1..M
+                                       +--- alb-lbN ---+    198.51.100.128/25
+
+- client <-> router: 203.0.113.0/30 (router .1, client .2).
+- router <-> node i (1-based): 203.0.113.(4i)/30, router 4i+1, node 4i+2, so
+  node 1 speaks BGP from 203.0.113.6 to 203.0.113.5 (the issue's example).
+  One link per node, so a single node's link can go down.
+- VIP 198.51.100.10/32 on ``lo`` of every node namespace (LAB-NOTES: no dummy
+  interfaces here).
+- Backend LAN 198.51.100.128/25 on a bridge in ``alb-lan``: node i at
+  198.51.100.(128+i), backend j at 198.51.100.(192+j).
+- Router AS 65000; every node AS 65100 with the same MED (LAB-NOTES trap 8).
+
+Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
+never 192.0.2.0/24, which the machine's uplink may use (LAB-NOTES trap 1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+LAB_PREFIXES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.ip_network("198.51.100.0/24"),
+    ipaddress.ip_network("203.0.113.0/24"),
+    ipaddress.ip_network("2001:db8::/32"),
+)
+"""Everything the lab may use. The lab refuses to start when any of them
+overlaps an address or route of the root namespace."""
+
+NS_PREFIX = "alb-"
+MAX_NODES = 8
+MAX_BACKENDS = 8
+ROUTER_AS = 65000
+NODE_AS = 65100
+VIP = ipaddress.IPv4Address("198.51.100.10")
+SERVICE_PORT = 80
+"""TCP service on the VIP: backends greet with their name, then echo lines."""
+WEB_PORT = 8080
+"""TCP service on the VIP forwarding to the backends' HTTP server."""
+UDP_PORT = 9000
+"""UDP service on the VIP forwarding to the backends' UDP echo."""
+BACKEND_ECHO_PORT = 9000
+BACKEND_HTTP_PORT = 8080
+API_LISTEN = "127.0.0.1:9180"
+"""Each node namespace has its own loopback, so every node uses the same."""
+ADMIN_TOKEN = "lab-admin-token"
+GRACEFUL_SHUTDOWN = "65535:0"
+"""RFC 8326 well-known community."""
+NODE_COMMUNITY = "65100:1"
+
+
+@dataclass(frozen=True)
+class Node:
+    index: int
+    name: str
+    ns: str
+    address: ipaddress.IPv4Address
+    """Node side of its /30 to the router: BGP local address and router id."""
+    router_address: ipaddress.IPv4Address
+    """Router side of the same /30: the BGP peer and the node's default gateway."""
+    lan_address: ipaddress.IPv4Address
+    """On the backend LAN: the source address backends see."""
+    uplink_if: str
+    """Interface name in the node namespace (toward the router)."""
+    router_if: str
+    """Interface name in the router namespace (toward this node)."""
+    lan_if: str
+    """Interface name in the node namespace (toward the LAN bridge)."""
+    bridge_port: str
+    """Interface name in the LAN namespace (bridge port of this node)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    index: int
+    name: str
+    ns: str
+    address: ipaddress.IPv4Address
+    lan_if: str
+    bridge_port: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: tuple[Node, ...]
+    backends: tuple[Backend, ...]
+    bfd: bool = False
+    client_ns: str = NS_PREFIX + "client"
+    router_ns: str = NS_PREFIX + "router"
+    lan_ns: str = NS_PREFIX + "lan"
+    client_address: ipaddress.IPv4Address = ipaddress.IPv4Address("203.0.113.2")
+    router_client_address: ipaddress.IPv4Address = ipaddress.IPv4Address("203.0.113.1")
+    vip: ipaddress.IPv4Address = VIP
+    lan_prefixlen: int = 25
+    links_prefixlen: int = 30
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace the lab creates, in creation order."""
+        return (
+            [self.client_ns, self.router_ns, self.lan_ns]
+            + [n.ns for n in self.nodes]
+            + [b.ns for b in self.backends]
+        )
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if name in (node.name, node.ns):
+                return node
+        raise KeyError(f"no node {name!r} (have {', '.join(n.name for n in self.nodes)})")
+
+    def node_by_lan_address(self) -> dict[str, str]:
+        """Backend-side source address -> node name: how a backend's reply
+        tells which node forwarded the flow."""
+        return {str(n.lan_address): n.name for n in self.nodes}
+
+    def node_by_router_address(self) -> dict[str, str]:
+        """Router's next hop address -> node name."""
+        return {str(n.address): n.name for n in self.nodes}
+
+
+def plan(nodes: int = 3, backends: int = 3, bfd: bool = False) -> Topology:
+    """The address plan for ``nodes`` nodes and ``backends`` backends.
+
+    Raises ValueError outside 1..MAX_NODES / 1..MAX_BACKENDS.
+    """
+    if not 1 <= nodes <= MAX_NODES:
+        raise ValueError(f"nodes must be 1..{MAX_NODES}, not {nodes}")
+    if not 1 <= backends <= MAX_BACKENDS:
+        raise ValueError(f"backends must be 1..{MAX_BACKENDS}, not {backends}")
+    base = ipaddress.IPv4Address("203.0.113.0")
+    lan = ipaddress.IPv4Address("198.51.100.128")
+    node_list = tuple(
+        Node(
+            index=i,
+            name=f"lb{i}",
+            ns=f"{NS_PREFIX}lb{i}",
+            address=base + 4 * i + 2,
+            router_address=base + 4 * i + 1,
+            lan_address=lan + i,
+            uplink_if="up0",
+            router_if=f"lb{i}",
+            lan_if="lan0",
+            bridge_port=f"p-lb{i}",
+        )
+        for i in range(1, nodes + 1)
+    )
+    backend_list = tuple(
+        Backend(
+            index=j,
+            name=f"be{j}",
+            ns=f"{NS_PREFIX}be{j}",
+            address=lan + 64 + j,
+            lan_if="lan0",
+            bridge_port=f"p-be{j}",
+        )
+        for j in range(1, backends + 1)
+    )
+    return Topology(nodes=node_list, backends=backend_list, bfd=bfd)
+
+
+def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
+    """Every address the lab assigns (for the overlap check and tests)."""
+    out = [topo.client_address, topo.router_client_address, topo.vip]
+    for n in topo.nodes:
+        out += [n.address, n.router_address, n.lan_address]
+    out += [b.address for b in topo.backends]
+    return out
+
+
+def in_lab_prefixes(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(address in p for p in LAB_PREFIXES)
