@@ -44,19 +44,19 @@ def setup(level: str = "info") -> None:
     _LOGGER.propagate = False
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:
     """Log one event with a stable name and key-value fields."""
     if _LOGGER.isEnabledFor(level):
         _LOGGER.log(level, name, extra={"kv": fields})
 
 
-def warning(name: str, **fields: Any) -> None:
+def warning(name: str, /, **fields: Any) -> None:
     event(name, logging.WARNING, **fields)
 
 
-def error(name: str, **fields: Any) -> None:
+def error(name: str, /, **fields: Any) -> None:
     event(name, logging.ERROR, **fields)
 
 
-def debug(name: str, **fields: Any) -> None:
+def debug(name: str, /, **fields: Any) -> None:
     event(name, logging.DEBUG, **fields)

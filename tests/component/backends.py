@@ -1,0 +1,102 @@
+"""Small real backend servers for component tests, on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class TcpNameEcho:
+    """Sends ``NAME\\n`` on connect, then echoes. ``stop()`` closes the
+    listener and every connection, like a crashed backend."""
+
+    def __init__(self, name: str, port: int = 0) -> None:
+        self.name = name
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            writer.write(self.name.encode() + b"\n")
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+
+class UdpNameEcho(asyncio.DatagramProtocol):
+    """Replies to each datagram with ``NAME:`` + the datagram."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
+        self.port = transport.get_extra_info("sockname")[1]
+        return self.port
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(self.name.encode() + b":" + data, addr)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def tcp_request(port: int, payload: bytes = b"ping\n", timeout: float = 2.0) -> tuple[str, bytes]:
+    """Connect, read the backend's name line, send ``payload``, read it back."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            name = (await reader.readline()).decode().strip()
+            writer.write(payload)
+            echoed = await reader.readexactly(len(payload))
+            return name, echoed
+        finally:
+            writer.close()
+
+
+async def udp_request(port: int, payload: bytes, timeout: float = 2.0) -> tuple[bytes, tuple[str, int]]:
+    """Send one datagram; return the reply and the address it came from."""
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[tuple[bytes, tuple[str, int]]] = loop.create_future()
+
+    class _Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            if not reply.done():
+                reply.set_result((data, addr))
+
+    transport, _ = await loop.create_datagram_endpoint(_Client, remote_addr=("127.0.0.1", port))
+    try:
+        transport.sendto(payload)
+        async with asyncio.timeout(timeout):
+            return await reply
+    finally:
+        transport.close()
