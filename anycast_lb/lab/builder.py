@@ -131,6 +131,12 @@ def start_node(lab: Lab, node: Node) -> None:
         log = directory / "exabgp.log"
         proc = netns.spawn(node.ns, nodes.static_argv(conf), log, env=nodes.EXABGP_ENV)
         lab.state.add_process("exabgp", node.ns, proc.pid, log, node=node.name)
+        targets = ",".join(f"{b.address}:{T.BACKEND_ECHO_PORT}" for b in lab.topo.backends)
+        log = directory / "relay.log"
+        proc = netns.spawn(node.ns, [sys.executable, "-m", "anycast_lb.lab.servers",
+                                     "--ns", node.ns, "--name", node.name, "--relay",
+                                     f"{lab.topo.vip}:{T.SERVICE_PORT}={targets}"], log)
+        lab.state.add_process("relay", node.ns, proc.pid, log, node=node.name)
         return
     conf = nodes.write_node_config(lab.topo, node, lab.run_dir)
     log = directory / "anycast-lb.log"

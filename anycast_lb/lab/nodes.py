@@ -13,6 +13,9 @@ with :func:`anycast_lb.config.parse_config` before use.
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,10 @@ from typing import Any
 
 import yaml
 
-from anycast_lb.config import parse_config
+from anycast_lb.config import parse_config, parse_host_port
+from anycast_lb.errors import LabError
 from anycast_lb.lab import topology as T
+from anycast_lb.lab.netns import entered
 from anycast_lb.lab.topology import Node, Topology
 
 
@@ -83,6 +88,10 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
             "hold_time": 3,
             "peers": [{"address": str(node.router_address), "peer_as": T.ROUTER_AS}],
             "announce": {"med": 100, "communities": [T.NODE_COMMUNITY]},
+            # Scenarios withdraw the same node again and again within
+            # seconds; origin damping would (rightly) hold it down and make
+            # every later scenario wait minutes for recovery.
+            "damping": {"enabled": False},
             "exabgp": str(Path(sys.executable).with_name("exabgp")),
         },
     }
@@ -139,3 +148,31 @@ EXABGP_ENV = {
 
 def static_argv(config: Path) -> list[str]:
     return [str(Path(sys.executable).with_name("exabgp")), "server", str(config)]
+
+
+def api_request(ns: str, method: str, path: str, token: str | None = None,
+                timeout: float = 2.0) -> tuple[int, Any]:
+    """Call a node's HTTP API from this process, over a socket created inside
+    the node's namespace (the API listens on that namespace's 127.0.0.1).
+
+    Returns (status, parsed JSON body or text). Raises LabError when the
+    API cannot be reached."""
+    host, port = parse_host_port(T.API_LISTEN)
+    try:
+        with entered(ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect((str(host), port))
+        conn = http.client.HTTPConnection(str(host), port, timeout=timeout)
+        conn.sock = sock
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+        conn.close()
+    except OSError as exc:
+        raise LabError(f"node API in {ns} ({T.API_LISTEN}): {exc}") from exc
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, body

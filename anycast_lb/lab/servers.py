@@ -11,6 +11,10 @@
 - TCP echo (``--tcp``): first sends ``NAME PEER\\n``, then echoes every line.
 - UDP echo (``--udp``): answers each datagram with ``NAME PEER `` + payload.
 
+- relay (``--relay VIP:PORT=ADDR:PORT,ADDR:PORT``): a minimal round-robin TCP
+  relay, used only by the lab's ``static`` mode (plain ExaBGP, no node) to
+  carry traffic while testing the topology itself.
+
 PEER is the source address of the connection the backend received: the
 forwarding node's address on the backend LAN, which is how the lab's client
 learns which node carried a flow. Refuses to run outside ``--ns``.
@@ -80,6 +84,37 @@ def echo_handler(name: str):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        await _close(writer)
+
+
+def relay_handler(targets: list[tuple[str, int]]):  # type: ignore[no-untyped-def]
+    counter = iter(range(1 << 62))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = targets[next(counter) % len(targets)]
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            await _close(writer)
+            return
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    return handle
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
 class UdpEcho(asyncio.DatagramProtocol):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -94,7 +129,8 @@ class UdpEcho(asyncio.DatagramProtocol):
             self.transport.sendto(f"{self.name} {addr[0]} ".encode() + data, addr)
 
 
-async def serve(name: str, http: int | None, tcp: int | None, udp: int | None) -> None:
+async def serve(name: str, http: int | None, tcp: int | None, udp: int | None,
+                relay: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +142,12 @@ async def serve(name: str, http: int | None, tcp: int | None, udp: int | None) -
     if tcp:
         servers.append(await asyncio.start_server(echo_handler(name), "0.0.0.0", tcp,
                                                   backlog=1024, reuse_address=True))
+    if relay:
+        listen, _, targets = relay.partition("=")
+        host, port = _hostport(listen)
+        servers.append(await asyncio.start_server(
+            relay_handler([_hostport(t) for t in targets.split(",")]), host, port,
+            backlog=1024, reuse_address=True))
     transport = None
     if udp:
         transport, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name),
@@ -126,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", type=int)
     parser.add_argument("--tcp", type=int)
     parser.add_argument("--udp", type=int)
+    parser.add_argument("--relay", help="LISTEN=TARGET[,TARGET]: round-robin TCP relay")
     args = parser.parse_args(argv)
     try:
         require_namespace(args.ns)
     except UnsafeLab as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    coro = serve(args.name, args.http, args.tcp, args.udp)
+    coro = serve(args.name, args.http, args.tcp, args.udp, args.relay)
     try:
         import uvloop
     except ImportError:
