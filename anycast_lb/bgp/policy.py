@@ -1,0 +1,185 @@
+"""Route policy (pure): node and service state -> the routes to announce.
+
+No I/O, no clock, no logging. The node builds a :class:`NodeView` from its
+health monitor, forwarders and drain state, asks the flap damper which
+prefixes are suppressed, and calls :func:`desired_routes`; the result goes to
+:meth:`BgpSpeaker.set_routes <anycast_lb.bgp.speaker.BgpSpeaker.set_routes>`.
+
+The rule, per VIP prefix (a /32 or /128; several services may share one VIP,
+e.g. tcp/80 and udp/53):
+
+1. drain phase ``WITHDRAWN``                                  -> withdrawn
+2. any service of the prefix not listening                    -> withdrawn
+   (the node cannot serve that traffic; ``withdraw_on_down`` does not
+   soften this: a socket that is not bound black-holes every flow)
+3. the prefix is suppressed by the flap damper                -> withdrawn
+4. every service of the prefix healthy                        -> announced
+   with ``announce.med``
+5. some service unhealthy, ``announce.withdraw_on_down`` true -> withdrawn
+6. some service unhealthy, ``announce.withdraw_on_down`` false-> announced
+   with ``announce.down_med`` (routers prefer other nodes, yet this one
+   still catches traffic if it is the last)
+7. drain phase ``GRACEFUL`` adds the GRACEFUL_SHUTDOWN community 65535:0
+   (RFC 8326 section 3) to whatever 4 or 6 announces.
+
+"Every service of the prefix" is deliberate: with ECMP a router sends all
+flows for the VIP to every announcing node, whatever the port, so a node must
+not attract traffic for a port it cannot serve.
+
+Damping observes :func:`prefix_up` (rules 2, 4 and 5 without the drain), so an
+operator drain is never counted as a flap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from ipaddress import IPv4Network, IPv6Network
+
+from anycast_lb.config import BgpConfig
+
+Prefix = IPv4Network | IPv6Network
+
+GRACEFUL_SHUTDOWN = "65535:0"
+"""Well-known community GRACEFUL_SHUTDOWN (RFC 8326 section 3)."""
+
+
+class DrainPhase(str, Enum):
+    """Where a node is in its drain sequence (DESIGN.md, "Drain")."""
+
+    NONE = "none"
+    GRACEFUL = "graceful"
+    """Still announced, tagged GRACEFUL_SHUTDOWN so routers move away first."""
+    WITHDRAWN = "withdrawn"
+    """Every VIP withdrawn; established connections finish."""
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """One service as the policy sees it."""
+
+    name: str
+    prefix: Prefix
+    healthy: bool
+    """At least ``min_healthy`` backends up, after rise/fall hysteresis."""
+    listening: bool
+    """The forwarder for VIP:port/protocol is bound."""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    drain: DrainPhase
+    services: tuple[ServiceView, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One announcement, as handed to the announcer.
+
+    ``med`` is the MULTI_EXIT_DISC (RFC 4271 section 5.1.4), 0..2**32-1;
+    ``communities`` are RFC 1997 ``ASN:VALUE`` strings, in order;
+    ``as_path_prepend`` is how many times ``local_as`` is put in the AS_PATH
+    (0 = none, ExaBGP then adds ``local_as`` once itself on eBGP).
+    """
+
+    prefix: Prefix
+    med: int
+    communities: tuple[str, ...]
+    as_path_prepend: int
+    local_as: int
+
+
+def _by_prefix(services: Iterable[ServiceView]) -> dict[Prefix, list[ServiceView]]:
+    groups: dict[Prefix, list[ServiceView]] = {}
+    for service in services:
+        groups.setdefault(service.prefix, []).append(service)
+    return groups
+
+
+def prefix_up(view: NodeView) -> dict[Prefix, bool]:
+    """Per prefix: every service of it listening and healthy.
+
+    This is what the flap damper observes (drain ignored on purpose).
+    """
+    return {
+        prefix: all(s.listening and s.healthy for s in group)
+        for prefix, group in _by_prefix(view.services).items()
+    }
+
+
+def _route_for(
+    group: list[ServiceView], drain: DrainPhase, bgp: BgpConfig, suppressed: bool
+) -> Route | None:
+    if drain is DrainPhase.WITHDRAWN or suppressed:
+        return None
+    if not all(s.listening for s in group):
+        return None
+    announce = bgp.announce
+    if all(s.healthy for s in group):
+        med = announce.med
+    elif announce.withdraw_on_down:
+        return None
+    else:
+        med = announce.down_med
+    communities = tuple(announce.communities)
+    if drain is DrainPhase.GRACEFUL and GRACEFUL_SHUTDOWN not in communities:
+        communities += (GRACEFUL_SHUTDOWN,)
+    return Route(
+        prefix=group[0].prefix,
+        med=med,
+        communities=communities,
+        as_path_prepend=announce.as_path_prepend,
+        local_as=bgp.local_as,
+    )
+
+
+def desired_routes(
+    view: NodeView, bgp: BgpConfig, suppressed: frozenset[Prefix] = frozenset()
+) -> dict[Prefix, Route]:
+    """The routes this node should announce now (the module docstring has the rule).
+
+    ``suppressed`` holds the prefixes the flap damper holds down
+    (:meth:`FlapDamper.suppressed <anycast_lb.bgp.damping.FlapDamper.suppressed>`).
+    A prefix absent from the result is to be withdrawn.
+    """
+    routes: dict[Prefix, Route] = {}
+    for prefix, group in _by_prefix(view.services).items():
+        route = _route_for(group, view.drain, bgp, prefix in suppressed)
+        if route is not None:
+            routes[prefix] = route
+    return routes
+
+
+def announcement_state(
+    view: NodeView, bgp: BgpConfig, suppressed: frozenset[Prefix] = frozenset()
+) -> dict[Prefix, str]:
+    """Per prefix, for /status: ``announced``, ``draining``, ``damped`` or ``withdrawn``.
+
+    ``damped`` means the damper is what keeps the prefix down (it would be
+    announced otherwise); ``draining`` means announced with GRACEFUL_SHUTDOWN.
+    This is the policy's intent; whether ExaBGP has it yet is
+    :meth:`BgpSpeaker.status <anycast_lb.bgp.speaker.BgpSpeaker.status>`.
+    """
+    states: dict[Prefix, str] = {}
+    for prefix, group in _by_prefix(view.services).items():
+        route = _route_for(group, view.drain, bgp, False)
+        if route is None:
+            states[prefix] = "withdrawn"
+        elif prefix in suppressed:
+            states[prefix] = "damped"
+        elif view.drain is DrainPhase.GRACEFUL:
+            states[prefix] = "draining"
+        else:
+            states[prefix] = "announced"
+    return states
+
+
+def sort_key(prefix: Prefix) -> tuple[int, int, int]:
+    """Total order over mixed IPv4/IPv6 prefixes (v4 first), for stable output."""
+    return (prefix.version, int(prefix.network_address), prefix.prefixlen)
+
+
+def sorted_prefixes(prefixes: Iterable[Prefix]) -> list[Prefix]:
+    return sorted(prefixes, key=sort_key)
+

@@ -1,0 +1,116 @@
+"""ExaBGP API lines (pure): routes -> ``announce route`` / ``withdraw route`` text.
+
+The lines, the same for ExaBGP 4.2 and 5.0 (LAB-NOTES trap 11)::
+
+    announce route 198.51.100.10/32 next-hop self med 100 community [65100:1 65535:0] as-path [65100 65100]
+    withdraw route 198.51.100.10/32 next-hop self
+
+``community [...]`` appears only when there are communities, ``as-path
+[...]`` only when ``as_path_prepend > 0`` (``local_as`` repeated that many
+times; on eBGP ExaBGP puts ``local_as`` in front once more itself).
+
+Each line is one API command: a newline, a control character, a bracket or
+a semicolon smuggled into an attribute would end it and inject another
+command, so every attribute is checked against a whitelist and
+:class:`~anycast_lb.errors.UnsafeAttribute` is raised for anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
+
+from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
+from anycast_lb.errors import UnsafeAttribute
+
+_COMMUNITY = re.compile(r"\A(\d{1,5}):(\d{1,5})\Z")
+_MAX_U32 = 2**32 - 1
+_MAX_PREPEND = 32
+_LINE_SAFE = re.compile(r"\A[0-9A-Za-z .:/\[\]-]+\Z")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    # bool is an int subclass; True as a MED is a bug, not 1.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise UnsafeAttribute(f"{name} must be an integer {low}..{high}, got {value!r}")
+    return value
+
+
+def check_community(value: object) -> str:
+    """Return ``value`` if it is an RFC 1997 community ``ASN:VALUE`` (0-65535 each).
+
+    Raises UnsafeAttribute otherwise (including any control character,
+    bracket or whitespace, which could break or inject an API command).
+    """
+    if not isinstance(value, str):
+        raise UnsafeAttribute(f"community must be a string, got {value!r}")
+    match = _COMMUNITY.match(value)
+    if not match or any(int(part) > 65535 for part in match.groups()):
+        raise UnsafeAttribute(f"community {value!r} is not ASN:VALUE (0-65535 each)")
+    return value
+
+
+def check_prefix(prefix: object) -> Prefix:
+    """Return ``prefix`` if it is an ``ipaddress`` network; UnsafeAttribute otherwise.
+
+    Strings are refused: only a parsed network is known to render safely.
+    """
+    if not isinstance(prefix, (IPv4Network, IPv6Network)):
+        raise UnsafeAttribute(f"prefix must be an IPv4Network or IPv6Network, got {prefix!r}")
+    return prefix
+
+
+def _checked(line: str) -> str:
+    # Defence in depth: whatever the checks above missed cannot leave here.
+    if not _LINE_SAFE.match(line):
+        raise UnsafeAttribute(f"refusing to emit API line {line!r}")
+    return line
+
+
+def announce_line(route: Route) -> str:
+    """The ``announce route ...`` line for ``route`` (no trailing newline).
+
+    Raises UnsafeAttribute if any attribute is out of range or unsafe.
+    """
+    prefix = check_prefix(route.prefix)
+    med = _check_int("med", route.med, 0, _MAX_U32)
+    prepend = _check_int("as_path_prepend", route.as_path_prepend, 0, _MAX_PREPEND)
+    local_as = _check_int("local_as", route.local_as, 1, _MAX_U32)
+    if not isinstance(route.communities, tuple):
+        raise UnsafeAttribute(f"communities must be a tuple, got {route.communities!r}")
+    communities = [check_community(c) for c in route.communities]
+    parts = [f"announce route {prefix} next-hop self med {med}"]
+    if communities:
+        parts.append(f"community [{' '.join(communities)}]")
+    if prepend:
+        parts.append(f"as-path [{' '.join([str(local_as)] * prepend)}]")
+    return _checked(" ".join(parts))
+
+
+def withdraw_line(prefix: Prefix) -> str:
+    """The ``withdraw route ...`` line for ``prefix`` (no trailing newline)."""
+    return _checked(f"withdraw route {check_prefix(prefix)} next-hop self")
+
+
+def diff(old: Mapping[Prefix, Route], new: Mapping[Prefix, Route]) -> list[str]:
+    """Lines that take ExaBGP from announcing ``old`` to announcing ``new``.
+
+    Withdraws for prefixes gone from ``new`` first, then announces for new or
+    changed routes (a BGP UPDATE replaces the previous attributes of the
+    same prefix, RFC 4271 section 3.1, so a change needs no withdraw).
+    Each group is in a stable prefix order. Raises UnsafeAttribute.
+    """
+    for prefix, route in new.items():
+        if route.prefix != prefix:
+            raise UnsafeAttribute(f"route for {prefix} names prefix {route.prefix}")
+    lines = [withdraw_line(p) for p in sorted_prefixes(set(old) - set(new))]
+    lines += [
+        announce_line(new[p]) for p in sorted_prefixes(new) if old.get(p) != new[p]
+    ]
+    return lines
+
+
+def full(routes: Mapping[Prefix, Route]) -> list[str]:
+    """Announce lines for every route (the periodic safety-net refresh)."""
+    return [announce_line(routes[p]) for p in sorted_prefixes(routes)]

@@ -1,0 +1,295 @@
+"""The node side of BGP: the announcer's socket, ExaBGP's supervision, route state.
+
+:class:`BgpSpeaker` owns, inside one TaskGroup:
+
+- the UNIX socket server at ``run_dir/announcer.sock`` that the announcer
+  (ExaBGP's API process) connects to (:mod:`anycast_lb.bgp.wire` has the
+  protocol);
+- the sender: the current route set goes to the announcer on every change
+  and at least every 0.2 s. This heartbeat runs on the node's event loop on
+  purpose: a hung node stops heartbeating, and the announcer withdraws
+  everything after ``bgp.node_timeout`` seconds;
+- :class:`~anycast_lb.bgp.exabgp.ExaBGPSupervisor`, running ExaBGP with the
+  config generated into ``run_dir/exabgp.conf``.
+
+The node calls :meth:`BgpSpeaker.set_routes` whenever the policy's answer may
+have changed (cheap when nothing changed) and reads :meth:`BgpSpeaker.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from anycast_lb import log
+from anycast_lb.bgp import wire
+from anycast_lb.bgp.exabgp import (
+    CONFIG_NAME,
+    SOCKET_NAME,
+    ExaBGPSupervisor,
+    announcer_argv,
+    detect_version,
+    exabgp_argv,
+    exabgp_env,
+    render_config,
+)
+from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
+from anycast_lb.clock import Clock
+from anycast_lb.config import BgpConfig
+from anycast_lb.errors import AnnouncerError
+
+HEARTBEAT = 0.2
+"""Seconds between route messages when nothing changes."""
+MAX_BUFFERED = 1024 * 1024
+"""Bytes queued towards an announcer that does not read before it is dropped."""
+_HISTORY = 1024
+
+
+def resolve_exabgp(exe: str) -> str:
+    """Absolute path of ExaBGP: ``exe`` if it has a slash, else PATH, else next
+    to this Python (a virtualenv's bin/). Raises AnnouncerError if not found."""
+    if "/" in exe:
+        return exe
+    found = shutil.which(exe)
+    if found is None:
+        sibling = Path(sys.executable).parent / exe
+        if sibling.is_file() and os.access(sibling, os.X_OK):
+            found = str(sibling)
+    if found is None:
+        raise AnnouncerError(f"ExaBGP executable {exe!r} not found on PATH")
+    return found
+
+
+class _Conn:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.acked: dict[Prefix, Route] | None = None
+
+
+class BgpSpeaker:
+    """Drives ExaBGP through the announcer (see the module docstring)."""
+
+    def __init__(
+        self,
+        bgp: BgpConfig,
+        node_name: str,
+        run_dir: Path,
+        clock: Clock,
+        log_file: Path | None = None,
+    ) -> None:
+        """``log_file``: where ExaBGP's output goes (appended; the node's
+        stderr when None)."""
+        self._bgp = bgp
+        self._node_name = node_name
+        self._run_dir = run_dir
+        self._clock = clock
+        self._log_file = log_file
+        self._routes: dict[Prefix, Route] = {}
+        self._known: set[Prefix] = set()
+        self._wanted: set[Prefix] = set()
+        self._unsendable: set[Prefix] = set()
+        self._seq = 0
+        self._history: dict[int, dict[Prefix, Route]] = {0: {}}
+        self._changed = asyncio.Event()
+        self._conns: list[_Conn] = []
+        self._peers: dict[str, str] = {str(p.address): "down" for p in bgp.peers}
+        self._supervisor: ExaBGPSupervisor | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._synced = asyncio.Event()
+        self._last_pid: int | None = None
+        self._exabgp_errors = 0
+
+    @property
+    def socket_path(self) -> Path:
+        return self._run_dir / SOCKET_NAME
+
+    @property
+    def config_path(self) -> Path:
+        return self._run_dir / CONFIG_NAME
+
+    # ---------------------------------------------------------------- API
+
+    def set_routes(self, routes: Mapping[Prefix, Route]) -> None:
+        """Make ``routes`` the complete set to announce (others are withdrawn).
+
+        Non-blocking; a no-op when nothing changed. The announcer gets it at
+        once if connected; :meth:`status` says ``pending`` until it acks.
+        A route whose family differs from ``bgp.local_address``'s is never
+        sent (``next-hop self`` cannot express it; ExaBGP 5.0.15 would
+        accept it and send it nowhere), logged as ``route.family_mismatch``,
+        and stays ``pending``.
+        """
+        new: dict[Prefix, Route] = {}
+        for prefix, route in routes.items():
+            if prefix.version == self._bgp.local_address.version:
+                new[prefix] = route
+            elif prefix not in self._unsendable:
+                self._unsendable.add(prefix)
+                log.error("route.family_mismatch", prefix=str(prefix),
+                          local_address=str(self._bgp.local_address))
+        self._wanted = set(routes)
+        self._known.update(routes)
+        if new == self._routes:
+            return
+        self._seq += 1
+        self._routes = new
+        self._history[self._seq] = new
+        for old in [s for s in self._history if s < self._seq - _HISTORY]:
+            del self._history[old]
+        self._synced.clear()
+        self._changed.set()
+
+    def synced(self) -> bool:
+        """True when the announcer acked the current route set."""
+        conn = self._conns[-1] if self._conns else None
+        return conn is not None and conn.acked == self._routes
+
+    async def wait_synced(self) -> None:
+        """Wait until :meth:`synced` (use with a timeout)."""
+        while not self.synced():
+            self._synced.clear()
+            await self._synced.wait()
+
+    def status(self) -> dict[str, object]:
+        """``peers`` {address: up|down|connected}, ``routes`` {prefix:
+        announced|withdrawn|pending} for every prefix ever set, ``exabgp_pid``
+        (None when not running), ``announcer_connected``, ``seq`` (of the
+        current set), ``exabgp_errors`` (route sets ExaBGP answered ``error``
+        to, or did not answer in time)."""
+        conn = self._conns[-1] if self._conns else None
+        acked: Mapping[Prefix, Route] = conn.acked if conn is not None and conn.acked else {}
+        routes: dict[str, str] = {}
+        for prefix in sorted_prefixes(self._known):
+            want = self._routes.get(prefix)
+            if prefix in self._wanted and want is None:  # family mismatch
+                routes[str(prefix)] = "pending"
+            elif acked.get(prefix) != want:
+                routes[str(prefix)] = "pending"
+            else:
+                routes[str(prefix)] = "announced" if want is not None else "withdrawn"
+        return {
+            "peers": dict(self._peers),
+            "routes": routes,
+            "exabgp_pid": self._supervisor.pid if self._supervisor is not None else None,
+            "announcer_connected": conn is not None,
+            "seq": self._seq,
+            "exabgp_errors": self._exabgp_errors,
+        }
+
+    # ---------------------------------------------------------------- run
+
+    def _message(self) -> bytes:
+        sendable = {p for p in self._known if p.version == self._bgp.local_address.version}
+        return wire.encode_routes(self._seq, self._routes, sendable)
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        transport = conn.writer.transport
+        if transport.get_write_buffer_size() > MAX_BUFFERED:
+            log.warning("announcer.not_reading", buffered=transport.get_write_buffer_size())
+            conn.writer.close()
+            return
+        if not conn.writer.is_closing():
+            conn.writer.write(data)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(HEARTBEAT):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            pid = self._supervisor.pid if self._supervisor is not None else None
+            if pid != self._last_pid:  # a new ExaBGP knows no session yet
+                self._last_pid = pid
+                self._peers = {a: "down" for a in self._peers}
+            data = self._message()
+            for conn in list(self._conns):
+                self._send(conn, data)
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        coro = self._serve(reader, writer)
+        try:
+            if self._tg is None:
+                raise RuntimeError("not running")
+            self._tg.create_task(coro)
+        except RuntimeError:  # shutting down
+            coro.close()
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(writer)
+        self._conns.append(conn)
+        log.event("announcer.connected", connections=len(self._conns))
+        self._send(conn, self._message())
+        reason = "closed"
+        try:
+            while line := await reader.readline():
+                message = wire.decode_announcer_message(line)
+                if isinstance(message, wire.PeerMessage):
+                    if self._peers.get(message.address) != message.state:
+                        log.event("bgp.peer", address=message.address, state=message.state)
+                    self._peers[message.address] = message.state
+                else:
+                    conn.acked = self._history.get(message.seq, conn.acked)
+                    if not message.ok:
+                        self._exabgp_errors += 1
+                        log.warning("announcer.exabgp_error", seq=message.seq)
+                    if self.synced():
+                        self._synced.set()
+        except (AnnouncerError, OSError, ValueError) as exc:
+            reason = str(exc)
+        finally:
+            self._conns.remove(conn)
+            writer.close()
+            log.warning("announcer.disconnected", reason=reason)
+
+    async def run(self, started: asyncio.Event) -> None:
+        """Serve the announcer and supervise ExaBGP until cancelled.
+
+        ``started`` is set once the socket listens and ExaBGP was started.
+        Raises AnnouncerError if ExaBGP is missing, too old, or the socket
+        cannot be created (path over ~107 bytes, permissions).
+        """
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        exe = resolve_exabgp(self._bgp.exabgp)
+        version = await asyncio.to_thread(detect_version, exe)
+        argv = announcer_argv(self.socket_path, self._bgp.node_timeout, self._bgp.refresh_interval)
+        self.config_path.write_text(
+            render_config(self._bgp, self._node_name, argv), encoding="utf-8"
+        )
+        self.socket_path.unlink(missing_ok=True)
+        try:
+            server = await asyncio.start_unix_server(
+                self._on_connect, path=str(self.socket_path), limit=16 * 1024 * 1024
+            )
+        except OSError as exc:
+            raise AnnouncerError(f"cannot listen on {self.socket_path}: {exc}") from exc
+        self._supervisor = ExaBGPSupervisor(
+            exabgp_argv(exe, version, self.config_path),
+            exabgp_env(self._run_dir),
+            self._clock,
+            cwd=self._run_dir,
+            log_file=self._log_file,
+        )
+        log.event("bgp.speaker_start", exabgp=exe, version=f"{version[0]}.{version[1]}",
+                  config=str(self.config_path), socket=str(self.socket_path))
+        try:
+            async with server, asyncio.TaskGroup() as tg:
+                self._tg = tg
+                # serve_forever closes the server when cancelled, first thing.
+                tg.create_task(server.serve_forever())
+                exabgp_started = asyncio.Event()
+                tg.create_task(self._supervisor.run(exabgp_started))
+                tg.create_task(self._heartbeat())
+                await exabgp_started.wait()
+                started.set()
+        finally:
+            self._tg = None
+            for conn in list(self._conns):
+                conn.writer.close()
+            self.socket_path.unlink(missing_ok=True)

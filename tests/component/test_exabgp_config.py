@@ -1,0 +1,180 @@
+"""The generated ExaBGP config is accepted by the real ExaBGP (``exabgp
+validate``), and the whole chain speaker -> announcer -> real ExaBGP gets
+every line answered ``done``."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anycast_lb.bgp.exabgp import (
+    announcer_argv,
+    detect_version,
+    exabgp_argv,
+    exabgp_config_text,
+    render_config,
+)
+from anycast_lb.bgp.policy import Route
+from anycast_lb.bgp.speaker import BgpSpeaker, resolve_exabgp
+from anycast_lb.clock import SystemClock
+from anycast_lb.config import BgpConfig, parse_config
+from anycast_lb.errors import AnnouncerError
+from tests.waiting import wait_until
+
+EXABGP = str(Path(sys.executable).parent / "exabgp")
+
+pytestmark = pytest.mark.skipif(not Path(EXABGP).exists(), reason="exabgp not in the venv")
+
+
+def bgp(**extra: object) -> BgpConfig:
+    data: dict[str, object] = {
+        "local_as": 65100, "router_id": "203.0.113.10", "local_address": "203.0.113.10",
+        "peers": [{"address": "203.0.113.1", "peer_as": 65000},
+                  {"address": "203.0.113.2", "peer_as": 65000}],
+    }
+    data.update(extra)
+    return BgpConfig.model_validate(data)
+
+
+def validate(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EXABGP, "validate", "-n", "-v", str(conf)], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    conf = tmp_path / "exabgp.conf"
+    conf.write_text(text)
+    return conf
+
+
+def test_rendered_config_is_accepted_as_meant(tmp_path: Path) -> None:
+    sock = tmp_path / "run dir" / "announcer.sock"  # a space: must be quoted
+    argv = announcer_argv(sock, 0.6, 30.0)
+    conf = write(tmp_path, render_config(bgp(), "lb1", argv))
+    done = validate(conf)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    # ExaBGP's own reading of what we wrote:
+    assert "✓ neighbor  203.0.113.1" in out and "✓ neighbor  203.0.113.2" in out
+    assert " ".join(repr(a) for a in argv) in out  # the run argv, word for word
+    assert "graceful-restart disable" in out  # LAB-NOTES trap 10
+    assert "processes [ announcer-lb1 ]" in out
+    assert "ipv4 unicast" in out and "ipv6 unicast" not in out
+
+
+def test_broken_config_is_rejected(tmp_path: Path) -> None:
+    # The check above could not pass on a bad file.
+    text = render_config(bgp(), "lb1", announcer_argv(tmp_path / "a.sock", 0.6, 30.0))
+    done = validate(write(tmp_path, text.replace("peer-as", "peer-asn", 1)))
+    assert done.returncode != 0
+
+
+def test_ipv6_session_and_hold_time_0_configs_are_accepted(tmp_path: Path) -> None:
+    argv = announcer_argv(tmp_path / "a.sock", 0.6, 30.0)
+    text = render_config(bgp(hold_time=0), "lb-2", argv)
+    assert validate(write(tmp_path, text)).returncode == 0
+    v6 = bgp(local_address="2001:db8::10", peers=[{"address": "2001:db8::1", "peer_as": 65000}])
+    text = render_config(v6, "lb3", argv)
+    assert "ipv6 unicast;" in text and "ipv4 unicast" not in text
+    done = validate(write(tmp_path, text))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mixed_family_peer_is_refused_before_exabgp_sees_it(tmp_path: Path) -> None:
+    mixed = bgp(peers=[{"address": "2001:db8::1", "peer_as": 65000}])
+    with pytest.raises(AnnouncerError, match="same address family"):
+        render_config(mixed, "lb1", announcer_argv(tmp_path / "a.sock", 0.6, 30.0))
+
+
+def test_unquotable_argument_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(AnnouncerError):
+        render_config(bgp(), "lb1", [sys.executable, "--socket", 'a";\nneighbor x {'])
+
+
+def test_exabgp_config_text_for_self_run_exabgp(tmp_path: Path) -> None:
+    cfg = parse_config({
+        "node": {"name": "lb7"},
+        "services": [{"name": "web", "vip": "198.51.100.10", "port": 80,
+                      "backends": [{"address": "203.0.113.130", "port": 8080}]}],
+        "bgp": {"local_as": 65100, "router_id": "203.0.113.10",
+                "local_address": "203.0.113.10",
+                "peers": [{"address": "203.0.113.1", "peer_as": 65000}]},
+    })
+    text = exabgp_config_text(cfg, Path("/etc/anycast-lb/node.yaml"), run_dir=tmp_path)
+    assert "exabgp_api_cli=false" in text and "exabgp_daemon_drop=false" in text
+    assert f"--socket {tmp_path}/announcer.sock" in text
+    done = validate(write(tmp_path, text))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_detect_version_and_argv() -> None:
+    version = detect_version(EXABGP)
+    assert version >= (4, 2)
+    conf = Path("/x/exabgp.conf")
+    assert exabgp_argv(EXABGP, (5, 0), conf) == [EXABGP, "server", "/x/exabgp.conf"]
+    assert exabgp_argv(EXABGP, (4, 2), conf) == [EXABGP, "/x/exabgp.conf"]
+    with pytest.raises(AnnouncerError):
+        detect_version("/bin/true")
+
+
+async def test_real_exabgp_answers_done_to_every_line(tmp_path: Path) -> None:
+    # Peers on 127.0.0.2/3 port 179: nothing listens, sessions stay down;
+    # ExaBGP still takes the routes into its RIB and answers each line.
+    config = bgp(local_address="127.0.0.1", router_id="127.0.0.1",
+                 peers=[{"address": "127.0.0.2", "peer_as": 65000},
+                        {"address": "127.0.0.3", "peer_as": 65000}],
+                 exabgp=resolve_exabgp(EXABGP))
+    speaker = BgpSpeaker(config, "lbt", tmp_path / "run", SystemClock(),
+                         log_file=tmp_path / "exabgp.log")
+    v4 = ipaddress.ip_network("198.51.100.10/32")
+    v4b = ipaddress.ip_network("198.51.100.11/32")
+    v6 = ipaddress.ip_network("2001:db8::10/128")
+    routes = {
+        v4: Route(v4, 100, ("65100:1", "65535:0"), 2, 65100),
+        v4b: Route(v4b, 1000, (), 0, 65100),
+    }
+    started = asyncio.Event()
+    task = asyncio.create_task(speaker.run(started))
+    try:
+        async with asyncio.timeout(20):
+            await started.wait()
+        pid = speaker.status()["exabgp_pid"]
+        assert isinstance(pid, int)
+        speaker.set_routes(routes)
+        async with asyncio.timeout(20):
+            await speaker.wait_synced()
+        status = speaker.status()
+        assert status["routes"] == {str(v4): "announced", str(v4b): "announced"}
+        assert status["exabgp_errors"] == 0
+        assert set(status["peers"]) == {"127.0.0.2", "127.0.0.3"}  # type: ignore[arg-type]
+
+        speaker.set_routes({v4b: routes[v4b]})
+        assert speaker.status()["routes"] == {str(v4): "pending", str(v4b): "announced"}
+        async with asyncio.timeout(20):
+            await speaker.wait_synced()
+        assert speaker.status()["routes"] == {str(v4): "withdrawn", str(v4b): "announced"}
+        assert speaker.status()["exabgp_errors"] == 0
+
+        # An IPv6 route cannot go over these IPv4 sessions with next-hop self:
+        # never sent, stays pending; the IPv4 route is withdrawn.
+        speaker.set_routes({v6: Route(v6, 100, (), 0, 65100)})
+        async with asyncio.timeout(20):
+            await speaker.wait_synced()
+        assert speaker.status()["routes"] == {
+            str(v4): "withdrawn", str(v4b): "withdrawn", str(v6): "pending"}
+        assert speaker.status()["exabgp_errors"] == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await wait_until(lambda: not Path(f"/proc/{pid}").exists()
+                     or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+                     timeout=10, what="ExaBGP gone")
+    log_text = (tmp_path / "exabgp.log").read_text()
+    assert "route added to neighbor 127.0.0.2" in log_text, log_text[-2000:]
+    assert "route removed from neighbor 127.0.0.2" in log_text, log_text[-2000:]
