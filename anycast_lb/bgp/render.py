@@ -24,7 +24,7 @@ from ipaddress import IPv4Network, IPv6Network
 from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
 from anycast_lb.errors import UnsafeAttribute
 
-_COMMUNITY = re.compile(r"\A(\d{1,5}):(\d{1,5})\Z")
+_COMMUNITY = re.compile(r"\A([0-9]{1,5}):([0-9]{1,5})\Z")
 _MAX_U32 = 2**32 - 1
 _MAX_PREPEND = 32
 _LINE_SAFE = re.compile(r"\A[0-9A-Za-z .:/\[\]-]+\Z")

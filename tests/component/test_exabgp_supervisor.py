@@ -1,0 +1,136 @@
+"""ExaBGPSupervisor with real child processes (stand-ins for ExaBGP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from anycast_lb.bgp.exabgp import ExaBGPSupervisor
+from anycast_lb.errors import AnnouncerError
+from tests.waiting import wait_until
+
+
+class StepClock:
+    """A Clock whose sleeps return at once (recorded) and whose monotonic
+    time moves ``step`` seconds per read, so each child "ran" ``step`` s."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+    def wall(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+
+def gone(pid: int) -> bool:
+    """Exited: no /proc entry, or a zombie not yet reaped (LAB-NOTES trap 14)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def run_until(sup: ExaBGPSupervisor, clock: StepClock, sleeps: int) -> None:
+    task = asyncio.create_task(sup.run(asyncio.Event()))
+    await wait_until(lambda: len(clock.sleeps) >= sleeps, timeout=20, what="restarts")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_restart_backoff_doubles_to_30_s() -> None:
+    clock = StepClock(step=0.0)
+    sup = ExaBGPSupervisor(["/bin/true"], {}, clock)
+    await run_until(sup, clock, 9)
+    assert clock.sleeps[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+async def test_backoff_resets_after_60_s_up() -> None:
+    clock = StepClock(step=61.0)
+    sup = ExaBGPSupervisor(["/bin/true"], {}, clock)
+    await run_until(sup, clock, 4)
+    assert clock.sleeps[:4] == [0.5, 0.5, 0.5, 0.5]
+
+
+async def test_missing_executable_raises(tmp_path: Path) -> None:
+    sup = ExaBGPSupervisor([str(tmp_path / "no-exabgp")], {}, StepClock(0.0))
+    with pytest.raises(AnnouncerError):
+        await sup.run(asyncio.Event())
+
+
+async def test_env_and_cwd_reach_the_child(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    code = "import os; print(os.environ['exabgp_api_cli'], os.getcwd(), flush=True)"
+    clock = StepClock(0.0)
+    sup = ExaBGPSupervisor([sys.executable, "-c", code], {"exabgp_api_cli": "false"},
+                           clock, cwd=tmp_path, log_file=out)
+    await run_until(sup, clock, 1)
+    assert out.read_text().splitlines()[0] == f"false {tmp_path}"
+
+
+async def test_cancel_terminates_then_kills_a_child_ignoring_sigterm(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)")
+    sup = ExaBGPSupervisor([sys.executable, "-c", code], {}, StepClock(0.0), log_file=out)
+    started = asyncio.Event()
+    task = asyncio.create_task(sup.run(started))
+    await asyncio.wait_for(started.wait(), 10)
+    pid = sup.pid
+    assert pid is not None
+    await wait_until(lambda: out.exists() and "ready" in out.read_text(), timeout=10,
+                     what="child ready")
+    began = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert 1.9 <= time.monotonic() - began < 5  # SIGTERM ignored, SIGKILL after 2 s
+    assert gone(pid) and sup.pid is None
+
+
+HELPER = """
+import asyncio, sys
+from anycast_lb.bgp.exabgp import ExaBGPSupervisor
+from anycast_lb.clock import SystemClock
+
+async def main():
+    sup = ExaBGPSupervisor([sys.executable, "-c", "import time; time.sleep(60)"], {},
+                           SystemClock())
+    started = asyncio.Event()
+    task = asyncio.create_task(sup.run(started))
+    await started.wait()
+    print(sup.pid, flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+async def test_child_dies_with_the_node() -> None:
+    # PR_SET_PDEATHSIG: SIGKILL of the node (no cleanup code runs) still ends ExaBGP.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    node = await asyncio.create_subprocess_exec(sys.executable, "-c", HELPER, env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+    assert node.stdout is not None
+    async with asyncio.timeout(20):
+        child = int(await node.stdout.readline())
+    assert not gone(child)
+    node.send_signal(signal.SIGKILL)
+    await node.wait()
+    await wait_until(lambda: gone(child), timeout=10, what="ExaBGP stand-in to die")
