@@ -182,7 +182,7 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     return lab
 
 
-def down(log: bool = True) -> list[str]:
+def down() -> list[str]:
     """Remove every process and namespace the lab made. Returns what was done.
 
     Works without a state file too (then only namespaces named ``alb-*``
@@ -191,16 +191,18 @@ def down(log: bool = True) -> list[str]:
     done: list[str] = []
     st = state.load()
     if st is not None:
-        for proc in reversed(st.processes):
-            if proc.same_process() and netns.pid_alive(proc.pid):
-                gone = netns.terminate(proc.pid, proc.start)
-                done.append(f"stopped {proc.role} pid {proc.pid} in {proc.ns}"
-                            + ("" if gone else " (STILL ALIVE)"))
+        procs = [p for p in st.processes if p.same_process() and netns.pid_alive(p.pid)]
+        left = netns.terminate_all([(p.pid, p.start) for p in procs], grace=3.0)
+        done += [f"stopped {p.role} pid {p.pid} in {p.ns}"
+                 + (" (STILL ALIVE)" if p.pid in left else "") for p in procs]
     names = sorted(set((st.namespaces if st else []) + netns.lab_namespaces()))
-    for name in names:
-        for pid in netns.pids_in(name):
-            gone = netns.terminate(pid, netns.proc_start(pid))
-            done.append(f"stopped stray pid {pid} in {name}" + ("" if gone else " (STILL ALIVE)"))
+    # Anything else still inside a lab namespace (an ExaBGP child, a process
+    # started just before a crash), found by namespace identity.
+    strays = [(pid, netns.proc_start(pid), name) for name in names
+              for pid in netns.pids_in(name)]
+    left = netns.terminate_all([(pid, start) for pid, start, _ in strays], grace=2.0)
+    done += [f"stopped stray pid {pid} in {name}" + (" (STILL ALIVE)" if pid in left else "")
+             for pid, _, name in strays]
     for name in names:
         if netns.exists(name):
             netns.delete(name)

@@ -28,6 +28,10 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 FRR_BIN = Path("/usr/lib/frr")
 BFD_INTERVAL_MS = 100
 BFD_MULTIPLIER = 3
+_WELL_KNOWN = {"graceful-shutdown": "65535:0", "accept-own": "65535:1",
+               "blackhole": "65535:666", "no-export": "65535:65281",
+               "no-advertise": "65535:65282", "local-AS": "65535:65283",
+               "no-peer": "65535:65284"}
 
 
 def render(template: str, **values: Any) -> str:
@@ -198,7 +202,10 @@ def bgp_paths(ns: str, paths: FrrPaths, prefix: str) -> list[dict[str, Any]]:
         community = path.get("community") or {}
         out.append({
             "peer": (path.get("peer") or {}).get("peerId"),
-            "communities": str(community.get("string", "")).split(),
+            # FRR names well-known communities (65535:0 is "graceful-shutdown");
+            # report them numerically.
+            "communities": [_WELL_KNOWN.get(c, c) for c in
+                            str(community.get("string", "")).split()],
             "med": path.get("metric"),
             "multipath": bool(path.get("multipath")),
             "best": bool((path.get("bestpath") or {}).get("overall")),

@@ -249,33 +249,38 @@ def proc_start(pid: int) -> int | None:
 def terminate(pid: int, start: int | None, grace: float = 2.0) -> bool:
     """Stop the process PID that started at ``start`` (see :func:`proc_start`).
 
-    SIGCONT (a scenario may have stopped it), SIGTERM, then SIGKILL after
-    ``grace`` seconds. Signals nothing when PID is gone or now names another
-    process (PID reuse); never looks processes up by name. Returns True when
-    the process is gone (or was never ours) at the end.
-    """
-    if start is None or proc_start(pid) != start or not pid_alive(pid):
-        return True
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return True
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.01)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.01)
-    return not pid_alive(pid)
+    See :func:`terminate_all`. Returns True when it is gone at the end."""
+    return not terminate_all([(pid, start)], grace)
+
+
+def terminate_all(procs: Sequence[tuple[int, int | None]], grace: float = 2.0
+                  ) -> list[int]:
+    """Stop processes given as (PID, start time): SIGCONT (a scenario may have
+    stopped one), SIGTERM, and SIGKILL for those still alive after ``grace``
+    seconds. A PID that is gone or now names another process (PID reuse) is
+    never signalled; nothing is ever looked up by name. Returns the PIDs still
+    alive at the end (a zombie counts as gone: LAB-NOTES trap 14)."""
+    ours = [pid for pid, start in procs
+            if start is not None and proc_start(pid) == start and pid_alive(pid)]
+    for pid in ours:
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+    for limit, sig in ((grace, signal.SIGKILL), (2.0, None)):
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and any(pid_alive(p) for p in ours):
+            time.sleep(0.01)
+        ours = [p for p in ours if pid_alive(p)]
+        if sig is None:
+            break
+        for pid in ours:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    return ours
 
 
 def pids_in(name: str) -> list[int]:

@@ -112,8 +112,17 @@ def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:
     return path
 
 
+NODE_EXTRA_ARGS: list[str] = ["--no-uvloop"]
+"""Until forward/tcp.py accepts uvloop's transports (it asserts
+``isinstance(transport, asyncio.Transport)``, which uvloop's TCPTransport is
+not, and resets every client), the lab runs nodes on the standard loop."""
+
+
 def node_argv(config: Path) -> list[str]:
-    return [sys.executable, "-m", "anycast_lb", "run", "--config", str(config)]
+    """``anycast-lb run`` with its run directory (announcer socket...) kept
+    under the lab's own directory, so teardown leaves nothing in /tmp."""
+    return [sys.executable, "-m", "anycast_lb", "run", "--config", str(config),
+            "--run-dir", str(config.parent / "run"), *NODE_EXTRA_ARGS]
 
 
 def static_exabgp_config(topo: Topology, node: Node) -> str:

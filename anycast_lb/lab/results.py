@@ -86,7 +86,10 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
     result: dict[str, Any] = {"scenario": scenario, "event_at": event_s,
                               "new_connections_total": len(rows),
                               "new_connections_failed": len(failed),
-                              "failure_kinds": dict(Counter(r[5] for r in failed))}
+                              "failure_kinds": dict(Counter(r[5] for r in failed)),
+                              # Failed after the backend's greeting: the flow
+                              # was up, then moved by an ECMP change (trap 15).
+                              "new_failed_in_flight": sum(1 for r in failed if r[4])}
     established = [c for c in longs if c["established"]]
     broken = [c for c in established if c["broken_at"] is not None]
     result["established_total"] = len(established)
@@ -107,7 +110,7 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
         result["all_new_ok_after_ms"] = None
         result["failed_after_converged"] = len(failed)
     else:
-        conv = converged_at(changes, event_s, expected)
+        conv = converged_at(changes, event_s, expected) if expected != all_hops else None
         result["fib_converged_ms"] = None if conv is None else round((conv - event_s) * 1000, 1)
         after = [r for r in failed if r[0] >= event_s]
         result["new_failed_before_event"] = len(failed) - len(after)

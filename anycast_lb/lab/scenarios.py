@@ -147,8 +147,14 @@ def _silent(run: Run) -> None:
     up = run.victim.uplink_if
     nft(run.victim.ns, f"""
 table inet {FAULT_TABLE} {{
-  chain in {{ type filter hook input priority -300; policy accept; iifname "{up}" drop }}
-  chain out {{ type filter hook output priority -300; policy accept; oifname "{up}" drop }}
+  chain in {{
+    type filter hook input priority -300; policy accept;
+    iifname "{up}" drop
+  }}
+  chain out {{
+    type filter hook output priority -300; policy accept;
+    oifname "{up}" drop
+  }}
 }}
 """)
 
@@ -413,10 +419,11 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
             time.sleep(max(0.0, t0 + PRE_S - time.monotonic()))  # pacing, not readiness
             if bgp_watch is not None:
                 bgp_watch.start()
-            before = time.monotonic()
-            sc.inject(run)
+            # The event is when injection starts: conservative, since the
+            # injecting command's own run time (inject_ms) counts as outage.
             run.event = time.monotonic()
-            run.extras["inject_ms"] = round((run.event - before) * 1000, 1)
+            sc.inject(run)
+            run.extras["inject_ms"] = round((time.monotonic() - run.event) * 1000, 1)
             event_s = run.event - t0
         try:
             _, err = proc.communicate(timeout=duration + 30)

@@ -77,6 +77,10 @@ def _error(exc: BaseException) -> str:
         return "refused"
     if isinstance(exc, ConnectionResetError):
         return "reset"
+    if isinstance(exc, RuntimeError):
+        return "closed"
+    if type(exc) is ConnectionError and str(exc):
+        return str(exc)
     return type(exc).__name__
 
 
@@ -91,7 +95,8 @@ async def one_connection(vip: str, port: int, timeout: float, t0: float) -> Atte
             if await reader.readline() != b"ping\n":
                 raise ConnectionError("bad echo")
             attempt.ok = True
-    except (OSError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
+    except (OSError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+            RuntimeError) as exc:
         attempt.error = _error(exc)
     finally:
         if writer is not None:
@@ -120,11 +125,10 @@ async def long_connection(conn: LongConn, vip: str, port: int, timeout: float,
                     if line != f"{conn.index}-{seq}\n".encode():
                         raise ConnectionError("closed" if not line else "bad echo")
                 conn.messages += 1
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+                # uvloop raises RuntimeError writing to a transport already closed.
                 conn.broken_at = round(time.monotonic() - t0_box[0], 4)
-                conn.reason = _error(exc) if not isinstance(exc, ConnectionError) or \
-                    isinstance(exc, (ConnectionResetError, ConnectionRefusedError)) \
-                    else str(exc)
+                conn.reason = _error(exc)
                 return
             try:
                 await asyncio.wait_for(stop.wait(), LONG_INTERVAL_S)

@@ -1,0 +1,213 @@
+"""``anycast-lb lab``: bring the namespace lab up, inspect it, run scenarios.
+
+Mounted by the main CLI (``from anycast_lb.lab.cli import lab``). Needs root;
+installs nothing. Lab errors become a message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from anycast_lb.errors import AnycastLBError, LabError
+from anycast_lb.lab import builder, frr, netns, scenarios, state
+from anycast_lb.lab import topology as T
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except AnycastLBError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException(
+            "the lab needs root (network namespaces, FRR, nftables): "
+            "run `sudo anycast-lb lab ...`")
+
+
+@click.group()
+def lab() -> None:
+    """Namespace lab: FRR router, N anycast-lb nodes, backends, a client."""
+
+
+@lab.command()
+@click.option("--nodes", "n_nodes", default=3, show_default=True,
+              type=click.IntRange(1, T.MAX_NODES))
+@click.option("--backends", "n_backends", default=3, show_default=True,
+              type=click.IntRange(1, T.MAX_BACKENDS))
+@click.option("--bfd", is_flag=True, help="Run FRR bfdd beside ExaBGP (100 ms x 3).")
+@click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True,
+              help="node: real `anycast-lb run`; static: plain ExaBGP + a relay.")
+def up(n_nodes: int, n_backends: int, bfd: bool, mode: str) -> None:
+    """Build the lab and wait until the router has one ECMP path per node."""
+    _need_root()
+    started = time.monotonic()
+    with _errors():
+        try:
+            lab_ = builder.up(n_nodes, n_backends, bfd, mode)
+        except (AnycastLBError, KeyboardInterrupt):
+            builder.down()
+            raise
+    click.echo(f"lab up in {time.monotonic() - started:.1f} s: VIP {lab_.topo.vip} via "
+               f"{n_nodes} node(s), {n_backends} backend(s), mode {mode}"
+               + (", BFD" if bfd else ""))
+    click.echo(f"try: ip netns exec {lab_.topo.client_ns} curl http://{lab_.topo.vip}:"
+               f"{T.WEB_PORT}/   |   anycast-lb lab status")
+
+
+def status_data(lab_: builder.Lab) -> dict[str, Any]:
+    """What ``lab status --json`` prints."""
+    topo = lab_.topo
+    st = lab_.state
+
+    def pid(role: str, node: str | None = None) -> int | None:
+        proc = st.find(role, node)
+        return proc.pid if proc and proc.same_process() and netns.pid_alive(proc.pid) else None
+
+    try:
+        with lab_.fib() as fib:
+            hops = fib.nexthops(lab_.vip_prefix())
+    except LabError as exc:
+        hops = [f"error: {exc}"]
+    try:
+        sessions = frr.bgp_summary(topo.router_ns, lab_.router_frr)
+    except LabError:
+        sessions = {}
+    by_hop = topo.node_by_router_address()
+    node_list = []
+    for node in topo.nodes:
+        exa = None
+        try:
+            exa = scenarios.exabgp_pid(lab_, node)
+        except LabError:
+            pass
+        node_list.append({
+            "name": node.name, "namespace": node.ns, "address": str(node.address),
+            "lan_address": str(node.lan_address), "bgp_peer": str(node.router_address),
+            "bgp_session": sessions.get(str(node.address), "absent"),
+            "in_fib": str(node.address) in hops,
+            "pids": {"anycast_lb": pid("anycast-lb", node.name), "exabgp": exa,
+                     "bfdd": pid("bfdd", node.name)},
+            "api": f"http://{T.API_LISTEN} (inside {node.ns})",
+            "config": str(builder.nodes.node_dir(lab_.run_dir, node) / "node.yaml"),
+        })
+    return {
+        "mode": lab_.mode,
+        "bfd": topo.bfd,
+        "vip": str(topo.vip),
+        "namespaces": st.namespaces,
+        "client": {"namespace": topo.client_ns, "address": str(topo.client_address)},
+        "router": {"namespace": topo.router_ns, "vip_nexthops": hops,
+                   "vip_nexthop_nodes": [by_hop.get(h, h) for h in hops],
+                   "pids": {d: pid(d) for d in ("zebra", "bgpd", "bfdd")}},
+        "nodes": node_list,
+        "backends": [{"name": b.name, "namespace": b.ns, "address": str(b.address),
+                      "pid": pid("server", b.name)} for b in topo.backends],
+        "state_file": str(state.STATE_FILE),
+    }
+
+
+@lab.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Namespaces, VIP, nodes (PIDs, API), and the router's next hops."""
+    _need_root()
+    with _errors():
+        data = status_data(builder.load())
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"VIP {data['vip']}  mode {data['mode']}  bfd {data['bfd']}")
+    click.echo(f"router ({data['router']['namespace']}) next hops for the VIP: "
+               f"{', '.join(data['router']['vip_nexthop_nodes']) or 'none'}")
+    for n in data["nodes"]:
+        p = n["pids"]
+        click.echo(f"  {n['name']:4} ns {n['namespace']:9} {n['address']:14} "
+                   f"bgp {n['bgp_session']:12} fib {'yes' if n['in_fib'] else 'no ':3} "
+                   f"anycast-lb {p['anycast_lb']} exabgp {p['exabgp']}  api {n['api']}")
+    for b in data["backends"]:
+        click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    table = [scenarios.SUMMARY_HEADER] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@lab.command("run")
+@click.argument("scenario", type=click.Choice(list(scenarios.SCENARIOS)))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default lab-results/SCENARIO).")
+@click.option("--node", "victim", default="lb1", show_default=True,
+              help="Node the fault hits.")
+@click.option("--rate", type=click.FloatRange(1, 2000), default=None,
+              help="New connections per second (default 300; ecmp 400).")
+def run_cmd(scenario: str, out_dir: Path | None, victim: str, rate: float | None) -> None:
+    """Run SCENARIO under a paced client stream; write result.json and timeline.png."""
+    _need_root()
+    out_dir = out_dir or Path("lab-results") / scenario
+    with _errors():
+        result = scenarios.run_scenario(builder.load(), scenario, out_dir, victim, rate)
+    _print_table([scenarios.summary_row(result)])
+    click.echo(f"wrote {out_dir / 'result.json'} and {out_dir / 'timeline.png'}")
+    if not result["pass"]:
+        failed = [k for k, v in result["checks"].items() if not v]
+        click.echo(f"FAILED checks: {', '.join(failed)}")
+
+
+@lab.command()
+def down() -> None:
+    """Stop every lab process and delete every lab namespace (also after a crash)."""
+    _need_root()
+    with _errors():
+        for line in builder.down():
+            click.echo(line)
+        left = builder.leftovers()
+    if left:
+        raise click.ClickException("left behind: " + ", ".join(left))
+    click.echo("lab down: no lab namespace or process left")
+
+
+@lab.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("lab-results"), show_default=True)
+@click.option("--bfd", is_flag=True)
+@click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True)
+@click.option("--scenario", "only", multiple=True,
+              type=click.Choice(list(scenarios.SCENARIOS)), help="Run only these (repeatable).")
+def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...]) -> None:
+    """Up, run every scenario, print figures vs targets, down."""
+    _need_root()
+    rows: list[list[str]] = []
+    all_results = []
+    with _errors():
+        started = time.monotonic()
+        try:
+            lab_ = builder.up(3, 3, bfd, mode)
+            click.echo(f"lab up in {time.monotonic() - started:.1f} s")
+            for name, sc in scenarios.SCENARIOS.items():
+                if (only and name not in only) or (sc.needs_node and mode == "static"):
+                    continue
+                click.echo(f"running {name}: {sc.description}")
+                result = scenarios.run_scenario(lab_, name, out_dir / name)
+                all_results.append(result)
+                rows.append(scenarios.summary_row(result))
+        finally:
+            builder.down()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    _print_table(rows)
+    click.echo(f"results and plots under {out_dir}/")
