@@ -1,0 +1,391 @@
+"""One anycast-lb node: the only module that knows every part.
+
+It wires the forwarders (one per service), the health monitor, the HTTP API
+and, when the config has a ``bgp`` section, the BGP speaker (ExaBGP child
+plus this project's announcer), all inside one ``asyncio.TaskGroup``.
+
+Route decisions are made by the pure policy (:mod:`anycast_lb.bgp.policy`)
+from a snapshot of the node: drain phase, and per service whether its
+forwarder listens and ``min_healthy`` backends are up. The node recomputes
+that snapshot whenever health, drain state or damping changes and hands the
+result to the speaker.
+
+Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): announce with the
+GRACEFUL_SHUTDOWN community 65535:0 (RFC 8326) for ``drain.announce_grace``
+seconds, withdraw, keep serving established connections for up to
+``drain.timeout`` seconds; on SIGTERM, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from anycast_lb import api, log
+from anycast_lb.bgp.damping import FlapDamper
+from anycast_lb.bgp.policy import (
+    DrainPhase,
+    NodeView,
+    Route,
+    ServiceView,
+    announcement_state,
+    desired_routes,
+)
+from anycast_lb.clock import Clock, SystemClock
+from anycast_lb.config import NodeConfig, Protocol, ServiceConfig, format_host_port
+from anycast_lb.errors import BindError
+from anycast_lb.forward.tcp import TcpForwarder
+from anycast_lb.forward.udp import UdpForwarder
+from anycast_lb.health.monitor import HealthMonitor
+from anycast_lb.health.probes import ProbeResult
+from anycast_lb.metrics import NodeMetrics
+from anycast_lb.pool import Backend, Pool
+
+if TYPE_CHECKING:
+    from anycast_lb.bgp.speaker import BgpSpeaker
+
+Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+Forwarder = TcpForwarder | UdpForwarder
+
+# Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
+# already in flight towards this node while routers converge still succeed.
+_WITHDRAW_SETTLE = 1.0
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+class Node:
+    """A running node. Build it, then ``await run()``; stop it with
+    ``request_stop()`` (graceful) or by cancelling ``run``.
+
+    ``bind_overrides`` maps a service name to the (host, port) its forwarder
+    binds instead of the VIP:port (tests bind 127.0.0.1 port 0);
+    ``api_listen`` overrides ``api.listen`` the same way.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        clock: Clock | None = None,
+        run_dir: Path | None = None,
+        bind_overrides: Mapping[str, tuple[str, int]] | None = None,
+        api_listen: tuple[str, int] | None = None,
+        check_jitter: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.pools = {s.name: Pool(s) for s in config.services}
+        self.forwarders: dict[str, Forwarder] = {}
+        self._bind_overrides = dict(bind_overrides or {})
+        self._api_listen = api_listen
+        self.api_address: tuple[str, int] | None = None
+        self.service_addresses: dict[str, tuple[str, int]] = {}
+        self.drain_phase = DrainPhase.NONE
+        self._drain_task: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._changed = asyncio.Event()
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining)
+        self._monitor = HealthMonitor(
+            config.services,
+            self.pools,
+            self.clock,
+            on_change=self._on_backend_change,
+            on_check=self._on_check,
+            max_jitter=1.0 if check_jitter else 0.0,
+        )
+        self.speaker: BgpSpeaker | None = None
+        self.damper: FlapDamper | None = None
+        self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
+        if config.bgp is not None:
+            from anycast_lb.bgp.speaker import BgpSpeaker  # only nodes that announce need it
+
+            self._run_dir = run_dir or Path(tempfile.mkdtemp(prefix=f"anycast-lb-{config.node.name}-"))
+            self.speaker = BgpSpeaker(config.bgp, config.node.name, self._run_dir, self.clock)
+            self.damper = FlapDamper(config.bgp.damping)
+        self.routes: dict[Prefix, Route] = {}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_phase is not DrainPhase.NONE
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "node is draining"
+        healthy = [s.name for s in self.config.services if self._serviceable(s)]
+        if not healthy:
+            return False, "no service has min_healthy backends up and a listening forwarder"
+        return True, f"serving: {', '.join(healthy)}"
+
+    def _serviceable(self, service: ServiceConfig) -> bool:
+        forwarder = self.forwarders.get(service.name)
+        return forwarder is not None and forwarder.listening and self.pools[service.name].healthy
+
+    def view(self) -> NodeView:
+        """The node snapshot the route policy decides on."""
+        return NodeView(
+            drain=self.drain_phase,
+            services=tuple(
+                ServiceView(
+                    name=s.name,
+                    prefix=s.prefix,
+                    healthy=self.pools[s.name].healthy,
+                    listening=(f := self.forwarders.get(s.name)) is not None and f.listening,
+                )
+                for s in self.config.services
+            ),
+        )
+
+    def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
+        self.metrics.observe_check(service, backend.key, result.latency_s)
+
+    def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
+        healthy = self.pools[service].healthy
+        if healthy != self._service_healthy[service]:
+            self._service_healthy[service] = healthy
+            log.event("service.healthy" if healthy else "service.unhealthy", service=service,
+                      up_backends=self.pools[service].up_count)
+            if self.damper is not None:
+                prefix = self.pools[service].service.prefix
+                self.damper.observe(prefix, healthy, self.clock.monotonic())
+        self._changed.set()
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, reason: str) -> None:
+        """Start a drain; returns once it has begun (idempotent)."""
+        if self.draining:
+            return
+        log.event("node.drain", reason=reason)
+        self.drain_phase = DrainPhase.GRACEFUL if self.speaker is not None else DrainPhase.WITHDRAWN
+        self._changed.set()
+        if self.speaker is not None:
+            assert self._tg is not None, "drain() is only valid while run() runs"
+            self._drain_task = self._tg.create_task(self._drain_to_withdraw())
+
+    async def _drain_to_withdraw(self) -> None:
+        await self.clock.sleep(self.config.drain.announce_grace)
+        if self.drain_phase is DrainPhase.GRACEFUL:
+            self.drain_phase = DrainPhase.WITHDRAWN
+            log.event("node.drain_withdraw")
+            self._changed.set()
+
+    async def undrain(self) -> None:
+        if not self.draining or self._stopping:
+            return
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self.drain_phase = DrainPhase.NONE
+        log.event("node.undrain")
+        self._changed.set()
+
+    def request_stop(self) -> None:
+        """Graceful stop (SIGTERM): drain, withdraw, let connections finish
+        for up to ``drain.timeout`` s, then make ``run`` return."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        bgp_status = self.speaker.status() if self.speaker is not None else None
+        services = []
+        for s in self.config.services:
+            pool = self.pools[s.name]
+            forwarder = self.forwarders.get(s.name)
+            entry: dict[str, Any] = {
+                "name": s.name,
+                "vip": str(s.vip),
+                "port": s.port,
+                "protocol": s.protocol.value,
+                "balance": s.balance.value,
+                "listen": format_host_port(*self.service_addresses[s.name])
+                if s.name in self.service_addresses else None,
+                "listening": forwarder is not None and forwarder.listening,
+                "healthy": pool.healthy,
+                "min_healthy": s.min_healthy,
+                "up_backends": pool.up_count,
+                "active_connections": forwarder.active if forwarder is not None else 0,
+                "backends": [
+                    {
+                        "address": str(b.config.address),
+                        "port": b.config.port,
+                        "weight": b.config.weight,
+                        "state": "up" if b.up else "down",
+                        "last_check": _iso(b.last_check),
+                        "last_latency_ms": None if b.last_latency_ms is None
+                        else round(b.last_latency_ms, 3),
+                        "last_detail": b.last_detail,
+                        "active_connections": b.active_connections,
+                        "connections_total": b.connections_total,
+                        "connect_failures": b.connect_failures,
+                        "bytes_in": b.bytes_in,
+                        "bytes_out": b.bytes_out,
+                    }
+                    for b in pool.backends
+                ],
+            }
+            if self.config.bgp is not None and bgp_status is not None:
+                entry["prefix"] = str(s.prefix)
+                entry["announcement"] = self._announcement(s.prefix, bgp_status, now)
+                if self.damper is not None:
+                    entry["damping"] = self.damper.status(s.prefix, now)
+            services.append(entry)
+        return {
+            "node": {
+                "name": self.config.node.name,
+                "draining": self.draining,
+                "drain_phase": self.drain_phase.value,
+                "pid": os.getpid(),
+            },
+            "services": services,
+            "bgp": bgp_status,
+        }
+
+    def _announcement(self, prefix: Prefix, bgp_status: Mapping[str, Any], now: float) -> str:
+        """What routers are told of ``prefix``: the policy's intent
+        (announced | withdrawn | draining | damped), or ``pending`` while
+        ExaBGP has not acknowledged it yet."""
+        assert self.config.bgp is not None and self.damper is not None
+        intent = announcement_state(self.view(), self.config.bgp, self.damper.suppressed(now))
+        state = intent.get(prefix, "withdrawn")
+        if bgp_status.get("routes", {}).get(str(prefix)) == "pending":
+            return "pending"
+        return state
+
+    def metrics_exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    # ------------------------------------------------------------------ run
+
+    async def _start_forwarders(self) -> None:
+        for s in self.config.services:
+            host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
+            pool = self.pools[s.name]
+            forwarder: Forwarder = (
+                TcpForwarder(s, pool, bind_host=host, bind_port=port)
+                if s.protocol is Protocol.TCP
+                else UdpForwarder(s, pool, bind_host=host, bind_port=port)
+            )
+            self.service_addresses[s.name] = await forwarder.start()
+            self.forwarders[s.name] = forwarder
+            log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
+                      address=format_host_port(*self.service_addresses[s.name]))
+
+    async def _start_api(self) -> web.AppRunner:
+        if self._api_listen is not None:
+            host, port = self._api_listen
+        else:
+            address, port = self.config.api.host_port
+            host = str(address)
+        app = api.make_app(self, self.config.api.admin_token_file)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, str(host), int(port), reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise BindError(f"API cannot listen on {format_host_port(str(host), int(port))}: "
+                            f"{exc.strerror or exc}") from exc
+        bound = runner.addresses[0]
+        self.api_address = (str(bound[0]), int(bound[1]))
+        log.event("api.listening", address=format_host_port(*self.api_address))
+        return runner
+
+    async def _route_loop(self) -> None:
+        """Recompute the desired routes on every change; one writer to the speaker."""
+        assert self.speaker is not None and self.config.bgp is not None and self.damper is not None
+        while True:
+            self._changed.clear()
+            now = self.clock.monotonic()
+            routes = desired_routes(self.view(), self.config.bgp, self.damper.suppressed(now))
+            if routes != self.routes:
+                for prefix in self.routes.keys() - routes.keys():
+                    log.event("route.withdraw", prefix=str(prefix))
+                for prefix, route in routes.items():
+                    if self.routes.get(prefix) != route:
+                        log.event("route.announce", prefix=str(prefix), med=route.med,
+                                  communities=",".join(route.communities))
+                self.routes = routes
+            self.speaker.set_routes(routes)
+            wake = self.damper.next_change(now)
+            timeout = None if wake is None else max(wake - now, 0.01)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        """Run until ``request_stop`` completes a graceful stop, or until
+        cancelled. Raises BindError if a forwarder or the API cannot bind."""
+        await self._start_forwarders()
+        runner = await self._start_api()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                monitor_started = asyncio.Event()
+                tg.create_task(self._monitor.run(monitor_started))
+                await monitor_started.wait()
+                if self.speaker is not None:
+                    speaker_started = asyncio.Event()
+                    tg.create_task(self.speaker.run(speaker_started))
+                    await speaker_started.wait()
+                    tg.create_task(self._route_loop())
+                if started is not None:
+                    started.set()
+                log.event("node.started", name=self.config.node.name,
+                          services=len(self.config.services), bgp=self.speaker is not None)
+                await self._stop.wait()
+                await self._graceful_stop()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            for forwarder in self.forwarders.values():
+                forwarder.stop_accepting()
+                forwarder.abort_all()
+            await runner.cleanup()
+            log.event("node.stopped", name=self.config.node.name)
+
+    async def _graceful_stop(self) -> None:
+        self._stopping = True
+        log.event("node.stopping", drain_timeout=self.config.drain.timeout)
+        if self.speaker is not None:
+            if not self.draining:
+                await self.drain("shutdown")
+            if self._drain_task is not None:
+                await self._drain_task
+            await self.clock.sleep(_WITHDRAW_SETTLE)
+        else:
+            self.drain_phase = DrainPhase.WITHDRAWN
+        for forwarder in self.forwarders.values():
+            forwarder.stop_accepting()
+        self._changed.set()
+        results = await asyncio.gather(
+            *(f.wait_idle(self.config.drain.timeout) for f in self.forwarders.values())
+        )
+        if not all(results):
+            log.warning("node.drain_timeout", open_connections=sum(f.active for f in self.forwarders.values()))
+
+
+class _Stopped(Exception):
+    """Raised inside the task group to cancel every child after a graceful stop."""

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: exit codes, messages, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.component.backends import TcpNameEcho, tcp_request
+from tests.waiting import wait_until
+
+ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
+
+
+def write(tmp_path: Path, data: object, name: str = "node.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(port: int, api_port: int = 0, listen_port: int = 1) -> dict[str, object]:
+    return {
+        "node": {"name": "cli-node"},
+        "api": {"listen": f"127.0.0.1:{api_port}"},
+        "drain": {"timeout": 2},
+        "services": [
+            {
+                "name": "web",
+                "vip": "127.0.0.1",
+                "port": listen_port,
+                "backends": [{"address": "127.0.0.1", "port": port}],
+                "health": {"kind": "tcp", "interval": 0.2, "fast_interval": 0.05, "timeout": 0.2, "rise": 1},
+            }
+        ],
+    }
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    result = subprocess.run([*ANYCAST_LB, "check-config", str(write(tmp_path, minimal(8080)))],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "ok (node cli-node, 1 service(s), bgp off)" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path, command: str) -> None:
+    data = minimal(8080)
+    service = data["services"][0]  # type: ignore[index]
+    service["port"] = 0
+    service["backends"].append({"address": "127.0.0.1", "port": 99999})
+    service["surprise"] = True
+    path = write(tmp_path, data)
+    argv = [*ANYCAST_LB, command, str(path)] if command == "check-config" else [
+        *ANYCAST_LB, "run", "--config", str(path)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2
+    assert "services[0].port:" in result.stderr
+    assert "services[0].backends[1].port:" in result.stderr
+    assert "services[0].surprise: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run([*ANYCAST_LB, "check-config", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_schema_matches_docs() -> None:
+    result = subprocess.run([*ANYCAST_LB, "schema"], capture_output=True, text=True, check=True)
+    published = Path(__file__).parents[2] / "docs" / "config.schema.json"
+    assert json.loads(result.stdout) == json.loads(published.read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_run_serves_then_exits_0_on_sigterm(tmp_path: Path) -> None:
+    backend = TcpNameEcho("be")
+    await backend.start()
+    api_port, listen_port = _free_port(), _free_port()
+    path = write(tmp_path, minimal(backend.port, api_port, listen_port))
+    proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async def ready() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
+            try:
+                async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{api_port}/readyz"
+                ) as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+        assert (await tcp_request(listen_port))[0] == "be"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert out == ""  # stdout stays clean: logs go to stderr
+        assert "event=node.started" in err and "event=node.stopped" in err
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        await backend.stop()
