@@ -176,10 +176,29 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     for be in topo.backends:
         netns.wait_for(lambda ns=be.ns: _listening(ns, T.BACKEND_ECHO_PORT), 10.0,
                        f"backend server in {be.ns}")
-    want = sorted(str(n.address) for n in topo.nodes)
-    with lab.fib() as fib:
-        fib.wait(lab.vip_prefix(), lambda hops: sorted(hops) == want, timeout)
+    wait_complete(lab, timeout)
     return lab
+
+
+def all_hops(lab: Lab) -> list[str]:
+    return sorted(str(n.address) for n in lab.topo.nodes)
+
+
+def wait_complete(lab: Lab, timeout: float) -> float:
+    """Wait until the router's FIB has one next hop per node (and, with BFD,
+    every BFD session is up); return when the FIB got there (monotonic s).
+    Raises LabError at the deadline."""
+    deadline = time.monotonic() + timeout
+    with lab.fib() as fib:
+        at, _ = fib.wait(lab.vip_prefix(), lambda hops: sorted(hops) == all_hops(lab),
+                         timeout)
+    if lab.topo.bfd:
+        want = {str(n.address) for n in lab.topo.nodes}
+        netns.wait_for(
+            lambda: {p for p, s in frr.bfd_peers(lab.topo.router_ns, lab.router_frr).items()
+                     if s == "up"} >= want,
+            max(0.5, deadline - time.monotonic()), "every BFD session up", interval=0.05)
+    return at
 
 
 def down() -> list[str]:

@@ -218,3 +218,10 @@ def bgp_summary(ns: str, paths: FrrPaths) -> dict[str, str]:
     data = vtysh_json(ns, paths, "show bgp ipv4 unicast summary json")
     peers = data.get("peers", {}) if isinstance(data, dict) else {}
     return {addr: str(info.get("state", "?")) for addr, info in peers.items()}
+
+
+def bfd_peers(ns: str, paths: FrrPaths) -> dict[str, str]:
+    """BFD peer address -> status (``up``, ``down``, ``init``) from bfdd."""
+    data = vtysh_json(ns, paths, "show bfd peers json")
+    return {str(p.get("peer")): str(p.get("status")) for p in data} \
+        if isinstance(data, list) else {}

@@ -168,30 +168,61 @@ def sysctls(ns: str, values: dict[str, str | int]) -> None:
         run(["sysctl", "-qw", f"{key}={value}"], ns=ns)
 
 
-def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
-          ) -> subprocess.Popen[bytes]:
+class Spawned:
+    """A daemon the lab started: only its PID is kept (the lab's processes
+    outlive the command that started them, so no Popen object is left to
+    complain). ``poll`` reaps it when this process is still its parent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1 if not pid_alive(self.pid) else None
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None
+          ) -> Spawned:
     """Start ``argv`` inside ``ns`` in its own session, output to ``log``.
 
-    ``ip netns exec`` execs the command in place, so the returned PID is the
+    ``ip netns exec`` execs the command in place, so the PID is the
     command's own. Raises LabError when it cannot start.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     full = ["ip", "netns", "exec", ns, *argv]
-    with open(log, "ab") as out:
-        try:
-            return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **(env or {})})
-        except OSError as exc:
-            raise LabError(f"cannot start {' '.join(full)}: {exc}") from exc
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        pid = os.posix_spawnp(
+            full[0], full, {**os.environ, **(env or {})},
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)],
+            setsid=True)
+    except OSError as exc:
+        raise LabError(f"cannot start {' '.join(full)}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return Spawned(pid)
 
 
 def pid_alive(pid: int) -> bool:
-    """True while PID exists and is not a zombie.
+    """True while PID exists and is not a zombie (reaping our own exited
+    children first).
 
     ``kill -0`` alone is not enough: PID 1 here reaps orphans only every ~2 s
     (LAB-NOTES trap 14), so a dead daemon lingers as state Z.
     """
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):

@@ -114,14 +114,13 @@ def nft_clear(ns: str) -> None:
 
 
 def all_hops(lab: Lab) -> list[str]:
-    return sorted(str(n.address) for n in lab.topo.nodes)
+    return builder.all_hops(lab)
 
 
 def wait_full(lab: Lab, timeout: float = 20.0) -> float:
-    """Wait until every node is in the router's FIB; return the time (monotonic)."""
-    with lab.fib() as fib:
-        at, _ = fib.wait(lab.vip_prefix(), lambda h: sorted(h) == all_hops(lab), timeout)
-    return at
+    """Wait until every node is back (FIB, and BFD with --bfd); return when
+    the FIB got there (monotonic s)."""
+    return builder.wait_complete(lab, timeout)
 
 
 # --- faults ----------------------------------------------------------------
@@ -429,6 +428,7 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
             _, err = proc.communicate(timeout=duration + 30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(5)
             raise LabError("traffic client did not finish in time") from None
         if proc.returncode != 0:
             raise LabError(f"traffic client failed: {err.strip()[-500:]}")
