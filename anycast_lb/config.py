@@ -295,6 +295,11 @@ class DampingConfig(_Model):
     def _thresholds(self) -> DampingConfig:
         if self.reuse >= self.suppress:
             raise ValueError("reuse must be below suppress")
+        # The penalty is capped where it decays to reuse after max_suppress
+        # (RFC 2439 section 4.2); below suppress, nothing could ever be held down.
+        if self.reuse * 2 ** (self.max_suppress / self.half_life) < self.suppress:
+            raise ValueError("reuse * 2^(max_suppress/half_life) must reach suppress, "
+                             "or damping never holds a prefix down")
         return self
 
 
@@ -322,6 +327,15 @@ class BgpConfig(_Model):
             raise ValueError("hold time must be 0 or at least 3 s (RFC 4271 section 4.2)")
         return value
 
+    @model_validator(mode="after")
+    def _families(self) -> BgpConfig:
+        for peer in self.peers:
+            if peer.address.version != self.local_address.version:
+                raise ValueError(
+                    f"peer {peer.address} is not in the family of local_address {self.local_address}"
+                )
+        return self
+
 
 class NodeConfig(_Model):
     node: NodeSection = Field(default_factory=NodeSection)
@@ -346,6 +360,14 @@ class NodeConfig(_Model):
                     f"/{service.protocol.value} (service {service.name!r})"
                 )
             listeners.add(listener)
+        if self.bgp is not None:
+            family = self.bgp.local_address.version
+            for service in self.services:
+                if service.vip.version != family:
+                    problems.append(
+                        f"VIP {service.vip} (service {service.name!r}) cannot be announced over "
+                        f"IPv{family} sessions from bgp.local_address {self.bgp.local_address}"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -38,6 +38,7 @@ from anycast_lb.bgp.policy import (
     ServiceView,
     announcement_state,
     desired_routes,
+    prefix_up,
 )
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.config import NodeConfig, Protocol, ServiceConfig, format_host_port
@@ -115,7 +116,8 @@ class Node:
             from anycast_lb.bgp.speaker import BgpSpeaker  # only nodes that announce need it
 
             self._run_dir = run_dir or Path(tempfile.mkdtemp(prefix=f"anycast-lb-{config.node.name}-"))
-            self.speaker = BgpSpeaker(config.bgp, config.node.name, self._run_dir, self.clock)
+            self.speaker = BgpSpeaker(config.bgp, config.node.name, self._run_dir, self.clock,
+                                      log_file=self._run_dir / "exabgp.log")
             self.damper = FlapDamper(config.bgp.damping)
         self.routes: dict[Prefix, Route] = {}
 
@@ -161,9 +163,6 @@ class Node:
             self._service_healthy[service] = healthy
             log.event("service.healthy" if healthy else "service.unhealthy", service=service,
                       up_backends=self.pools[service].up_count)
-            if self.damper is not None:
-                prefix = self.pools[service].service.prefix
-                self.damper.observe(prefix, healthy, self.clock.monotonic())
         self._changed.set()
 
     # ------------------------------------------------------------------ drain
@@ -316,7 +315,10 @@ class Node:
         while True:
             self._changed.clear()
             now = self.clock.monotonic()
-            routes = desired_routes(self.view(), self.config.bgp, self.damper.suppressed(now))
+            view = self.view()
+            for prefix, up in prefix_up(view).items():
+                self.damper.observe(prefix, up, now)
+            routes = desired_routes(view, self.config.bgp, self.damper.suppressed(now))
             if routes != self.routes:
                 for prefix in self.routes.keys() - routes.keys():
                     log.event("route.withdraw", prefix=str(prefix))
@@ -374,6 +376,11 @@ class Node:
                 await self.drain("shutdown")
             if self._drain_task is not None:
                 await self._drain_task
+            try:
+                async with asyncio.timeout(_WITHDRAW_SETTLE):
+                    await self.speaker.wait_synced()
+            except TimeoutError:
+                log.warning("route.withdraw_unacked")
             await self.clock.sleep(_WITHDRAW_SETTLE)
         else:
             self.drain_phase = DrainPhase.WITHDRAWN

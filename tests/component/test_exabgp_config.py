@@ -86,9 +86,8 @@ def test_ipv6_session_and_hold_time_0_configs_are_accepted(tmp_path: Path) -> No
 
 
 def test_mixed_family_peer_is_refused_before_exabgp_sees_it(tmp_path: Path) -> None:
-    mixed = bgp(peers=[{"address": "2001:db8::1", "peer_as": 65000}])
-    with pytest.raises(AnnouncerError, match="same address family"):
-        render_config(mixed, "lb1", announcer_argv(tmp_path / "a.sock", 0.6, 30.0))
+    with pytest.raises(ValueError, match="not in the family of local_address"):
+        bgp(peers=[{"address": "2001:db8::1", "peer_as": 65000}])
 
 
 def test_unquotable_argument_is_refused(tmp_path: Path) -> None:

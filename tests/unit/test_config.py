@@ -146,8 +146,13 @@ def test_one_line_per_problem() -> None:
         ({"announce": {"communities": ["65536:1"]}}, "is not a community"),
         ({"announce": {"communities": ["1:2\nwithdraw route 0.0.0.0/0"]}}, "is not a community"),
         ({"damping": {"reuse": 5000, "suppress": 3000}}, "reuse must be below suppress"),
+        ({"damping": {"max_suppress": 10}}, "never holds a prefix down"),
+        ({"peers": [{"address": "2001:db8::5", "peer_as": 65000}]}, "not in the family of local_address"),
+        ({"local_address": "2001:db8::6", "peers": [{"address": "2001:db8::5", "peer_as": 65000}]},
+         "cannot be announced over IPv6 sessions"),
     ],
-    ids=["hold-time-1-2", "no-peers", "v6-router-id", "community-range", "community-injection", "damping"],
+    ids=["hold-time-1-2", "no-peers", "v6-router-id", "community-range", "community-injection", "damping",
+         "damping-ceiling", "peer-family", "vip-family"],
 )
 def test_bgp_mistakes(bgp: dict[str, Any], expected: str) -> None:
     base = {

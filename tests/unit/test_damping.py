@@ -97,13 +97,10 @@ def test_never_suppressed_longer_than_max_suppress_after_the_last_flap() -> None
     assert not d.is_suppressed(P, 90.0)
 
 
-def test_ceiling_below_suppress_means_never_suppressed() -> None:
-    cfg = DampingConfig(penalty=1000, suppress=3000, reuse=750, half_life=30, max_suppress=30)
-    d = FlapDamper(cfg)  # ceiling 1500
-    d.observe(P, True, 0.0)
-    for _ in range(10):
-        flap(d, 0.0)
-    assert d.suppressed(0.0) == frozenset()
+def test_config_refuses_a_ceiling_below_suppress() -> None:
+    # Ceiling 750 * 2**(30/30) = 1500 < 3000: damping could never engage.
+    with pytest.raises(ValueError, match="never holds a prefix down"):
+        DampingConfig(penalty=1000, suppress=3000, reuse=750, half_life=30, max_suppress=30)
 
 
 def test_disabled_damper_never_suppresses() -> None:
