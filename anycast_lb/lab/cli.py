@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from anycast_lb.errors import AnycastLBError, LabError
-from anycast_lb.lab import builder, frr, netns, scenarios, state
+from anycast_lb.lab import builder, frr, netns, nodes, scenarios, state
 from anycast_lb.lab import topology as T
 
 
@@ -100,7 +100,7 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
             "pids": {"anycast_lb": pid("anycast-lb", node.name), "exabgp": exa,
                      "bfdd": pid("bfdd", node.name)},
             "api": f"http://{T.API_LISTEN} (inside {node.ns})",
-            "config": str(builder.nodes.node_dir(lab_.run_dir, node) / "node.yaml"),
+            "config": str(nodes.node_dir(lab_.run_dir, node) / "node.yaml"),
         })
     return {
         "mode": lab_.mode,

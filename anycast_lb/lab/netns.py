@@ -76,7 +76,7 @@ def check_root_namespace() -> None:
         for info in entry.get("addr_info", []):
             net = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}").network
             for lab in LAB_PREFIXES:
-                if net.version == lab.version and net.overlaps(lab):  # type: ignore[arg-type]
+                if net.version == lab.version and net.overlaps(lab):
                     problems.append(f"address {info['local']}/{info['prefixlen']} on "
                                     f"{entry.get('ifname')} overlaps {lab}")
     for family in ("-4", "-6"):
@@ -89,7 +89,7 @@ def check_root_namespace() -> None:
             except ValueError:
                 continue
             for lab in LAB_PREFIXES:
-                if net.version == lab.version and net.overlaps(lab):  # type: ignore[arg-type]
+                if net.version == lab.version and net.overlaps(lab):
                     problems.append(f"route {dst} (table {route.get('table', 'main')}) "
                                     f"overlaps {lab}")
     if problems:
@@ -299,16 +299,16 @@ def terminate_all(procs: Sequence[tuple[int, int | None]], grace: float = 2.0
                 os.kill(pid, sig)
             except ProcessLookupError:
                 break
-    for limit, sig in ((grace, signal.SIGKILL), (2.0, None)):
+    for limit, kill in ((grace, True), (2.0, False)):
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline and any(pid_alive(p) for p in ours):
             time.sleep(0.01)
         ours = [p for p in ours if pid_alive(p)]
-        if sig is None:
+        if not kill:
             break
         for pid in ours:
             try:
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     return ours

@@ -465,7 +465,8 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     result["fib_poll_ms"] = POLL_S * 1000
     result.update(run.extras)
     if bgp_watch is not None:
-        ms = lambda t: None if t is None else round((t - run.event) * 1000, 1)  # noqa: E731
+        def ms(t: float | None) -> float | None:
+            return None if t is None else round((t - run.event) * 1000, 1)
         result["gshut_seen_ms"] = ms(bgp_watch.gshut_at)
         result["bgp_path_gone_ms"] = ms(bgp_watch.gone_at)
         ok = (bgp_watch.gshut_at is not None and bgp_watch.gone_at is not None
