@@ -172,21 +172,23 @@ def _undrain(run: Run) -> None:
     _api_post(run, "/undrain")
 
 
+def _find_pids(run: Run) -> None:
+    run.extras["node_pid"] = node_proc(run.lab, run.victim).pid
+    run.extras["exabgp_pid"] = exabgp_pid(run.lab, run.victim)
+
+
 def _signal_node(sig: signal.Signals) -> Callable[[Run], None]:
     def inject(run: Run) -> None:
-        proc = node_proc(run.lab, run.victim)
-        if sig is signal.SIGKILL:
-            run.extras["exabgp_pid_before"] = exabgp_pid(run.lab, run.victim)
-        os.kill(proc.pid, sig)
+        os.kill(run.extras["node_pid"], sig)
     return inject
 
 
 def _cont_node(run: Run) -> None:
-    os.kill(node_proc(run.lab, run.victim).pid, signal.SIGCONT)
+    os.kill(run.extras["node_pid"], signal.SIGCONT)
 
 
 def _restart_node(run: Run) -> None:
-    old = run.extras.get("exabgp_pid_before")
+    old = run.extras.get("exabgp_pid")
     if old and netns.pid_alive(old):
         # The node's ExaBGP outlived its parent: record it, then stop it so
         # the restarted node can take the BGP session.
@@ -201,10 +203,9 @@ def _restart_node(run: Run) -> None:
 
 
 def _stop_exabgp(run: Run) -> None:
-    pid = exabgp_pid(run.lab, run.victim)
+    pid = run.extras.get("exabgp_pid")
     if pid is None:
         raise LabError(f"no ExaBGP found for {run.victim.name}")
-    run.extras["exabgp_pid"] = pid
     os.kill(pid, signal.SIGSTOP)
 
 
@@ -256,6 +257,8 @@ class Scenario:
     post_s: Callable[[Lab], float] = lambda lab: 3.0
     needs_node: bool = True
     """False when static mode (plain ExaBGP, no node) can run it too."""
+    prepare: Callable[[Run], None] = _nothing
+    """Look-ups done before the event, so they do not count as outage."""
 
 
 def _health_target(lab: Lab) -> Target:
@@ -285,15 +288,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              post_s=lambda lab: nodes.DRAIN_GRACE_S + 2.5),
     Scenario("node-kill", "SIGKILL of the victim's anycast-lb process only",
              _signal_node(signal.SIGKILL), _restart_node, True,
-             lambda lab: Target(fib_converged_ms=300, text="FIB converged <= 300 ms")),
+             lambda lab: Target(fib_converged_ms=300, text="FIB converged <= 300 ms"),
+             prepare=_find_pids),
     Scenario("node-hang", "SIGSTOP of the victim's anycast-lb process (ExaBGP keeps running)",
              _signal_node(signal.SIGSTOP), _cont_node, True,
-             lambda lab: Target(fib_converged_ms=1000, text="FIB converged <= 1000 ms")),
+             lambda lab: Target(fib_converged_ms=1000, text="FIB converged <= 1000 ms"),
+             prepare=_find_pids),
     Scenario("bgp-hang", "SIGSTOP of the victim's ExaBGP (hold timer expires)",
              _stop_exabgp, _cont_exabgp, True,
              lambda lab: Target(fib_converged_ms=3300,
                                 text="FIB converged <= hold time 3 s + 300 ms"),
-             post_s=lambda lab: 5.0, needs_node=False),
+             post_s=lambda lab: 5.0, needs_node=False, prepare=_find_pids),
     Scenario("node-silent", "every packet on the victim's uplink dropped (silent death)",
              _silent, _clear_fault, True, _silent_target,
              post_s=lambda lab: 2.0 if lab.topo.bfd else 5.0, needs_node=False),
@@ -415,6 +420,7 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     event_s: float | None = None
     try:
         if name != "ecmp":
+            sc.prepare(run)
             time.sleep(max(0.0, t0 + PRE_S - time.monotonic()))  # pacing, not readiness
             if bgp_watch is not None:
                 bgp_watch.start()

@@ -135,8 +135,8 @@ def test_node_kill_withdraws(lab: Lab) -> None:
     victim = lab.topo.node("lb3")
     node_pid = scenarios.node_proc(lab, victim).pid
     run = scenarios.Run(lab, victim)
-    run.extras["exabgp_pid_before"] = scenarios.exabgp_pid(lab, victim)
-    assert run.extras["exabgp_pid_before"] is not None
+    run.extras["exabgp_pid"] = scenarios.exabgp_pid(lab, victim)
+    assert run.extras["exabgp_pid"] is not None
     os.kill(node_pid, signal.SIGKILL)
     try:
         assert wait_hops(lab, without(lab, victim), 3.0) < 1.0
@@ -151,7 +151,7 @@ def test_node_kill_leaves_no_orphaned_exabgp(lab: Lab) -> None:
     victim = lab.topo.node("lb3")
     node_pid = scenarios.node_proc(lab, victim).pid
     run = scenarios.Run(lab, victim)
-    exabgp = run.extras["exabgp_pid_before"] = scenarios.exabgp_pid(lab, victim)
+    exabgp = run.extras["exabgp_pid"] = scenarios.exabgp_pid(lab, victim)
     assert exabgp is not None
     os.kill(node_pid, signal.SIGKILL)
     try:
