@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -165,7 +166,10 @@ def exabgp_env(run_dir: Path) -> dict[str, str]:
     """Environment variables for ExaBGP 5.0 and 4.2 (both read ``exabgp_a_b``).
 
     - ``exabgp_daemon_drop=false``: as root, do not drop to ``nobody``
-      (LAB-NOTES trap 11), and ``daemonize=false``: stay our child;
+      before starting the announcer (LAB-NOTES trap 11), ``exabgp_daemon_user``
+      = the current user: ExaBGP's own later switch to that user is then no
+      change of credentials, which keeps PR_SET_PDEATHSIG; and
+      ``daemonize=false``: stay our child;
     - ``exabgp_daemon_pid=''``: no pid file (the supervisor knows the pid);
     - ``exabgp_api_cli=false``: no CLI named pipes, which several nodes on
       one filesystem would share (trap 11);
@@ -184,6 +188,11 @@ def exabgp_env(run_dir: Path) -> dict[str, str]:
     del run_dir  # part of the signature: per-node paths may be needed later
     return {
         "exabgp_daemon_drop": "false",
+        # ExaBGP always switches to daemon.user after start-up; a change of
+        # credentials would clear PR_SET_PDEATHSIG (prctl(2)) and leave ExaBGP
+        # running, with its sessions up, after the node is killed. Staying
+        # the caller's user keeps the parent-death signal.
+        "exabgp_daemon_user": pwd.getpwuid(os.getuid()).pw_name,
         "exabgp_daemon_daemonize": "false",
         "exabgp_daemon_pid": "",
         "exabgp_api_cli": "false",
