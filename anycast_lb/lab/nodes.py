@@ -112,10 +112,9 @@ def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:
     return path
 
 
-NODE_EXTRA_ARGS: list[str] = ["--no-uvloop"]
-"""Until forward/tcp.py accepts uvloop's transports (it asserts
-``isinstance(transport, asyncio.Transport)``, which uvloop's TCPTransport is
-not, and resets every client), the lab runs nodes on the standard loop."""
+NODE_EXTRA_ARGS: list[str] = []
+"""Extra ``anycast-lb run`` arguments for every lab node (e.g. ``--no-uvloop``
+to compare event loops)."""
 
 
 def node_argv(config: Path) -> list[str]:
