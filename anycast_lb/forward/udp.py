@@ -1,0 +1,340 @@
+"""UDP forwarder: a flow table from client (address, port) to a backend.
+
+One listening datagram endpoint on the VIP:port receives every client
+datagram. The first datagram of a flow picks a backend with
+``pool.candidates`` and opens a connected UDP socket towards it; the flow's
+later datagrams go out on that socket, and the backend's replies, read from
+it, are sent back to the client through the listening socket, so they come
+from the VIP:port the client talked to.
+
+Backend sockets are plain non-blocking sockets watched with
+``loop.add_reader`` rather than datagram transports: opening a flow is then
+synchronous (no task, no queue for datagrams that arrive while an endpoint
+is being created), and a full kernel send buffer drops the datagram, which
+is what UDP promises, instead of growing a user-space buffer.
+
+Flows end after service.effective_idle_timeout s without a datagram either
+way (one periodic sweep per forwarder, every idle_timeout/8 s, only while
+flows exist; a flow ends between idle_timeout and idle_timeout * 9/8 s after
+its last datagram), when the table is full (``service.max_flows``; the least
+recently used flow is evicted), or when their backend is down at the next
+client datagram (the flow is then re-picked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections import OrderedDict
+from typing import Any
+
+from anycast_lb import log
+from anycast_lb.config import ServiceConfig, format_host_port
+from anycast_lb.errors import BindError
+from anycast_lb.pool import Backend, Pool
+
+MAX_DATAGRAM = 65535
+"""Bytes read per recv from a backend socket (the largest UDP payload)."""
+READS_PER_WAKEUP = 64
+"""Datagrams read from one backend socket per readiness callback, so a busy
+flow cannot starve the others."""
+LISTENER_HIGH_WATER = 256 * 1024
+"""Bytes of replies buffered on the listening socket before replies are
+dropped (the kernel's send buffer is full)."""
+SWEEPS_PER_IDLE_TIMEOUT = 8
+
+ClientAddr = tuple[Any, ...]
+"""A socket address as asyncio reports it: (host, port) or, for IPv6,
+(host, port, flowinfo, scope_id)."""
+
+
+class UdpForwarder:
+    """Relays UDP datagrams between clients of the service's VIP:port and backends.
+
+    ``bind_host`` / ``bind_port`` override the address bound (tests bind
+    127.0.0.1 port 0); backend choice still hashes the service's VIP and port.
+
+    Counters (plain ints, read at scrape time): ``flows_total``,
+    ``rejected`` (datagrams that could not start a flow: no backend up, or
+    no socket could be opened), ``evicted`` (flows pushed out of a full
+    table), ``dropped`` (datagrams lost to a full buffer, an ICMP error, or
+    arriving for a new flow after ``stop_accepting``).
+    """
+
+    def __init__(
+        self,
+        service: ServiceConfig,
+        pool: Pool,
+        bind_host: str | None = None,
+        bind_port: int | None = None,
+    ) -> None:
+        self.service = service
+        self.pool = pool
+        self._bind = (
+            bind_host if bind_host is not None else str(service.vip),
+            bind_port if bind_port is not None else service.port,
+        )
+        self._vip = (str(service.vip), service.port)
+        self._listener: asyncio.DatagramTransport | None = None
+        self._listener_paused = False
+        self._accepting = False
+        self._flows: OrderedDict[ClientAddr, _Flow] = OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sweep_interval = service.effective_idle_timeout / SWEEPS_PER_IDLE_TIMEOUT
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self.flows_total = 0
+        self.rejected = 0
+        self.evicted = 0
+        self.dropped = 0
+
+    @property
+    def listening(self) -> bool:
+        """True between a successful ``start`` and ``stop_accepting``."""
+        return self._accepting and self._listener is not None
+
+    @property
+    def active(self) -> int:
+        """Flows in the table."""
+        return len(self._flows)
+
+    async def start(self) -> tuple[str, int]:
+        """Bind the listening socket. Returns the bound (address, port).
+
+        Raises BindError naming the address when the OS refuses, and
+        RuntimeError if already started.
+        """
+        if self._listener is not None:
+            raise RuntimeError("forwarder already started")
+        host, port = self._bind
+        loop = asyncio.get_running_loop()
+        # Bound here rather than by create_datagram_endpoint(local_addr=...):
+        # uvloop leaks its transport when that bind fails.
+        try:
+            sock = _bound_socket(host, port)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise BindError(
+                f"service {self.service.name}: cannot bind udp "
+                f"{format_host_port(host, port)}: {reason}"
+            ) from exc
+        try:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        # asyncio's and uvloop's datagram transports both have it; typeshed omits it.
+        transport.set_write_buffer_limits(high=LISTENER_HIGH_WATER)  # type: ignore[attr-defined]
+        self._listener = transport
+        self._accepting = True
+        bound = transport.get_extra_info("sockname")
+        address = (str(bound[0]), int(bound[1]))
+        log.event("forward.listen", service=self.service.name, protocol="udp",
+                  address=format_host_port(*address))
+        return address
+
+    def stop_accepting(self) -> None:
+        """Start no new flow; existing flows continue (their datagrams still
+        arrive on, and their replies leave from, the listening socket, which
+        closes once the last flow has ended)."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        log.event("forward.stop_accepting", service=self.service.name, protocol="udp",
+                  active=self.active)
+        self._close_listener_if_done()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the flow table to empty.
+
+        Returns True if no flow remains, False on timeout.
+        """
+        if not self._flows:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def abort_all(self) -> None:
+        """End every flow now (and close the listener if stop_accepting was called)."""
+        for flow in list(self._flows.values()):
+            self._close_flow(flow)
+
+    # -- data path ----------------------------------------------------------
+
+    def _from_client(self, data: bytes, addr: ClientAddr) -> None:
+        flow = self._flows.get(addr)
+        if flow is not None and flow.backend.up:
+            self._flows.move_to_end(addr)
+        else:
+            if flow is not None:
+                self._close_flow(flow)  # backend went down: pick again
+            if not self._accepting:
+                self.dropped += 1
+                return
+            flow = self._open_flow(addr)
+            if flow is None:
+                self.rejected += 1
+                return
+        flow.idle_sweeps = 0
+        backend = flow.backend
+        try:
+            flow.sock.send(data)
+        except OSError:
+            # BlockingIOError: kernel buffer full; ConnectionRefusedError: an
+            # ICMP port unreachable from an earlier datagram. UDP may drop.
+            self.dropped += 1
+            return
+        backend.packets_in += 1
+        backend.bytes_in += len(data)
+
+    def _to_client(self, data: bytes, addr: ClientAddr) -> None:
+        listener = self._listener
+        if listener is None or self._listener_paused:
+            self.dropped += 1
+            return
+        listener.sendto(data, addr)
+
+    def _open_flow(self, addr: ClientAddr) -> _Flow | None:
+        candidates = self.pool.candidates((str(addr[0]), int(addr[1])), self._vip)
+        if not candidates:
+            return None
+        if len(self._flows) >= self.service.max_flows:
+            self._close_flow(next(iter(self._flows.values())))
+            self.evicted += 1
+        loop = asyncio.get_running_loop()
+        for backend in candidates:
+            family = (
+                socket.AF_INET6 if ipaddress.ip_address(backend.sockaddr[0]).version == 6
+                else socket.AF_INET
+            )
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            except OSError as exc:  # out of descriptors: no other backend will do better
+                log.debug("forward.flow_failed", service=self.service.name, error=str(exc))
+                return None
+            try:
+                sock.setblocking(False)
+                sock.connect(backend.sockaddr)  # UDP: no handshake, only a route lookup
+            except OSError as exc:
+                sock.close()
+                backend.connect_failures += 1
+                log.debug("forward.connect_failed", service=self.service.name,
+                          backend=backend.key, error=exc.strerror or str(exc))
+                continue
+            flow = _Flow(self, addr, backend, sock)
+            loop.add_reader(sock.fileno(), flow.readable)
+            self._flows[addr] = flow
+            self.flows_total += 1
+            backend.active_connections += 1
+            backend.connections_total += 1
+            self._idle.clear()
+            if self._sweep_handle is None:
+                self._sweep_handle = loop.call_later(self._sweep_interval, self._sweep)
+            return flow
+        return None
+
+    def _close_flow(self, flow: _Flow) -> None:
+        if self._flows.get(flow.client) is flow:
+            del self._flows[flow.client]
+        if flow.sock.fileno() < 0:
+            return
+        asyncio.get_running_loop().remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        flow.backend.active_connections -= 1
+        if not self._flows:
+            self._idle.set()
+            self._close_listener_if_done()
+
+    def _close_listener_if_done(self) -> None:
+        if not self._accepting and not self._flows and self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self._sweep_handle is not None:
+                self._sweep_handle.cancel()
+                self._sweep_handle = None
+
+    def _sweep(self) -> None:
+        limit = SWEEPS_PER_IDLE_TIMEOUT
+        for flow in list(self._flows.values()):
+            flow.idle_sweeps += 1
+            if flow.idle_sweeps > limit:
+                self._close_flow(flow)
+        self._sweep_handle = None
+        if self._flows:
+            self._sweep_handle = asyncio.get_running_loop().call_later(
+                self._sweep_interval, self._sweep
+            )
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host`` (an IP literal) and ``port``;
+    IPv6 sockets are IPv6-only, as the TCP listeners are. Raises OSError, or
+    ValueError if ``host`` is not an IP address."""
+    version = ipaddress.ip_address(host).version
+    sock = socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Flow:
+    """One client's flow: its connected socket towards the chosen backend."""
+
+    __slots__ = ("fwd", "client", "backend", "sock", "idle_sweeps")
+
+    def __init__(
+        self, fwd: UdpForwarder, client: ClientAddr, backend: Backend, sock: socket.socket
+    ) -> None:
+        self.fwd = fwd
+        self.client = client
+        self.backend = backend
+        self.sock = sock
+        self.idle_sweeps = 0
+
+    def readable(self) -> None:
+        """Replies from the backend: relay them to the client (level-triggered,
+        so what is left after READS_PER_WAKEUP datagrams is read next time)."""
+        sock, fwd, backend = self.sock, self.fwd, self.backend
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                fwd.dropped += 1  # an ICMP error for an earlier datagram
+                return
+            self.idle_sweeps = 0
+            backend.packets_out += 1
+            backend.bytes_out += len(data)
+            fwd._to_client(data, self.client)
+
+
+class _Listener(asyncio.DatagramProtocol):
+    """The listening socket's protocol: hands datagrams to the forwarder."""
+
+    def __init__(self, fwd: UdpForwarder) -> None:
+        self.fwd = fwd
+
+    def datagram_received(self, data: bytes, addr: ClientAddr) -> None:
+        self.fwd._from_client(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for replies to clients that went away: nothing to do.
+        self.fwd.dropped += 1
+
+    def pause_writing(self) -> None:
+        self.fwd._listener_paused = True
+
+    def resume_writing(self) -> None:
+        self.fwd._listener_paused = False

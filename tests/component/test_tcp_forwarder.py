@@ -1,0 +1,481 @@
+"""TcpForwarder against real backends on 127.0.0.1 (port 0 everywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import pytest
+
+from anycast_lb.config import ServiceConfig
+from anycast_lb.errors import BindError
+from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
+from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
+from anycast_lb.pool import Pool
+
+DEADLINE = 5.0
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    """Wait until ``predicate()`` holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
+class LineBackend:
+    """A real server answering each line with ``name:line`` and, once the
+    client half-closes, one last ``name:eof`` line before closing.
+
+    With ``proxy=True`` it first reads a PROXY v2 header and answers
+    ``name:client=HOST:PORT local=HOST:PORT`` before echoing lines.
+    """
+
+    def __init__(self, name: str, proxy: bool = False) -> None:
+        self.name = name
+        self.proxy = proxy
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.address: tuple[str, int] = ("", 0)
+
+    async def start(self, host: str = "127.0.0.1") -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._handle, host, 0)
+        sockname = self.server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        return self.address
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        tag = self.name.encode()
+        try:
+            if self.proxy:
+                data = b""
+                while True:
+                    try:
+                        header = parse_v2_header(data)
+                        break
+                    except IncompleteHeader:
+                        chunk = await reader.read(1)
+                        if not chunk:
+                            return
+                        data += chunk
+                writer.write(tag + f":client={header.client} local={header.local}\n".encode())
+            while line := await reader.readline():
+                writer.write(tag + b":" + line)
+            writer.write(tag + b":eof\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.writers.discard(writer)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+
+def service_for(addresses: list[tuple[str, int]], **extra: Any) -> ServiceConfig:
+    return ServiceConfig.model_validate(
+        {
+            "name": "web",
+            "vip": "127.0.0.1",
+            "port": 80,
+            "protocol": "tcp",
+            "backends": [{"address": host, "port": port} for host, port in addresses],
+            **extra,
+        }
+    )
+
+
+def closed_port() -> socket.socket:
+    """A socket bound to a port but not listening: connecting to it is refused.
+    Keep it open for the test so no one else takes the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Rig:
+    """A forwarder in front of the given backends, all marked up."""
+
+    def __init__(self) -> None:
+        self.forwarders: list[TcpForwarder] = []
+        self.backends: list[LineBackend] = []
+
+    async def backend(self, name: str, proxy: bool = False) -> tuple[str, int]:
+        backend = LineBackend(name, proxy)
+        self.backends.append(backend)
+        return await backend.start()
+
+    async def forwarder(
+        self, addresses: list[tuple[str, int]], up: bool = True, **extra: Any
+    ) -> tuple[TcpForwarder, Pool, tuple[str, int]]:
+        pool = Pool(service_for(addresses, **extra))
+        if up:
+            for backend in pool.backends:
+                pool.set_up(backend.key, True)
+        fwd = TcpForwarder(pool.service, pool, bind_host="127.0.0.1", bind_port=0)
+        self.forwarders.append(fwd)
+        return fwd, pool, await fwd.start()
+
+    async def close(self) -> None:
+        for fwd in self.forwarders:
+            fwd.stop_accepting()
+            fwd.abort_all()
+            assert await fwd.wait_idle(DEADLINE)
+        for backend in self.backends:
+            await backend.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+    yield rig
+    await rig.close()
+
+
+async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(DEADLINE):
+        return await reader.read()
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    """True when the connection ends (EOF or reset) within the deadline."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_traffic_flows_both_ways_and_is_counted(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    fwd, pool, address = await rig.forwarder([b1])
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"hello\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:hello\n"
+    writer.write(b"again\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:again\n"
+    backend = pool.backends[0]
+    assert fwd.active == 1
+    assert backend.active_connections == 1
+    assert backend.connections_total == 1
+    writer.write_eof()
+    assert await read_to_eof(reader) == b"b1:eof\n"
+    writer.close()
+    assert await fwd.wait_idle(DEADLINE)
+    assert backend.active_connections == 0
+    assert backend.bytes_in == len(b"hello\nagain\n")
+    assert backend.bytes_out == len(b"b1:hello\nb1:again\nb1:eof\n")
+    assert fwd.accepted == 1 and fwd.rejected == 0
+
+
+async def test_half_close_lets_the_backend_keep_sending(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    _, _, address = await rig.forwarder([b1])
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"one\ntwo\n")
+    writer.write_eof()  # client -> backend direction finished
+    # The backend sees EOF only through the forwarder's write_eof, and still
+    # answers afterwards; the client then sees the backend's close.
+    assert await read_to_eof(reader) == b"b1:one\nb1:two\nb1:eof\n"
+    writer.close()
+
+
+async def test_backend_half_close_keeps_client_direction_open(rig: Rig) -> None:
+    """The backend sends EOF first; the client can still send to it."""
+    received = bytearray()
+    got_all = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"banner\n")
+        writer.write_eof()
+        received.extend(await reader.read())
+        got_all.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        fwd, _, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
+        reader, writer = await asyncio.open_connection(*address)
+        assert await read_to_eof(reader) == b"banner\n"
+        writer.write(b"late data")
+        writer.write_eof()
+        await asyncio.wait_for(got_all.wait(), DEADLINE)
+        assert bytes(received) == b"late data"
+        assert await fwd.wait_idle(DEADLINE)
+        writer.close()
+    finally:
+        server.close()
+
+
+class FloodingBackend(asyncio.Protocol):
+    """Writes ``total`` bytes as fast as its transport's flow control allows."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.written = 0
+        self.paused = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        self._pump()
+
+    def _pump(self) -> None:
+        assert self.transport is not None
+        chunk = b"x" * 65536
+        while self.written < self.total and not self.paused.is_set():
+            self.transport.write(chunk)
+            self.written += len(chunk)
+        if self.written >= self.total:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused.set()
+
+    def resume_writing(self) -> None:
+        self.paused.clear()
+        self._pump()
+
+
+async def test_slow_client_pauses_the_backend_not_memory(rig: Rig) -> None:
+    total = 64 * 1024 * 1024
+    loop = asyncio.get_running_loop()
+    flooders: list[FloodingBackend] = []
+
+    def factory() -> FloodingBackend:
+        flooders.append(FloodingBackend(total))
+        return flooders[-1]
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        fwd, pool, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
+        reader, writer = await asyncio.open_connection(*address, limit=2**16)
+        # The client reads nothing: kernel buffers fill, the forwarder's
+        # client-side buffer passes its high-water mark, it stops reading from
+        # the backend, and the backend's own writes block.
+        await eventually(lambda: bool(flooders) and flooders[0].paused.is_set())
+        (relay,) = fwd._relays
+        assert relay.client is not None and relay.upstream is not None
+        await eventually(lambda: not relay.upstream.is_reading())  # type: ignore[union-attr]
+        assert relay.client.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
+        assert flooders[0].written < total // 2
+        # Nothing is lost: the client now reads everything.
+        received = 0
+        async with asyncio.timeout(30):
+            while chunk := await reader.read(1 << 20):
+                received += len(chunk)
+        assert received == total
+        assert pool.backends[0].bytes_out == total
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_slow_backend_pauses_the_client(rig: Rig) -> None:
+    loop = asyncio.get_running_loop()
+    sinks: list[asyncio.Transport] = []
+
+    class Sink(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            stream = cast(asyncio.Transport, transport)
+            stream.pause_reading()  # never reads
+            sinks.append(stream)
+
+    server = await loop.create_server(Sink, "127.0.0.1", 0)
+    try:
+        fwd, _, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
+        flooder = FloodingBackend(256 * 1024 * 1024)  # plays the client here
+        await loop.create_connection(lambda: flooder, *address)
+        await eventually(lambda: len(fwd._relays) == 1)
+        (relay,) = fwd._relays
+        # Connected, and then the backend's buffer passed its mark: the
+        # forwarder stopped reading the client, whose own writes block.
+        await eventually(
+            lambda: relay.upstream is not None
+            and relay.upstream.get_write_buffer_size() > 0
+            and not relay.client.is_reading()  # type: ignore[union-attr]
+            and flooder.paused.is_set()
+        )
+        assert relay.client is not None and relay.upstream is not None
+        assert relay.upstream.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
+        assert flooder.written < 128 * 1024 * 1024
+        assert flooder.transport is not None
+        flooder.transport.abort()
+    finally:
+        server.close()
+        for transport in sinks:
+            transport.abort()
+
+
+async def test_refused_candidate_is_skipped(rig: Rig) -> None:
+    dead = closed_port()
+    try:
+        live = await rig.backend("live")
+        dead_address = dead.getsockname()
+        # Round robin makes the first connection try the first backend first.
+        fwd, pool, address = await rig.forwarder([dead_address, live], balance="round_robin")
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"hi\n")
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:hi\n"
+        assert pool.backends[0].connect_failures == 1
+        assert pool.backends[1].connect_failures == 0
+        assert pool.backends[0].connections_total == 0
+        assert pool.backends[1].connections_total == 1
+        writer.close()
+    finally:
+        dead.close()
+
+
+async def test_connect_timeout_moves_to_the_next_candidate(rig: Rig) -> None:
+    live = await rig.backend("live")
+    # TEST-NET-1 (RFC 5737): never answers; the connect either times out or
+    # fails at once for lack of a route. Both must lead to the next candidate.
+    fwd, pool, address = await rig.forwarder(
+        [("192.0.2.1", 9), live], balance="round_robin", connect_timeout=0.2
+    )
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"hi\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:hi\n"
+    assert pool.backends[0].connect_failures == 1
+    writer.close()
+
+
+async def test_no_backend_up_closes_the_client(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    fwd, pool, address = await rig.forwarder([b1], up=False)
+    reader, writer = await asyncio.open_connection(*address)
+    assert await closed_by_peer(reader)
+    assert fwd.rejected_no_backend == 1
+    assert pool.backends[0].connections_total == 0
+    assert await fwd.wait_idle(DEADLINE)
+    writer.close()
+
+
+async def test_every_candidate_failing_closes_the_client(rig: Rig) -> None:
+    dead = closed_port()
+    try:
+        fwd, pool, address = await rig.forwarder([dead.getsockname()])
+        reader, writer = await asyncio.open_connection(*address)
+        assert await closed_by_peer(reader)
+        assert fwd.rejected_connect_failed == 1
+        assert pool.backends[0].connect_failures == 1
+        assert await fwd.wait_idle(DEADLINE)
+        writer.close()
+    finally:
+        dead.close()
+
+
+async def test_proxy_protocol_header_carries_the_client(rig: Rig) -> None:
+    b1 = await rig.backend("b1", proxy=True)
+    _, _, address = await rig.forwarder([b1], proxy_protocol=True)
+    reader, writer = await asyncio.open_connection(*address)
+    # Sent before the forwarder has connected to the backend: the header must
+    # still come first.
+    writer.write(b"ping\n")
+    client = writer.get_extra_info("sockname")
+    first = await asyncio.wait_for(reader.readline(), DEADLINE)
+    assert first == f"b1:client={(client[0], client[1])} local={address}\n".encode()
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:ping\n"
+    writer.close()
+
+
+async def test_idle_connection_is_closed(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    fwd, pool, address = await rig.forwarder([b1], idle_timeout=0.2)
+    reader, writer = await asyncio.open_connection(*address)
+    # Traffic every 0.05 s for longer than the idle timeout keeps it open.
+    for i in range(8):
+        if i:
+            await asyncio.sleep(0.05)  # pacing, not readiness
+        writer.write(b"%d\n" % i)
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:%d\n" % i
+    silent_since = time.monotonic()
+    assert await closed_by_peer(reader)
+    assert time.monotonic() - silent_since >= 0.2 - 0.01
+    assert await fwd.wait_idle(DEADLINE)
+    assert pool.backends[0].active_connections == 0
+    writer.close()
+
+
+async def test_stop_accepting_keeps_established_connections(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    fwd, _, address = await rig.forwarder([b1])
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"before\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:before\n"
+    assert fwd.listening
+    fwd.stop_accepting()
+    assert not fwd.listening
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(*address)
+    writer.write(b"after\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:after\n"
+    assert not await fwd.wait_idle(0.05)
+    writer.write_eof()
+    assert await read_to_eof(reader) == b"b1:eof\n"
+    assert await fwd.wait_idle(DEADLINE)
+    assert fwd.active == 0
+    writer.close()
+
+
+async def test_abort_all_closes_every_connection(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    fwd, pool, address = await rig.forwarder([b1])
+    streams = [await asyncio.open_connection(*address) for _ in range(3)]
+    for reader, writer in streams:
+        writer.write(b"x\n")
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:x\n"
+    assert fwd.active == 3
+    fwd.abort_all()
+    for reader, writer in streams:
+        assert await closed_by_peer(reader)
+        writer.close()
+    assert await fwd.wait_idle(DEADLINE)
+    assert pool.backends[0].active_connections == 0
+
+
+async def test_bind_error_names_the_address(rig: Rig) -> None:
+    b1 = await rig.backend("b1")
+    _, pool, address = await rig.forwarder([b1])
+    second = TcpForwarder(pool.service, pool, bind_host=address[0], bind_port=address[1])
+    with pytest.raises(BindError, match=f"127.0.0.1:{address[1]}") as info:
+        await second.start()
+    assert isinstance(info.value.__cause__, OSError)
+    assert not second.listening
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_vip_with_proxy_header(rig: Rig) -> None:
+    b1 = await rig.backend("b1", proxy=True)
+    pool = Pool(service_for([b1], vip="::1", proxy_protocol=True))
+    pool.set_up(pool.backends[0].key, True)
+    fwd = TcpForwarder(pool.service, pool, bind_port=0)  # binds the VIP itself
+    rig.forwarders.append(fwd)
+    host, port = await fwd.start()
+    assert host == "::1"
+    reader, writer = await asyncio.open_connection(host, port)
+    client = writer.get_extra_info("sockname")
+    line = await asyncio.wait_for(reader.readline(), DEADLINE)
+    assert line == f"b1:client={('::1', client[1])} local={('::1', port)}\n".encode()
+    writer.close()
