@@ -325,6 +325,19 @@ class _Listener(asyncio.DatagramProtocol):
 
     def __init__(self, fwd: UdpForwarder) -> None:
         self.fwd = fwd
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        fwd = self.fwd
+        if fwd._listener is not None and fwd._listener is self.transport:
+            # Closed under us (not by _close_listener_if_done): no longer
+            # listening, so the node stops announcing the VIP.
+            log.error("forward.listener_lost", service=fwd.service.name, protocol="udp",
+                      error=str(exc))
+            fwd._listener = None
 
     def datagram_received(self, data: bytes, addr: ClientAddr) -> None:
         self.fwd._from_client(data, addr)

@@ -33,9 +33,20 @@ class EchoBackend(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.transport is not None
         self.senders.append(addr)
+        if data.startswith(b"stream:"):
+            self._stream(int(data[7:]), addr)
+            return
         replies = 2 if data.startswith(b"twice:") else 1
         for _ in range(replies):
             self.transport.sendto(self.name + b":" + data, addr)
+
+
+    def _stream(self, left: int, addr: tuple[str, int]) -> None:
+        """One reply now and one every 0.05 s until ``left`` are sent."""
+        assert self.transport is not None
+        self.transport.sendto(self.name + b":%d" % left, addr)
+        if left > 1:
+            asyncio.get_running_loop().call_later(0.05, self._stream, left - 1, addr)
 
 
 class Client(asyncio.DatagramProtocol):
@@ -176,6 +187,16 @@ async def test_idle_flows_expire(rig: Rig) -> None:
     client.send(b"y", address)
     assert (await client.reply())[0] == b"b1:y"
     assert fwd.flows_total == 2
+
+
+async def test_backend_traffic_alone_keeps_a_flow_alive(rig: Rig) -> None:
+    b1, _ = await rig.backend("b1")
+    fwd, _, address = await rig.forwarder([b1], idle_timeout=0.2)
+    client = await rig.client()
+    client.send(b"stream:8", address)  # 8 replies over 0.35 s, nothing more from the client
+    for left in range(8, 0, -1):
+        assert await client.reply() == (b"b1:%d" % left, address)
+    assert fwd.active == 1 and fwd.flows_total == 1
 
 
 async def test_full_table_evicts_the_least_recently_used(rig: Rig) -> None:
