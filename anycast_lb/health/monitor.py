@@ -8,6 +8,13 @@ that overran skips to the next future slot), at ``fast_interval`` while its
 ``min(interval, max_jitter)`` seconds so a node restart does not probe
 every backend at the same instant.
 
+Backends of several services that share one health target (the same
+address, probe port and health settings) share one loop and one rise/fall
+machine: the target is probed once per interval, not once per service, and
+every service sees the same verdict at the same instant (so a VIP carried by
+several services is withdrawn at one probe's fall, not at the latest of
+several unaligned ones).
+
 After each check the backend's ``last_check`` (wall-clock s),
 ``last_latency_ms`` and ``last_detail`` are updated and ``on_check`` is
 called; on a transition the pool is updated (``Pool.set_up``), the events
@@ -37,6 +44,7 @@ OnChange = Callable[[str, Backend, bool], None]
 """``(service_name, backend, up)``, called after the pool was updated."""
 OnCheck = Callable[[str, Backend, ProbeResult], None]
 """``(service_name, backend, result)``, called after every check."""
+_Member = tuple[ServiceConfig, Pool, Backend]
 
 
 class HealthMonitor:
@@ -85,21 +93,29 @@ class HealthMonitor:
             session: aiohttp.ClientSession | None = None
             if needs_http:
                 session = await stack.enter_async_context(make_session())
+            targets: dict[tuple[str, str, int], list[_Member]] = {}
+            for service in self._services:
+                pool = self._pools[service.name]
+                for backend in pool.backends:
+                    port = service.health.port or backend.config.port
+                    key = (service.health.model_dump_json(), str(backend.config.address), port)
+                    targets.setdefault(key, []).append((service, pool, backend))
             async with asyncio.TaskGroup() as tasks:
-                for service in self._services:
-                    pool = self._pools[service.name]
-                    for backend in pool.backends:
-                        probe = self._probe_factory(service.health, backend.config, session)
-                        tasks.create_task(
-                            self._loop(service, pool, backend, probe),
-                            name=f"health {service.name} {backend.key}",
-                        )
+                for members in targets.values():
+                    service, _, backend = members[0]
+                    probe = self._probe_factory(service.health, backend.config, session)
+                    tasks.create_task(
+                        self._loop(members, probe),
+                        name=f"health {service.name} {backend.key}",
+                    )
                 if started is not None:
                     started.set()
 
-    async def _loop(self, service: ServiceConfig, pool: Pool, backend: Backend, probe: Probe) -> None:
+    async def _loop(self, members: list[_Member], probe: Probe) -> None:
+        service, _, backend = members[0]
         health = service.health
-        machine = Hysteresis(health.rise, health.fall, State.UP if backend.up else State.DOWN)
+        up = all(b.up for _, _, b in members)
+        machine = Hysteresis(health.rise, health.fall, State.UP if up else State.DOWN)
         jitter = self._random.uniform(0.0, min(health.interval, self._max_jitter))
         deadline = self._clock.monotonic() + jitter
         while True:
@@ -107,7 +123,9 @@ class HealthMonitor:
             if delay > 0:
                 await self._clock.sleep(delay)
             result = await self._check(service, backend, probe)
-            self._record(service, pool, backend, machine, result)
+            new_state = machine.observe(result.ok)
+            for member_service, pool, member in members:
+                self._record(member_service, pool, member, new_state, result)
 
             step = health.fast_interval if machine.settling else health.interval
             deadline += step
@@ -141,7 +159,7 @@ class HealthMonitor:
         service: ServiceConfig,
         pool: Pool,
         backend: Backend,
-        machine: Hysteresis,
+        new_state: State | None,
         result: ProbeResult,
     ) -> None:
         backend.last_check = self._clock.wall()
@@ -149,8 +167,6 @@ class HealthMonitor:
         backend.last_detail = result.detail
         if self._on_check is not None:
             self._on_check(service.name, backend, result)
-
-        new_state = machine.observe(result.ok)
         if new_state is None:
             return
         up = new_state is State.UP

@@ -322,3 +322,29 @@ async def test_started_is_set_and_run_is_cancellable() -> None:
 def test_missing_pool_is_an_error() -> None:
     with pytest.raises(KeyError, match="no pool for service 'web'"):
         HealthMonitor([_service()], {}, FakeClock())
+
+
+async def test_services_sharing_a_health_target_share_one_probe() -> None:
+    probes: dict[str, Probe] = {}
+    made: list[str] = []
+    web, echo = _service("web"), _service("echo")  # same backend, same health settings
+    other = _service("other", fall=2)  # same backend, other settings: its own probe
+    h = Harness([web, echo, other], probes)
+    probe = ScriptedProbe(h.clock, [True, True, False])
+    own = ScriptedProbe(h.clock, [True, True, False])
+    key = "203.0.113.130:8080"
+
+    def factory(health: HealthConfig, backend: BackendConfig, session: Any) -> Probe:
+        made.append(backend.key)
+        return own if health.fall == 2 else probe
+
+    h.monitor._probe_factory = factory
+    async with running(h):
+        await h.advance_to(0.2)
+        assert h.pools["web"].up_count == h.pools["echo"].up_count == 1
+        await h.advance_to(2.6)  # misses at 2.2 and 2.4 (and 2.6 for fall 3)
+    assert made == [key, key]  # one probe for web+echo, one for other
+    assert probe.calls == _approx([0.0, 0.2, 2.2, 2.4, 2.6])
+    downs = [(s, t) for s, _, up, t in h.changes if not up]
+    # Both services sharing the target fall at the same check.
+    assert downs == [("other", 2.4), ("web", 2.6), ("echo", 2.6)]
