@@ -13,6 +13,16 @@ one short task per connection runs the connect phase only, because
     relaying: bytes both ways; EOF from one side -> write_eof on the other
         (half-close); both EOFs, a close or an error -> both sides closed
 
+Redispatch: a backend killed between two health checks still completes
+handshakes from its listen backlog, then resets them when the process dies.
+Until the backend's first byte the relay keeps a copy of what it sent
+(at most ``REPLAY_LIMIT`` bytes); if the backend resets the connection
+before answering, the relay connects to the next candidate and replays the
+copy, so the client never notices. After the first byte from the backend,
+or past the limit, a reset closes the client as usual. (The same rule as
+HAProxy's ``retry-on conn-failure empty-response`` with ``option redispatch``,
+restricted to resets: a backend that closes cleanly is taken at its word.)
+
 Backpressure: each transport's write buffer has a high-water mark of
 ``HIGH_WATER`` bytes; above it the *other* side stops reading until the
 buffer drains below ``LOW_WATER`` bytes, so a slow reader holds at most about
@@ -44,6 +54,8 @@ HIGH_WATER = 64 * 1024
 """Bytes buffered for a peer before the other side stops reading."""
 LOW_WATER = 16 * 1024
 """Bytes below which the paused side reads again."""
+REPLAY_LIMIT = 64 * 1024
+"""Bytes kept for a replay until the backend's first byte (see Redispatch)."""
 BACKLOG = 4096
 """listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
 SWEEPS_PER_IDLE_TIMEOUT = 8
@@ -203,7 +215,7 @@ class _Relay(asyncio.Protocol):
     __slots__ = (
         "fwd", "client", "upstream", "backend", "connecting", "client_eof",
         "backend_eof", "closing", "open_transports", "finished", "idle_sweeps",
-        "peer", "local", "held",
+        "peer", "local", "held", "replay", "remaining",
     )
 
     def __init__(self, fwd: TcpForwarder) -> None:
@@ -221,6 +233,11 @@ class _Relay(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.held: list[bytes] = []
+        self.replay: list[bytes] | None = []
+        """Bytes sent to the backend before its first byte; None once it
+        answered or the copy passed REPLAY_LIMIT."""
+        self.remaining: list[Backend] = []
+        """Candidates not tried yet, for a redispatch."""
 
     @property
     def client_name(self) -> str:
@@ -259,10 +276,22 @@ class _Relay(asyncio.Protocol):
             self._hold(data)
             return
         if upstream.is_closing():
+            # The backend side is going (its connection_lost is queued):
+            # keep the bytes in case that turns into a redispatch.
+            if self.replay is not None:
+                self._keep(data)
             return
         upstream.write(data)
         backend.bytes_in += len(data)
         self.idle_sweeps = 0
+        if self.replay is not None:
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        assert self.replay is not None
+        self.replay.append(data)
+        if sum(map(len, self.replay)) > REPLAY_LIMIT:
+            self.replay = None
 
     def _hold(self, data: bytes) -> None:
         """Keep bytes that arrive before the backend is connected. uvloop
@@ -307,10 +336,11 @@ class _Relay(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         timeout = fwd.service.connect_timeout
         try:
-            for backend in candidates:
+            for i, backend in enumerate(candidates):
                 if self.closing:
                     return
                 host, port = backend.sockaddr
+                self.remaining = candidates[i + 1:]
                 try:
                     async with asyncio.timeout(timeout):
                         await loop.create_connection(
@@ -353,6 +383,8 @@ class _Relay(asyncio.Protocol):
             self.held.clear()
             transport.write(data)
             backend.bytes_in += len(data)
+            if self.replay is not None:
+                self._keep(data)
         if self.client_eof:
             transport.write_eof()
         elif self.client is not None:
@@ -361,6 +393,7 @@ class _Relay(asyncio.Protocol):
     # -- backend transport callbacks (via _Upstream) -------------------------
 
     def upstream_data(self, data: bytes) -> None:
+        self.replay = None
         client, backend = self.client, self.backend
         if client is None or backend is None or client.is_closing():
             return
@@ -369,6 +402,7 @@ class _Relay(asyncio.Protocol):
         self.idle_sweeps = 0
 
     def upstream_eof(self) -> None:
+        self.replay = None
         self.backend_eof = True
         client = self.client
         if client is not None and not client.is_closing():
@@ -388,9 +422,29 @@ class _Relay(asyncio.Protocol):
     def upstream_lost(self, backend: Backend, exc: Exception | None) -> None:
         self.open_transports -= 1
         backend.active_connections -= 1
+        if exc is not None and self._redispatch(backend):
+            return
         if not self.closing:
             self.shutdown(abort=exc is not None)
         self._maybe_finish()
+
+    def _redispatch(self, backend: Backend) -> bool:
+        """After ``backend`` reset the connection: connect to the next
+        candidate and replay, if nothing came back yet. True if it did."""
+        client = self.client
+        if (self.replay is None or not self.remaining or self.closing or self.backend_eof
+                or client is None or client.is_closing()):
+            return False
+        backend.connect_failures += 1
+        log.debug("forward.redispatch", service=self.fwd.service.name, backend=backend.key,
+                  client=self.client_name)
+        self.held = self.replay
+        self.replay = []
+        self.upstream = None
+        self.backend = None
+        client.pause_reading()
+        self.connecting = self.fwd._spawn(self, self.remaining)
+        return True
 
     # -- teardown -----------------------------------------------------------
 

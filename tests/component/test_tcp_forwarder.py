@@ -338,18 +338,89 @@ async def test_refused_candidate_is_skipped(rig: Rig) -> None:
         dead.close()
 
 
+def stalled_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback listener whose accept queue is full: further SYNs are
+    dropped, so a connect to it times out (and traffic stays on loopback)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.settimeout(0.2)
+        fillers.append(filler)
+        try:
+            filler.connect(listener.getsockname())
+        except TimeoutError:
+            return listener, fillers
+    pytest.fail("could not fill the listen backlog")
+
+
 async def test_connect_timeout_moves_to_the_next_candidate(rig: Rig) -> None:
     live = await rig.backend("live")
-    # TEST-NET-1 (RFC 5737): never answers; the connect either times out or
-    # fails at once for lack of a route. Both must lead to the next candidate.
-    fwd, pool, address = await rig.forwarder(
-        [("192.0.2.1", 9), live], balance="round_robin", connect_timeout=0.2
-    )
+    stalled, fillers = stalled_listener()
+    try:
+        fwd, pool, address = await rig.forwarder(
+            [stalled.getsockname(), live], balance="round_robin", connect_timeout=0.2
+        )
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"hi\n")
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:hi\n"
+        assert time.monotonic() - started >= 0.19  # it did wait for the timeout
+        assert pool.backends[0].connect_failures == 1
+        writer.close()
+    finally:
+        for sock in (*fillers, stalled):
+            sock.close()
+
+
+async def test_backend_reset_before_answering_is_redispatched(rig: Rig) -> None:
+    # A backend whose process died with connections in its listen backlog:
+    # the handshake completed, then the kernel resets them.
+    dying = socket.socket()
+    dying.bind(("127.0.0.1", 0))
+    dying.listen(16)
+    live = await rig.backend("live")
+    # least_conn with equal counts keeps configuration order: dying first.
+    fwd, pool, address = await rig.forwarder([dying.getsockname(), live], balance="least_conn")
     reader, writer = await asyncio.open_connection(*address)
-    writer.write(b"hi\n")
-    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:hi\n"
+    writer.write(b"first\n")
+    await eventually(lambda: pool.backends[0].connections_total == 1)
+    await eventually(lambda: fwd.active == 1)
+    dying.close()  # resets the queued, never accepted connection
+    writer.write(b"second\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:first\n"
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:second\n"
     assert pool.backends[0].connect_failures == 1
+    assert pool.backends[1].connections_total == 1
     writer.close()
+
+
+async def test_backend_reset_after_answering_closes_the_client(rig: Rig) -> None:
+    answered = asyncio.Event()
+
+    async def answer_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"once\n")
+        await writer.drain()
+        answered.set()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+
+    server = await asyncio.start_server(answer_then_reset, "127.0.0.1", 0)
+    live = await rig.backend("live")
+    fwd, pool, address = await rig.forwarder(
+        [server.sockets[0].getsockname()[:2], live], balance="least_conn")
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"x\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"once\n"
+    assert await closed_by_peer(reader)  # no replay once the backend answered
+    assert pool.backends[1].connections_total == 0
+    writer.close()
+    server.close()
+    await server.wait_closed()
 
 
 async def test_no_backend_up_closes_the_client(rig: Rig) -> None:
