@@ -60,6 +60,8 @@ def build_table(
         return array("l")
     if size <= n:
         raise ValueError("table size must exceed the number of backends")
+    if n == 1:
+        return array("l", [0]) * size
 
     # Fill in canonical (sorted-name) order so the table does not depend on
     # configuration order; map back to caller indexes at the end.

@@ -17,15 +17,19 @@
 
 PEER is the source address of the connection the backend received: the
 forwarding node's address on the backend LAN, which is how the lab's client
-learns which node carried a flow. Refuses to run outside ``--ns``.
+learns which node carried a flow. Refuses to run outside ``--ns``, except
+as a demo backend bound to a loopback address (``--bind 127.0.0.11``), which
+only loopback clients can reach.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
+from typing import cast
 
 from anycast_lb.errors import UnsafeLab
 from anycast_lb.lab.netns import require_namespace
@@ -121,8 +125,8 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDPTransport does not subclass asyncio.DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.transport is not None:
@@ -130,17 +134,17 @@ class UdpEcho(asyncio.DatagramProtocol):
 
 
 async def serve(name: str, http: int | None, tcp: int | None, udp: int | None,
-                relay: str | None = None) -> None:
+                relay: str | None = None, bind: str = "0.0.0.0") -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     servers: list[asyncio.base_events.Server] = []
     if http:
-        servers.append(await asyncio.start_server(http_handler(name), "0.0.0.0", http,
+        servers.append(await asyncio.start_server(http_handler(name), bind, http,
                                                   backlog=1024, reuse_address=True))
     if tcp:
-        servers.append(await asyncio.start_server(echo_handler(name), "0.0.0.0", tcp,
+        servers.append(await asyncio.start_server(echo_handler(name), bind, tcp,
                                                   backlog=1024, reuse_address=True))
     if relay:
         listen, _, targets = relay.partition("=")
@@ -151,7 +155,7 @@ async def serve(name: str, http: int | None, tcp: int | None, udp: int | None,
     transport = None
     if udp:
         transport, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name),
-                                                           local_addr=("0.0.0.0", udp))
+                                                           local_addr=(bind, udp))
     print(f"listening name={name} http={http} tcp={tcp} udp={udp}", file=sys.stderr,
           flush=True)
     await stop.wait()
@@ -163,7 +167,10 @@ async def serve(name: str, http: int | None, tcp: int | None, udp: int | None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anycast_lb.lab.servers")
-    parser.add_argument("--ns", required=True, help="lab namespace this must run in")
+    parser.add_argument("--ns", help="lab namespace this must run in (required unless "
+                        "--bind is a loopback address)")
+    parser.add_argument("--bind", default="0.0.0.0",
+                        help="address to listen on (default 0.0.0.0, inside --ns)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--http", type=int)
     parser.add_argument("--tcp", type=int)
@@ -171,11 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay", help="LISTEN=TARGET[,TARGET]: round-robin TCP relay")
     args = parser.parse_args(argv)
     try:
-        require_namespace(args.ns)
-    except UnsafeLab as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    coro = serve(args.name, args.http, args.tcp, args.udp, args.relay)
+        loopback = ipaddress.ip_address(args.bind).is_loopback
+    except ValueError:
+        parser.error(f"--bind {args.bind!r} is not an IP address")
+    if args.relay and args.ns is None:
+        parser.error("--relay needs --ns")  # a relay sends traffic: lab namespaces only
+    if args.ns is not None or not loopback:
+        try:
+            require_namespace(args.ns or "")
+        except UnsafeLab as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    coro = serve(args.name, args.http, args.tcp, args.udp, args.relay, args.bind)
     try:
         import uvloop
     except ImportError:
