@@ -43,7 +43,9 @@ class NodeControl(Protocol):
 
     async def drain(self, reason: str) -> None: ...
 
-    async def undrain(self) -> None: ...
+    async def undrain(self) -> bool:
+        """False when refused (the node is stopping)."""
+        ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -119,7 +121,8 @@ def make_app(node: NodeControl, admin_token_file: Path | None) -> web.Applicatio
     async def undrain(request: web.Request) -> web.Response:
         if (denied := authorize(request)) is not None:
             return denied
-        await node.undrain()
+        if not await node.undrain():
+            return _error(409, "the node is stopping; it cannot be undrained")
         return web.json_response({"draining": False})
 
     app = web.Application(middlewares=[_json_errors])

@@ -128,7 +128,11 @@ def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None)
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read() or b"null")
+            try:
+                return response.status, json.loads(response.read() or b"null")
+            except ValueError:
+                click.echo(f"anycast-lb: {url} did not answer JSON: is it an anycast-lb API?", err=True)
+                sys.exit(EXIT_ERROR)
     except urllib.error.HTTPError as exc:
         body = exc.read()
         try:

@@ -42,7 +42,7 @@ from anycast_lb.bgp.policy import (
 )
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.config import NodeConfig, Protocol, ServiceConfig, format_host_port
-from anycast_lb.errors import BindError
+from anycast_lb.errors import AnycastLBError, BindError
 from anycast_lb.forward.tcp import TcpForwarder
 from anycast_lb.forward.udp import UdpForwarder
 from anycast_lb.health.monitor import HealthMonitor
@@ -172,11 +172,12 @@ class Node:
         if self.draining:
             return
         log.event("node.drain", reason=reason)
-        self.drain_phase = DrainPhase.GRACEFUL if self.speaker is not None else DrainPhase.WITHDRAWN
-        self._changed.set()
-        if self.speaker is not None:
-            assert self._tg is not None, "drain() is only valid while run() runs"
+        if self.speaker is not None and self._tg is not None:
             self._drain_task = self._tg.create_task(self._drain_to_withdraw())
+            self.drain_phase = DrainPhase.GRACEFUL
+        else:
+            self.drain_phase = DrainPhase.WITHDRAWN
+        self._changed.set()
 
     async def _drain_to_withdraw(self) -> None:
         await self.clock.sleep(self.config.drain.announce_grace)
@@ -185,15 +186,19 @@ class Node:
             log.event("node.drain_withdraw")
             self._changed.set()
 
-    async def undrain(self) -> None:
-        if not self.draining or self._stopping:
-            return
+    async def undrain(self) -> bool:
+        """End a drain. False (and nothing changes) while the node stops."""
+        if self._stopping:
+            return False
+        if not self.draining:
+            return True
         if self._drain_task is not None:
             self._drain_task.cancel()
             self._drain_task = None
         self.drain_phase = DrainPhase.NONE
         log.event("node.undrain")
         self._changed.set()
+        return True
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain, withdraw, let connections finish
@@ -338,10 +343,13 @@ class Node:
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Run until ``request_stop`` completes a graceful stop, or until
-        cancelled. Raises BindError if a forwarder or the API cannot bind."""
-        await self._start_forwarders()
-        runner = await self._start_api()
+        cancelled. Raises BindError if a forwarder or the API cannot bind, and
+        the first AnycastLBError of any part that fails (e.g. AnnouncerError
+        when ExaBGP cannot be started), unwrapped from the task group."""
+        runner: web.AppRunner | None = None
         try:
+            await self._start_forwarders()
+            runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 monitor_started = asyncio.Event()
@@ -361,11 +369,15 @@ class Node:
                 raise _Stopped
         except* _Stopped:
             pass
+        except* AnycastLBError as group:
+            raise _first_leaf(group) from None
         finally:
+            self._tg = None
             for forwarder in self.forwarders.values():
                 forwarder.stop_accepting()
                 forwarder.abort_all()
-            await runner.cleanup()
+            if runner is not None:
+                await runner.cleanup()
             log.event("node.stopped", name=self.config.node.name)
 
     async def _graceful_stop(self) -> None:
@@ -392,6 +404,14 @@ class Node:
         )
         if not all(results):
             log.warning("node.drain_timeout", open_connections=sum(f.active for f in self.forwarders.values()))
+
+
+def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, AnycastLBError)
+    return error
 
 
 class _Stopped(Exception):

@@ -439,6 +439,9 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
         if proc.returncode != 0:
             raise LabError(f"traffic client failed: {err.strip()[-500:]}")
     finally:
+        if proc.poll() is None:  # an injection failed: stop the stream too
+            proc.kill()
+            proc.communicate(timeout=5)
         recover_start = time.monotonic()
         if name != "ecmp":
             sc.recover(run)

@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not (0 < args.rate <= 5000 and 0 < args.duration <= MAX_DURATION_S
-            and 0 <= args.long <= 2000):
-        print("error: rate 0-5000/s, duration 0-600 s, long 0-2000", file=sys.stderr)
+            and 0 <= args.long <= 2000 and 0 < args.timeout <= 10):
+        print("error: rate 0-5000/s, duration 0-600 s, long 0-2000, timeout 0-10 s",
+              file=sys.stderr)
         return 2
     coro = run(args.vip, args.port, args.rate, args.duration, args.long, args.timeout)
     try:

@@ -115,7 +115,7 @@ class Heartbeat:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        for _ in range(600):  # bounded: at most 60 s of heartbeats
             self.writer.write(self.data)
             self.last = time.monotonic()
             await asyncio.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -117,3 +118,77 @@ async def test_run_serves_then_exits_0_on_sigterm(tmp_path: Path) -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         await backend.stop()
+
+
+def test_run_reports_a_missing_exabgp_in_one_line(tmp_path: Path) -> None:
+    data = minimal(8080)
+    data["bgp"] = {
+        "local_as": 65100, "router_id": "127.0.0.1", "local_address": "127.0.0.1",
+        # Loopback peer: nothing leaves the machine even if a session were tried.
+        "peers": [{"address": "127.0.0.2", "peer_as": 65000}],
+        "exabgp": str(tmp_path / "no-such-exabgp"),
+    }
+    result = subprocess.run([*ANYCAST_LB, "run", "--config", str(write(tmp_path, data)),
+                             "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "anycast-lb: " in result.stderr and "no-such-exabgp" in result.stderr
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    backend = TcpNameEcho("be")
+    await backend.start()
+    api_port, listen_port = _free_port(), _free_port()
+    data = minimal(backend.port, api_port, listen_port)
+    data["drain"] = {"timeout": 60}
+    proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(write(tmp_path, data))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        async def ready() -> bool:
+            assert proc.poll() is None, "node exited"
+            try:
+                async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{api_port}/readyz"
+                ) as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+        # An open connection keeps the graceful stop waiting (drain timeout 60 s).
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen_port)
+        assert await reader.readline() == b"be\n"
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "event=node.stopping" in _read_available(proc), timeout=10,
+                         what="graceful stop begun")
+        assert proc.poll() is None  # still draining
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+        assert proc.returncode == 1
+        writer.close()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        await backend.stop()
+
+
+_seen: dict[int, str] = {}
+
+
+def _read_available(proc: subprocess.Popen[str]) -> str:
+    """All of ``proc``'s stderr so far, without blocking."""
+    import fcntl
+
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        chunk = b""
+    _seen[proc.pid] = _seen.get(proc.pid, "") + chunk.decode(errors="replace")
+    return _seen[proc.pid]

@@ -69,10 +69,11 @@ async def test_heartbeat_every_200_ms_and_at_once_on_change(speaker: BgpSpeaker)
         route = Route(V4, 100, ("65100:1",), 0, 65100)
         before = time.monotonic()
         speaker.set_routes({V4: route})
-        while True:
-            at, message = await read_routes(reader)
-            if message["seq"] == 1:
-                break
+        async with asyncio.timeout(5):
+            while True:
+                at, message = await read_routes(reader)
+                if message["seq"] == 1:
+                    break
         assert at - before < 0.1
         assert message["routes"] == [{"prefix": str(V4), "med": 100, "communities": ["65100:1"],
                                       "as_path_prepend": 0, "local_as": 65100}]
@@ -129,11 +130,12 @@ async def test_status_pending_until_acked_then_peers_relayed(speaker: BgpSpeaker
             await speaker.wait_synced()
         assert speaker.status()["routes"] == {str(V4): "withdrawn", str(V4B): "announced"}
         # The speaker tells a (new) announcer which prefixes to withdraw.
-        while True:
-            _, message = await read_routes(reader)
-            if message["seq"] == 2:
-                assert message["withdrawn"] == [str(V4)]
-                break
+        async with asyncio.timeout(5):
+            while True:
+                _, message = await read_routes(reader)
+                if message["seq"] == 2:
+                    assert message["withdrawn"] == [str(V4)]
+                    break
     finally:
         writer.close()
         await writer.wait_closed()
