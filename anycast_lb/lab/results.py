@@ -112,7 +112,10 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
     else:
         conv = converged_at(changes, event_s, expected) if expected != all_hops else None
         result["fib_converged_ms"] = None if conv is None else round((conv - event_s) * 1000, 1)
-        after = [r for r in failed if r[0] >= event_s]
+        # A connection counts against the event if it was still open at the
+        # event (started before it, failed after it): one opened 0.1 ms
+        # before a SIGSTOP hangs because of the SIGSTOP.
+        after = [r for r in failed if r[0] + r[1] / 1000 >= event_s]
         result["new_failed_before_event"] = len(failed) - len(after)
         last = max((r[0] for r in after), default=None)
         # Every new connection started after this point succeeded; measured to
