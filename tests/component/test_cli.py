@@ -80,6 +80,22 @@ def test_schema_matches_docs() -> None:
     assert json.loads(result.stdout) == json.loads(published.read_text())
 
 
+async def wait_ready(proc: subprocess.Popen[str], api_port: int) -> None:
+    """Wait until the node in ``proc`` answers 200 on /readyz (deadline 15 s)."""
+
+    async def ready() -> bool:
+        assert proc.poll() is None, "node exited"
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{api_port}/readyz"
+            ) as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+
+
 def _free_port() -> int:
     import socket
 
@@ -96,17 +112,7 @@ async def test_run_serves_then_exits_0_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        async def ready() -> bool:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
-            try:
-                async with aiohttp.ClientSession() as session, session.get(
-                    f"http://127.0.0.1:{api_port}/readyz"
-                ) as response:
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+        await wait_ready(proc, api_port)
         assert (await tcp_request(listen_port))[0] == "be"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
@@ -145,17 +151,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(write(tmp_path, data))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        async def ready() -> bool:
-            assert proc.poll() is None, "node exited"
-            try:
-                async with aiohttp.ClientSession() as session, session.get(
-                    f"http://127.0.0.1:{api_port}/readyz"
-                ) as response:
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+        await wait_ready(proc, api_port)
         # An open connection keeps the graceful stop waiting (drain timeout 60 s).
         reader, writer = await asyncio.open_connection("127.0.0.1", listen_port)
         assert await reader.readline() == b"be\n"
