@@ -19,13 +19,12 @@ seconds, withdraw, keep serving established connections for up to
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -34,6 +33,7 @@ from anycast_lb.bgp.damping import FlapDamper
 from anycast_lb.bgp.policy import (
     DrainPhase,
     NodeView,
+    Prefix,
     Route,
     ServiceView,
     announcement_state,
@@ -41,10 +41,9 @@ from anycast_lb.bgp.policy import (
     prefix_up,
 )
 from anycast_lb.clock import Clock, SystemClock
-from anycast_lb.config import NodeConfig, Protocol, ServiceConfig, format_host_port
+from anycast_lb.config import NodeConfig, format_host_port
 from anycast_lb.errors import AnycastLBError, BindError
-from anycast_lb.forward.tcp import TcpForwarder
-from anycast_lb.forward.udp import UdpForwarder
+from anycast_lb.forward import Forwarder, forwarder_for
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.metrics import NodeMetrics
@@ -53,8 +52,6 @@ from anycast_lb.pool import Backend, Pool
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
 
-Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
-Forwarder = TcpForwarder | UdpForwarder
 
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
 # already in flight towards this node while routers converge still succeed.
@@ -130,14 +127,10 @@ class Node:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "node is draining"
-        healthy = [s.name for s in self.config.services if self._serviceable(s)]
+        healthy = [s.name for s in self.view().services if s.listening and s.healthy]
         if not healthy:
             return False, "no service has min_healthy backends up and a listening forwarder"
         return True, f"serving: {', '.join(healthy)}"
-
-    def _serviceable(self, service: ServiceConfig) -> bool:
-        forwarder = self.forwarders.get(service.name)
-        return forwarder is not None and forwarder.listening and self.pools[service.name].healthy
 
     def view(self) -> NodeView:
         """The node snapshot the route policy decides on."""
@@ -210,6 +203,11 @@ class Node:
     def status(self) -> dict[str, Any]:
         now = self.clock.monotonic()
         bgp_status = self.speaker.status() if self.speaker is not None else None
+        intent: dict[Prefix, str] = {}
+        acked: Mapping[str, str] = {}
+        if bgp_status is not None and self.config.bgp is not None and self.damper is not None:
+            intent = announcement_state(self.view(), self.config.bgp, self.damper.suppressed(now))
+            acked = cast(Mapping[str, str], bgp_status["routes"])
         services = []
         for s in self.config.services:
             pool = self.pools[s.name]
@@ -248,7 +246,11 @@ class Node:
             }
             if self.config.bgp is not None and bgp_status is not None:
                 entry["prefix"] = str(s.prefix)
-                entry["announcement"] = self._announcement(s.prefix, bgp_status, now)
+                # The policy's intent, or "pending" until ExaBGP acked it.
+                entry["announcement"] = (
+                    "pending" if acked.get(str(s.prefix)) == "pending"
+                    else intent.get(s.prefix, "withdrawn")
+                )
                 if self.damper is not None:
                     entry["damping"] = self.damper.status(s.prefix, now)
             services.append(entry)
@@ -263,17 +265,6 @@ class Node:
             "bgp": bgp_status,
         }
 
-    def _announcement(self, prefix: Prefix, bgp_status: Mapping[str, Any], now: float) -> str:
-        """What routers are told of ``prefix``: the policy's intent
-        (announced | withdrawn | draining | damped), or ``pending`` while
-        ExaBGP has not acknowledged it yet."""
-        assert self.config.bgp is not None and self.damper is not None
-        intent = announcement_state(self.view(), self.config.bgp, self.damper.suppressed(now))
-        state = intent.get(prefix, "withdrawn")
-        if bgp_status.get("routes", {}).get(str(prefix)) == "pending":
-            return "pending"
-        return state
-
     def metrics_exposition(self) -> bytes:
         return self.metrics.exposition()
 
@@ -282,12 +273,7 @@ class Node:
     async def _start_forwarders(self) -> None:
         for s in self.config.services:
             host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
-            pool = self.pools[s.name]
-            forwarder: Forwarder = (
-                TcpForwarder(s, pool, bind_host=host, bind_port=port)
-                if s.protocol is Protocol.TCP
-                else UdpForwarder(s, pool, bind_host=host, bind_port=port)
-            )
+            forwarder = forwarder_for(s, self.pools[s.name], bind_host=host, bind_port=port)
             self.service_addresses[s.name] = await forwarder.start()
             self.forwarders[s.name] = forwarder
             log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
