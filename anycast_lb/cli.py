@@ -28,6 +28,7 @@ import click
 from anycast_lb import __version__, log
 from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.errors import AnycastLBError, ConfigError
+from anycast_lb.lab.cli import lab
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -204,12 +205,4 @@ def schema() -> None:
     click.echo(json_schema(), nl=False)
 
 
-def _mount_lab() -> None:
-    try:
-        from anycast_lb.lab.cli import lab
-    except ImportError:  # the lab package is optional at import time
-        return
-    main.add_command(lab)
-
-
-_mount_lab()
+main.add_command(lab)
