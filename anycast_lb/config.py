@@ -337,10 +337,34 @@ class BgpConfig(_Model):
         return self
 
 
+class Engine(str, Enum):
+    RELAY = "relay"
+    ASYNCIO = "asyncio"
+
+
+class ForwardingConfig(_Model):
+    """How TCP bytes are moved (UDP always runs on the event loop)."""
+
+    engine: Engine = Engine.RELAY
+    """``relay``: a dedicated non-blocking epoll loop in its own thread, with
+    zero-copy ``os.splice`` (Linux). ``asyncio``: asyncio Protocols on the
+    node's event loop (portable; used automatically where epoll is missing)."""
+    splice: bool = True
+    """relay only: move bytes with ``os.splice`` through a pipe where the
+    platform has it; else ``recv_into``/``send`` through a user buffer."""
+    buffer_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 65536
+    """Bytes moved per read, and the pipe size (splice) or user buffer size
+    per direction in flight: at most this much is held per direction."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """relay only: processes accepting on the same listeners with
+    SO_REUSEPORT, to use more than one core."""
+
+
 class NodeConfig(_Model):
     node: NodeSection = Field(default_factory=NodeSection)
     api: ApiConfig = Field(default_factory=ApiConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
+    forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
     services: list[ServiceConfig] = Field(min_length=1)
     bgp: BgpConfig | None = None
 
