@@ -14,6 +14,7 @@ Shape of the YAML file (``docs/config.md`` has every field, and
         backends: [{address: 203.0.113.130, port: 8080, weight: 1}]
         health: {kind: http, path: /healthz}
     bgp: {...}            # optional; without it the node is a plain L4 LB
+    cluster: {...}        # optional; flow survival over a node LAN
 
 Every model is frozen and forbids unknown keys. Durations are seconds
 (floats) unless a field says otherwise. ``load_config`` raises
@@ -360,6 +361,98 @@ class ForwardingConfig(_Model):
     SO_REUSEPORT, to use more than one core."""
 
 
+_IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip
+_NFT_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
+MAX_CLUSTER_PEERS = 63
+"""Peers one node can steer to: each takes an fwmark and a routing table."""
+
+
+def _peer(value: Any) -> Any:
+    """Accept ``"203.0.113.2"`` or ``"203.0.113.2:7946"`` as well as a mapping."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.count(":") == 1:
+            host, _, port = text.partition(":")
+            return {"address": host, "port": port}
+        return {"address": text}
+    return value
+
+
+class ClusterPeer(_Model):
+    address: ipaddress.IPv4Address
+    """The peer's node LAN address."""
+    port: Port | None = None
+    """Its sync port; ``cluster.port`` when unset."""
+
+
+class ClusterConfig(_Model):
+    """Flow survival: nodes share which flows they own over a node LAN and
+    steer packets of a peer's flows to it (docs/cluster.md, FLOW-SURVIVAL.md).
+
+    IPv4 only for now: the node LAN, the peers and the VIPs of TCP services.
+    """
+
+    flow_survival: bool = True
+    """Steer packets of flows owned by a live peer to it (needs root and
+    nftables). False: only heartbeats, for membership in /status."""
+    address: ipaddress.IPv4Address
+    """This node's address on the node LAN; the sync endpoint binds it."""
+    port: Port = 7946
+    """UDP port of the sync endpoint (heartbeats, deltas, snapshots)."""
+    interface: str = Field(pattern=_IFNAME_RE)
+    """The node LAN interface: steered packets leave and arrive on it."""
+    peers: list[Annotated[ClusterPeer, BeforeValidator(_peer)]] = Field(min_length=1)
+    """Every node of the cluster; an entry equal to this node's own
+    address:port is skipped, so all nodes may share one list."""
+    heartbeat_interval: Annotated[float, Field(gt=0, le=10)] = 0.1
+    """Seconds between heartbeats to each peer."""
+    peer_expiry: Annotated[float, Field(gt=0, le=60)] = 0.4
+    """Seconds without word from a peer before it counts as dead."""
+    snapshot_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Seconds between full snapshots of the owned flows to each peer."""
+    publish_delay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """Seconds new and closed flows are gathered before one delta goes out."""
+    apply_interval: Annotated[float, Field(gt=0, le=5)] = 0.05
+    """Seconds between batched updates of the steering map (one ``nft -f``)."""
+    dead_flow_timeout: Annotated[float, Field(ge=1, le=86400)] = 30.0
+    """Seconds a dead peer's last published flows stay marked, so their
+    packets get an immediate RST here instead of a second chance."""
+    max_datagram: Annotated[int, Field(ge=256, le=65000)] = 1400
+    """Largest sync datagram in bytes (keep it under the LAN MTU)."""
+    fwmark_base: Annotated[int, Field(ge=1, le=0xFFFFFFFF - MAX_CLUSTER_PEERS)] = 0x1B0000
+    """Packets for peer i (its index in the sorted peer list) get fwmark base + i."""
+    route_table_base: Annotated[int, Field(ge=1, le=0xFFFFFFF0 - MAX_CLUSTER_PEERS)] = 4200
+    """Routing table base + i routes peer i's packets to it."""
+    rule_priority: Annotated[int, Field(ge=1, le=32000)] = 100
+    """Policy rule priority of the first fwmark rule; the ``lookup local``
+    rule moves from 0 to rule_priority + 64, below the fwmark rules."""
+    nft_table: str = Field(default="anycast_lb", pattern=_NFT_NAME_RE)
+    """Name of the ``ip`` nftables table the node owns (created and deleted whole)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterConfig:
+        if self.peer_expiry <= self.heartbeat_interval:
+            raise ValueError("peer_expiry must exceed heartbeat_interval")
+        seen: set[tuple[str, int]] = set()
+        for peer in self.peers:
+            endpoint = (str(peer.address), peer.port or self.port)
+            if endpoint in seen:
+                raise ValueError(f"duplicate peer {endpoint[0]}:{endpoint[1]}")
+            seen.add(endpoint)
+        if len(self.remote_peers) > MAX_CLUSTER_PEERS:
+            raise ValueError(f"at most {MAX_CLUSTER_PEERS} peers besides this node")
+        return self
+
+    @property
+    def remote_peers(self) -> list[tuple[ipaddress.IPv4Address, int]]:
+        """The other nodes as (LAN address, sync port), sorted: the index
+        in this list picks the fwmark and routing table of each peer."""
+        own = (self.address, self.port)
+        return sorted(
+            {(p.address, p.port or self.port) for p in self.peers} - {own}
+        )
+
+
 class NodeConfig(_Model):
     node: NodeSection = Field(default_factory=NodeSection)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -367,6 +460,8 @@ class NodeConfig(_Model):
     forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
     services: list[ServiceConfig] = Field(min_length=1)
     bgp: BgpConfig | None = None
+    cluster: ClusterConfig | None = None
+    """Optional: flow survival across drains and ECMP changes (docs/cluster.md)."""
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
@@ -391,6 +486,13 @@ class NodeConfig(_Model):
                     problems.append(
                         f"VIP {service.vip} (service {service.name!r}) cannot be announced over "
                         f"IPv{family} sessions from bgp.local_address {self.bgp.local_address}"
+                    )
+        if self.cluster is not None and self.cluster.flow_survival:
+            for service in self.services:
+                if service.protocol is Protocol.TCP and service.vip.version != 4:
+                    problems.append(
+                        f"VIP {service.vip} (service {service.name!r}): flow survival "
+                        "supports IPv4 VIPs only for now (set cluster.flow_survival: false)"
                     )
         if problems:
             raise ValueError("; ".join(problems))

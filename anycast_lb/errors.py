@@ -9,6 +9,8 @@
     |   +-- NoHealthyBackend   the pool has no backend in state up
     +-- AnnouncerError         the ExaBGP side cannot be driven
     |   +-- UnsafeAttribute    a BGP attribute would inject an API command
+    +-- ClusterError           the flow-survival cluster cannot run its part
+    |   +-- ClusterWireError   a sync datagram is malformed
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -56,6 +58,14 @@ class AnnouncerError(AnycastLBError):
 
 class UnsafeAttribute(AnnouncerError):
     """A BGP attribute string holds a character that would break an API line."""
+
+
+class ClusterError(AnycastLBError):
+    """The cluster cannot run its part (sync bind, nftables, policy routing)."""
+
+
+class ClusterWireError(ClusterError):
+    """A sync datagram is malformed (dropped and counted, never fatal)."""
 
 
 class LabError(AnycastLBError):
