@@ -1,8 +1,12 @@
 """The data path: one forwarder per service, from its VIP:port to its pool.
 
-- ``tcp.TcpForwarder``: a terminating proxy (asyncio Protocols), with
-  connect retry over the pool's candidates, half-close, backpressure,
-  idle timeout and an optional PROXY protocol v2 header.
+- ``relay.RelayForwarder``: the TCP terminating proxy of the ``relay``
+  engine (the default on Linux): a dedicated epoll loop in its own thread
+  (``relay.RelayLoop``, one per node) moving bytes with ``os.splice``.
+- ``tcp.TcpForwarder``: the same proxy on asyncio Protocols (the
+  ``asyncio`` engine, portable). Both have connect retry over the pool's
+  candidates, redispatch, half-close, backpressure, idle timeout and an
+  optional PROXY protocol v2 header.
 - ``udp.UdpForwarder``: a flow table keyed by the client's address, with
   idle expiry and an LRU bound.
 - ``proxy_protocol``: the pure PROXY v2 header builder and parser.
@@ -13,15 +17,28 @@ the one a service needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from anycast_lb.config import Protocol as Transport
 from anycast_lb.config import ServiceConfig
-from anycast_lb.forward.tcp import TcpForwarder
-from anycast_lb.forward.udp import UdpForwarder
-from anycast_lb.pool import Pool
 
-__all__ = ["Forwarder", "TcpForwarder", "UdpForwarder", "forwarder_for"]
+FlowKey = tuple[str, int, str, int]
+"""A TCP flow as its owner publishes it: (client address, client port, VIP,
+VIP port), addresses as text."""
+FlowHook = Callable[[bool, FlowKey], None]
+"""Called with (True, key) when a client connection is accepted and
+(False, key) when it closes; the relay engine calls it on its own thread."""
+
+from anycast_lb.forward.relay import RelayForwarder, RelayLoop  # noqa: E402
+from anycast_lb.forward.tcp import TcpForwarder  # noqa: E402
+from anycast_lb.forward.udp import UdpForwarder  # noqa: E402
+from anycast_lb.pool import Pool  # noqa: E402
+
+__all__ = [
+    "FlowHook", "FlowKey", "Forwarder", "RelayForwarder", "RelayLoop", "TcpForwarder",
+    "UdpForwarder", "forwarder_for",
+]
 
 
 class Forwarder(Protocol):
@@ -59,8 +76,22 @@ def forwarder_for(
     pool: Pool,
     bind_host: str | None = None,
     bind_port: int | None = None,
+    *,
+    relay: RelayLoop | None = None,
+    wildcard: bool = False,
+    on_flow: FlowHook | None = None,
 ) -> Forwarder:
-    """The forwarder for ``service.protocol`` (not started)."""
+    """The forwarder for ``service.protocol`` (not started).
+
+    TCP services run on ``relay`` when given (the relay engine), else on
+    the asyncio engine. ``wildcard`` and ``on_flow`` (flow survival) need
+    the relay engine; ValueError otherwise.
+    """
     if service.protocol is Transport.UDP:
         return UdpForwarder(service, pool, bind_host, bind_port)
+    if relay is not None:
+        return RelayForwarder(service, pool, relay, bind_host, bind_port,
+                              wildcard=wildcard, on_flow=on_flow)
+    if wildcard or on_flow is not None:
+        raise ValueError("wildcard listeners and flow hooks need the relay engine")
     return TcpForwarder(service, pool, bind_host, bind_port)
