@@ -26,8 +26,16 @@ from anycast_lb.lab.topology import Node, Topology
 ROUTER_SYSCTLS: dict[str, str | int] = {
     # LAB-NOTES trap 7: forward, hash on L4 (else every flow goes to one
     # node), no reverse-path filter, and skip next hops whose link is down.
+    # Policy 3 with the 5-tuple fields (src/dst address, protocol, src/dst
+    # port = 0x37), not policy 1: policy 1 reuses a hash the packet already
+    # carries, and over veth that is the client socket's own txhash, which
+    # Linux re-rolls at every TCP retransmission timeout (net.core.txrehash).
+    # Each retransmission of a flow then took a random node, as no router
+    # hashing headers would (measured: the silent victim's clients got RSTs
+    # from lb2/lb3 ~440 ms after the death, 2.3 s before the FIB changed).
     "net.ipv4.ip_forward": 1,
-    "net.ipv4.fib_multipath_hash_policy": 1,
+    "net.ipv4.fib_multipath_hash_policy": 3,
+    "net.ipv4.fib_multipath_hash_fields": "0x37",
     "net.ipv4.conf.all.rp_filter": 0,
     "net.ipv4.conf.default.rp_filter": 0,
     "net.ipv4.conf.all.ignore_routes_with_linkdown": 1,
@@ -38,6 +46,13 @@ NODE_SYSCTLS: dict[str, str | int] = {
     "net.ipv4.conf.default.rp_filter": 0,
     "net.ipv4.ip_local_port_range": "10000 65000",
     "net.ipv4.tcp_tw_reuse": 1,
+}
+FLOW_SURVIVAL_SYSCTLS: dict[str, str | int] = {
+    # FLOW-SURVIVAL.md: a node forwards packets it steers to the flow's owner
+    # (fwmark routes via the owner's LAN address), and the owner must accept
+    # them although their source (the client) is not reached over the LAN:
+    # rp_filter 0 on the LAN interface (trap 2; "all" is 0 above as well).
+    "net.ipv4.ip_forward": 1,
 }
 CLIENT_SYSCTLS: dict[str, str | int] = {
     "net.ipv4.ip_local_port_range": "10000 65000",
@@ -71,7 +86,8 @@ def load() -> Lab:
         raise LabError("no lab is up (no state file at "
                        f"{state.STATE_FILE}); start one with `anycast-lb lab up`")
     t = st.topology
-    topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")))
+    topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")),
+                  bool(t.get("flow_survival")))
     return Lab(topo, st, state.RUN_DIR, str(t.get("mode", "node")))
 
 
@@ -98,6 +114,9 @@ def _link(lab: Lab) -> None:
         netns.veth(node.ns, node.lan_if, topo.lan_ns, node.bridge_port)
         netns.run(["ip", "link", "set", node.bridge_port, "master", "br0"], ns=topo.lan_ns)
         netns.addr(node.ns, node.lan_if, f"{node.lan_address}/{topo.lan_prefixlen}")
+        if topo.flow_survival:
+            netns.sysctls(node.ns, {**FLOW_SURVIVAL_SYSCTLS,
+                                    f"net.ipv4.conf.{node.lan_if}.rp_filter": 0})
     for be in topo.backends:
         netns.veth(be.ns, be.lan_if, topo.lan_ns, be.bridge_port)
         netns.run(["ip", "link", "set", be.bridge_port, "master", "br0"], ns=topo.lan_ns)
@@ -145,23 +164,28 @@ def start_node(lab: Lab, node: Node) -> None:
 
 
 def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "node",
-       timeout: float = 30.0) -> Lab:
+       timeout: float = 30.0, flow_survival: bool = False) -> Lab:
     """Build the lab and wait until the router has one next hop per node.
 
     Raises LabError (UnsafeLab for safety refusals); on failure the caller
     should run :func:`down` (the CLI does)."""
     if mode not in MODES:
         raise LabError(f"mode must be one of {', '.join(MODES)}")
+    if flow_survival and mode != "node":
+        raise LabError("flow survival needs the real node (--mode node)")
     netns.require_root()
     if state.load() is not None or netns.lab_namespaces():
         raise LabError("a lab is already up (or left over): run `anycast-lb lab down` first")
     netns.check_root_namespace()
-    topo = T.plan(n_nodes, n_backends, bfd)
+    topo = T.plan(n_nodes, n_backends, bfd, flow_survival)
+    if flow_survival:
+        nodes.check_cluster_support(topo)  # before anything is built
     run_dir = state.RUN_DIR
     if run_dir.exists():
         shutil.rmtree(run_dir)
     st = LabState(topology={"nodes": n_nodes, "backends": n_backends, "bfd": bfd,
-                            "mode": mode, "vip": str(topo.vip)})
+                            "mode": mode, "vip": str(topo.vip),
+                            "flow_survival": flow_survival})
     st.save()
     lab = Lab(topo, st, run_dir, mode)
     for name in topo.namespaces:
@@ -178,6 +202,42 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
                        f"backend server in {be.ns}")
     wait_complete(lab, timeout)
     return lab
+
+
+def node_running(lab: Lab, node: Node) -> bool:
+    """True while the node's ``anycast-lb`` process (as recorded) is alive."""
+    proc = lab.state.find("anycast-lb", node.name)
+    return proc is not None and proc.same_process() and netns.pid_alive(proc.pid)
+
+
+def stop_node(lab: Lab, node: Node, grace: float = 3.0, timeout: float = 10.0) -> None:
+    """Stop a node (SIGTERM: drain, withdraw, exit; SIGKILL after ``grace``
+    s, since a node holding connections waits up to ``drain.timeout``) and
+    wait until it and its ExaBGP are gone and the router's FIB no longer has
+    it. Raises LabError at the deadline (``timeout`` s)."""
+    proc = lab.state.find("anycast-lb", node.name)
+    if proc is None or not proc.same_process() or not netns.pid_alive(proc.pid):
+        return
+    # Its ExaBGP (and anything else it started), not bfdd, which stays.
+    keep = {proc.pid} | _bfdd_pids(lab, node)
+    kids = [(pid, netns.proc_start(pid)) for pid in netns.pids_in(node.ns) if pid not in keep]
+    deadline = time.monotonic() + timeout
+    left = netns.terminate_all([(proc.pid, proc.start)], grace=grace)
+    if left:
+        raise LabError(f"{node.name}'s anycast-lb (pid {proc.pid}) did not stop")
+    lab.state.processes.remove(proc)
+    lab.state.save()
+    netns.wait_for(lambda: not any(netns.proc_start(p) == s and netns.pid_alive(p)
+                                   for p, s in kids),
+                   max(0.5, deadline - time.monotonic()), f"{node.name}'s ExaBGP to exit")
+    with lab.fib() as fib:
+        fib.wait(lab.vip_prefix(), lambda hops: str(node.address) not in hops,
+                 max(0.5, deadline - time.monotonic()))
+
+
+def _bfdd_pids(lab: Lab, node: Node) -> set[int]:
+    proc = lab.state.find("bfdd", node.name)
+    return {proc.pid} if proc is not None else set()
 
 
 def all_hops(lab: Lab) -> list[str]:

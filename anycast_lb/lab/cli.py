@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from anycast_lb.errors import AnycastLBError, LabError
-from anycast_lb.lab import builder, frr, netns, nodes, scenarios, state
+from anycast_lb.lab import builder, flow_scenarios, frr, netns, nodes, scenarios, state
 from anycast_lb.lab import topology as T
 
 
@@ -49,19 +49,22 @@ def lab() -> None:
 @click.option("--bfd", is_flag=True, help="Run FRR bfdd beside ExaBGP (100 ms x 3).")
 @click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True,
               help="node: real `anycast-lb run`; static: plain ExaBGP + a relay.")
-def up(n_nodes: int, n_backends: int, bfd: bool, mode: str) -> None:
+@click.option("--flow-survival", is_flag=True,
+              help="Nodes share their flows over the node LAN and steer packets to the "
+                   "owner (a cluster: section in each node config).")
+def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool) -> None:
     """Build the lab and wait until the router has one ECMP path per node."""
     _need_root()
     started = time.monotonic()
     with _errors():
         try:
-            lab_ = builder.up(n_nodes, n_backends, bfd, mode)
+            lab_ = builder.up(n_nodes, n_backends, bfd, mode, flow_survival=flow_survival)
         except (AnycastLBError, KeyboardInterrupt):
             builder.down()
             raise
     click.echo(f"lab up in {time.monotonic() - started:.1f} s: VIP {lab_.topo.vip} via "
                f"{n_nodes} node(s), {n_backends} backend(s), mode {mode}"
-               + (", BFD" if bfd else ""))
+               + (", BFD" if bfd else "") + (", flow survival" if flow_survival else ""))
     click.echo(f"try: ip netns exec {lab_.topo.client_ns} curl http://{lab_.topo.vip}:"
                f"{T.WEB_PORT}/   |   anycast-lb lab status")
 
@@ -105,6 +108,7 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
     return {
         "mode": lab_.mode,
         "bfd": topo.bfd,
+        "flow_survival": topo.flow_survival,
         "vip": str(topo.vip),
         "namespaces": st.namespaces,
         "client": {"namespace": topo.client_ns, "address": str(topo.client_address)},
@@ -128,7 +132,8 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"VIP {data['vip']}  mode {data['mode']}  bfd {data['bfd']}")
+    click.echo(f"VIP {data['vip']}  mode {data['mode']}  bfd {data['bfd']}  "
+               f"flow survival {data['flow_survival']}")
     click.echo(f"router ({data['router']['namespace']}) next hops for the VIP: "
                f"{', '.join(data['router']['vip_nexthop_nodes']) or 'none'}")
     for n in data["nodes"]:
@@ -140,28 +145,51 @@ def status(as_json: bool) -> None:
         click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
 
 
-def _print_table(rows: list[list[str]]) -> None:
-    table = [scenarios.SUMMARY_HEADER] + rows
+ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS]
+
+
+def _run_any(lab_: builder.Lab, name: str, out_dir: Path, victim: str = "lb1",
+             rate: float | None = None) -> dict[str, Any]:
+    if name in flow_scenarios.FLOW_SCENARIOS:
+        return flow_scenarios.run_flow_scenario(lab_, name, out_dir, victim)
+    return scenarios.run_scenario(lab_, name, out_dir, victim, rate)
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    """One table for failover scenarios, one for flow scenarios."""
+    failover = [scenarios.summary_row(r) for r in results if "flows_total" not in r]
+    flows = [flow_scenarios.summary_row(r) for r in results if "flows_total" in r]
+    if failover:
+        _print_table(failover, scenarios.SUMMARY_HEADER)
+    if flows:
+        if failover:
+            click.echo("")
+        _print_table(flows, flow_scenarios.SUMMARY_HEADER)
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    table = [header] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @lab.command("run")
-@click.argument("scenario", type=click.Choice(list(scenarios.SCENARIOS)))
+@click.argument("scenario", type=click.Choice(ALL_SCENARIOS))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output directory (default lab-results/SCENARIO).")
 @click.option("--node", "victim", default="lb1", show_default=True,
               help="Node the fault hits.")
 @click.option("--rate", type=click.FloatRange(1, 2000), default=None,
-              help="New connections per second (default 300; ecmp 400).")
+              help="New connections per second (default 300; ecmp 400; not for flows-*).")
 def run_cmd(scenario: str, out_dir: Path | None, victim: str, rate: float | None) -> None:
-    """Run SCENARIO under a paced client stream; write result.json and timeline.png."""
+    """Run SCENARIO under a paced client stream (flows-*: 300 long-lived
+    flows); write result.json and timeline.png."""
     _need_root()
     out_dir = out_dir or Path("lab-results") / scenario
     with _errors():
-        result = scenarios.run_scenario(builder.load(), scenario, out_dir, victim, rate)
-    _print_table([scenarios.summary_row(result)])
+        result = _run_any(builder.load(), scenario, out_dir, victim, rate)
+    _print_results([result])
     click.echo(f"wrote {out_dir / 'result.json'} and {out_dir / 'timeline.png'}")
     if not result["pass"]:
         failed = [k for k, v in result["checks"].items() if not v]
@@ -187,27 +215,32 @@ def down() -> None:
 @click.option("--bfd", is_flag=True)
 @click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True)
 @click.option("--scenario", "only", multiple=True,
-              type=click.Choice(list(scenarios.SCENARIOS)), help="Run only these (repeatable).")
-def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...]) -> None:
-    """Up, run every scenario, print figures vs targets, down."""
+              type=click.Choice(ALL_SCENARIOS), help="Run only these (repeatable).")
+@click.option("--flow-survival/--no-flow-survival", default=False, show_default=True,
+              help="Bring the lab up with flow survival (cluster: section on every node).")
+def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
+         flow_survival: bool) -> None:
+    """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
     _need_root()
-    rows: list[list[str]] = []
     all_results = []
     with _errors():
         started = time.monotonic()
         try:
-            lab_ = builder.up(3, 3, bfd, mode)
-            click.echo(f"lab up in {time.monotonic() - started:.1f} s")
-            for name, sc in scenarios.SCENARIOS.items():
-                if (only and name not in only) or (sc.needs_node and mode == "static"):
+            lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival)
+            click.echo(f"lab up in {time.monotonic() - started:.1f} s"
+                       + (" (flow survival)" if flow_survival else ""))
+            descriptions = {**{n: (s.description, s.needs_node)
+                               for n, s in scenarios.SCENARIOS.items()},
+                            **{n: (s.description, True)
+                               for n, s in flow_scenarios.FLOW_SCENARIOS.items()}}
+            for name, (description, needs_node) in descriptions.items():
+                if (only and name not in only) or (needs_node and mode == "static"):
                     continue
-                click.echo(f"running {name}: {sc.description}")
-                result = scenarios.run_scenario(lab_, name, out_dir / name)
-                all_results.append(result)
-                rows.append(scenarios.summary_row(result))
+                click.echo(f"running {name}: {description}")
+                all_results.append(_run_any(lab_, name, out_dir / name))
         finally:
             builder.down()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    _print_table(rows)
+    _print_results(all_results)
     click.echo(f"results and plots under {out_dir}/")

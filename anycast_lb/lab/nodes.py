@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from anycast_lb.config import parse_config, parse_host_port
-from anycast_lb.errors import LabError
+from anycast_lb.errors import ConfigError, LabError
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.netns import entered
 from anycast_lb.lab.topology import Node, Topology
@@ -54,6 +54,10 @@ class HealthSettings:
 HEALTH = HealthSettings()
 DRAIN_GRACE_S = 1.0
 DRAIN_TIMEOUT_S = 5.0
+HEARTBEAT_INTERVAL_S = 0.1
+PEER_EXPIRY_S = 0.4
+"""Flow survival (FLOW-SURVIVAL.md, numbers for sizing): peer heartbeats
+every 100 ms, a peer silent for 300-500 ms is dead."""
 
 
 def node_dir(run_dir: Path, node: Node) -> Path:
@@ -69,7 +73,7 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
     def backends(port: int) -> list[dict[str, Any]]:
         return [{"address": str(b.address), "port": port} for b in topo.backends]
 
-    return {
+    config: dict[str, Any] = {
         "node": {"name": node.name},
         "api": {"listen": T.API_LISTEN, "admin_token_file": str(token_file)},
         "drain": {"timeout": DRAIN_TIMEOUT_S, "announce_grace": DRAIN_GRACE_S},
@@ -95,6 +99,34 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
             "exabgp": str(Path(sys.executable).with_name("exabgp")),
         },
     }
+    if topo.flow_survival:
+        config["cluster"] = cluster_section(topo, node)
+    return config
+
+
+def cluster_section(topo: Topology, node: Node) -> dict[str, Any]:
+    """The node's ``cluster:`` section (flow survival over the node LAN):
+    every node's backend-LAN address is in ``peers`` (the node skips its own)."""
+    return {
+        "flow_survival": True,
+        "address": str(node.lan_address),
+        "interface": node.lan_if,
+        "peers": [str(n.lan_address) for n in topo.nodes],
+        "heartbeat_interval": HEARTBEAT_INTERVAL_S,
+        "peer_expiry": PEER_EXPIRY_S,
+    }
+
+
+def check_cluster_support(topo: Topology) -> None:
+    """Raise LabError when this build's node config has no ``cluster:``
+    section (flow survival), naming what the config rejected."""
+    node = topo.nodes[0]
+    try:
+        parse_config(node_config(topo, node, Path("/nonexistent/admin-token")),
+                     f"lab config of {node.name}")
+    except ConfigError as exc:
+        raise LabError(f"flow survival: this build's node config rejects the lab's "
+                       f"cluster section: {exc}") from exc
 
 
 def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:

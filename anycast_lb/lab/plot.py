@@ -1,4 +1,5 @@
-"""PNG timeline of a scenario: new connections per 10 ms window, event marked.
+"""PNG timelines: new connections per 10 ms window (failover scenarios) and
+long-lived flows alive and broken (flow scenarios), the event marked.
 
 matplotlib with the Agg backend (no display needed); imported lazily so the
 rest of the lab works without it.
@@ -49,6 +50,85 @@ def timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any]) -> Non
     ax.set_xlabel("ms from event" if result.get("event_at") is not None else "ms from start")
     ax.set_ylabel("connections per 10 ms window")
     ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def flows_timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any],
+                   node_of_peer: dict[str, str]) -> None:
+    """Write the plot of a long-lived flow run to ``path``: established flows
+    alive per owner node over time (top) and flows broken per 20 ms window
+    by kind, the victim's own vs collateral (bottom); x axis: ms from the
+    event, with the event and the FIB changes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    event_s = float(result["event_at"])
+    flows = [f for f in traffic["flows"] if f["open_s"] is not None]
+    owners = sorted({node_of_peer.get(f["peer"], f["peer"]) for f in flows})
+    end_s = max([f["failed_s"] or 0.0 for f in flows]
+                + [f["last_ok_s"] or 0.0 for f in flows] + [event_s])
+    start_s = min([f["open_s"] for f in flows] + [event_s])
+    step = 0.01
+    grid = [start_s + i * step for i in range(int((end_s - start_s) / step) + 2)]
+    x_ms = [(t - event_s) * 1000 for t in grid]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), dpi=100, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    for owner in owners:
+        mine = [f for f in flows if node_of_peer.get(f["peer"], f["peer"]) == owner]
+        alive = [sum(1 for f in mine if f["open_s"] <= t
+                     and (f["failed_s"] is None or f["failed_s"] > t)) for t in grid]
+        style = "-" if owner != result["victim"] else "--"
+        top.plot(x_ms, alive, style, label=f"{owner} flows alive"
+                 + (" (victim)" if owner == result["victim"] else ""))
+    top.set_ylabel("established flows alive")
+    width_s = 0.02
+    kinds = sorted({f["kind"] for f in flows if f["failed_s"] is not None})
+    colours = {"reset": "#e03131", "eof": "#f08c00", "hang": "#862e9c", "bad-echo": "#495057"}
+    bins: dict[tuple[str, bool], dict[int, int]] = {}
+    for f in flows:
+        if f["failed_s"] is None:
+            continue
+        key = (f["kind"], node_of_peer.get(f["peer"], f["peer"]) == result["victim"])
+        cell = bins.setdefault(key, {})
+        i = int((f["failed_s"] - event_s) // width_s)
+        cell[i] = cell.get(i, 0) + 1
+    bottom_sum: dict[int, int] = {}
+    for kind in kinds:
+        for own in (True, False):
+            counts = bins.get((kind, own))
+            if not counts:
+                continue
+            idx = sorted(counts)
+            base = [bottom_sum.get(i, 0) for i in idx]
+            bottom.bar([i * width_s * 1000 for i in idx], [counts[i] for i in idx],
+                       width=width_s * 1000, align="edge", bottom=base,
+                       color=colours.get(kind, "#868e96"), alpha=1.0 if own else 0.45,
+                       label=f"{kind}, {'victim' if own else 'collateral'}")
+            for i in idx:
+                bottom_sum[i] = bottom_sum.get(i, 0) + counts[i]
+    bottom.set_ylabel("flows broken per 20 ms")
+    bottom.set_xlabel("ms from event")
+    for ax in (top, bottom):
+        ax.axvline(0, color="black", linestyle="--", label="event" if ax is top else None)
+        for change in result.get("fib_changes", []):
+            if change["ms"] is not None and change["ms"] > 0:
+                ax.axvline(change["ms"], color="#1971c2", linestyle=":", linewidth=1)
+    top.plot([], [], color="#1971c2", linestyle=":", label="FIB change")
+    fs = "flow survival" if result.get("flow_survival") else "plain anycast"
+    title = (f"{result['scenario']} ({fs}): broken {result['established_broken']}"
+             f"/{result['established_total']} (victim {result['victim_broken']}, "
+             f"collateral {result['collateral_broken']})")
+    reset = result.get("dead_owner_reset_ms")
+    if reset and reset.get("max") is not None:
+        title += f", dead owner's RST median {reset['median']:.0f} / max {reset['max']:.0f} ms"
+    top.set_title(title + f" - {'PASS' if result.get('pass') else 'FAIL'}", fontsize=10)
+    top.legend(loc="lower left", fontsize=8)
+    if kinds:
+        bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -187,7 +187,9 @@ def _cont_node(run: Run) -> None:
     os.kill(run.extras["node_pid"], signal.SIGCONT)
 
 
-def _restart_node(run: Run) -> None:
+def restart_node(run: Run) -> None:
+    """Start the victim's node again after a kill (an orphaned ExaBGP is
+    stopped first, recorded in ``orphaned_exabgp_alive``)."""
     old = run.extras.get("exabgp_pid")
     if old and netns.pid_alive(old):
         # The node's ExaBGP outlived its parent: record it, then stop it so
@@ -287,7 +289,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              lambda lab: Target(zero_new_failures=True, text="0 failed new connections"),
              post_s=lambda lab: nodes.DRAIN_GRACE_S + 2.5),
     Scenario("node-kill", "SIGKILL of the victim's anycast-lb process only",
-             _signal_node(signal.SIGKILL), _restart_node, True,
+             _signal_node(signal.SIGKILL), restart_node, True,
              lambda lab: Target(fib_converged_ms=300, text="FIB converged <= 300 ms"),
              prepare=_find_pids),
     Scenario("node-hang", "SIGSTOP of the victim's anycast-lb process (ExaBGP keeps running)",

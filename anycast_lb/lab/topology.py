@@ -13,7 +13,9 @@
 - VIP 198.51.100.10/32 on ``lo`` of every node namespace (LAB-NOTES: no dummy
   interfaces here).
 - Backend LAN 198.51.100.128/25 on a bridge in ``alb-lan``: node i at
-  198.51.100.(128+i), backend j at 198.51.100.(192+j).
+  198.51.100.(128+i), backend j at 198.51.100.(192+j). It is also the node
+  LAN: with flow survival, nodes heartbeat, publish their flows and steer
+  packets to each other there, so steered traffic never crosses the router.
 - Router AS 65000; every node AS 65100 with the same MED (LAB-NOTES trap 8).
 
 Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
@@ -91,6 +93,9 @@ class Topology:
     nodes: tuple[Node, ...]
     backends: tuple[Backend, ...]
     bfd: bool = False
+    flow_survival: bool = False
+    """Nodes get a ``cluster:`` section: they share which flows they own over
+    the backend LAN (the node LAN) and steer misdirected packets to the owner."""
     client_ns: str = NS_PREFIX + "client"
     router_ns: str = NS_PREFIX + "router"
     lan_ns: str = NS_PREFIX + "lan"
@@ -125,7 +130,8 @@ class Topology:
         return {str(n.address): n.name for n in self.nodes}
 
 
-def plan(nodes: int = 3, backends: int = 3, bfd: bool = False) -> Topology:
+def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
+         flow_survival: bool = False) -> Topology:
     """The address plan for ``nodes`` nodes and ``backends`` backends.
 
     Raises ValueError outside 1..MAX_NODES / 1..MAX_BACKENDS.
@@ -162,7 +168,8 @@ def plan(nodes: int = 3, backends: int = 3, bfd: bool = False) -> Topology:
         )
         for j in range(1, backends + 1)
     )
-    return Topology(nodes=node_list, backends=backend_list, bfd=bfd)
+    return Topology(nodes=node_list, backends=backend_list, bfd=bfd,
+                    flow_survival=flow_survival)
 
 
 def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:

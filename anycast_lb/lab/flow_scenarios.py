@@ -1,0 +1,327 @@
+"""Flow scenarios: long-lived flows through one routing event, counted.
+
+Where the failover scenarios (:mod:`anycast_lb.lab.scenarios`) measure new
+connections, these measure *established* ones: the flow client
+(:mod:`anycast_lb.lab.flows`) keeps 300 flows open, each echoing a line
+every 100 ms, while one event hits the victim (``lb1`` unless told):
+
+=====================  =====================================================
+``flows-drain``        ``POST /drain``: GRACEFUL_SHUTDOWN, then withdraw;
+                       the victim keeps serving its flows
+``flows-join``         the victim's node is stopped before the flows open,
+                       then started: it joins the ECMP set, flows reshuffle
+``flows-churn-join``   the same join while flows keep opening (100 per s,
+                       from 0.5 s before the start until 1 s after the FIB
+                       holds the victim again, and at least 300)
+``flows-node-kill``    SIGKILL of the victim's anycast-lb (ExaBGP goes too)
+``flows-node-silent``  the victim goes silent on every link at once (nft
+                       drops everything but loopback in its namespace); the
+                       router notices by hold time, or by BFD with ``--bfd``
+=====================  =====================================================
+
+The run: wait for a complete FIB, prepare (join: stop the victim), start the
+flow client and the FIB poller, wait ``PRE_S``, inject, wait until the FIB
+holds the expected next hops, observe ``OBSERVE_S`` more (at least
+``min_observe_s`` from the event), stop the client, undo the event and wait
+for a complete FIB again. Figures and verdict:
+:func:`anycast_lb.lab.flow_results.analyse`; the target depends on whether
+the lab runs with flow survival (``lab up --flow-survival``): with it, 0
+broken flows for drain and joins, and for a dead node 0 collateral and a
+RST within 1 s for its own clients; without it (plain anycast) the run only
+has to be valid (>= 300 flows established, the FIB changed), and its
+figures are the baseline. Writes ``result.json``, ``flows.json`` (the
+client's records) and ``timeline.png`` to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anycast_lb.errors import LabError
+from anycast_lb.lab import builder, flow_results, netns, nodes, scenarios
+from anycast_lb.lab import topology as T
+from anycast_lb.lab.builder import Lab
+from anycast_lb.lab.flow_results import FlowTarget
+from anycast_lb.lab.topology import Node
+
+FLOWS = 300
+PRE_S = 1.0
+"""Seconds the flows run before the event."""
+OBSERVE_S = 1.5
+"""Seconds watched after the FIB reached the expected next hops."""
+CHURN_RATE = 100.0
+"""Flows opened per second in ``flows-churn-join``."""
+CHURN_MAX = 600
+CHURN_LEAD_S = 0.5
+"""Seconds of opening before the join starts (churn)."""
+CHURN_AFTER_S = 1.0
+"""Seconds of opening after the FIB holds the joined node (churn); opening
+also goes on until ``FLOWS`` flows were due."""
+FIB_TIMEOUT_S = 15.0
+DEAD_OWNER_RESET_MS = 1000.0
+SILENT_TABLE = "alb_silent"
+
+
+@dataclass
+class FlowRun:
+    lab: Lab
+    victim: Node
+    extras: dict[str, Any] = field(default_factory=dict)
+    event: float = 0.0
+    """When injection began (monotonic s)."""
+
+
+def _nothing(run: FlowRun) -> None:
+    return None
+
+
+def _drain(run: FlowRun) -> None:
+    status, body = nodes.api_request(run.victim.ns, "POST", "/drain", token=T.ADMIN_TOKEN)
+    if status != 200:
+        raise LabError(f"POST /drain on {run.victim.name}: {status} {body}")
+
+
+def _undrain(run: FlowRun) -> None:
+    status, body = nodes.api_request(run.victim.ns, "POST", "/undrain", token=T.ADMIN_TOKEN)
+    if status != 200:
+        raise LabError(f"POST /undrain on {run.victim.name}: {status} {body}")
+
+
+def _stop_victim(run: FlowRun) -> None:
+    started = time.monotonic()
+    builder.stop_node(run.lab, run.victim)
+    run.extras["victim_stop_s"] = round(time.monotonic() - started, 2)
+
+
+def _start_victim(run: FlowRun) -> None:
+    builder.start_node(run.lab, run.victim)
+
+
+def _ensure_victim(run: FlowRun) -> None:
+    if not builder.node_running(run.lab, run.victim):
+        builder.start_node(run.lab, run.victim)
+
+
+def _kill_prepare(run: FlowRun) -> None:
+    run.extras["node_pid"] = scenarios.node_proc(run.lab, run.victim).pid
+    run.extras["exabgp_pid"] = scenarios.exabgp_pid(run.lab, run.victim)
+
+
+def _kill(run: FlowRun) -> None:
+    os.kill(run.extras["node_pid"], signal.SIGKILL)
+
+
+def _restart(run: FlowRun) -> None:
+    scenarios.restart_node(scenarios.Run(run.lab, run.victim, run.extras))
+
+
+def _silent(run: FlowRun) -> None:
+    # Before anything else sees the packet (flow steering sits at -300) and
+    # for what the node sends or forwards; loopback stays, so the node's own
+    # processes (ExaBGP's API, the HTTP API) keep talking to each other.
+    scenarios.nft(run.victim.ns, f"""
+table inet {SILENT_TABLE} {{
+  chain pre {{
+    type filter hook prerouting priority -400; policy accept;
+    iifname != "lo" drop
+  }}
+  chain out {{
+    type filter hook output priority -400; policy accept;
+    oifname != "lo" drop
+  }}
+}}
+""")
+
+
+def _unsilence(run: FlowRun) -> None:
+    netns.run(["nft", "delete", "table", "inet", SILENT_TABLE], ns=run.victim.ns, check=False)
+
+
+@dataclass(frozen=True)
+class FlowScenario:
+    name: str
+    description: str
+    inject: Callable[[FlowRun], None]
+    recover: Callable[[FlowRun], None]
+    victim_dies: bool = False
+    """The victim's flows cannot survive (node-kill, silent death)."""
+    joins: bool = False
+    """The event adds the victim to the ECMP set (else it leaves it)."""
+    churn: bool = False
+    prepare: Callable[[FlowRun], None] = _nothing
+    """Before the flows open (a join stops the victim here)."""
+    min_observe_s: Callable[[Lab], float] = lambda lab: 2.0
+    """Seconds after the event to watch at least."""
+
+
+def target(lab: Lab, sc: FlowScenario, n_flows: int) -> FlowTarget:
+    """The scenario's target in this lab: flow survival's, or plain anycast's
+    baseline (a valid run, figures only)."""
+    if not lab.topo.flow_survival:
+        return FlowTarget(min_established=n_flows,
+                          text=f"baseline (plain anycast): >= {n_flows} flows established, "
+                               "FIB changed; figures only")
+    if sc.victim_dies:
+        return FlowTarget(min_established=n_flows, zero_collateral=True,
+                          dead_owner_reset_ms=DEAD_OWNER_RESET_MS,
+                          text=f"0 collateral of >= {n_flows}; every dead-owner flow "
+                               f"reset <= {DEAD_OWNER_RESET_MS:.0f} ms, none hangs")
+    return FlowTarget(min_established=n_flows, max_broken=0,
+                      text=f"0 broken of >= {n_flows} established flows")
+
+
+FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
+    FlowScenario("flows-drain", "POST /drain on the victim under 300 long-lived flows",
+                 _drain, _undrain,
+                 min_observe_s=lambda lab: nodes.DRAIN_GRACE_S + OBSERVE_S),
+    FlowScenario("flows-join", "the victim's node starts (joins ECMP) under 300 long-lived "
+                 "flows", _start_victim, _ensure_victim, joins=True, prepare=_stop_victim),
+    FlowScenario("flows-churn-join", "the victim's node starts while flows keep opening "
+                 f"({CHURN_RATE:.0f}/s)", _start_victim, _ensure_victim, joins=True,
+                 churn=True, prepare=_stop_victim),
+    FlowScenario("flows-node-kill", "SIGKILL of the victim's anycast-lb under 300 "
+                 "long-lived flows", _kill, _restart, victim_dies=True, prepare=_kill_prepare),
+    FlowScenario("flows-node-silent", "the victim drops every packet on every link "
+                 "(silent death) under 300 long-lived flows", _silent, _unsilence,
+                 victim_dies=True),
+]}
+
+
+def _start_client(lab: Lab, out: Path, n_flows: int, churn: bool
+                  ) -> tuple[subprocess.Popen[str], float]:
+    argv = ["ip", "netns", "exec", lab.topo.client_ns, sys.executable, "-m",
+            "anycast_lb.lab.flows", "--ns", lab.topo.client_ns, "--vip", str(lab.topo.vip),
+            "--port", str(T.SERVICE_PORT), "--flows", str(n_flows), "--out", str(out),
+            "--max-duration", "120"]
+    if churn:
+        argv += ["--open-rate", str(CHURN_RATE)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20.0)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("started "):
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise LabError(f"flow client did not start: {line!r} {err.strip()[-500:]}")
+    return proc, float(line.split()[1])
+
+
+def _expected(lab: Lab, sc: FlowScenario, victim: Node) -> list[str]:
+    hops = builder.all_hops(lab)
+    return hops if sc.joins else [h for h in hops if h != str(victim.address)]
+
+
+def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
+                      n_flows: int = FLOWS) -> dict[str, Any]:
+    """Run one flow scenario; return its result (also written to out_dir).
+
+    Raises LabError for an unknown scenario, a lab in static mode, or a lab
+    that does not reach its expected state."""
+    if name not in FLOW_SCENARIOS:
+        raise LabError(f"unknown flow scenario {name!r}; one of: {', '.join(FLOW_SCENARIOS)}")
+    if lab.mode == "static":
+        raise LabError(f"scenario {name} needs the real node (lab is in static mode)")
+    sc = FLOW_SCENARIOS[name]
+    node = lab.topo.node(victim)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builder.wait_complete(lab, 20.0)
+    run = FlowRun(lab, node)
+    sc.prepare(run)
+    expected = _expected(lab, sc, node)
+    flows_file = out_dir / "flows.json"
+    watch = scenarios.FibWatch(lab, 120.0)
+    watch.start()
+    proc, started = _start_client(lab, flows_file,
+                                  CHURN_MAX if sc.churn else n_flows, sc.churn)
+    fib_at: float | None = None
+    try:
+        time.sleep(max(0.0, started + (CHURN_LEAD_S if sc.churn else PRE_S)
+                       - time.monotonic()))  # pacing, not readiness
+        run.event = time.monotonic()
+        sc.inject(run)
+        run.extras["inject_ms"] = round((time.monotonic() - run.event) * 1000, 1)
+        with lab.fib() as fib:
+            fib_at, _ = fib.wait(lab.vip_prefix(), lambda h: sorted(h) == expected,
+                                 FIB_TIMEOUT_S)
+        if sc.churn:
+            # Pacing: flows keep opening after the join, and until n_flows were due.
+            time.sleep(max(0.0, max(fib_at + CHURN_AFTER_S, started + n_flows / CHURN_RATE)
+                           - time.monotonic()))
+            proc.send_signal(signal.SIGUSR1)
+            run.extras["churn_stopped_s"] = round(time.monotonic() - run.event, 3)
+        until = max(fib_at + OBSERVE_S, run.event + sc.min_observe_s(lab))
+        time.sleep(max(0.0, until - time.monotonic()))  # pacing: the observation window
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=5)
+            err = "did not stop within 30 s of SIGTERM"
+        recover_start = time.monotonic()
+        sc.recover(run)
+        try:
+            run.extras["recovered_ms"] = round(
+                (builder.wait_complete(lab, 30.0) - recover_start) * 1000, 1)
+        except LabError as exc:
+            run.extras["recovered_ms"] = None
+            run.extras["recovery_error"] = str(exc)
+        watch.stop.set()
+        watch.join(2.0)
+    if proc.returncode != 0:
+        raise LabError(f"flow client failed (exit {proc.returncode}): {err.strip()[-500:]}")
+    traffic = json.loads(flows_file.read_text())
+    t0 = float(traffic["t0"])
+    changes = [(t - t0, hops) for t, hops in watch.changes if t < recover_start]
+    node_of_peer = lab.topo.node_by_lan_address()
+    result = flow_results.analyse(
+        name, traffic, run.event - t0, changes, expected, node.name, sc.victim_dies,
+        node_of_peer, lab.topo.node_by_router_address(),
+        target(lab, sc, n_flows))
+    result["description"] = sc.description
+    result["flow_survival"] = lab.topo.flow_survival
+    result["bfd"] = lab.topo.bfd
+    result["fib_poll_ms"] = scenarios.POLL_S * 1000
+    result.update(run.extras)
+    if watch.error is not None:
+        result["fib_watch_error"] = str(watch.error)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        from anycast_lb.lab import plot
+        plot.flows_timeline(out_dir / "timeline.png", traffic, result, node_of_peer)
+    except ImportError as exc:
+        result["plot_error"] = f"matplotlib missing: {exc}"
+    return result
+
+
+def summary_row(result: dict[str, Any]) -> list[str]:
+    reset = result.get("dead_owner_reset_ms") or {}
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else str(v)
+    rst = "-" if not reset or reset.get("max") is None else \
+        f"{reset['median']:.0f}/{reset['max']:.0f}"
+    hang = result.get("dead_owner_hang")
+    return [result["scenario"], "on" if result["flow_survival"] else "off",
+            f"{result['established_broken']}/{result['established_total']}",
+            f"{result['victim_broken']}/{result['victim_flows']}",
+            str(result["collateral_broken"]), rst, fmt(hang),
+            fmt(result.get("fib_converged_ms")), result["target"],
+            "PASS" if result["pass"] else "FAIL"]
+
+
+SUMMARY_HEADER = ["scenario", "flow survival", "established broken", "victim's broken",
+                  "collateral", "dead-owner RST ms (median/max)", "hang",
+                  "fib_converged_ms", "target", "verdict"]
