@@ -39,6 +39,7 @@ engine on stdout, every run and summary in the JSON file (--out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -56,9 +57,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.lbbench import configs, loads, report  # noqa: E402
-from benchmarks.lbbench.processes import BenchError, Supervisor, udp_echoes, wait_until  # noqa: E402
-from benchmarks.lbbench.proxies import AnycastLb, Haproxy, Proxy  # noqa: E402
+from benchmarks.lbbench import configs, loads, report
+from benchmarks.lbbench.processes import BenchError, Supervisor, udp_echoes, wait_until
+from benchmarks.lbbench.proxies import AnycastLb, Haproxy, Proxy
 
 TESTS = ("idle", "bulk", "udp", "short", "latency")
 TOOLS = ("haproxy", "nginx", "iperf3", "wrk", "gcc", "taskset")
@@ -127,7 +128,7 @@ def raise_nofile(wanted: int) -> int:
     """Raise this process's RLIMIT_NOFILE (children inherit it) towards
     ``wanted``; returns the limit in force. Without CAP_SYS_RESOURCE the hard
     limit cannot be raised, only the soft limit up to it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
@@ -159,6 +160,10 @@ def tcp_listening(host: str, port: int) -> bool:
     return False
 
 
+def running(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
 def start_backends(sup: Supervisor, topo: configs.Topology, cpus: str, loadgen: Path,
                    nginx_connections: int) -> None:
     for i, host in enumerate(topo.backends, start=1):
@@ -167,12 +172,12 @@ def start_backends(sup: Supervisor, topo: configs.Topology, cpus: str, loadgen: 
         conf.write_text(configs.nginx_config(host, topo.web_port, name, str(sup.workdir),
                                              nginx_connections))
         proc = sup.start(f"nginx-{name}", ["nginx", "-c", str(conf), "-p", str(sup.workdir)], cpus)
-        wait_until(lambda: tcp_listening(host, topo.web_port), 10, f"nginx {name}",
-                   alive=lambda: proc.poll() is None)
+        wait_until(functools.partial(tcp_listening, host, topo.web_port), 10, f"nginx {name}",
+                   alive=functools.partial(running, proc))
         echo = sup.start(f"udp-echo-{name}", [str(loadgen), "udp-echo-server", host,
                                               str(topo.udp_port), "3600"], cpus)
-        wait_until(lambda: udp_echoes(host, topo.udp_port), 10, f"UDP echo {name}",
-                   alive=lambda: echo.poll() is None)
+        wait_until(functools.partial(udp_echoes, host, topo.udp_port), 10, f"UDP echo {name}",
+                   alive=functools.partial(running, echo))
     iperf = sup.start("iperf3-server", ["iperf3", "-s", "-B", topo.bulk_backend,
                                         "-p", str(topo.bulk_port)], cpus)
     wait_until(lambda: tcp_listening(topo.bulk_backend, topo.bulk_port), 10, "iperf3 server",
@@ -181,7 +186,7 @@ def start_backends(sup: Supervisor, topo: configs.Topology, cpus: str, loadgen: 
 
 def command_version(argv: list[str]) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     text = (done.stdout + done.stderr).strip().splitlines()
@@ -189,7 +194,7 @@ def command_version(argv: list[str]) -> str:
 
 
 def git(*argv: str) -> str:
-    done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
     return done.stdout.strip()
 
 

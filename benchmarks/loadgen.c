@@ -16,7 +16,8 @@
  *
  *   loadgen udp-echo-server HOST PORT MAX_SECONDS
  *       Sends every datagram back to its sender (recvmmsg/sendmmsg, 64 at a
- *       time). Exits after MAX_SECONDS, or on SIGTERM/SIGINT.
+ *       time). Prints "ready PORT" once bound (PORT 0 picks a free port).
+ *       Exits after MAX_SECONDS, or on SIGTERM/SIGINT.
  *
  *   loadgen udp-flood HOST PORT FLOWS SIZE WINDOW SECONDS
  *       FLOWS connected UDP sockets (distinct source ports, so distinct
@@ -301,7 +302,9 @@ static int udp_echo_server(int argc, char **argv) {
     struct mmsghdr msgs[BATCH];
     struct iovec iovs[BATCH];
     struct sockaddr_in peers[BATCH];
-    printf("ready\n");
+    socklen_t bound_len = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &bound_len);
+    printf("ready %d\n", ntohs(sa.sin_port));
     fflush(stdout);
     while (!stop_requested) {
         for (int k = 0; k < BATCH; k++) {

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-
 HAPROXY_MAXPIPES = 256
 """HAProxy ``maxpipes``: pipes it may hold for splicing (default maxconn/4,
 which costs two descriptors each whether used or not)."""

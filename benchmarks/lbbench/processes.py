@@ -96,13 +96,10 @@ class Supervisor:
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` pinned to ``cpus`` (taskset list, e.g. "0"), its
         stdout and stderr in ``workdir/NAME.log``."""
-        log = open(self.workdir / f"{name}.log", "wb")
-        try:
+        with open(self.workdir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(["taskset", "-c", cpus, *argv], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-        finally:
-            log.close()
         self._procs.append((name, proc))
         return proc
 
@@ -140,7 +137,7 @@ class Supervisor:
             _, proc = self._procs[-1]
             try:
                 self.stop(proc, timeout=5.0)
-            except Exception:  # keep going: every other process must still be stopped
+            except Exception:  # noqa: BLE001 - every other process must still be stopped
                 proc.kill()
                 self._procs = self._procs[:-1]
 

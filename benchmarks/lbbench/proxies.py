@@ -10,6 +10,7 @@ proxy CPU, with a readiness wait (deadline, no sleep) and a stop by PID.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import urllib.request
@@ -49,7 +50,7 @@ class Proxy:
 
     def _wait_vip(self) -> None:
         for port in (self.topo.web_port, self.topo.bulk_port):
-            wait_until(lambda: tcp_accepts(self.topo.vip, port), START_TIMEOUT,
+            wait_until(functools.partial(tcp_accepts, self.topo.vip, port), START_TIMEOUT,
                        f"{self.label} on {self.topo.vip}:{port}", alive=self._alive)
 
     def start(self) -> None:
