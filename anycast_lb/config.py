@@ -413,7 +413,8 @@ class ClusterConfig(_Model):
     publish_delay: Annotated[float, Field(ge=0, le=1)] = 0.01
     """Seconds new and closed flows are gathered before one delta goes out."""
     apply_interval: Annotated[float, Field(gt=0, le=5)] = 0.05
-    """Seconds between batched updates of the steering map (one ``nft -f``)."""
+    """Least seconds between two batched updates of the steering map (``nft -f``
+    transactions); an update starts as soon as there is work."""
     dead_flow_timeout: Annotated[float, Field(ge=1, le=86400)] = 30.0
     """Seconds a dead peer's last published flows stay marked, so their
     packets get an immediate RST here instead of a second chance."""

@@ -5,8 +5,8 @@
     forwarder --on_flow(opened, key)--> deque --publish--> deltas to peers
                      (any thread)              (every publish_delay s)
     peers --heartbeats, deltas, snapshots--> Membership (pure)
-    apply tick (every apply_interval s): expire peers, Steering.plan (pure),
-        one ``nft -f`` transaction, abort our stale sockets
+    apply (when work arrives, at most every apply_interval s): expire peers,
+        Steering.plan (pure), ``nft -f`` transactions, abort our stale sockets
 
 ``Cluster.run`` owns its tasks; cancel it (or call :meth:`Cluster.stop`) to
 leave: a last heartbeat says "leaving", then the nftables table, the rules
@@ -63,6 +63,8 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 """Histogram buckets of the sync lag, seconds."""
 _LAG_WINDOW = 4096  # samples kept for the p99
 _COUNTER_PERIOD = 1.0  # s between reads of the nftables counters
+_IDLE_WAKE = 1.0  # s: the apply loop wakes at least this often
+_RETRY = 0.5  # s between attempts to rewrite the table after a failed transaction
 
 
 class DataPath(Protocol):
@@ -150,8 +152,10 @@ class Cluster:
         self._requesters: set[int] = set()
         self._snapshot_id = 0
         self._effects = Effects()
+        self._dirty = asyncio.Event()
         self._live: tuple[int, ...] = ()
         self._needs_install = False
+        self._failing = False
         self._stop = asyncio.Event()
         self._alive_seen = [False] * len(self.peers)
         # Figures for /status and /metrics.
@@ -210,7 +214,9 @@ class Cluster:
         """Publish the changes gathered since the last flush (deltas, in seq order)."""
         self._drain_events()
         added, removed, touched = self.local.take_delta()
-        self._effects.touched |= touched
+        if touched:
+            self._effects.touched |= touched
+            self._dirty.set()
         if not self.publishing or not (added or removed):
             return
         now_ms = self._now_ms()
@@ -262,6 +268,8 @@ class Cluster:
         if not self.publishing:
             effects.added.clear()
         self._effects.merge(effects)
+        if effects.touched or effects.dead or effects.liveness_changed:
+            self._dirty.set()
         self._log_membership()
 
     def _log_membership(self) -> None:
@@ -318,13 +326,24 @@ class Cluster:
                 await self.clock.sleep(self.config.heartbeat_interval)
 
     async def _apply_loop(self) -> None:
+        """Apply as soon as there is work, at most once per ``apply_interval``
+        s (a batch), and wake for the next peer expiry even when all is quiet."""
+        interval = self.config.apply_interval
+        last = self.clock.monotonic() - interval
         next_counters = 0.0
         while True:
-            await self.clock.sleep(self.config.apply_interval)
-            await self.apply_once()
             now = self.clock.monotonic()
-            if self.mode == "active" and now >= next_counters and self.datapath is not None:
-                next_counters = now + _COUNTER_PERIOD
+            expiry = self.membership.next_expiry()
+            timeout = _IDLE_WAKE if expiry is None else min(expiry - now + 0.001, _IDLE_WAKE)
+            await self._wait(self._dirty, max(timeout, 0.0))
+            wait = last + interval - self.clock.monotonic()
+            if wait > 0:
+                await self.clock.sleep(wait)
+            self._dirty.clear()
+            last = self.clock.monotonic()
+            await self.apply_once()
+            if self.mode == "active" and last >= next_counters and self.datapath is not None:
+                next_counters = last + _COUNTER_PERIOD
                 try:
                     self.counters = await self.datapath.counters()
                 except ClusterError as exc:
@@ -344,9 +363,9 @@ class Cluster:
             try:
                 await self.datapath.install(live, desired)
             except ClusterError as exc:
-                self.nft_failures += 1
-                log.warning("cluster.nft_failed", error=str(exc), full=True)
+                await self._failed(exc)
                 return
+            self._failing = False
             self.steering.replace(desired)
             self._live = live
             self._needs_install = False
@@ -357,18 +376,36 @@ class Cluster:
             found = self._abort(plan.stale_local)
             self.aborted += found
             log.event("cluster.stale_flows_aborted", flows=len(plan.stale_local), found=found)
-        if plan.empty and live_arg is None:
-            return
-        try:
-            await self.datapath.update(live_arg, plan)
-        except ClusterError as exc:
-            self.nft_failures += 1
-            log.warning("cluster.nft_failed", error=str(exc), full=False)
-            self._needs_install = True  # rewrite the whole table next tick
-            return
-        self.steering.commit(plan)
-        self._live = live
-        self._record_lag(effects.added)
+        # Two transactions: what protects flows first (adds, owner moves, the
+        # dead set, the chain), then removals of closed flows. A transaction
+        # that deletes elements takes about 16 ms against 3 ms without
+        # (nft 1.0.6, kernel 6.18, any map size); removals are not urgent.
+        moved = {key for key, _ in plan.add}
+        urgent = MapPlan(tuple(k for k in plan.delete if k in moved), plan.add, plan.dead)
+        later = MapPlan(tuple(k for k in plan.delete if k not in moved))
+        for part, chain in ((urgent, live_arg), (later, None)):
+            if part.empty and chain is None:
+                continue
+            try:
+                await self.datapath.update(chain, part)
+            except ClusterError as exc:
+                await self._failed(exc)
+                return
+            self.steering.commit(part)
+            if part is urgent:
+                self._live = live
+                self._record_lag(effects.added)
+
+    async def _failed(self, exc: ClusterError) -> None:
+        """A transaction failed (nothing changed): rewrite the whole table
+        from the desired map next, retrying every ``_RETRY`` s."""
+        self.nft_failures += 1
+        if not self._failing:
+            log.warning("cluster.nft_failed", error=str(exc))
+        self._failing = True
+        self._needs_install = True
+        await self.clock.sleep(_RETRY)
+        self._dirty.set()
 
     def _record_lag(self, since: Iterable[int]) -> None:
         now_ms = self._now_ms()
