@@ -2,10 +2,10 @@
 proxy CPU, with a readiness wait (deadline, no sleep) and a stop by PID.
 
 - ``Haproxy``: ``haproxy -db -f haproxy.cfg`` (foreground, one process,
-  ``nbthread 1``); ready when both VIP ports accept.
+  ``nbthread 1``); ready when both TCP VIP ports listen.
 - ``AnycastLb``: ``.venv/bin/anycast-lb run --config node.yaml``; ready when
   its API (port read from its ``api.listening`` log line) shows every
-  backend of every service up and listening, and both TCP VIP ports accept.
+  backend of every service up and listening, and both TCP VIP ports listen.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from benchmarks.lbbench.processes import (
     BenchError,
     Supervisor,
     log_value,
-    tcp_accepts,
+    tcp_listening,
     wait_until,
 )
 
@@ -50,7 +50,7 @@ class Proxy:
 
     def _wait_vip(self) -> None:
         for port in (self.topo.web_port, self.topo.bulk_port):
-            wait_until(functools.partial(tcp_accepts, self.topo.vip, port), START_TIMEOUT,
+            wait_until(functools.partial(tcp_listening, self.topo.vip, port), START_TIMEOUT,
                        f"{self.label} on {self.topo.vip}:{port}", alive=self._alive)
 
     def start(self) -> None:

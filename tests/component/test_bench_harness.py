@@ -21,7 +21,7 @@ import pytest
 
 from anycast_lb.config import Engine, parse_config
 from benchmarks import forwarder_vs_haproxy as bench
-from benchmarks.lbbench import configs, loads, procfs, report
+from benchmarks.lbbench import configs, loads, processes, procfs, report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,9 +197,9 @@ def test_tcp_listening_reads_proc_net_tcp() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        assert not bench.tcp_listening("127.0.0.1", port)
+        assert not processes.tcp_listening("127.0.0.1", port)
         s.listen()
-        assert bench.tcp_listening("127.0.0.1", port)
+        assert processes.tcp_listening("127.0.0.1", port)
 
 
 # ------------------------------------------------------------------ loadgen
