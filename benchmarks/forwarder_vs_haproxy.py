@@ -378,14 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     print("\n\n".join(tables_text))
     print(f"\nmedian [min-max] of {args.repeat} interleaved run(s); ratio = anycast-lb / HAProxy; "
           f"{idle} idle connections; {info['elapsed_s']} s in all")
-    foreign = {}
+    foreign: dict[str, dict[str, dict[str, float | int]]] = {}
     for proxy in proxies:
-        summary = report.summarise([r.get("foreign_on_proxy_cpu") for r in runs
-                                    if r["proxy"] == proxy.label and "error" not in r])
-        if summary is not None:
-            foreign[proxy.label] = summary.as_dict()
-            print(f"other work on the proxy CPU during {proxy.label} runs: "
-                  f"{report.format_summary(report.Summary(summary.median * 100, summary.low * 100, summary.high * 100, summary.n), 0)} % of its time")
+        shares = {}
+        for key in ("foreign_on_proxy_cpu", "softirq_on_proxy_cpu"):
+            summary = report.summarise([r.get(key) for r in runs
+                                        if r["proxy"] == proxy.label and "error" not in r])
+            if summary is not None:
+                shares[key] = summary.as_dict()
+        if shares:
+            foreign[proxy.label] = shares
+            print(f"proxy CPU during {proxy.label} runs, median share of its time: other processes "
+                  f"{shares['foreign_on_proxy_cpu']['median']:.0%}, "
+                  f"softirq {shares['softirq_on_proxy_cpu']['median']:.0%}")
     info["foreign_on_proxy_cpu"] = foreign
     info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     for r in errors:

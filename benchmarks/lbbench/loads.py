@@ -80,20 +80,30 @@ class CpuMeter:
             self.busy_s[name] = (busy - before[0]) / procfs.CLOCK_TICKS
             self.softirq_s[name] = (softirq - before[1]) / procfs.CLOCK_TICKS
 
+    def _share(self, seconds: float) -> float:
+        capacity = self.wall_s * len(self.proxy_cpus)
+        return max(0.0, seconds) / capacity if capacity else 0.0
+
+    @property
+    def softirq_fraction(self) -> float:
+        """Share of the proxy CPUs' time spent in softirq (network receive
+        work, which the kernel does not charge to any process)."""
+        return self._share(sum(self.softirq_s.get(f"cpu{c}", 0.0) for c in self.proxy_cpus))
+
     @property
     def foreign_fraction(self) -> float:
-        """Share of the proxy CPUs' capacity over the run that was busy with
-        something other than the proxy process (0 on a quiet machine, apart
-        from softirq work the kernel does not charge to the proxy)."""
+        """Share of the proxy CPUs' time busy with other processes than the
+        proxy, softirq left out (0 on a quiet machine)."""
         busy = sum(self.busy_s.get(f"cpu{c}", 0.0) for c in self.proxy_cpus)
-        capacity = self.wall_s * len(self.proxy_cpus)
-        return max(0.0, busy - self.cpu_s) / capacity if capacity else 0.0
+        softirq = sum(self.softirq_s.get(f"cpu{c}", 0.0) for c in self.proxy_cpus)
+        return self._share(busy - softirq - self.cpu_s)
 
     def record(self) -> dict[str, Any]:
         return {"proxy_cpu_s": round(self.cpu_s, 3), "wall_s": round(self.wall_s, 3),
                 "cpu_busy_s": {k: round(v, 2) for k, v in self.busy_s.items()},
                 "cpu_softirq_s": {k: round(v, 2) for k, v in self.softirq_s.items()},
-                "foreign_on_proxy_cpu": round(self.foreign_fraction, 3)}
+                "foreign_on_proxy_cpu": round(self.foreign_fraction, 3),
+                "softirq_on_proxy_cpu": round(self.softirq_fraction, 3)}
 
 
 def parse_cpu_busy(text: str) -> dict[str, tuple[int, int]]:
