@@ -1,9 +1,17 @@
-"""Failover targets of the namespace lab, checked from measured runs.
+"""Failover and flow-survival targets of the namespace lab, checked from measured runs.
 
-Runs ``anycast-lb lab demo`` (every scenario, three nodes) and
-``anycast-lb lab demo --bfd --scenario node-silent`` (silent node death with
-FRR bfdd beside ExaBGP), then prints one line per scenario with its figures,
-its target and the verdict, and exits 1 if any target was missed. Needs
+Runs, each in a fresh lab of three nodes:
+
+1. ``anycast-lb lab demo``: every failover scenario, and the flows-*
+   scenarios with plain anycast (the baseline);
+2. ``anycast-lb lab demo --bfd --scenario node-silent``: silent node death
+   with FRR bfdd beside ExaBGP;
+3. ``anycast-lb lab demo --bfd --scenario flows-...``: the flows-* scenarios,
+   plain anycast with BFD (the baseline for 4);
+4. the same with ``--flow-survival`` (skipped with ``--no-flow-survival``),
+
+then prints one table of failover figures and one of broken flows, each row
+with its target and verdict, and exits 1 if any target was missed. Needs
 root, FRR and the package installed (``bash scripts/install.sh``)::
 
     sudo .venv/bin/python benchmarks/lab_failover.py [--out DIR] [--repeat N]
@@ -18,40 +26,72 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
+FLOW_SCENARIOS = ["flows-drain", "flows-join", "flows-churn-join", "flows-node-kill",
+                  "flows-node-silent"]
 
 
-def run_demo(out: Path, *extra: str) -> list[dict[str, object]]:
+def run_demo(out: Path, *extra: str) -> list[dict[str, Any]]:
     subprocess.run([*ANYCAST_LB, "lab", "demo", "--out", str(out), *extra], check=True)
-    results: list[dict[str, object]] = json.loads((out / "summary.json").read_text())
+    results: list[dict[str, Any]] = json.loads((out / "summary.json").read_text())
     return results
+
+
+def _label(r: dict[str, Any]) -> str:
+    return (("fs " if r.get("flow_survival") else "") + str(r["scenario"])
+            + (" --bfd" if r.get("bfd") else ""))
+
+
+def _print_failover(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':24} {'fib_converged_ms':>16} {'new failed':>11} "
+          f"{'estab. broken':>13}  verdict  target")
+    for r in rows:
+        fib = r.get("fib_converged_ms")
+        print(f"{_label(r):24} {('-' if fib is None else f'{fib:.1f}'):>16} "
+              f"{r['new_connections_failed']!s:>5}/{r['new_connections_total']!s:<5} "
+              f"{r['established_broken']!s:>6}/{r['established_total']!s:<6}  "
+              f"{'PASS' if r['pass'] else 'FAIL':7}  {r['target']}")
+
+
+def _print_flows(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':30} {'broken':>9} {'victim':>8} {'collat.':>7} "
+          f"{'RST ms med/max':>15} {'hang':>4}  verdict  target")
+    for r in rows:
+        rst = r.get("dead_owner_reset_ms") or {}
+        rst_text = "-" if rst.get("max") is None else f"{rst['median']:.0f}/{rst['max']:.0f}"
+        print(f"{_label(r):30} {r['established_broken']!s:>4}/{r['established_total']!s:<4} "
+              f"{r['victim_broken']!s:>3}/{r['victim_flows']!s:<4} "
+              f"{r['collateral_broken']!s:>7} {rst_text:>15} "
+              f"{'-' if r.get('dead_owner_hang') is None else r['dead_owner_hang']!s:>4}  "
+              f"{'PASS' if r['pass'] else 'FAIL':7}  {r['target']}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("lab-results/benchmark"))
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set (1-5)")
+    parser.add_argument("--no-flow-survival", action="store_true",
+                        help="skip the flow survival runs (a build without the cluster)")
     args = parser.parse_args()
     if not 1 <= args.repeat <= 5:
         parser.error("--repeat must be 1-5")
-    rows: list[tuple[str, dict[str, object]]] = []
+    only_flows = [arg for name in FLOW_SCENARIOS for arg in ("--scenario", name)]
+    results: list[dict[str, Any]] = []
     for i in range(args.repeat):
-        for result in run_demo(args.out / f"run{i + 1}"):
-            rows.append((str(result["scenario"]), result))
-        for result in run_demo(args.out / f"run{i + 1}-bfd", "--bfd", "--scenario", "node-silent"):
-            rows.append((f"{result['scenario']} --bfd", result))
-    print(f"\n{'scenario':20} {'fib_converged_ms':>16} {'new failed':>11} {'estab. broken':>13}  "
-          f"verdict  target")
-    missed = 0
-    for name, r in rows:
-        fib = r.get("fib_converged_ms")
-        print(f"{name:20} {('-' if fib is None else f'{fib:.1f}'):>16} "
-              f"{r['new_connections_failed']!s:>5}/{r['new_connections_total']!s:<5} "
-              f"{r['established_broken']!s:>6}/{r['established_total']!s:<6}  "
-              f"{'PASS' if r['pass'] else 'FAIL':7}  {r['target']}")
-        missed += not r["pass"]
-    print(f"\n{len(rows) - missed} of {len(rows)} scenario runs met their targets")
+        base = args.out / f"run{i + 1}"
+        results += run_demo(base)
+        results += run_demo(base.with_name(base.name + "-bfd"), "--bfd",
+                            "--scenario", "node-silent")
+        results += run_demo(base.with_name(base.name + "-flows-bfd"), "--bfd", *only_flows)
+        if not args.no_flow_survival:
+            results += run_demo(base.with_name(base.name + "-flows-bfd-fs"), "--bfd",
+                                "--flow-survival", *only_flows)
+    _print_failover([r for r in results if "flows_total" not in r])
+    _print_flows([r for r in results if "flows_total" in r])
+    missed = sum(1 for r in results if not r["pass"])
+    print(f"\n{len(results) - missed} of {len(results)} scenario runs met their targets")
     return 1 if missed else 0
 
 
