@@ -1,24 +1,59 @@
 """A service's backend pool: runtime state of each backend and the choice of
 backend for a new flow (Maglev, round robin or least connections).
 
-The pool holds no sockets and reads no clock. Health checks call
-``set_up``; forwarders call ``candidates`` for each new flow and try the
-backends it returns in order (the first is the choice; the rest are the
-fallbacks used when connecting to the choice fails), and keep the
+Health checks call ``set_up`` (on the asyncio loop); forwarders call
+``candidates`` for each new flow, from the loop or from a relay thread, and
+try the backends it returns in order (the first is the choice; the rest are
+the fallbacks used when connecting to the choice fails), and keep the
 per-backend counters. Only backends in state up are ever returned: a backend
 starts down until its health check has risen.
+
+Threads, with the GIL as the only lock on the read side: everything
+``candidates`` reads is one ``_Selection`` (the up backends, their order, the
+Maglev table for them), reached through one attribute, ``Pool._selection``.
+A selection is never changed once published, except for its table holder,
+which goes once from "no table" to a complete table by one attribute
+assignment. ``set_up`` publishes a new selection by one attribute
+assignment, so a reader on any thread sees the old state or the new one,
+never a mix.
+
+Maglev tables are built off the caller's thread (``Pool.run_build``, a
+daemon thread by default): a health transition never waits for a build, and
+no flow does either. Until the new table lands, ``candidates`` chooses as
+Maglev does during a rebuild (paper, section 3.4, "the new table takes
+effect once built"): see ``candidates``. Builds are coalesced: transitions
+during a build cause one more build, for the latest up set only. Tables are
+cached per backend set (``_TABLES``).
+
+Apart from that builder glue (a thread, a GIL-yield timer, one log line per
+build), the pool holds no sockets and reads no clock.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import itertools
+import threading
+import time
 from array import array
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from anycast_lb import maglev
+from anycast_lb import log, maglev
 from anycast_lb.config import Balance, BackendConfig, HashKey, ServiceConfig
+
+BuildJob = Callable[[], None]
+BuildRunner = Callable[[BuildJob], None]
+"""Runs a table build somewhere other than the caller's thread: called with
+the job, returns at once. The default starts a daemon thread; tests pass a
+runner that keeps the job until they run it."""
+
+
+def run_in_thread(job: BuildJob) -> None:
+    """The default ``BuildRunner``: one short-lived daemon thread per burst
+    of builds (it exits when no build is wanted)."""
+    threading.Thread(target=job, name="maglev-build", daemon=True).start()
 
 
 @dataclass(eq=False)
@@ -54,21 +89,73 @@ class Backend:
         return str(self.config.address), self.config.port
 
 
+class _Table:
+    """The Maglev table for one up set, filled at most once.
+
+    ``table`` is None until the build lands, then a complete array of
+    indexes into ``backends``; ``ready`` is set at the same time.
+    """
+
+    __slots__ = ("backends", "table", "ready")
+
+    def __init__(self, backends: tuple[Backend, ...], table: array[int] | None = None) -> None:
+        self.backends = backends
+        self.table = table
+        self.ready = threading.Event()
+        if table is not None:
+            self.ready.set()
+
+    def fill(self, table: array[int]) -> None:
+        self.table = table  # one assignment: readers see None or all of it
+        self.ready.set()
+
+
+@dataclass(frozen=True, eq=False)
+class _Selection:
+    """Everything ``candidates`` reads, published as one object."""
+
+    up: tuple[Backend, ...]
+    """Up backends in configuration order."""
+    position: dict[str, int]
+    """Backend key -> index in ``up``."""
+    by_name: tuple[int, ...]
+    """Indexes into ``up`` in name order: the rotation used while no table
+    is ready, the same on every node whatever the configuration order."""
+    table: _Table
+    """The Maglev table for ``up`` (maybe not built yet)."""
+    fallback: _Table | None
+    """The newest table that was ready when this selection was published."""
+    generation: int
+
+
+def _selection(up: tuple[Backend, ...], table: _Table, fallback: _Table | None, generation: int) -> _Selection:
+    return _Selection(
+        up=up,
+        position={b.key: i for i, b in enumerate(up)},
+        by_name=tuple(sorted(range(len(up)), key=lambda i: up[i].key)),
+        table=table,
+        fallback=fallback,
+        generation=generation,
+    )
+
+
 @dataclass(eq=False)
 class Pool:
     """Backends of one service and the selection among those up."""
 
     service: ServiceConfig
+    run_build: BuildRunner = field(default=run_in_thread, repr=False)
     backends: list[Backend] = field(init=False)
-    _up: list[Backend] = field(init=False, default_factory=list)
-    _table: array[int] | None = field(init=False, default=None)
+    _selection: _Selection = field(init=False)
     _rr: itertools.count[int] = field(init=False, default_factory=itertools.count)
-    generation: int = field(init=False, default=0)
-    """Bumped each time the set of up backends changes."""
+    _write_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _build_wanted: bool = field(init=False, default=False)
+    _build_running: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.backends = [Backend(b) for b in self.service.backends]
         self._by_key = {b.key: b for b in self.backends}
+        self._selection = _selection((), _Table((), array("l")), None, 0)
 
     def get(self, key: str) -> Backend:
         """The backend named ``addr:port``. Raises KeyError."""
@@ -76,35 +163,96 @@ class Pool:
 
     @property
     def up_count(self) -> int:
-        return len(self._up)
+        return len(self._selection.up)
 
     @property
     def healthy(self) -> bool:
         """At least ``min_healthy`` backends are up."""
-        return len(self._up) >= self.service.min_healthy
+        return len(self._selection.up) >= self.service.min_healthy
+
+    @property
+    def generation(self) -> int:
+        """Bumped each time the set of up backends changes."""
+        return self._selection.generation
+
+    @property
+    def table_ready(self) -> bool:
+        """The Maglev table for the current up set is in place (always true
+        for round robin and least connections, which use none)."""
+        return self._selection.table.table is not None
+
+    def wait_table(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s until ``table_ready``; returns it. For
+        tests and benchmarks: the data path never waits for a table."""
+        deadline = time.monotonic() + timeout
+        while True:
+            selection = self._selection
+            if not selection.table.ready.wait(max(0.0, deadline - time.monotonic())):
+                return False
+            if self._selection is selection:
+                return True
 
     def set_up(self, key: str, up: bool) -> bool:
-        """Mark a backend up or down; rebuilds the Maglev table when the up
-        set changes. Returns True if anything changed. Raises KeyError."""
+        """Mark a backend up or down. Returns True if anything changed.
+        Raises KeyError.
+
+        Never builds a Maglev table of more than one backend on the calling
+        thread: a cached table for the new up set is used at once, otherwise
+        a build starts through ``run_build`` and ``candidates`` answers from
+        the previous table meanwhile.
+        """
         backend = self._by_key[key]
         if backend.up == up:
             return False
-        backend.up = up
-        self._up = [b for b in self.backends if b.up]
-        # Built at the next new flow, not here: a health transition (and the
-        # withdraw it may cause) must not wait for a table build.
-        self._table = None
-        self.generation += 1
+        with self._write_lock:
+            backend.up = up
+            old = self._selection
+            now_up = tuple(b for b in self.backends if b.up)
+            table = _Table(now_up, self._known_table(now_up))
+            fallback = old.table if old.table.table is not None else old.fallback
+            self._selection = _selection(now_up, table, fallback, old.generation + 1)
+        if table.table is None:
+            self._request_build()
         return True
 
-    def _maglev_table(self) -> array[int]:
-        if self._table is None:
-            self._table = _cached_table(
-                tuple(b.key for b in self._up),
-                tuple(b.config.weight for b in self._up),
-                self.service.maglev_table_size,
-            )
-        return self._table
+    def _known_table(self, up: tuple[Backend, ...]) -> array[int] | None:
+        """A table for ``up`` that costs nothing now: none needed, trivial, or cached."""
+        if self.service.balance is not Balance.MAGLEV or not up:
+            return array("l")
+        names, weights, size = _table_key(up, self.service.maglev_table_size)
+        if len(up) == 1:
+            return maglev.build_table(names, weights, size)  # one C-level fill, ~0.1 ms
+        return _TABLES.get((names, weights, size))
+
+    def _request_build(self) -> None:
+        with self._write_lock:
+            self._build_wanted = True
+            if self._build_running:
+                return
+            self._build_running = True
+        self.run_build(self._build_latest)
+
+    def _build_latest(self) -> None:
+        """Build the table of the newest selection until none is wanted."""
+        while True:
+            with self._write_lock:
+                if not self._build_wanted:
+                    self._build_running = False
+                    return
+                self._build_wanted = False
+            target = self._selection.table
+            if target.table is not None:
+                continue
+            started = time.perf_counter()
+            try:
+                names, weights, size = _table_key(target.backends, self.service.maglev_table_size)
+                table = _cached_table(names, weights, size, pause=_GilYield())
+            except Exception as exc:  # a bug; keep serving from the fallback
+                log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
+                continue
+            target.fill(table)
+            log.debug("maglev.built", service=self.service.name, backends=len(target.backends),
+                      build_ms=round((time.perf_counter() - started) * 1000, 1))
 
     def flow_key(self, client: tuple[str, int], local: tuple[str, int]) -> bytes:
         """The bytes Maglev hashes: the 5-tuple, or the client address only
@@ -118,27 +266,115 @@ class Pool:
         """Up backends to try for a new flow, best first; empty when none is up.
 
         ``client`` and ``local`` are (address, port) of the flow's two ends
-        (local is the VIP side).
+        (local is the VIP side). Safe to call from any thread.
+
+        Maglev choice, with ``h`` the flow hash: the backend in slot ``h %
+        size`` of the table for the current up set. While that table is
+        being built: the backend the previous table gives, if it is still
+        up; otherwise the ``h % n``-th of the ``n`` up backends in name
+        order. So during a rebuild flows of backends still up keep their
+        backend, flows of a backend gone down spread over the others, and
+        all nodes agree; Maglev consistency is back when the table lands.
+        The fallbacks after the choice are the other up backends in a fixed
+        rotation (configuration order).
         """
-        up = self._up
+        selection = self._selection  # the only read of pool state below
+        up = selection.up
         if not up:
             return []
         balance = self.service.balance
         if balance is Balance.MAGLEV:
-            first = maglev.lookup(self._maglev_table(), maglev.flow_hash(self.flow_key(client, local)))
+            first = _maglev_choice(selection, maglev.flow_hash(self.flow_key(client, local)))
         elif balance is Balance.ROUND_ROBIN:
             first = next(self._rr) % len(up)
         else:
             return sorted(up, key=lambda b: b.active_connections / b.config.weight)
         # The choice, then the others in a fixed rotation: deterministic, so
         # every node retries the same way.
-        return up[first:] + up[:first]
+        return [*up[first:], *up[:first]]
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_table(names: tuple[str, ...], weights: tuple[int, ...], size: int) -> array[int]:
-    """Maglev tables by backend set: services that share backends (a TCP and
-    a UDP service on the same hosts) and a backend that flaps back to a
-    previous set reuse a table instead of rebuilding it (about 25 ms for a
-    few backends at 65537 slots; the table is read-only once built)."""
-    return maglev.build_table(names, weights, size)
+def _maglev_choice(selection: _Selection, key_hash: int) -> int:
+    """Index into ``selection.up`` of the flow's backend (rule in ``Pool.candidates``)."""
+    table = selection.table.table
+    if table is not None:
+        return table[key_hash % len(table)]
+    previous = selection.fallback
+    if previous is not None and previous.table:
+        old = previous.backends[previous.table[key_hash % len(previous.table)]]
+        index = selection.position.get(old.key)
+        if index is not None:
+            return index
+    return selection.by_name[key_hash % len(selection.up)]
+
+
+def _table_key(up: tuple[Backend, ...], size: int) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+    return tuple(b.key for b in up), tuple(b.config.weight for b in up), size
+
+
+class _TableCache:
+    """Maglev tables by (names, weights, size), least recently used out.
+
+    Services that share backends (a TCP and a UDP service on the same hosts)
+    and a backend that flaps back to a previous set reuse a table instead of
+    rebuilding it (tens of ms at 65537 slots; a table is read-only once
+    built). Thread-safe; about 0.5 MB per 65537-slot table.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._tables: OrderedDict[tuple[tuple[str, ...], tuple[int, ...], int], array[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> array[int] | None:
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+            return table
+
+    def put(self, key: tuple[tuple[str, ...], tuple[int, ...], int], table: array[int]) -> None:
+        with self._lock:
+            self._tables[key] = table
+            self._tables.move_to_end(key)
+            while len(self._tables) > self._capacity:
+                self._tables.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+
+_TABLES = _TableCache(capacity=8)
+
+
+def _cached_table(
+    names: tuple[str, ...], weights: tuple[int, ...], size: int, pause: Callable[[], None] | None = None
+) -> array[int]:
+    """The Maglev table for a backend set, from ``_TABLES`` or built (and kept)."""
+    key = (names, weights, size)
+    table = _TABLES.get(key)
+    if table is None:
+        table = maglev.build_table(names, weights, size, pause=pause)
+        _TABLES.put(key, table)
+    return table
+
+
+class _GilYield:
+    """``maglev.build_table``'s pause for a background build: after
+    ``HOLD_S`` of build work, sleep briefly so a thread waiting for the GIL
+    (the event loop, the relay thread) takes it now instead of after the
+    interpreter's 5 ms switch interval. ``time.sleep(0)`` is not enough: the
+    builder takes the GIL back before the waiter wakes."""
+
+    HOLD_S = 0.0005
+    SLEEP_S = 1e-6  # a real sleep: ~50 us with Linux timer slack
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if now - self._since >= self.HOLD_S:
+            time.sleep(self.SLEEP_S)
+            self._since = time.perf_counter()
