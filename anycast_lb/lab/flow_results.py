@@ -43,6 +43,9 @@ class FlowTarget:
     fib_within_ms: float = 10_000.0
     """The FIB must reach the expected next hops within this (the event
     really happened)."""
+    churn: bool = False
+    """Flows must have opened in the second before the FIB change and in
+    the second after it (they were opening during the event)."""
     text: str = ""
 
 
@@ -109,10 +112,15 @@ def analyse(scenario: str, traffic: dict[str, Any], event_s: float,
     result["last_break_ms"] = max(times, default=None)
     conv = converged_at(changes, event_s, expected)
     result["fib_converged_ms"] = None if conv is None else _ms(conv, event_s)
-    # Churn: flows whose handshake was under way when the ECMP set changed.
+    # Churn: flows whose handshake was under way when the ECMP set changed,
+    # and flows opened within a second before and after it.
     result["opening_at_fib_change"] = None if conv is None else sum(
         1 for f in flows if f["connect_s"] < conv
         and (f["open_s"] is None or f["open_s"] >= conv))
+    result["opened_1s_before_fib_change"] = None if conv is None else sum(
+        1 for f in established if conv - 1.0 <= f["open_s"] < conv)
+    result["opened_1s_after_fib_change"] = None if conv is None else sum(
+        1 for f in established if conv <= f["open_s"] < conv + 1.0)
     result["fib_changes"] = [{"ms": _ms(t, event_s),
                               "nexthops": [node_of_hop.get(h, h) for h in hops]}
                              for t, hops in changes]
@@ -121,6 +129,9 @@ def analyse(scenario: str, traffic: dict[str, Any], event_s: float,
         "fib_changed": (result["fib_converged_ms"] is not None
                         and result["fib_converged_ms"] <= target.fib_within_ms),
     }
+    if target.churn:
+        checks["opening_across_fib_change"] = bool(
+            result["opened_1s_before_fib_change"] and result["opened_1s_after_fib_change"])
     if victim_dies:
         # Only flows the victim owned when it died: one opened later went elsewhere.
         owned = [f for f in victims if f["open_s"] < event_s]

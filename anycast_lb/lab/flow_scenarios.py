@@ -10,14 +10,23 @@ every 100 ms, while one event hits the victim (``lb1`` unless told):
                        the victim keeps serving its flows
 ``flows-join``         the victim's node is stopped before the flows open,
                        then started: it joins the ECMP set, flows reshuffle
-``flows-churn-join``   the same join while flows keep opening (100 per s,
-                       from 0.5 s before the start until 1 s after the FIB
-                       holds the victim again, and at least 300)
+``flows-churn-join``   a join while flows keep opening: the victim, drained
+                       and withdrawn beforehand (still running), is
+                       undrained while flows open at 100 per s (from 2 s
+                       before the undrain until 1 s after the FIB holds the
+                       victim again, and at least 300 in all)
 ``flows-node-kill``    SIGKILL of the victim's anycast-lb (ExaBGP goes too)
 ``flows-node-silent``  the victim goes silent on every link at once (nft
                        drops everything but loopback in its namespace); the
                        router notices by hold time, or by BFD with ``--bfd``
 =====================  =====================================================
+
+Why churn-join undrains instead of starting a process: a starting node
+joins when its BGP session comes up, 1-6 s after the start here (ExaBGP's
+connect timing, and CPU), so flows opening at a fixed rate could not be
+made to straddle the join without opening hundreds more; an announce after
+``POST /undrain`` reaches the FIB in about 60 ms. A fresh node joining
+(which must learn its peers' flows first) is ``flows-join``.
 
 The run: wait for a complete FIB, prepare (join: stop the victim), start the
 flow client and the FIB poller, wait ``PRE_S``, inject, wait until the FIB
@@ -48,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from anycast_lb.errors import LabError
-from anycast_lb.lab import builder, flow_results, netns, nodes, scenarios
+from anycast_lb.lab import builder, flow_results, frr, netns, nodes, scenarios
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
 from anycast_lb.lab.flow_results import FlowTarget
@@ -62,7 +71,7 @@ OBSERVE_S = 1.5
 CHURN_RATE = 100.0
 """Flows opened per second in ``flows-churn-join``."""
 CHURN_MAX = 600
-CHURN_LEAD_S = 0.5
+CHURN_LEAD_S = 2.0
 """Seconds of opening before the join starts (churn)."""
 CHURN_AFTER_S = 1.0
 """Seconds of opening after the FIB holds the joined node (churn); opening
@@ -95,6 +104,18 @@ def _undrain(run: FlowRun) -> None:
     status, body = nodes.api_request(run.victim.ns, "POST", "/undrain", token=T.ADMIN_TOKEN)
     if status != 200:
         raise LabError(f"POST /undrain on {run.victim.name}: {status} {body}")
+
+
+def _drain_withdrawn(run: FlowRun) -> None:
+    """Drain the victim and wait until the router no longer has its path."""
+    _drain(run)
+    lab = run.lab
+    netns.wait_for(lambda: all(p["peer"] != str(run.victim.address) for p in frr.bgp_paths(
+        lab.topo.router_ns, lab.router_frr, lab.vip_prefix())),
+        nodes.DRAIN_GRACE_S + 5.0, f"{run.victim.name}'s path to be withdrawn",
+        interval=0.05)
+    with lab.fib() as fib:
+        fib.wait(lab.vip_prefix(), lambda hops: str(run.victim.address) not in hops, 2.0)
 
 
 def _stop_victim(run: FlowRun) -> None:
@@ -167,17 +188,18 @@ class FlowScenario:
 def target(lab: Lab, sc: FlowScenario, n_flows: int) -> FlowTarget:
     """The scenario's target in this lab: flow survival's, or plain anycast's
     baseline (a valid run, figures only)."""
+    churn = " (opening across the join)" if sc.churn else ""
     if not lab.topo.flow_survival:
-        return FlowTarget(min_established=n_flows,
-                          text=f"baseline (plain anycast): >= {n_flows} flows established, "
-                               "FIB changed; figures only")
+        return FlowTarget(min_established=n_flows, churn=sc.churn,
+                          text=f"baseline (plain anycast): >= {n_flows} flows established"
+                               f"{churn}, FIB changed; figures only")
     if sc.victim_dies:
         return FlowTarget(min_established=n_flows, zero_collateral=True,
                           dead_owner_reset_ms=DEAD_OWNER_RESET_MS,
                           text=f"0 collateral of >= {n_flows}; every dead-owner flow "
                                f"reset <= {DEAD_OWNER_RESET_MS:.0f} ms, none hangs")
-    return FlowTarget(min_established=n_flows, max_broken=0,
-                      text=f"0 broken of >= {n_flows} established flows")
+    return FlowTarget(min_established=n_flows, max_broken=0, churn=sc.churn,
+                      text=f"0 broken of >= {n_flows} established flows{churn}")
 
 
 FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
@@ -186,9 +208,9 @@ FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
                  min_observe_s=lambda lab: nodes.DRAIN_GRACE_S + OBSERVE_S),
     FlowScenario("flows-join", "the victim's node starts (joins ECMP) under 300 long-lived "
                  "flows", _start_victim, _ensure_victim, joins=True, prepare=_stop_victim),
-    FlowScenario("flows-churn-join", "the victim's node starts while flows keep opening "
-                 f"({CHURN_RATE:.0f}/s)", _start_victim, _ensure_victim, joins=True,
-                 churn=True, prepare=_stop_victim),
+    FlowScenario("flows-churn-join", "the drained victim is undrained (joins ECMP) while "
+                 f"flows keep opening ({CHURN_RATE:.0f}/s)", _undrain, _undrain, joins=True,
+                 churn=True, prepare=_drain_withdrawn),
     FlowScenario("flows-node-kill", "SIGKILL of the victim's anycast-lb under 300 "
                  "long-lived flows", _kill, _restart, victim_dies=True, prepare=_kill_prepare),
     FlowScenario("flows-node-silent", "the victim drops every packet on every link "

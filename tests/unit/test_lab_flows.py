@@ -111,17 +111,22 @@ def test_collateral_with_a_dead_owner_misses_the_target() -> None:
 
 
 def test_churn_figures() -> None:
-    records = [flow("198.51.100.130", connect_s=1.0, open_s=1.01),
+    records = [flow("198.51.100.130", connect_s=1.5, open_s=1.51),
                # Handshake under way when the FIB changed at 2.06 s.
                flow("198.51.100.129", connect_s=2.05, open_s=2.07),
                flow("198.51.100.131", connect_s=2.5, open_s=2.51),
                flow("", connect_s=2.055, open_s=None, open_error="reset")]
-    r = run(records, FlowTarget(min_established=3, max_broken=0), expected=WITHOUT_LB1)
+    target = FlowTarget(min_established=3, max_broken=0, churn=True)
+    r = run(records, target, expected=WITHOUT_LB1)
     assert (r["flows_total"], r["established_total"], r["open_failed"]) == (4, 3, 1)
     assert r["open_failure_kinds"] == {"reset": 1}
     assert r["opened_after_event"] == 2
     assert r["opening_at_fib_change"] == 2
-    assert r["pass"]
+    assert (r["opened_1s_before_fib_change"], r["opened_1s_after_fib_change"]) == (1, 2)
+    assert r["checks"]["opening_across_fib_change"] and r["pass"]
+    # Every flow open long before the join: not a churn run.
+    early = [flow("198.51.100.130", connect_s=0.1, open_s=0.11)] * 3
+    assert not run(early, target)["checks"]["opening_across_fib_change"]
 
 
 def test_flow_client_refuses_to_run_outside_its_namespace(tmp_path: Any) -> None:
