@@ -243,9 +243,6 @@ def short_summary(record: dict[str, Any]) -> str:
     for figure in report.FIGURES:
         if figure.key in record and record[figure.key] is not None:
             parts.append(f"{figure.key}={report.format_value(record[figure.key], max(figure.decimals, 1))}")
-    for key in ("short_errors", "lat_errors"):
-        if record.get(key):
-            parts.append(f"{key}={record[key]}")
     return " ".join(parts)
 
 

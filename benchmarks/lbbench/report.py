@@ -27,9 +27,11 @@ class Figure:
 FIGURES: tuple[Figure, ...] = (
     Figure("short_rate", "short connections/s (new TCP connection per request)"),
     Figure("short_cpu_us", "  proxy CPU per short connection (us)", 1, ("<=", 1.2)),
+    Figure("short_errors", "  failed connections (wrk socket errors)"),
     Figure("lat_rate", "offered rate for latency (conn/s, half HAProxy's max)"),
     Figure("lat_p50_us", "  p50 latency at that rate (us)"),
     Figure("lat_p99_us", "  p99 latency at that rate (us)", 0, ("<=", 1.5)),
+    Figure("lat_errors", "  failed or timed-out (2 s) connections"),
     Figure("bulk1_gbps", "bulk, 1 stream (Gbit/s)", 2, (">=", 1.0)),
     Figure("bulk1_cpu_s_per_gb", "  proxy CPU per GB, 1 stream (s)", 3, ("<=", 1.0)),
     Figure("bulk8_gbps", "bulk, 8 streams (Gbit/s)", 2, (">=", 1.0)),
