@@ -19,11 +19,11 @@ never a mix.
 
 Maglev tables are built off the caller's thread (``Pool.run_build``, a
 daemon thread by default): a health transition never waits for a build, and
-no flow does either. Until the new table lands, ``candidates`` chooses as
-Maglev does during a rebuild (paper, section 3.4, "the new table takes
-effect once built"): see ``candidates``. Builds are coalesced: transitions
-during a build cause one more build, for the latest up set only. Tables are
-cached per backend set (``_TABLES``).
+no flow does either. Until the new table lands, ``candidates`` answers from
+the previous table where it still can (the rule is in its docstring);
+Maglev's consistency across nodes is back once the table lands. Builds are
+coalesced: transitions during a build cause one more build, for the latest
+up set only. Tables are cached per backend set (``_TABLES``).
 
 Apart from that builder glue (a thread, a GIL-yield timer, one log line per
 build), the pool holds no sockets and reads no clock.
@@ -146,7 +146,7 @@ class Pool:
     service: ServiceConfig
     run_build: BuildRunner = field(default=run_in_thread, repr=False)
     backends: list[Backend] = field(init=False)
-    _selection: _Selection = field(init=False)
+    _selection: _Selection = field(init=False, repr=False)
     _rr: itertools.count[int] = field(init=False, default_factory=itertools.count)
     _write_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _build_wanted: bool = field(init=False, default=False)
@@ -230,7 +230,12 @@ class Pool:
             if self._build_running:
                 return
             self._build_running = True
-        self.run_build(self._build_latest)
+        try:
+            self.run_build(self._build_latest)
+        except Exception as exc:  # e.g. no thread to be had: the next transition retries
+            with self._write_lock:
+                self._build_running = False
+            log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
 
     def _build_latest(self) -> None:
         """Build the table of the newest selection until none is wanted."""
@@ -364,8 +369,11 @@ class _GilYield:
     """``maglev.build_table``'s pause for a background build: after
     ``HOLD_S`` of build work, sleep briefly so a thread waiting for the GIL
     (the event loop, the relay thread) takes it now instead of after the
-    interpreter's 5 ms switch interval. ``time.sleep(0)`` is not enough: the
-    builder takes the GIL back before the waiter wakes."""
+    interpreter's switch interval (``sys.getswitchinterval()``, 5 ms). A real
+    sleep rather than ``time.sleep(0)``, which returns at once and may take
+    the GIL back before the waiting thread has woken up. The builder also
+    holds the GIL for short spans only, so it is rarely descheduled by the
+    OS while holding it (on a busy machine that stalls every other thread)."""
 
     HOLD_S = 0.0005
     SLEEP_S = 1e-6  # a real sleep: ~50 us with Linux timer slack

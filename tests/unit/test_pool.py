@@ -253,6 +253,24 @@ def test_a_failed_build_keeps_serving_from_the_previous_table(monkeypatch: pytes
     assert pool.table_ready and firsts(pool) == before
 
 
+def test_no_thread_for_a_build_is_retried_at_the_next_transition() -> None:
+    builds = HeldBuilds()
+    refuse = True
+
+    def runner(job: BuildJob) -> None:
+        if refuse:
+            raise RuntimeError("can't start new thread")
+        builds(job)
+
+    pool = Pool(service(), run_build=runner)
+    for key in KEYS[:3]:
+        assert pool.set_up(key, True)  # the transition itself never fails
+    assert not pool.table_ready and pool.candidates(CLIENT, VIP)
+    refuse = False
+    pool.set_up(KEYS[3], True)
+    assert builds.run() == 1 and firsts(pool) == maglev_firsts(KEYS)
+
+
 class Flapping:
     """12 backends at 251 slots whose first 4 go down and up; the table of
     every up set met is cached, so each transition publishes a ready table,
