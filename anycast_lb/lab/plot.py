@@ -58,9 +58,10 @@ def timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any]) -> Non
 def flows_timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any],
                    node_of_peer: dict[str, str]) -> None:
     """Write the plot of a long-lived flow run to ``path``: established flows
-    alive per owner node over time (top) and flows broken per 20 ms window
-    by kind, the victim's own vs collateral (bottom); x axis: ms from the
-    event, with the event and the FIB changes marked."""
+    alive per owner node over time (top) and flow failures per 20 ms window
+    by kind, the victim's own vs collateral (bottom; a hang shows twice: when
+    the echo was overdue and when a RST or FIN ended it); x axis: ms from
+    the event, with the event and the FIB changes marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +70,7 @@ def flows_timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any],
     event_s = float(result["event_at"])
     flows = [f for f in traffic["flows"] if f["open_s"] is not None]
     owners = sorted({node_of_peer.get(f["peer"], f["peer"]) for f in flows})
-    end_s = max([f["failed_s"] or 0.0 for f in flows]
+    end_s = max([f["failed_s"] or 0.0 for f in flows] + [f.get("late_s") or 0.0 for f in flows]
                 + [f["last_ok_s"] or 0.0 for f in flows] + [event_s])
     start_s = min([f["open_s"] for f in flows] + [event_s])
     step = 0.01
@@ -86,15 +87,22 @@ def flows_timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any],
                  + (" (victim)" if owner == result["victim"] else ""))
     top.set_ylabel("established flows alive")
     width_s = 0.02
-    kinds = sorted({f["kind"] for f in flows if f["failed_s"] is not None})
-    colours = {"reset": "#e03131", "eof": "#f08c00", "hang": "#862e9c", "bad-echo": "#495057"}
-    bins: dict[tuple[str, bool], dict[int, int]] = {}
+    colours = {"reset": "#e03131", "eof": "#f08c00", "hang": "#862e9c", "bad-echo": "#495057",
+               "reset after hang": "#ff8787", "eof after hang": "#ffc078"}
+    # (time s, what, victim's own?): a hang, and the RST or FIN that ended it.
+    marks: list[tuple[float, str, bool]] = []
     for f in flows:
         if f["failed_s"] is None:
             continue
-        key = (f["kind"], node_of_peer.get(f["peer"], f["peer"]) == result["victim"])
-        cell = bins.setdefault(key, {})
-        i = int((f["failed_s"] - event_s) // width_s)
+        own = node_of_peer.get(f["peer"], f["peer"]) == result["victim"]
+        marks.append((f["failed_s"], f["kind"], own))
+        if f["kind"] == "hang" and f.get("late_s") is not None:
+            marks.append((f["late_s"], f"{f['late_kind']} after hang", own))
+    kinds = sorted({what for _, what, _ in marks})
+    bins: dict[tuple[str, bool], dict[int, int]] = {}
+    for at, what, own in marks:
+        cell = bins.setdefault((what, own), {})
+        i = int((at - event_s) // width_s)
         cell[i] = cell.get(i, 0) + 1
     bottom_sum: dict[int, int] = {}
     for kind in kinds:
@@ -110,7 +118,7 @@ def flows_timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any],
                        label=f"{kind}, {'victim' if own else 'collateral'}")
             for i in idx:
                 bottom_sum[i] = bottom_sum.get(i, 0) + counts[i]
-    bottom.set_ylabel("flows broken per 20 ms")
+    bottom.set_ylabel("flow failures per 20 ms")
     bottom.set_xlabel("ms from event")
     for ax in (top, bottom):
         ax.axvline(0, color="black", linestyle="--", label="event" if ax is top else None)

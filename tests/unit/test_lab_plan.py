@@ -103,6 +103,26 @@ def test_analyse_fails_when_fib_never_converges() -> None:
     assert r["pass"] is False
 
 
+def test_backend_fail_forgives_only_what_the_killed_backend_had_answered() -> None:
+    rows: list[list[object]] = [
+        [1.48, 21.0, 0, "198.51.100.129", "be1", "bad echo"],   # answered, then be1 died
+        [1.49, 2.0, 1, "198.51.100.130", "be2", ""],
+    ]
+    target = Target(zero_new_failures=True, fib_unchanged=True, lost_with_backend="be1")
+    r = results.analyse("backend-fail", _traffic(rows), [(0.0, HOPS)], 1.5, HOPS, HOPS,
+                        PEERS, NHOPS, 3, target)
+    assert r["new_connections_failed"] == 1
+    assert r["failed_answered_by_killed_backend"] == 1
+    assert r["pass"] is True
+    # A failure the killed backend had not answered, or one started after
+    # the event, still counts.
+    for row in ([1.48, 21.0, 0, "198.51.100.129", "be2", "bad echo"],
+                [1.51, 21.0, 0, "198.51.100.129", "be1", "bad echo"]):
+        r = results.analyse("backend-fail", _traffic([*rows, row]), [(0.0, HOPS)], 1.5, HOPS,
+                            HOPS, PEERS, NHOPS, 3, target)
+        assert r["checks"]["zero_new_failures"] is False
+
+
 def test_converged_requires_the_set_to_hold() -> None:
     changes = [(0.0, HOPS), (1.6, HOPS[:2]), (1.7, HOPS), (1.9, HOPS[:2])]
     assert results.converged_at(changes, 1.5, HOPS[:2]) == 1.9
