@@ -373,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r for r in runs if "error" in r]
     print()
     print("\n\n".join(tables_text))
+    held = f"{idle} idle connections; " if "idle" in args.tests else ""
     print(f"\nmedian [min-max] of {args.repeat} interleaved run(s); ratio = anycast-lb / HAProxy; "
-          f"{idle} idle connections; {info['elapsed_s']} s in all")
+          f"{held}{info['elapsed_s']} s in all")
     foreign: dict[str, dict[str, dict[str, float | int]]] = {}
     for proxy in proxies:
         shares = {}
