@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     os.sched_setaffinity(0, set(cpu_list(args.load_cpu)))
     nofile = raise_nofile(configs.haproxy_fds(args.idle_connections + 200))
     idle = min(args.idle_connections, configs.max_idle_connections(nofile))
