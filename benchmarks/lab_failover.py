@@ -2,13 +2,15 @@
 
 Runs, each in a fresh lab of three nodes:
 
-1. ``anycast-lb lab demo``: every failover scenario, and the flows-*
-   scenarios with plain anycast (the baseline);
-2. ``anycast-lb lab demo --bfd --scenario node-silent``: silent node death
-   with FRR bfdd beside ExaBGP;
-3. ``anycast-lb lab demo --bfd --scenario flows-...``: the flows-* scenarios,
-   plain anycast with BFD (the baseline for 4);
-4. the same with ``--flow-survival`` (skipped with ``--no-flow-survival``),
+1. ``anycast-lb lab demo --no-flow-survival``: every scenario (failover and
+   flows-*) with plain anycast, the baseline;
+2. ``anycast-lb lab demo``: the same with flow survival (skipped with
+   ``--no-flow-survival``, as are 5);
+3. ``anycast-lb lab demo --no-flow-survival --bfd --scenario node-silent``:
+   silent node death with FRR bfdd beside ExaBGP;
+4. ``anycast-lb lab demo --no-flow-survival --bfd --scenario flows-...``: the
+   flows-* scenarios, plain anycast with BFD (the baseline for 5);
+5. ``anycast-lb lab demo --bfd --scenario flows-...``: with flow survival,
 
 then prints one table of failover figures and one of broken flows, each row
 with its target and verdict, and exits 1 if any target was missed. Needs
@@ -40,8 +42,8 @@ def run_demo(out: Path, *extra: str) -> list[dict[str, Any]]:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return (("fs " if r.get("flow_survival") else "") + str(r["scenario"])
-            + (" --bfd" if r.get("bfd") else ""))
+    return (str(r["scenario"]) + (" --bfd" if r.get("bfd") else "")
+            + (" (fs)" if r.get("flow_survival") else ""))
 
 
 def _print_failover(rows: list[dict[str, Any]]) -> None:
@@ -81,10 +83,14 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     for i in range(args.repeat):
         base = args.out / f"run{i + 1}"
-        results += run_demo(base)
-        results += run_demo(base.with_name(base.name + "-bfd"), "--bfd",
+        plain = "--no-flow-survival"
+        results += run_demo(base, plain)
+        if not args.no_flow_survival:
+            results += run_demo(base.with_name(base.name + "-fs"), "--flow-survival")
+        results += run_demo(base.with_name(base.name + "-bfd"), plain, "--bfd",
                             "--scenario", "node-silent")
-        results += run_demo(base.with_name(base.name + "-flows-bfd"), "--bfd", *only_flows)
+        results += run_demo(base.with_name(base.name + "-flows-bfd"), plain, "--bfd",
+                            *only_flows)
         if not args.no_flow_survival:
             results += run_demo(base.with_name(base.name + "-flows-bfd-fs"), "--bfd",
                                 "--flow-survival", *only_flows)

@@ -216,8 +216,10 @@ def down() -> None:
 @click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True)
 @click.option("--scenario", "only", multiple=True,
               type=click.Choice(ALL_SCENARIOS), help="Run only these (repeatable).")
-@click.option("--flow-survival/--no-flow-survival", default=False, show_default=True,
-              help="Bring the lab up with flow survival (cluster: section on every node).")
+@click.option("--flow-survival/--no-flow-survival", default=True, show_default=True,
+              help="Nodes share their flows over the node LAN and steer packets to the "
+                   "owner (a cluster: section on every node); --no-flow-survival: plain "
+                   "anycast, the baseline.")
 def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
          flow_survival: bool) -> None:
     """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""

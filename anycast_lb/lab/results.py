@@ -28,6 +28,11 @@ class Target:
     """Backend killed by the scenario: a connection it had already answered
     (greeting received) before the event dies with it, as with any
     terminating proxy, and is not held against ``zero_new_failures``."""
+    forgive_ecmp_change: bool = False
+    """Plain anycast: a connection whose handshake straddled a FIB change
+    (started within ``WINDOW_S`` of it) may fail; hash-threshold ECMP moves
+    some flows between the nodes that stay (LAB-NOTES trap 15), and only flow
+    survival keeps them. Not held against ``zero_new_failures``."""
     fib_unchanged: bool = False
     """The router must keep every next hop throughout (backend-fail)."""
     ecmp_tolerance: float | None = None
@@ -89,7 +94,11 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
     failed = [r for r in rows if not r[2]]
     lost = [r for r in failed if target.lost_with_backend is not None and event_s is not None
             and r[4] == target.lost_with_backend and r[0] < event_s]
-    counted = [r for r in failed if r not in lost]
+    at_change = [r for r in failed if r not in lost and event_s is not None and any(
+        t >= event_s and r[0] - WINDOW_S <= t <= r[0] + r[1] / 1000 + WINDOW_S
+        for t, _ in changes)]
+    forgiven = lost + (at_change if target.forgive_ecmp_change else [])
+    counted = [r for r in failed if r not in forgiven]
     result: dict[str, Any] = {"scenario": scenario, "event_at": event_s,
                               "new_connections_total": len(rows),
                               "new_connections_failed": len(failed),
@@ -97,7 +106,8 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
                               # Failed after the backend's greeting: the flow
                               # was up, then moved by an ECMP change (trap 15).
                               "new_failed_in_flight": sum(1 for r in failed if r[4]),
-                              "failed_answered_by_killed_backend": len(lost)}
+                              "failed_answered_by_killed_backend": len(lost),
+                              "failed_at_ecmp_change": len(at_change)}
     established = [c for c in longs if c["established"]]
     broken = [c for c in established if c["broken_at"] is not None]
     result["established_total"] = len(established)

@@ -123,6 +123,27 @@ def test_backend_fail_forgives_only_what_the_killed_backend_had_answered() -> No
         assert r["checks"]["zero_new_failures"] is False
 
 
+def test_plain_drain_forgives_only_handshakes_at_the_ecmp_change() -> None:
+    rows: list[list[object]] = [
+        [1.563, 0.2, 0, "", "", "reset"],            # SYN before the change, ACK after
+        [1.60, 2.0, 1, "198.51.100.130", "be2", ""],
+    ]
+    changes = [(0.0, HOPS), (1.565, HOPS[:2])]
+    plain = Target(zero_new_failures=True, forgive_ecmp_change=True)
+    r = results.analyse("drain", _traffic(rows), changes, 1.5, HOPS[:2], HOPS, PEERS, NHOPS,
+                        3, plain)
+    assert (r["new_connections_failed"], r["failed_at_ecmp_change"]) == (1, 1)
+    assert r["pass"] is True
+    strict = results.analyse("drain", _traffic(rows), changes, 1.5, HOPS[:2], HOPS, PEERS,
+                             NHOPS, 3, Target(zero_new_failures=True))
+    assert strict["checks"]["zero_new_failures"] is False
+    late: list[list[object]] = [*rows, [1.70, 0.2, 0, "", "", "reset"]]   # 135 ms after it
+    r = results.analyse("drain", _traffic(late), changes, 1.5, HOPS[:2], HOPS, PEERS, NHOPS,
+                        3, plain)
+    assert r["failed_at_ecmp_change"] == 1
+    assert r["checks"]["zero_new_failures"] is False
+
+
 def test_converged_requires_the_set_to_hold() -> None:
     changes = [(0.0, HOPS), (1.6, HOPS[:2]), (1.7, HOPS), (1.9, HOPS[:2])]
     assert results.converged_at(changes, 1.5, HOPS[:2]) == 1.9
