@@ -5,7 +5,8 @@
 ``GET /readyz``          200 while at least one service has ``min_healthy``
                          backends up and the node is not draining; else 503
                          with the reason
-``GET /status``          JSON: node, services, backends, BGP announcement state
+``GET /status``          JSON: node, services, backends, BGP announcement state,
+                         cluster (flow survival: peers, flows owned, map size)
 ``GET /metrics``         Prometheus text exposition
 ``POST /drain``          admin: start a drain (RFC 8326 GRACEFUL_SHUTDOWN,
                          then withdraw); ``Authorization: Bearer TOKEN``

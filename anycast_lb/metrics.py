@@ -18,6 +18,14 @@ Exported families (all prefixed ``anycast_lb_``):
 - ``service_up_backends{service}`` gauge
 - ``node_draining`` gauge
 - ``health_check_duration_seconds{service,backend}`` histogram
+
+With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
+``cluster_flow_survival``, ``cluster_live_peers``, ``cluster_peer_up{peer}``,
+``cluster_peer_flows{peer}``, ``cluster_flows_owned``,
+``cluster_steering_map_size``, ``cluster_steered_packets_total{verdict}``,
+``cluster_sync_lag_seconds`` (histogram) and ``cluster_sync_lag_p99_seconds``,
+``cluster_sync_gaps_total``, ``cluster_nft_failures_total``,
+``cluster_stale_flows_aborted_total``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from anycast_lb.pool import Pool
@@ -40,13 +48,13 @@ class _PoolCollector(Collector):
         self,
         pools: Mapping[str, Pool],
         draining: Callable[[], bool],
-        extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]] | None,
+        extra: Callable[[], Iterator[Metric]] | None,
     ) -> None:
         self._pools = pools
         self._draining = draining
         self._extra = extra
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         labels = ["service", "backend"]
         up = GaugeMetricFamily("anycast_lb_backend_up", "1 while the backend is up", labels=labels)
         active = GaugeMetricFamily(
@@ -100,7 +108,7 @@ class NodeMetrics:
         self,
         pools: Mapping[str, Pool],
         draining: Callable[[], bool],
-        extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]] | None = None,
+        extra: Callable[[], Iterator[Metric]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_PoolCollector(pools, draining, extra))

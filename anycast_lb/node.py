@@ -22,7 +22,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,9 +41,19 @@ from anycast_lb.bgp.policy import (
     prefix_up,
 )
 from anycast_lb.clock import Clock, SystemClock
-from anycast_lb.config import NodeConfig, format_host_port
+from anycast_lb.cluster import Cluster
+from anycast_lb.config import Engine, NodeConfig, format_host_port
+from anycast_lb.config import Protocol as Transport
 from anycast_lb.errors import AnycastLBError, BindError
-from anycast_lb.forward import Forwarder, forwarder_for
+from anycast_lb.forward import (
+    FlowHook,
+    FlowKey,
+    Forwarder,
+    RelayForwarder,
+    RelayLoop,
+    forwarder_for,
+)
+from anycast_lb.forward.relay import HAVE_EPOLL
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.metrics import NodeMetrics
@@ -87,6 +97,13 @@ class Node:
         self.clock = clock or SystemClock()
         self.pools = {s.name: Pool(s) for s in config.services}
         self.forwarders: dict[str, Forwarder] = {}
+        self.relay: RelayLoop | None = None
+        """The relay engine's loop (``forwarding.engine: relay``, Linux), shared
+        by every TCP service."""
+        self.flow_hook: FlowHook | None = None
+        """Told of every TCP flow accepted and closed (flow survival)."""
+        self.wildcard_listeners = False
+        """Bind TCP listeners to the wildcard address (flow survival)."""
         self._bind_overrides = dict(bind_overrides or {})
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
@@ -97,7 +114,15 @@ class Node:
         self._stop = asyncio.Event()
         self._stopping = False
         self._changed = asyncio.Event()
-        self.metrics = NodeMetrics(self.pools, lambda: self.draining)
+        self.cluster: Cluster | None = None
+        if config.cluster is not None:
+            self.cluster = Cluster(config.cluster, config.services, name=config.node.name,
+                                   clock=self.clock, abort=self._abort_flows)
+            if config.cluster.flow_survival:
+                self.flow_hook = self.cluster.on_flow
+                self.wildcard_listeners = True
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining,
+                                   self.cluster.metric_families if self.cluster else None)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
@@ -157,6 +182,14 @@ class Node:
             log.event("service.healthy" if healthy else "service.unhealthy", service=service,
                       up_backends=self.pools[service].up_count)
         self._changed.set()
+
+    def _abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Reset our client connections for ``keys``: a live peer accepted
+        those 4-tuples after us, so our sockets are stale (FLOW-SURVIVAL
+        trap 1). Thread-safe; how many were found."""
+        wanted = list(keys)
+        return sum(f.abort_flows(wanted) for f in self.forwarders.values()
+                   if isinstance(f, RelayForwarder))
 
     # ------------------------------------------------------------------ drain
 
@@ -263,6 +296,7 @@ class Node:
             },
             "services": services,
             "bgp": bgp_status,
+            "cluster": self.cluster.status() if self.cluster is not None else None,
         }
 
     def metrics_exposition(self) -> bytes:
@@ -270,10 +304,28 @@ class Node:
 
     # ------------------------------------------------------------------ run
 
+    def _start_relay(self) -> None:
+        forwarding = self.config.forwarding
+        if forwarding.engine is not Engine.RELAY:
+            return
+        if not any(s.protocol is Transport.TCP for s in self.config.services):
+            return
+        if not HAVE_EPOLL:
+            log.warning("forward.engine_unavailable", engine="relay", reason="no epoll",
+                        using="asyncio")
+            return
+        self.relay = RelayLoop(forwarding)
+        self.relay.start()
+
     async def _start_forwarders(self) -> None:
+        self._start_relay()
         for s in self.config.services:
             host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
-            forwarder = forwarder_for(s, self.pools[s.name], bind_host=host, bind_port=port)
+            forwarder = forwarder_for(
+                s, self.pools[s.name], bind_host=host, bind_port=port, relay=self.relay,
+                wildcard=self.wildcard_listeners and self.relay is not None,
+                on_flow=self.flow_hook if self.relay is not None else None,
+            )
             self.service_addresses[s.name] = await forwarder.start()
             self.forwarders[s.name] = forwarder
             log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
@@ -338,6 +390,11 @@ class Node:
             runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if self.cluster is not None:
+                    # Steering is up before any route is announced.
+                    cluster_started = asyncio.Event()
+                    tg.create_task(self.cluster.run(cluster_started))
+                    await cluster_started.wait()
                 monitor_started = asyncio.Event()
                 tg.create_task(self._monitor.run(monitor_started))
                 await monitor_started.wait()
@@ -362,6 +419,8 @@ class Node:
             for forwarder in self.forwarders.values():
                 forwarder.stop_accepting()
                 forwarder.abort_all()
+            if self.relay is not None:
+                self.relay.stop()
             if runner is not None:
                 await runner.cleanup()
             log.event("node.stopped", name=self.config.node.name)
@@ -385,11 +444,18 @@ class Node:
         for forwarder in self.forwarders.values():
             forwarder.stop_accepting()
         self._changed.set()
+        waited = self.clock.monotonic()
         results = await asyncio.gather(
             *(f.wait_idle(self.config.drain.timeout) for f in self.forwarders.values())
         )
         if not all(results):
             log.warning("node.drain_timeout", open_connections=sum(f.active for f in self.forwarders.values()))
+        if self.cluster is not None:
+            # Planned drain (FLOW-SURVIVAL trap 5): peers steer this node's
+            # flows here until it owns none; only then does steering go.
+            left = self.config.drain.timeout - (self.clock.monotonic() - waited)
+            if not await self.cluster.wait_owned_zero(max(left, 0.0)):
+                log.warning("node.drain_timeout", owned_flows=len(self.cluster.local))
 
 
 def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:

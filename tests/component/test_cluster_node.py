@@ -1,0 +1,80 @@
+"""Two whole nodes with a ``cluster`` section on 127.0.0.1: membership shows
+in /status and /metrics, and a stopping node leaves the cluster at once.
+
+``flow_survival: false`` here: the steering data path would change this
+namespace's nftables, rules and sysctls (benchmarks/cluster_steering.py
+proves it in scratch namespaces instead)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiohttp
+
+from anycast_lb.config import parse_config
+from anycast_lb.node import Node
+from tests.waiting import wait_until
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def config(name: str, port: int, peer: int) -> dict[str, Any]:
+    return {
+        "node": {"name": name},
+        "api": {"listen": "127.0.0.1:0"},
+        "drain": {"timeout": 1, "announce_grace": 0.1},
+        "services": [{"name": "web", "vip": "127.0.0.1", "port": 1,
+                      "backends": [{"address": "127.0.0.1", "port": 9}],
+                      "health": {"kind": "none", "interval": 0.2, "timeout": 0.1}}],
+        "cluster": {"flow_survival": False, "address": "127.0.0.1", "port": port,
+                    "interface": "lo", "peers": [f"127.0.0.1:{port}", f"127.0.0.1:{peer}"],
+                    "heartbeat_interval": 0.05, "peer_expiry": 0.3},
+    }
+
+
+async def get(node: Node, path: str) -> Any:
+    assert node.api_address is not None
+    url = f"http://127.0.0.1:{node.api_address[1]}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        return await (response.text() if path == "/metrics" else response.json())
+
+
+async def test_nodes_see_each_other_and_a_stopping_node_leaves() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    a = Node(parse_config(config("lb1", pa, pb)), bind_overrides={"web": ("127.0.0.1", 0)},
+             check_jitter=False)
+    b = Node(parse_config(config("lb2", pb, pa)), bind_overrides={"web": ("127.0.0.1", 0)},
+             check_jitter=False)
+    tasks = []
+    for node in (a, b):
+        started = asyncio.Event()
+        tasks.append(asyncio.create_task(node.run(started)))
+        await started.wait()
+    try:
+        await wait_until(lambda: a.cluster is not None and a.cluster.status()["live_peers"] == 1,
+                         what="lb1 hears lb2")
+        status = await get(a, "/status")
+        cluster = status["cluster"]
+        assert cluster["flow_survival"] == "off"
+        assert cluster["reason"] == "cluster.flow_survival is false"
+        (peer,) = cluster["peers"]
+        assert (peer["name"], peer["alive"], peer["steering_receiver"]) == ("lb2", True, False)
+        metrics = await get(a, "/metrics")
+        assert "anycast_lb_cluster_live_peers 1.0" in metrics
+        assert "anycast_lb_cluster_flow_survival 0.0" in metrics
+        b.request_stop()
+        await tasks[1]
+        # lb2's leaving heartbeat: dead well before the 0.3 s expiry runs out.
+        await wait_until(lambda: a.status()["cluster"]["live_peers"] == 0, timeout=0.25,
+                         what="lb1 sees lb2 leave")
+    finally:
+        a.request_stop()
+        b.request_stop()
+        await asyncio.gather(*tasks)
