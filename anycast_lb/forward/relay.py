@@ -80,6 +80,9 @@ ACCEPT_BATCH = 64
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 SWEEPS_PER_IDLE_TIMEOUT = 8
+CONNECT_SWEEP_S = 0.02
+"""Resolution of connect timeouts (s): an attempt fails 0-20 ms after its
+connect_timeout."""
 KEEPALIVE_IDLE_S = 10
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
@@ -97,6 +100,7 @@ _ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
 _F_SETPIPE_SZ = 1031
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
 
@@ -382,7 +386,7 @@ class _Conn:
 
     __slots__ = (
         "loop", "fwd", "client", "cfd", "peer", "local", "key", "backend", "bsock", "bfd",
-        "candidates", "timer", "up", "down", "replay", "replay_len", "answered", "closed",
+        "candidates", "up", "down", "replay", "replay_len", "answered", "closed",
         "cmask", "bmask", "idle", "pre", "creg",
     )
 
@@ -399,7 +403,6 @@ class _Conn:
         self.bsock: socket.socket | None = None
         self.bfd = -1
         self.candidates: list[Backend] = []
-        self.timer: _Timer | None = None
         self.up: _Dir | None = None
         """Client to backend."""
         self.down: _Dir | None = None
@@ -421,12 +424,10 @@ class _Conn:
         fwd = self.fwd
         while self.candidates:
             backend = self.candidates.pop(0)
-            host, port = backend.sockaddr
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            family, address = fwd.sockaddr(backend)
+            sock = socket.socket(family, _STREAM_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((host, port))
+            err = sock.connect_ex(address)
             if err not in (0, errno.EINPROGRESS):
                 self.loop.doom(sock)
                 backend.connect_failures += 1
@@ -438,14 +439,13 @@ class _Conn:
             self.backend = backend
             self.bmask = _OUT
             self.loop.register(self.bfd, _OUT, self.backend_event)
-            self.timer = self.loop.call_later(fwd.connect_timeout, self.connect_timeout)
+            fwd.connecting[self] = self.loop.now + fwd.connect_timeout
             return
         fwd.rejected_connect_failed += 1
         log.debug("forward.all_backends_failed", service=fwd.name, client=self.client_name)
         self.close(reset=True)
 
     def connect_timeout(self) -> None:
-        self.timer = None
         if self.up is not None or self.closed:
             return
         self._connect_failed("timeout")
@@ -459,17 +459,13 @@ class _Conn:
         self.loop.forget(self.bfd)
         self.loop.doom(sock)
         self.bsock, self.bfd, self.backend = None, -1, None
-        if self.timer is not None:
-            self.timer.cancelled = True
-            self.timer = None
+        self.fwd.connecting.pop(self, None)
         self.connect_next()
 
     def connected(self) -> None:
         backend, bsock = self.backend, self.bsock
         assert backend is not None and bsock is not None
-        if self.timer is not None:
-            self.timer.cancelled = True
-            self.timer = None
+        del self.fwd.connecting[self]
         backend.active_connections += 1
         backend.connections_total += 1
         splice = self.loop.splice
@@ -510,11 +506,13 @@ class _Conn:
         up, down = self.up, self.down
         if up is None or down is None:
             # Connecting: EPOLLOUT (or an error) ends the attempt.
+            # Linux reports a failed connect as EPOLLERR (with EPOLLOUT);
+            # SO_ERROR is read only then.
             sock = self.bsock
             assert sock is not None
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._connect_failed(os.strerror(err))
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ev & _ERR else 0
+            if err or ev & _ERR:
+                self._connect_failed(os.strerror(err) if err else "hang-up")
             else:
                 self.connected()
             return
@@ -612,6 +610,12 @@ class _Conn:
         if d.shut or d.pending:
             return
         d.shut = True
+        other = self.down if d is self.up else self.up
+        if other is not None and other.shut:
+            # Both directions done: close() sends the FIN; a shutdown first
+            # would be one more system call per connection.
+            self.close(reset=False)
+            return
         try:
             d.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -685,8 +689,8 @@ class _Conn:
             return
         self.closed = True
         loop = self.loop
-        if self.timer is not None:
-            self.timer.cancelled = True
+        if self.up is None:
+            self.fwd.connecting.pop(self, None)
         for d in (self.up, self.down):
             if d is not None and d.pipe is not None:
                 loop.release_pipe(d.pipe, d.pending == 0)
@@ -762,6 +766,12 @@ class RelayForwarder:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._sweep_interval = service.effective_idle_timeout / SWEEPS_PER_IDLE_TIMEOUT
         self._sweep_timer: _Timer | None = None
+        self.connecting: dict[_Conn, float] = {}
+        """Connections waiting for their backend, and the monotonic deadline
+        (s) of the attempt: swept every CONNECT_SWEEP_S (no timer per
+        connection)."""
+        self._connect_sweep: _Timer | None = None
+        self._sockaddrs: dict[int, tuple[socket.AddressFamily, tuple[str, int]]] = {}
         self.accepted = 0
         self.rejected_no_backend = 0
         self.rejected_connect_failed = 0
@@ -956,9 +966,29 @@ class RelayForwarder:
         if not self._conns:
             self._became_idle()
 
+    def sockaddr(self, backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
+        """The backend's address family and connect() address, cached."""
+        cached = self._sockaddrs.get(id(backend))
+        if cached is None:
+            host, port = backend.sockaddr
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            cached = self._sockaddrs[id(backend)] = (family, (host, port))
+        return cached
+
     def _became_busy(self) -> None:
         if self._sweep_timer is None:
             self._sweep_timer = self.loop.call_later(self._sweep_interval, self._sweep)
+        if self._connect_sweep is None:
+            self._connect_sweep = self.loop.call_later(CONNECT_SWEEP_S, self._sweep_connects)
+
+    def _sweep_connects(self) -> None:
+        self._connect_sweep = None
+        now = self.loop.now
+        for conn, deadline in list(self.connecting.items()):
+            if deadline <= now:
+                conn.connect_timeout()
+        if self._conns:
+            self._connect_sweep = self.loop.call_later(CONNECT_SWEEP_S, self._sweep_connects)
 
     def _became_idle(self) -> None:
         # Only wake the control plane when someone waits: short connections
