@@ -127,10 +127,17 @@ class KernelDataPath:
             log.warning("cluster.teardown_failed", part="nft", error=str(exc))
         if self._routed:
             try:
-                for argv in routing.teardown_commands(self.routing, await self._rules()):
-                    await run(argv)
+                commands = routing.teardown_commands(self.routing, await self._rules())
             except ClusterError as exc:
                 log.warning("cluster.teardown_failed", part="routing", error=str(exc))
+                commands = []
+            for argv in commands:
+                try:
+                    await run(argv)
+                except ClusterError as exc:
+                    # Flushing a table that holds no route fails (exit 2): nothing to undo.
+                    if argv[:3] != ["ip", "route", "flush"]:
+                        log.warning("cluster.teardown_failed", part="routing", error=str(exc))
             for key, value in self._restore.items():
                 try:
                     self._write_sysctl(key, value)
