@@ -335,6 +335,8 @@ class _Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    return  # shut down by stop_accepting; closed on the loop thread next
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("forward.accept_error", error=exc.strerror or repr(exc))
                     return
@@ -727,7 +729,8 @@ class RelayForwarder:
     dispatches by local address: the flow-survival ownership test needs
     accepted sockets bound to the VIP and the listener to the wildcard
     (FLOW-SURVIVAL.md). ``on_flow`` is called on the loop thread (see the
-    module docstring).
+    module docstring). ``reuse_port`` sets SO_REUSEPORT so that worker
+    processes can each listen on the same address.
 
     Counters: ``accepted``, ``rejected_no_backend``, ``rejected_connect_failed``;
     per backend the pool's ``Backend`` counters.
@@ -743,8 +746,10 @@ class RelayForwarder:
         *,
         wildcard: bool = False,
         on_flow: FlowHook | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.service = service
+        self.reuse_port = reuse_port
         self.pool = pool
         self.loop = loop
         self.name = service.name
@@ -831,6 +836,10 @@ class RelayForwarder:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                # Worker processes each bind the same address; the kernel
+                # spreads new connections over their listeners.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _tune_listener(sock)
