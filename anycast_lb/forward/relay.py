@@ -138,8 +138,6 @@ class RelayLoop:
         self._doomed: list[socket.socket] = []
         self.listeners: dict[tuple[str, int], _Listener] = {}
         """Wildcard listeners by bound (address, port), shared by services."""
-        self._scratch = bytearray(self.buffer_size)
-        self._view = memoryview(self._scratch)
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False
@@ -364,11 +362,13 @@ class _Listener:
 class _Dir:
     """One direction of a connection: bytes from ``src`` to ``dst``."""
 
-    __slots__ = ("src", "dst", "pipe", "pending", "buf", "eof", "shut", "copy")
+    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "pending", "buf", "eof", "shut", "copy")
 
     def __init__(self, src: socket.socket, dst: socket.socket, copy: bool) -> None:
         self.src = src
         self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         """Bytes read from src and not yet written to dst."""
@@ -377,10 +377,6 @@ class _Dir:
         self.eof = False
         self.shut = False
         self.copy = copy
-
-    @property
-    def done(self) -> bool:
-        return self.shut
 
 
 class _Conn:
@@ -486,7 +482,12 @@ class _Conn:
             self.creg = True
             self.cmask = _IN
             self.loop.register(self.cfd, _IN, self.client_event)
-        self.update()
+        if not self.up.pending and not self.closed:
+            # Clients usually speak first and their bytes are waiting by
+            # now: read them without another trip through epoll.
+            self.pump(self.up)
+        if not self.closed:
+            self.update()
 
     # -- events -------------------------------------------------------------
 
@@ -542,10 +543,9 @@ class _Conn:
         size = self.loop.buffer_size
         try:
             if d.copy:
-                view = self.loop._view
-                n = d.src.recv_into(view, size)
+                data = d.src.recv(size)
+                n = len(data)
                 if n:
-                    data = bytes(view[:n])
                     d.buf = memoryview(data)
                     if d is self.up and self.replay is not None:
                         self.replay.append(data)
@@ -555,7 +555,7 @@ class _Conn:
             else:
                 if d.pipe is None:
                     d.pipe = self.loop.acquire_pipe()
-                n = os.splice(d.src.fileno(), d.pipe[1], size, flags=_SPLICE_FLAGS)
+                n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             if d.pipe is not None and not d.pending:
                 self.loop.release_pipe(d.pipe, True)
@@ -594,7 +594,7 @@ class _Conn:
                     d.buf = d.buf[n:] if n < len(d.buf) else None
                 else:
                     assert d.pipe is not None
-                    n = os.splice(d.pipe[0], d.dst.fileno(), d.pending, flags=_SPLICE_FLAGS)
+                    n = os.splice(d.pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)
                 d.pending -= n
         except (BlockingIOError, InterruptedError):
             return
