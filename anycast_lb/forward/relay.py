@@ -81,6 +81,11 @@ ACCEPT_BATCH = 64
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 SWEEPS_PER_IDLE_TIMEOUT = 8
+BURST = 8
+"""Reads per direction per wake-up while each fills the buffer."""
+COPY_READ = 65536
+"""Largest read through user space (bytes): bigger recv() buffers go to
+mmap and back on every call."""
 CONNECT_SWEEP_S = 0.02
 """Resolution of connect timeouts (s): an attempt fails 0-20 ms after its
 connect_timeout."""
@@ -549,52 +554,61 @@ class _Conn:
     # -- moving bytes -------------------------------------------------------
 
     def pump(self, d: _Dir) -> None:
-        """Read once from d.src, then write as much as d.dst takes."""
+        """Read from d.src and write to d.dst, while reads fill the buffer
+        and writes complete, at most ``BURST`` reads: a bulk transfer moves
+        up to BURST * buffer_size bytes per wake-up instead of one read."""
         size = self.loop.buffer_size
-        try:
-            if d.copy:
-                data = d.src.recv(size)
-                n = len(data)
-                if n:
-                    d.buf = memoryview(data)
-                    if d is self.up and self.replay is not None:
-                        self.replay.append(data)
-                        self.replay_len += n
-                        if self.replay_len > REPLAY_LIMIT:
-                            self.replay = None
+        for _ in range(BURST):
+            try:
+                if d.copy:
+                    data = d.src.recv(min(size, COPY_READ))
+                    n = len(data)
+                    if n:
+                        d.buf = memoryview(data)
+                        if d is self.up and self.replay is not None:
+                            self.replay.append(data)
+                            self.replay_len += n
+                            if self.replay_len > REPLAY_LIMIT:
+                                # Past the limit there is no redispatch: no
+                                # reason to keep copying (a client that
+                                # uploads while the backend stays silent).
+                                self.replay = None
+                                d.copy = not self.loop.splice
+                else:
+                    if d.pipe is None:
+                        d.pipe = self.loop.acquire_pipe()
+                    n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if d.pipe is not None and not d.pending:
+                    self.loop.release_pipe(d.pipe, True)
+                    d.pipe = None
+                return
+            except OSError as exc:
+                self.fail(d, exc)
+                return
+            self.idle = 0
+            if n == 0:
+                d.eof = True
+                if d.pipe is not None:
+                    self.loop.release_pipe(d.pipe, True)
+                    d.pipe = None
+                self.finish_dir(d)
+                return
+            d.pending = n
+            backend = self.backend
+            assert backend is not None
+            if d is self.up:
+                backend.bytes_in += n
             else:
-                if d.pipe is None:
-                    d.pipe = self.loop.acquire_pipe()
-                n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            if d.pipe is not None and not d.pending:
-                self.loop.release_pipe(d.pipe, True)
-                d.pipe = None
-            return
-        except OSError as exc:
-            self.fail(d, exc)
-            return
-        self.idle = 0
-        if n == 0:
-            d.eof = True
-            if d.pipe is not None:
-                self.loop.release_pipe(d.pipe, True)
-                d.pipe = None
-            self.finish_dir(d)
-            return
-        d.pending = n
-        backend = self.backend
-        assert backend is not None
-        if d is self.up:
-            backend.bytes_in += n
-        else:
-            backend.bytes_out += n
-            if not self.answered:
-                self.answered = True
-                self.replay = None
-                if self.loop.splice:
-                    self.up.copy = False  # type: ignore[union-attr]
-        self.flush(d)
+                backend.bytes_out += n
+                if not self.answered:
+                    self.answered = True
+                    self.replay = None
+                    if self.loop.splice:
+                        self.up.copy = False  # type: ignore[union-attr]
+            self.flush(d)
+            if d.pending or self.closed or n < (size if not d.copy else min(size, COPY_READ)):
+                return
 
     def flush(self, d: _Dir) -> None:
         try:
