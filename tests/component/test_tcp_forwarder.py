@@ -129,7 +129,7 @@ class Rig:
         self.forwarders: list[AnyForwarder] = []
         self.backends: list[LineBackend] = []
 
-    def make(self, pool: Pool, bind_host: str | None = "127.0.0.1", bind_port: int = 0,
+    def make(self, pool: Pool, bind_host: str | None = "127.0.0.1", bind_port: int | None = 0,
              **kwargs: Any) -> AnyForwarder:
         fwd: AnyForwarder
         if self.relay is None:
@@ -611,3 +611,119 @@ async def test_ipv6_vip_with_proxy_header(rig: Rig) -> None:
     line = await asyncio.wait_for(reader.readline(), DEADLINE)
     assert line == f"b1:client={('::1', client[1])} local={('::1', port)}\n".encode()
     writer.close()
+
+
+# -- relay engine only: flow survival's listener and flow hooks --------------
+
+
+@pytest.fixture
+async def relay_rig() -> AsyncIterator[Rig]:
+    rig = Rig("relay")
+    yield rig
+    await rig.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_wildcard_listener_dispatches_by_vip_and_refuses_other_addresses(
+    relay_rig: Rig,
+) -> None:
+    """Flow survival binds the wildcard address; each accepted connection
+    goes to the service of its local address, and one to a local address
+    that is no VIP is reset."""
+    rig = relay_rig
+    a, b = await rig.backend("a"), await rig.backend("b")
+    port = free_port()
+    forwarders = []
+    for name, vip, backend in (("web-a", "127.0.0.10", a), ("web-b", "127.0.0.20", b)):
+        pool = Pool(ServiceConfig.model_validate({
+            "name": name, "vip": vip, "port": port,
+            "backends": [{"address": backend[0], "port": backend[1]}]}))
+        pool.set_up(pool.backends[0].key, True)
+        fwd = rig.make(pool, bind_host=None, bind_port=None, wildcard=True)
+        assert await fwd.start() == ("0.0.0.0", port)
+        forwarders.append(fwd)
+    for vip, tag in (("127.0.0.10", b"a"), ("127.0.0.20", b"b")):
+        reader, writer = await asyncio.open_connection(vip, port)
+        writer.write(b"hi\n")
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == tag + b":hi\n"
+        writer.close()
+    assert await refused_or_closed(("127.0.0.30", port))
+    assert [f.accepted for f in forwarders] == [1, 1]
+    # One service stops accepting; the shared listener keeps serving the other.
+    forwarders[0].stop_accepting()
+    assert await refused_or_closed(("127.0.0.10", port))
+    reader, writer = await asyncio.open_connection("127.0.0.20", port)
+    writer.write(b"still\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b:still\n"
+    writer.close()
+
+
+async def test_flow_hook_sees_open_and_close_and_abort_flows_resets(relay_rig: Rig) -> None:
+    rig = relay_rig
+    b1 = await rig.backend("b1")
+    events: list[tuple[bool, FlowKey]] = []
+    pool = Pool(service_for([b1]))
+    pool.set_up(pool.backends[0].key, True)
+    fwd = rig.make(pool, on_flow=lambda opened, key: events.append((opened, key)))
+    assert isinstance(fwd, RelayForwarder)
+    address = await fwd.start()
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"x\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:x\n"
+    client = writer.get_extra_info("sockname")
+    key = (client[0], client[1], address[0], address[1])
+    assert events == [(True, key)]
+    assert fwd.abort_flows([("127.0.0.1", 1, address[0], address[1])]) == 0
+    assert fwd.abort_flows([key]) == 1
+    assert await closed_by_peer(reader)
+    writer.close()
+    await eventually(lambda: events == [(True, key), (False, key)])
+    assert await fwd.wait_idle(DEADLINE)
+
+
+async def test_accepted_sockets_inherit_keepalive_and_user_timeout(relay_rig: Rig) -> None:
+    """Socket hygiene for flow survival: dead clients are noticed."""
+    rig = relay_rig
+    b1 = await rig.backend("b1")
+    fwd, _, address = await rig.forwarder([b1])
+    assert isinstance(fwd, RelayForwarder)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"x\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:x\n"
+    (conn,) = fwd._conns
+    sock = conn.client
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    writer.close()
+
+
+async def test_upload_past_the_replay_limit_reaches_a_silent_backend(rig: Rig) -> None:
+    """A client that sends more than REPLAY_LIMIT before the backend's first
+    byte: every byte arrives, in order."""
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.read())
+        done.set()
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    try:
+        _, _, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        _, writer = await asyncio.open_connection(*address)
+        writer.write(payload)
+        writer.write_eof()
+        await asyncio.wait_for(done.wait(), DEADLINE)
+        assert bytes(received) == payload
+        writer.close()
+    finally:
+        server.close()
