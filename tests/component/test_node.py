@@ -106,7 +106,10 @@ async def test_backend_failure_is_invisible_to_clients(token_file: Path) -> None
     ports = [await be1.start(), await be2.start()]
     await u1.start()
     async with running(node_config(ports, [u1.port], token_file)) as rn:
-        await wait_until(lambda: all(p.healthy for p in rn.node.pools.values()), what="pools healthy")
+        # Every backend up and its Maglev table built (in the background:
+        # until then flows stay on the backends of the previous table).
+        await wait_until(lambda: all(p.up_count == len(p.backends) and p.table_ready
+                                     for p in rn.node.pools.values()), what="pools up, tables built")
         status, body = await rn.get("/readyz")
         assert status == 200 and body["ready"]
 
