@@ -358,7 +358,9 @@ class ForwardingConfig(_Model):
     per direction in flight: at most this much is held per direction."""
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     """relay only: processes accepting on the same listeners with
-    SO_REUSEPORT, to use more than one core."""
+    SO_REUSEPORT, to use more than one core: the node's own relay thread
+    plus workers - 1 worker processes for the TCP services
+    (``anycast_lb.forward.workers``). Not with ``cluster.flow_survival``."""
 
 
 _IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip
@@ -495,6 +497,14 @@ class NodeConfig(_Model):
                         f"VIP {service.vip} (service {service.name!r}): flow survival "
                         "supports IPv4 VIPs only for now (set cluster.flow_survival: false)"
                     )
+            if self.forwarding.workers > 1:
+                # A flow's owner is the process that accepted it; the cluster
+                # publishes and steers per node (docs/performance.md, Workers).
+                problems.append(
+                    f"forwarding.workers: {self.forwarding.workers} cannot be combined with "
+                    "cluster.flow_survival: true (set forwarding.workers: 1 or "
+                    "cluster.flow_survival: false)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

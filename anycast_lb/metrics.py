@@ -36,7 +36,13 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from anycast_lb.pool import Pool
+from anycast_lb.pool import Backend, Pool
+
+BackendCounterSource = Callable[[str, Backend], tuple[int, int, int, int, int]]
+"""(service, backend) -> (active_connections, connections_total,
+connect_failures, bytes_in, bytes_out) summed over the node's processes
+(relay workers, :mod:`anycast_lb.forward.workers`); default: the
+``Backend``'s own counters."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,10 +55,12 @@ class _PoolCollector(Collector):
         pools: Mapping[str, Pool],
         draining: Callable[[], bool],
         extra: Callable[[], Iterator[Metric]] | None,
+        counters: BackendCounterSource | None = None,
     ) -> None:
         self._pools = pools
         self._draining = draining
         self._extra = extra
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "backend"]
@@ -86,11 +94,15 @@ class _PoolCollector(Collector):
             for b in pool.backends:
                 lv = [name, b.key]
                 up.add_metric(lv, 1.0 if b.up else 0.0)
-                active.add_metric(lv, float(b.active_connections))
-                conns.add_metric(lv, float(b.connections_total))
-                failures.add_metric(lv, float(b.connect_failures))
-                nbytes.add_metric([*lv, "in"], float(b.bytes_in))
-                nbytes.add_metric([*lv, "out"], float(b.bytes_out))
+                n_active, n_conns, n_failures, n_in, n_out = (
+                    self._counters(name, b) if self._counters is not None
+                    else (b.active_connections, b.connections_total, b.connect_failures,
+                          b.bytes_in, b.bytes_out))
+                active.add_metric(lv, float(n_active))
+                conns.add_metric(lv, float(n_conns))
+                failures.add_metric(lv, float(n_failures))
+                nbytes.add_metric([*lv, "in"], float(n_in))
+                nbytes.add_metric([*lv, "out"], float(n_out))
                 packets.add_metric([*lv, "in"], float(b.packets_in))
                 packets.add_metric([*lv, "out"], float(b.packets_out))
         draining = GaugeMetricFamily("anycast_lb_node_draining", "1 while the node drains")
@@ -102,16 +114,18 @@ class _PoolCollector(Collector):
 
 class NodeMetrics:
     """The metrics registry of one node (not the process-global registry, so
-    tests can run several nodes in one process)."""
+    tests can run several nodes in one process). ``counters`` adds the
+    relay workers' backend counters (``BackendCounterSource``)."""
 
     def __init__(
         self,
         pools: Mapping[str, Pool],
         draining: Callable[[], bool],
         extra: Callable[[], Iterator[Metric]] | None = None,
+        counters: BackendCounterSource | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_PoolCollector(pools, draining, extra))
+        self.registry.register(_PoolCollector(pools, draining, extra, counters))
         self.check_duration = Histogram(
             "anycast_lb_health_check_duration_seconds",
             "Duration of backend health checks (s)",

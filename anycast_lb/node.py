@@ -54,6 +54,7 @@ from anycast_lb.forward import (
     forwarder_for,
 )
 from anycast_lb.forward.relay import HAVE_EPOLL
+from anycast_lb.forward.workers import BackendCounters, WorkerGroup, start_workers
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.metrics import NodeMetrics
@@ -102,6 +103,8 @@ class Node:
         by every TCP service."""
         self.flow_hook: FlowHook | None = None
         """Told of every TCP flow accepted and closed (flow survival)."""
+        self.workers: WorkerGroup | None = None
+        """Relay worker processes (``forwarding.workers`` > 1)."""
         self.wildcard_listeners = False
         """Bind TCP listeners to the wildcard address (flow survival)."""
         self._bind_overrides = dict(bind_overrides or {})
@@ -122,7 +125,8 @@ class Node:
                 self.flow_hook = self.cluster.on_flow
                 self.wildcard_listeners = True
         self.metrics = NodeMetrics(self.pools, lambda: self.draining,
-                                   self.cluster.metric_families if self.cluster else None)
+                                   self.cluster.metric_families if self.cluster else None,
+                                   counters=self._backend_counters)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
@@ -176,12 +180,24 @@ class Node:
         self.metrics.observe_check(service, backend.key, result.latency_s)
 
     def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
+        if self.workers is not None:
+            self.workers.backend_changed(service, backend.key, up)
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy[service]:
             self._service_healthy[service] = healthy
             log.event("service.healthy" if healthy else "service.unhealthy", service=service,
                       up_backends=self.pools[service].up_count)
         self._changed.set()
+
+    def _backend_counters(self, service: str, backend: Backend) -> BackendCounters:
+        """The backend's counters in this process plus the relay workers'."""
+        if self.workers is None:
+            return BackendCounters.of(backend)
+        return self.workers.counters(service, backend)
+
+    def _data_path(self) -> list[Forwarder]:
+        """Every forwarder, and the relay workers as one."""
+        return [*self.forwarders.values(), *([self.workers] if self.workers is not None else [])]
 
     def _abort_flows(self, keys: Iterable[FlowKey]) -> int:
         """Reset our client connections for ``keys``: a live peer accepted
@@ -257,7 +273,8 @@ class Node:
                 "healthy": pool.healthy,
                 "min_healthy": s.min_healthy,
                 "up_backends": pool.up_count,
-                "active_connections": forwarder.active if forwarder is not None else 0,
+                "active_connections": (forwarder.active if forwarder is not None else 0)
+                + (self.workers.service_active(s.name) if self.workers is not None else 0),
                 "backends": [
                     {
                         "address": str(b.config.address),
@@ -268,11 +285,7 @@ class Node:
                         "last_latency_ms": None if b.last_latency_ms is None
                         else round(b.last_latency_ms, 3),
                         "last_detail": b.last_detail,
-                        "active_connections": b.active_connections,
-                        "connections_total": b.connections_total,
-                        "connect_failures": b.connect_failures,
-                        "bytes_in": b.bytes_in,
-                        "bytes_out": b.bytes_out,
+                        **self._backend_counters(s.name, b)._asdict(),
                     }
                     for b in pool.backends
                 ],
@@ -297,6 +310,7 @@ class Node:
             "services": services,
             "bgp": bgp_status,
             "cluster": self.cluster.status() if self.cluster is not None else None,
+            "workers": self.workers.status() if self.workers is not None else None,
         }
 
     def metrics_exposition(self) -> bytes:
@@ -319,17 +333,21 @@ class Node:
 
     async def _start_forwarders(self) -> None:
         self._start_relay()
+        reuse_port = self.relay is not None and self.config.forwarding.workers > 1
         for s in self.config.services:
             host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
             forwarder = forwarder_for(
                 s, self.pools[s.name], bind_host=host, bind_port=port, relay=self.relay,
                 wildcard=self.wildcard_listeners and self.relay is not None,
                 on_flow=self.flow_hook if self.relay is not None else None,
+                reuse_port=reuse_port,
             )
             self.service_addresses[s.name] = await forwarder.start()
             self.forwarders[s.name] = forwarder
             log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
                       address=format_host_port(*self.service_addresses[s.name]))
+        self.workers = await start_workers(self.config, self.pools, self.service_addresses,
+                                           relay=self.relay is not None)
 
     async def _start_api(self) -> web.AppRunner:
         if self._api_listen is not None:
@@ -416,9 +434,11 @@ class Node:
             raise _first_leaf(group) from None
         finally:
             self._tg = None
-            for forwarder in self.forwarders.values():
+            for forwarder in self._data_path():
                 forwarder.stop_accepting()
                 forwarder.abort_all()
+            if self.workers is not None:
+                await self.workers.close()
             if self.relay is not None:
                 self.relay.stop()
             if runner is not None:
@@ -441,15 +461,15 @@ class Node:
             await self.clock.sleep(_WITHDRAW_SETTLE)
         else:
             self.drain_phase = DrainPhase.WITHDRAWN
-        for forwarder in self.forwarders.values():
+        for forwarder in self._data_path():
             forwarder.stop_accepting()
         self._changed.set()
         waited = self.clock.monotonic()
         results = await asyncio.gather(
-            *(f.wait_idle(self.config.drain.timeout) for f in self.forwarders.values())
+            *(f.wait_idle(self.config.drain.timeout) for f in self._data_path())
         )
         if not all(results):
-            log.warning("node.drain_timeout", open_connections=sum(f.active for f in self.forwarders.values()))
+            log.warning("node.drain_timeout", open_connections=sum(f.active for f in self._data_path()))
         if self.cluster is not None:
             # Planned drain (FLOW-SURVIVAL trap 5): peers steer this node's
             # flows here until it owns none; only then does steering go.

@@ -80,18 +80,20 @@ def forwarder_for(
     relay: RelayLoop | None = None,
     wildcard: bool = False,
     on_flow: FlowHook | None = None,
+    reuse_port: bool = False,
 ) -> Forwarder:
     """The forwarder for ``service.protocol`` (not started).
 
     TCP services run on ``relay`` when given (the relay engine), else on
     the asyncio engine. ``wildcard`` and ``on_flow`` (flow survival) need
-    the relay engine; ValueError otherwise.
+    the relay engine; ValueError otherwise. ``reuse_port`` (relay only:
+    worker processes share the listener's address) sets SO_REUSEPORT.
     """
     if service.protocol is Transport.UDP:
         return UdpForwarder(service, pool, bind_host, bind_port)
     if relay is not None:
         return RelayForwarder(service, pool, relay, bind_host, bind_port,
-                              wildcard=wildcard, on_flow=on_flow)
+                              wildcard=wildcard, on_flow=on_flow, reuse_port=reuse_port)
     if wildcard or on_flow is not None:
         raise ValueError("wildcard listeners and flow hooks need the relay engine")
     return TcpForwarder(service, pool, bind_host, bind_port)
