@@ -260,6 +260,43 @@ def _start_client(lab: Lab, out: Path, n_flows: int, churn: bool, late_s: float
     return proc, float(line.split()[1])
 
 
+def _node_state(lab: Lab) -> dict[str, list[str]]:
+    """Each node's TCP sockets on the VIP (``ss``, any state) and, with flow
+    survival, its steering map and dead set (``nft``), one line per entry."""
+    out: dict[str, list[str]] = {}
+    for n in lab.topo.nodes:
+        lines = netns.run(["ss", "-Htan", "state", "all", f"src {lab.topo.vip}"],
+                          ns=n.ns, check=False).splitlines()
+        if lab.topo.flow_survival:
+            for what in (["map", "ip", "anycast_lb", "owner"], ["set", "ip", "anycast_lb", "dead"]):
+                text = netns.run(["nft", "list", *what], ns=n.ns, check=False)
+                lines += [f"{what[0]} {what[3]}: {item.strip(' {},')}"
+                          for item in text.replace("elements = {", "\n").split("\n")
+                          if str(lab.topo.vip) in item and "." in item]
+        out[n.name] = [" ".join(line.split()) for line in lines]
+    return out
+
+
+def _state_of_broken(state: dict[str, list[str]], traffic: dict[str, Any], lab: Lab,
+                     victim: Node) -> dict[str, list[str]]:
+    """For a post-mortem, what each node held (taken just before the client
+    stopped) for the client ports of broken flows of live owners: sockets,
+    steering map entries, dead set entries. A stale socket (FIN-WAIT,
+    TIME-WAIT, an ESTABLISHED one whose client is gone) on a node the flow
+    lands on takes its packets unless the map steers them away, and answers
+    with an ACK, not a RST: the flow hangs."""
+    owner = lab.topo.node_by_lan_address()
+    ports = {str(f["port"]) for f in traffic["flows"] if f["failed_s"] is not None
+             and f.get("port") and owner.get(f["peer"]) != victim.name}
+    out: dict[str, list[str]] = {}
+    for name, lines in state.items():
+        hits = [line for line in lines
+                if any(f":{p} " in f"{line} " or f" . {p} . " in line for p in ports)]
+        if hits:
+            out[name] = hits[:60]
+    return out
+
+
 def _expected(lab: Lab, sc: FlowScenario, victim: Node) -> list[str]:
     hops = builder.all_hops(lab)
     return hops if sc.joins else [h for h in hops if h != str(victim.address)]
@@ -288,6 +325,7 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     proc, started = _start_client(lab, flows_file,
                                   CHURN_MAX if sc.churn else n_flows, sc.churn, sc.late_s)
     fib_at: float | None = None
+    state: dict[str, list[str]] = {}
     try:
         time.sleep(max(0.0, started + (CHURN_LEAD_S if sc.churn else PRE_S)
                        - time.monotonic()))  # pacing, not readiness
@@ -305,6 +343,7 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
             run.extras["churn_stopped_s"] = round(time.monotonic() - run.event, 3)
         until = max(fib_at + OBSERVE_S, run.event + sc.min_observe_s(lab))
         time.sleep(max(0.0, until - time.monotonic()))  # pacing: the observation window
+        state = _node_state(lab)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -328,6 +367,7 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
         raise LabError(f"flow client failed (exit {proc.returncode}): {err.strip()[-500:]}")
     traffic = json.loads(flows_file.read_text())
     t0 = float(traffic["t0"])
+    run.extras["state_of_broken_flows"] = _state_of_broken(state, traffic, lab, node)
     changes = [(t - t0, hops) for t, hops in watch.changes if t < recover_start]
     node_of_peer = lab.topo.node_by_lan_address()
     result = flow_results.analyse(

@@ -69,6 +69,8 @@ class Flow:
     open_error: str = ""
     backend: str = ""
     peer: str = ""
+    port: int = 0
+    """The client's own TCP port (the flow's 4-tuple with the VIP and 80)."""
     messages: int = 0
     """Echoes received."""
     last_ok_s: float | None = None
@@ -127,6 +129,8 @@ class FlowClient:
                 writer.close()
             return None
         flow.backend, flow.peer = words[0], words[1]
+        sockname = writer.get_extra_info("sockname")
+        flow.port = int(sockname[1]) if sockname else 0
         flow.open_s = self.now()
         return reader, writer
 
