@@ -225,6 +225,7 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
     """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
     _need_root()
     all_results = []
+    flow_survival = flow_survival and mode == "node"  # static mode runs no node
     with _errors():
         started = time.monotonic()
         try:
