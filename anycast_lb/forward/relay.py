@@ -255,20 +255,20 @@ class RelayLoop:
                     try:
                         handler(ev)
                     except Exception as exc:  # a bug must not stop every connection
-                        log.error("forward.relay_error", error=repr(exc))
+                        log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             while calls:
                 fn = calls.popleft()
                 try:
                     fn()
                 except Exception as exc:
-                    log.error("forward.relay_error", error=repr(exc))
+                    log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             while timers and timers[0].when <= now:
                 timer = heapq.heappop(timers)
                 if not timer.cancelled:
                     try:
                         timer.fn()
                     except Exception as exc:
-                        log.error("forward.relay_error", error=repr(exc))
+                        log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             if self._doomed:
                 self._close_doomed()
         self._close_fds()
@@ -487,22 +487,26 @@ class _Conn:
         self.up = _Dir(self.client, bsock, copy=True)
         self.down = _Dir(bsock, self.client, copy=not splice)
         if self.fwd.proxy_protocol and not self.pre:
-            self.pre = v2_header(self.peer, self.local, "tcp")
+            self.pre = v2_header(self.peer, self.local, "tcp")  # first attempt
+        up = self.up
         if self.pre:
-            self.up.buf = memoryview(self.pre)
-            self.up.pending = len(self.pre)
+            up.buf = memoryview(self.pre)
+            up.pending = len(self.pre)
             self.pre = b""
-            self.flush(self.up)
+            self.flush(up)
+            if self.closed or self.up is not up:
+                return  # reset (closed, or redispatched to the next candidate)
         if not self.creg:
             self.creg = True
             self.cmask = _IN
             self.loop.register(self.cfd, _IN, self.client_event)
-        if not self.up.pending and not self.closed:
+        if not up.pending:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
-            self.pump(self.up)
-        if not self.closed:
-            self.update()
+            self.pump(up)
+            if self.closed or self.up is not up:
+                return
+        self.update()
 
     # -- events -------------------------------------------------------------
 
@@ -512,13 +516,16 @@ class _Conn:
             return
         if ev & _OUT or (ev & _ERR and down.pending):
             self.flush(down)
-        if (ev & (_IN | _ERR)) and not self.closed and not up.eof and not up.pending:
+            if self.closed or self.up is not up:
+                return  # reset, or redispatched: the old directions are gone
+        if ev & (_IN | _ERR) and not up.eof and not up.pending:
             self.pump(up)
-        if not self.closed:
-            if ev & _ERR and not (ev & (_IN | _OUT)):
-                self.hangup(self.client)
-            else:
-                self.update()
+            if self.closed or self.up is not up:
+                return
+        if ev & _ERR and not ev & (_IN | _OUT):
+            self.hangup(self.client)
+        else:
+            self.update()
 
     def backend_event(self, ev: int) -> None:
         up, down = self.up, self.down
@@ -538,13 +545,16 @@ class _Conn:
         assert bsock is not None
         if ev & _OUT or (ev & _ERR and up.pending):
             self.flush(up)
-        if (ev & (_IN | _ERR)) and not self.closed and not down.eof and not down.pending:
+            if self.closed or self.up is not up:
+                return  # reset, or redispatched: the old directions are gone
+        if ev & (_IN | _ERR) and not down.eof and not down.pending:
             self.pump(down)
-        if not self.closed:
-            if ev & _ERR and not (ev & (_IN | _OUT)):
-                self.hangup(bsock)
-            else:
-                self.update()
+            if self.closed or self.up is not up:
+                return
+        if ev & _ERR and not ev & (_IN | _OUT):
+            self.hangup(bsock)
+        else:
+            self.update()
 
     def hangup(self, sock: Sock) -> None:
         """EPOLLERR/EPOLLHUP with nothing left to read or write (level-triggered
@@ -607,7 +617,8 @@ class _Conn:
                     if self.loop.splice:
                         self.up.copy = False  # type: ignore[union-attr]
             self.flush(d)
-            if d.pending or self.closed or n < (size if not d.copy else min(size, COPY_READ)):
+            if (d.pending or self.closed or (d is not self.up and d is not self.down)
+                    or n < (size if not d.copy else min(size, COPY_READ))):
                 return
 
     def flush(self, d: _Dir) -> None:
@@ -676,18 +687,20 @@ class _Conn:
             if d is not None and d.pipe is not None:
                 self.loop.release_pipe(d.pipe, d.pending == 0)
                 d.pipe = None
-        # The copy holds every client byte read so far, sent or not.
-        pre = b"".join(self.replay)
-        self.replay = []
-        self.replay_len = 0
-        self.pre = (v2_header(self.peer, self.local, "tcp") if self.fwd.proxy_protocol else b"") + pre
+        # The copy holds every client byte read so far, sent or not. It stays
+        # the copy: the next backend may reset before answering too.
+        replay = b"".join(self.replay)
+        self.replay = [replay] if replay else []
+        header = v2_header(self.peer, self.local, "tcp") if self.fwd.proxy_protocol else b""
+        self.pre = header + replay
         self.loop.forget(self.bfd)
         self.loop.doom(bsock)
         self.bsock, self.bfd, self.backend = None, -1, None
         self.up = self.down = None
         # Stop reading the client until the next backend is connected.
-        self.cmask = 0
-        self.loop.modify(self.cfd, 0)
+        if self.creg and self.cmask:
+            self.cmask = 0
+            self.loop.modify(self.cfd, 0)
         self.connect_next()
 
     def update(self) -> None:
@@ -733,6 +746,14 @@ class _Conn:
             if self.up is not None and self.backend is not None:
                 self.backend.active_connections -= 1
         self.fwd.closed(self)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame of ``exc``, for a bug report."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
 
 
 def _linger_reset(sock: Sock) -> None:
