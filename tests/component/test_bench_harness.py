@@ -125,7 +125,9 @@ def spin():
         pass
 t = threading.Thread(target=spin)
 t.start(); t.join()
-child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+child = subprocess.Popen([sys.executable, "-c", "import sys; print(1, flush=True); sys.stdin.read()"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+child.stdout.readline()  # the child's interpreter is up: its RSS is real
 print(child.pid, flush=True)
 sys.stdin.read()
 child.stdin.close(); child.wait()

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import select
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 import pytest
@@ -838,3 +839,11 @@ async def test_two_backends_resetting_in_a_row_are_both_redispatched(rig: Rig) -
     assert pool.backends[0].connect_failures == 1
     assert pool.backends[1].connect_failures == 1
     writer.close()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_here() -> Iterator[None]:
+    """Collect each test's garbage in its own teardown, so an unclosed
+    transport or socket is reported against the test that leaked it."""
+    yield
+    gc.collect()
