@@ -176,9 +176,6 @@ class RelayLoop:
         except BlockingIOError:
             pass  # the counter is saturated: a wake-up is pending anyway
 
-    def on_loop(self) -> bool:
-        return threading.current_thread() is self._thread
-
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop thread and close everything it holds."""
         thread = self._thread
