@@ -67,20 +67,16 @@ from anycast_lb import log
 from anycast_lb.config import ForwardingConfig, ServiceConfig, format_host_port
 from anycast_lb.errors import BindError
 from anycast_lb.forward.proxy_protocol import v2_header
+from anycast_lb.forward.tcp import BACKLOG, REPLAY_LIMIT, SWEEPS_PER_IDLE_TIMEOUT
 from anycast_lb.pool import Backend, Pool
 
 if TYPE_CHECKING:
     from anycast_lb.forward import FlowHook, FlowKey
 
-REPLAY_LIMIT = 64 * 1024
-"""Bytes kept for a replay until the backend's first byte (see Redispatch)."""
-BACKLOG = 4096
-"""listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
 ACCEPT_BATCH = 64
 """Connections accepted per listener wake-up before other sockets get a turn."""
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
-SWEEPS_PER_IDLE_TIMEOUT = 8
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
 COPY_READ = 65536
@@ -116,12 +112,11 @@ _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, er
 
 
 class _Timer:
-    __slots__ = ("when", "fn", "cancelled")
+    __slots__ = ("when", "fn")
 
     def __init__(self, when: float, fn: Callable[[], None]) -> None:
         self.when = when
         self.fn = fn
-        self.cancelled = False
 
     def __lt__(self, other: _Timer) -> bool:
         return self.when < other.when
@@ -153,8 +148,6 @@ class RelayLoop:
         self._running = False
         self._closed = False
         self.now = time.monotonic()
-        self.pipes_open = 0
-        """Pipes currently open (in use and pooled), for the stats."""
 
     # -- any thread ----------------------------------------------------------
 
@@ -216,7 +209,6 @@ class RelayLoop:
                 fcntl.fcntl(w, _F_SETPIPE_SZ, self.buffer_size)
             except OSError:
                 pass  # above fs.pipe-max-size: the default size still works
-        self.pipes_open += 1
         return r, w
 
     def release_pipe(self, pipe: tuple[int, int], empty: bool) -> None:
@@ -227,7 +219,6 @@ class RelayLoop:
             return
         os.close(pipe[0])
         os.close(pipe[1])
-        self.pipes_open -= 1
 
     def _run(self) -> None:
         poll = self._epoll.poll
@@ -261,11 +252,10 @@ class RelayLoop:
                     log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             while timers and timers[0].when <= now:
                 timer = heapq.heappop(timers)
-                if not timer.cancelled:
-                    try:
-                        timer.fn()
-                    except Exception as exc:
-                        log.error("forward.relay_error", error=repr(exc), where=_where(exc))
+                try:
+                    timer.fn()
+                except Exception as exc:
+                    log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             if self._doomed:
                 self._close_doomed()
         self._close_fds()
@@ -508,25 +498,11 @@ class _Conn:
     # -- events -------------------------------------------------------------
 
     def client_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is None or down is None:
-            return
-        if ev & _OUT or (ev & _ERR and down.pending):
-            self.flush(down)
-            if self.closed or self.up is not up:
-                return  # reset, or redispatched: the old directions are gone
-        if ev & (_IN | _ERR) and not up.eof and not up.pending:
-            self.pump(up)
-            if self.closed or self.up is not up:
-                return
-        if ev & _ERR and not ev & (_IN | _OUT):
-            self.hangup(self.client)
-        else:
-            self.update()
+        if self.up is not None and self.down is not None:
+            self._serve(ev, writes=self.down, reads=self.up)
 
     def backend_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is None or down is None:
+        if self.up is None or self.down is None:
             # Connecting: EPOLLOUT (or an error) ends the attempt.
             # Linux reports a failed connect as EPOLLERR (with EPOLLOUT);
             # SO_ERROR is read only then.
@@ -538,25 +514,27 @@ class _Conn:
             else:
                 self.connected()
             return
-        bsock = self.bsock
-        assert bsock is not None
-        if ev & _OUT or (ev & _ERR and up.pending):
-            self.flush(up)
+        self._serve(ev, writes=self.up, reads=self.down)
+
+    def _serve(self, ev: int, writes: _Dir, reads: _Dir) -> None:
+        """One socket's epoll event: ``writes`` is the direction whose
+        destination the socket is, ``reads`` the one it is the source of."""
+        up = self.up
+        if ev & _OUT or (ev & _ERR and writes.pending):
+            self.flush(writes)
             if self.closed or self.up is not up:
                 return  # reset, or redispatched: the old directions are gone
-        if ev & (_IN | _ERR) and not down.eof and not down.pending:
-            self.pump(down)
+        if ev & (_IN | _ERR) and not reads.eof and not reads.pending:
+            self.pump(reads)
             if self.closed or self.up is not up:
                 return
         if ev & _ERR and not ev & (_IN | _OUT):
-            self.hangup(bsock)
+            # An error or hang-up with nothing left to read or write (level-
+            # triggered epoll would report it forever): the socket is dead;
+            # reset the other.
+            self.close(reset=True)
         else:
             self.update()
-
-    def hangup(self, sock: Sock) -> None:
-        """EPOLLERR/EPOLLHUP with nothing left to read or write (level-triggered
-        epoll would report it forever): the socket is dead; reset the other."""
-        self.close(reset=True)
 
     # -- moving bytes -------------------------------------------------------
 
