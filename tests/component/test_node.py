@@ -15,6 +15,7 @@ import pytest
 from anycast_lb.config import parse_config
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho, UdpNameEcho, tcp_request, udp_request
+from tests.component.nodes import node_running
 from tests.waiting import wait_until
 
 TOKEN = "s3cret-token"
@@ -78,19 +79,8 @@ async def running(config: dict[str, Any]) -> AsyncIterator[RunningNode]:
         bind_overrides={s["name"]: ("127.0.0.1", 0) for s in config["services"]},
         check_jitter=False,
     )
-    started = asyncio.Event()
-    task = asyncio.create_task(node.run(started))
-    started_wait = asyncio.create_task(started.wait())
-    done, _ = await asyncio.wait({task, started_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        started_wait.cancel()
-        task.result()
-    try:
+    async with node_running(node) as task:
         yield RunningNode(node, task)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from anycast_lb.forward.workers import (
 )
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho, tcp_request
+from tests.component.nodes import node_running
 from tests.waiting import wait_until
 
 
@@ -65,19 +66,8 @@ def node_config(ports: list[int], marks: Path, workers: int = 2, drain_timeout: 
 async def running(config: dict[str, Any]) -> AsyncIterator[tuple[Node, asyncio.Task[None]]]:
     node = Node(parse_config(config), bind_overrides={"web": ("127.0.0.1", 0)},
                 api_listen=("127.0.0.1", 0), check_jitter=False)
-    started = asyncio.Event()
-    task = asyncio.create_task(node.run(started))
-    started_wait = asyncio.create_task(started.wait())
-    done, _ = await asyncio.wait({task, started_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        started_wait.cancel()
-        task.result()
-    try:
+    async with node_running(node) as task:
         yield node, task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def backends(names: list[str], marks: Path) -> list[TcpNameEcho]:
