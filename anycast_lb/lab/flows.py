@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 import time
@@ -50,6 +49,7 @@ from typing import Any
 
 from anycast_lb.errors import UnsafeLab
 from anycast_lb.lab.netns import require_namespace
+from anycast_lb.lab.traffic import run_to_file
 
 OPEN_CONCURRENCY = 50
 MAX_FLOWS = 2000
@@ -298,16 +298,8 @@ def main(argv: list[str] | None = None) -> int:
               f"hang 0-10 s, late 0-30 s, max-duration 0-{MAX_DURATION_S:.0f} s",
               file=sys.stderr)
         return 2
-    coro = run(args.vip, args.port, args.flows, args.open_rate, args.interval, args.hang,
-               args.late, args.max_duration)
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(coro)
-    else:
-        result = uvloop.run(coro)
-    with open(args.out, "w") as out:
-        json.dump(result, out)
+    run_to_file(run(args.vip, args.port, args.flows, args.open_rate, args.interval, args.hang,
+                    args.late, args.max_duration), args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,16 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: rate 0-5000/s, duration 0-600 s, long 0-2000, timeout 0-10 s",
               file=sys.stderr)
         return 2
-    coro = run(args.vip, args.port, args.rate, args.duration, args.long, args.timeout)
+    run_to_file(run(args.vip, args.port, args.rate, args.duration, args.long, args.timeout),
+                args.out)
+    return 0
+
+
+def run_to_file(coro: Coroutine[Any, Any, Any], path: str) -> None:
+    """Run a traffic tool's coroutine (on uvloop when installed) and write
+    its JSON-able result to ``path``."""
     try:
         import uvloop
     except ImportError:
         result = asyncio.run(coro)
     else:
         result = uvloop.run(coro)
-    with open(args.out, "w") as out:
+    with open(path, "w") as out:
         json.dump(result, out)
-    return 0
 
 
 if __name__ == "__main__":
