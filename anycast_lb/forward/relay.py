@@ -73,6 +73,8 @@ from anycast_lb.pool import Backend, Pool
 if TYPE_CHECKING:
     from anycast_lb.forward import FlowHook, FlowKey
 
+START_TIMEOUT = 10.0
+"""Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""
 ACCEPT_BATCH = 64
 """Connections accepted per listener wake-up before other sockets get a turn."""
 PIPE_POOL = 256
@@ -147,6 +149,11 @@ class RelayLoop:
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False
+        # One lock covers "closed?", enqueue, wake-up and the close of the
+        # eventfd: without it a caller could queue, lose the CPU, and write
+        # to an eventfd number that the loop thread closed (and the kernel
+        # reused) meanwhile.
+        self._wake_lock = threading.Lock()
         self.now = time.monotonic()
 
     # -- any thread ----------------------------------------------------------
@@ -159,25 +166,45 @@ class RelayLoop:
         self._thread = threading.Thread(target=self._run, name="anycast-lb-relay", daemon=True)
         self._thread.start()
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop thread, soon. Safe from any thread."""
-        if self._closed:
-            return  # stopped: the eventfd's number may belong to another file now
-        self._calls.append(fn)
-        try:
-            os.eventfd_write(self._wake, 1)
-        except BlockingIOError:
-            pass  # the counter is saturated: a wake-up is pending anyway
+    @property
+    def closed(self) -> bool:
+        """True once ``stop()`` has closed the loop's descriptors."""
+        return self._closed
+
+    def call_soon(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the loop thread, soon. Safe from any thread.
+
+        Returns False, and drops ``fn``, once the loop is closed.
+        """
+        with self._wake_lock:
+            if self._closed:
+                return False
+            self._calls.append(fn)
+            try:
+                os.eventfd_write(self._wake, 1)
+            except BlockingIOError:
+                pass  # the counter is saturated: a wake-up is pending anyway
+            return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop thread and close everything it holds."""
+        """Stop the loop thread (resetting every connection, closing every
+        socket), join it, then close the epoll and eventfd descriptors.
+
+        The descriptors are closed here, by the caller, only after the loop
+        thread has returned, so no thread can poll or wake a closed (and
+        perhaps reused) descriptor number. If the thread does not stop
+        within ``timeout`` s (a handler stuck in a system call) they are left
+        open: a leak at shutdown beats a write into another file. Idempotent.
+        """
         thread = self._thread
-        if thread is None:
-            self._close_fds()
-            return
-        self.call_soon(self._halt)
-        thread.join(timeout)
-        self._thread = None
+        if thread is not None:
+            self.call_soon(self._halt)
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("forward.relay_stop_timeout", timeout=timeout)
+                return
+            self._thread = None
+        self._close_fds()
 
     # -- loop thread ---------------------------------------------------------
 
@@ -258,7 +285,8 @@ class RelayLoop:
                     log.error("forward.relay_error", error=repr(exc), where=_where(exc))
             if self._doomed:
                 self._close_doomed()
-        self._close_fds()
+        # The thread that calls stop() closes the descriptors once this
+        # thread has returned.
 
     def doom(self, sock: Sock) -> None:
         """Close ``sock`` after this batch of events: closing it now would
@@ -287,16 +315,19 @@ class RelayLoop:
         self._running = False
 
     def _close_fds(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Close what the loop held; only with the loop thread stopped."""
+        with self._wake_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._calls.clear()
+            os.close(self._wake)
         for r, w in self._pipes:
             os.close(r)
             os.close(w)
         self._pipes.clear()
         self._close_doomed()
         self._epoll.close()
-        os.close(self._wake)
 
 
 class _Listener:
@@ -819,7 +850,9 @@ class RelayForwarder:
         Listening sockets carry SO_KEEPALIVE (idle 10 s, interval 5 s, 3
         probes), TCP_USER_TIMEOUT 30 s and TCP_NODELAY, which accepted
         sockets inherit (Linux copies them at accept). Raises BindError
-        naming the address, RuntimeError if already started.
+        naming the address, RuntimeError if already started or if the relay
+        loop is closed, TimeoutError if the loop thread does not bind within
+        ``START_TIMEOUT`` s.
         """
         if self._listener is not None or self.accepting:
             raise RuntimeError("forwarder already started")
@@ -835,8 +868,10 @@ class RelayForwarder:
             else:
                 aloop.call_soon_threadsafe(_settle, result, address, None)
 
-        self.loop.call_soon(bind)
-        address = await result
+        if not self.loop.call_soon(bind):
+            raise RuntimeError(f"service {self.name}: the relay loop is closed")
+        async with asyncio.timeout(START_TIMEOUT):
+            address = await result
         log.event("forward.listen", service=self.name, protocol="tcp", engine="relay",
                   address=format_host_port(*address))
         return address
