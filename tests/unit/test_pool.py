@@ -12,7 +12,7 @@ import pytest
 
 from anycast_lb import maglev, pool as pool_module
 from anycast_lb.config import ServiceConfig
-from anycast_lb.pool import BuildJob, Pool
+from anycast_lb.pool import BuildJob
 
 
 def service(**overrides: Any) -> ServiceConfig:
@@ -32,12 +32,43 @@ KEYS = [f"203.0.113.{130 + i}:8080" for i in range(4)]
 CLIENTS = [("198.51.100.77", p) for p in range(40000, 41000)]
 
 
+class ThreadedBuilds:
+    """The default ``BuildRunner`` (a real daemon thread per build burst),
+    keeping the threads so that the test can join them: no build of one test
+    may still write the shared table cache while the next one runs."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, job: BuildJob) -> None:
+        thread = threading.Thread(target=job, name="maglev-build", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a Maglev build outlived its test"
+
+
+THREADS = ThreadedBuilds()
+
+
 @pytest.fixture(autouse=True)
 def no_cached_tables() -> Iterator[None]:
-    # Tables are cached per backend set across pools: start each test cold.
+    # Tables are cached per backend set across pools: start each test cold,
+    # and end it only once every build it started has finished (a build
+    # still running would put its table into the next test's cache).
     pool_module._TABLES.clear()
     yield
+    THREADS.join(10)
+    THREADS.threads.clear()
     pool_module._TABLES.clear()
+
+
+def make_pool(service: ServiceConfig, run_build: pool_module.BuildRunner | None = None) -> pool_module.Pool:
+    """A pool whose background builds run on threads the test joins."""
+    return pool_module.make_pool(service, run_build=run_build or THREADS)
 
 
 class HeldBuilds:
@@ -56,32 +87,32 @@ class HeldBuilds:
         return len(jobs)
 
 
-def all_up(pool: Pool) -> Pool:
+def all_up(pool: pool_module.Pool) -> pool_module.Pool:
     for backend in pool.backends:
         pool.set_up(backend.key, True)
     assert pool.wait_table(10)
     return pool
 
 
-def firsts(pool: Pool) -> list[str]:
+def firsts(pool: pool_module.Pool) -> list[str]:
     return [pool.candidates(client, VIP)[0].key for client in CLIENTS]
 
 
 def maglev_firsts(keys: list[str]) -> list[str]:
     """What a fresh table over ``keys`` chooses for each of ``CLIENTS``."""
-    fresh = Pool(service())
+    fresh = make_pool(service())
     table = maglev.build_table(keys)
     return [keys[maglev.lookup(table, maglev.flow_hash(fresh.flow_key(c, VIP)))] for c in CLIENTS]
 
 
 def test_backends_start_down_and_get_no_traffic() -> None:
-    pool = Pool(service())
+    pool = make_pool(service())
     assert pool.up_count == 0 and not pool.healthy
     assert pool.candidates(CLIENT, VIP) == []
 
 
 def test_only_up_backends_are_candidates() -> None:
-    pool = Pool(service())
+    pool = make_pool(service())
     pool.set_up("203.0.113.130:8080", True)
     pool.set_up("203.0.113.132:8080", True)
     keys = [b.key for b in pool.candidates(CLIENT, VIP)]
@@ -89,7 +120,7 @@ def test_only_up_backends_are_candidates() -> None:
 
 
 def test_maglev_choice_is_the_same_on_two_nodes() -> None:
-    a, b = Pool(service()), Pool(service(backends=list(reversed(service().model_dump()["backends"]))))
+    a, b = make_pool(service()), make_pool(service(backends=list(reversed(service().model_dump()["backends"]))))
     for pool in (a, b):
         all_up(pool)
     for port in range(40000, 40200):
@@ -98,13 +129,13 @@ def test_maglev_choice_is_the_same_on_two_nodes() -> None:
 
 
 def test_maglev_spreads_flows() -> None:
-    pool = all_up(Pool(service()))
+    pool = all_up(make_pool(service()))
     counts = Counter(pool.candidates(("198.51.100.77", p), VIP)[0].key for p in range(1024, 9024))
     assert len(counts) == 4 and min(counts.values()) > 1600
 
 
 def test_source_ip_hash_ignores_port() -> None:
-    pool = Pool(service(hash_key="source_ip"))
+    pool = make_pool(service(hash_key="source_ip"))
     for backend in pool.backends:
         pool.set_up(backend.key, True)
     chosen = {pool.candidates(("198.51.100.77", p), VIP)[0].key for p in range(1024, 1100)}
@@ -112,13 +143,13 @@ def test_source_ip_hash_ignores_port() -> None:
 
 
 def test_fallbacks_hold_every_other_up_backend() -> None:
-    pool = all_up(Pool(service()))
+    pool = all_up(make_pool(service()))
     candidates = pool.candidates(CLIENT, VIP)
     assert len({b.key for b in candidates}) == 4
 
 
 def test_round_robin_rotates() -> None:
-    pool = Pool(service(balance="round_robin"))
+    pool = make_pool(service(balance="round_robin"))
     for backend in pool.backends:
         pool.set_up(backend.key, True)
     firsts = [pool.candidates(CLIENT, VIP)[0].key for _ in range(8)]
@@ -126,7 +157,7 @@ def test_round_robin_rotates() -> None:
 
 
 def test_least_conn_prefers_fewest_per_weight() -> None:
-    pool = Pool(service(balance="least_conn"))
+    pool = make_pool(service(balance="least_conn"))
     for backend in pool.backends:
         pool.set_up(backend.key, True)
         backend.active_connections = 5
@@ -135,7 +166,7 @@ def test_least_conn_prefers_fewest_per_weight() -> None:
 
 
 def test_healthy_follows_min_healthy_and_generation_counts_changes() -> None:
-    pool = Pool(service(min_healthy=2))
+    pool = make_pool(service(min_healthy=2))
     assert pool.set_up("203.0.113.130:8080", True)
     assert not pool.healthy
     assert not pool.set_up("203.0.113.130:8080", True)
@@ -144,7 +175,7 @@ def test_healthy_follows_min_healthy_and_generation_counts_changes() -> None:
 
 
 def test_background_build_gives_the_maglev_table() -> None:
-    pool = all_up(Pool(service()))
+    pool = all_up(make_pool(service()))
     assert pool.table_ready and firsts(pool) == maglev_firsts(KEYS)
     pool.set_up(KEYS[2], False)
     assert pool.wait_table(10)
@@ -153,7 +184,7 @@ def test_background_build_gives_the_maglev_table() -> None:
 
 def test_set_up_never_builds_and_flows_get_an_answer_meanwhile() -> None:
     builds = HeldBuilds()
-    pool = Pool(service(), run_build=builds)
+    pool = make_pool(service(), run_build=builds)
     pool.set_up(KEYS[0], True)  # one backend: a table costs nothing, no build
     assert pool.table_ready and not builds.jobs
     pool.set_up(KEYS[1], True)
@@ -168,7 +199,7 @@ def test_set_up_never_builds_and_flows_get_an_answer_meanwhile() -> None:
 
 def test_during_rebuild_flows_keep_up_backends_and_spread_the_lost_ones() -> None:
     builds = HeldBuilds()
-    pool = Pool(service(), run_build=builds)
+    pool = make_pool(service(), run_build=builds)
     for key in KEYS:
         pool.set_up(key, True)
     builds.run()
@@ -191,8 +222,8 @@ def test_during_rebuild_flows_keep_up_backends_and_spread_the_lost_ones() -> Non
 
 def test_nodes_agree_during_a_rebuild_whatever_the_configuration_order() -> None:
     forward, backward = HeldBuilds(), HeldBuilds()
-    a = Pool(service(), run_build=forward)
-    b = Pool(service(backends=list(reversed(service().model_dump()["backends"]))), run_build=backward)
+    a = make_pool(service(), run_build=forward)
+    b = make_pool(service(backends=list(reversed(service().model_dump()["backends"]))), run_build=backward)
     for pool, builds in ((a, forward), (b, backward)):
         for key in KEYS[:3]:
             pool.set_up(key, True)
@@ -207,7 +238,7 @@ def test_nodes_agree_during_a_rebuild_whatever_the_configuration_order() -> None
 
 def test_rebuilds_coalesce_to_the_latest_up_set() -> None:
     builds = HeldBuilds()
-    pool = Pool(service(), run_build=builds)
+    pool = make_pool(service(), run_build=builds)
     for key in KEYS:
         pool.set_up(key, True)
     pool.set_up(KEYS[0], False)
@@ -218,7 +249,7 @@ def test_rebuilds_coalesce_to_the_latest_up_set() -> None:
 
 def test_a_set_seen_before_gets_its_table_at_once() -> None:
     builds = HeldBuilds()
-    pool = Pool(service(), run_build=builds)
+    pool = make_pool(service(), run_build=builds)
     for key in KEYS:
         pool.set_up(key, True)
     builds.run()
@@ -226,7 +257,7 @@ def test_a_set_seen_before_gets_its_table_at_once() -> None:
     builds.run()
     pool.set_up(KEYS[3], True)  # back to the full set: cached
     assert pool.table_ready and not builds.jobs
-    other = Pool(service(), run_build=builds)  # another service on the same backends
+    other = make_pool(service(), run_build=builds)  # another service on the same backends
     for key in KEYS:
         other.set_up(key, True)
     assert other.table_ready and firsts(other) == firsts(pool)
@@ -234,7 +265,7 @@ def test_a_set_seen_before_gets_its_table_at_once() -> None:
 
 def test_a_failed_build_keeps_serving_from_the_previous_table(monkeypatch: pytest.MonkeyPatch) -> None:
     builds = HeldBuilds()
-    pool = Pool(service(), run_build=builds)
+    pool = make_pool(service(), run_build=builds)
     for key in KEYS:
         pool.set_up(key, True)
     builds.run()
@@ -262,7 +293,7 @@ def test_no_thread_for_a_build_is_retried_at_the_next_transition() -> None:
             raise RuntimeError("can't start new thread")
         builds(job)
 
-    pool = Pool(service(), run_build=runner)
+    pool = make_pool(service(), run_build=runner)
     for key in KEYS[:3]:
         assert pool.set_up(key, True)  # the transition itself never fails
     assert not pool.table_ready and pool.candidates(CLIENT, VIP)
@@ -277,7 +308,7 @@ class Flapping:
     and ``expected`` holds the Maglev answer of each set for ``clients``."""
 
     def __init__(self) -> None:
-        self.pool = all_up(Pool(service(
+        self.pool = all_up(make_pool(service(
             backends=[{"address": f"203.0.113.{i + 1}", "port": 8080} for i in range(12)],
             maglev_table_size=251,
         )))
