@@ -68,7 +68,7 @@ def no_cached_tables() -> Iterator[None]:
 
 def make_pool(service: ServiceConfig, run_build: pool_module.BuildRunner | None = None) -> pool_module.Pool:
     """A pool whose background builds run on threads the test joins."""
-    return pool_module.make_pool(service, run_build=run_build or THREADS)
+    return pool_module.Pool(service, run_build=run_build or THREADS)
 
 
 class HeldBuilds:
