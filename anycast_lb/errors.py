@@ -11,6 +11,7 @@
     |   +-- UnsafeAttribute    a BGP attribute would inject an API command
     +-- ClusterError           the flow-survival cluster cannot run its part
     |   +-- ClusterWireError   a sync datagram is malformed
+    |       +-- ClusterAuthError   its MAC is wrong or its key unknown
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -66,6 +67,11 @@ class ClusterError(AnycastLBError):
 
 class ClusterWireError(ClusterError):
     """A sync datagram is malformed (dropped and counted, never fatal)."""
+
+
+class ClusterAuthError(ClusterWireError):
+    """A sync datagram fails authentication: bad MAC or unknown key id
+    (dropped and counted, never fatal)."""
 
 
 class LabError(AnycastLBError):
