@@ -28,8 +28,9 @@ import base64
 import binascii
 import hashlib
 import os
+import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from anycast_lb.errors import ClusterError
@@ -57,18 +58,21 @@ class KeyRing:
 
     signing: bytes
     accepted: tuple[bytes, ...]
+    ids: tuple[int, ...] = field(init=False, compare=False)
+    """:func:`key_id` of each accepted key, in order."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", tuple(key_id(k) for k in self.accepted))
 
     @property
     def signing_id(self) -> int:
+        if self.accepted and self.accepted[0] == self.signing:
+            return self.ids[0]
         return key_id(self.signing)
 
     def candidates(self, kid: int) -> tuple[bytes, ...]:
         """Accepted keys whose id is ``kid`` (usually one, none when unknown)."""
-        return tuple(k for k in self.accepted if key_id(k) == kid)
-
-    @property
-    def ids(self) -> tuple[int, ...]:
-        return tuple(key_id(k) for k in self.accepted)
+        return tuple(k for k, i in zip(self.accepted, self.ids, strict=True) if i == kid)
 
 
 def parse_keys(text: str, source: str = "cluster.key_file") -> KeyRing:
@@ -96,6 +100,22 @@ def parse_keys(text: str, source: str = "cluster.key_file") -> KeyRing:
     if len(set(keys)) != len(keys):
         raise ClusterError(f"{source}: the same key twice")
     return KeyRing(keys[0], tuple(keys))
+
+
+def new_key_line(size: int = 32) -> str:
+    """A fresh random key as a key file line (base64 of ``size`` bytes)."""
+    return base64.b64encode(secrets.token_bytes(size)).decode("ascii")
+
+
+def write_key_file(path: Path, lines: list[str]) -> None:
+    """Write ``lines`` (base64 keys, signing key first) to ``path`` with mode
+    0600 from the first byte on. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, "".join(f"{line}\n" for line in lines).encode("ascii"))
+    finally:
+        os.close(fd)
 
 
 class KeyFile:

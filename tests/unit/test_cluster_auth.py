@@ -168,3 +168,24 @@ def test_window_bitmap_stays_bounded_and_exact() -> None:
     for counter in range(4999 - WINDOW + 1, 5000):
         expected = REPLAY if counter in accepted else ACCEPT
         assert window.check(E1, counter) is expected, counter
+
+
+def test_forged_datagram_cost() -> None:
+    """What docs/cluster.md quotes: the cost of refusing one forged
+    1,400-byte datagram (a bad tag). Prints us per datagram (-s to see);
+    bounded loose so only a pathological slowdown fails."""
+    import time
+
+    flows = {(f"203.0.113.{i % 250}", 1024 + i, "198.51.100.10", 443): i for i in range(200)}
+    part = wire.encode_snapshot(1, 1, 1, 1, flows, 1400)[0]
+    good = wire.seal(part, 1, OLD, key_id(OLD), A, B)
+    assert len(good) <= 1400
+    forged = flip(good, -1)
+    rounds = 2000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        with pytest.raises(ClusterAuthError):
+            wire.decode(forged, ONLY_OLD, A, B)
+    per = (time.perf_counter() - started) / rounds
+    print(f"forged datagram refused in {per * 1e6:.1f} us")
+    assert per < 0.005
