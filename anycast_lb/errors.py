@@ -5,6 +5,7 @@
     AnycastLBError
     +-- ConfigError            the config file is missing, unreadable or invalid
     +-- BindError              a forwarder or the HTTP API cannot bind its address
+    +-- WorkerProtocolError    a relay worker pipe line is malformed
     +-- BackendError           no backend of a pool could take a flow
     |   +-- NoHealthyBackend   the pool has no backend in state up
     +-- AnnouncerError         the ExaBGP side cannot be driven
@@ -43,6 +44,11 @@ class ConfigError(AnycastLBError):
 
 class BindError(AnycastLBError):
     """A listening socket could not be bound (address in use, not local...)."""
+
+
+class WorkerProtocolError(AnycastLBError):
+    """A line on a relay worker's pipe is not a valid message (logged and
+    skipped; a bad first line ends the worker)."""
 
 
 class BackendError(AnycastLBError):
