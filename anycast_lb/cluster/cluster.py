@@ -145,7 +145,7 @@ class Cluster:
         self._key_error = ""
         # Epochs grow with the wall clock at start, so peers take a restarted
         # node's new epoch and refuse replays of an old one (replay.py).
-        self.epoch = (max(int(self.clock.wall() * 1000), 0) << 16 | secrets.randbits(16)) + 1
+        self.epoch = (max(int(self.clock.wall() * 1000), 0) << 16 | secrets.randbits(16)) % (1 << 63) + 1
         self.seq = 0
         self.local = LocalFlows()
         self.membership = Membership(len(self.peers), config.peer_expiry,
