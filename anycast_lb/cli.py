@@ -27,7 +27,7 @@ import click
 
 from anycast_lb import __version__, log
 from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
-from anycast_lb.errors import AnycastLBError, ConfigError
+from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab
 
 EXIT_ERROR = 1
@@ -53,6 +53,14 @@ def main() -> None:
 def check_config(config: Path) -> None:
     """Validate CONFIG; print a summary, or one line per problem (exit 2)."""
     cfg = _load(config)
+    if cfg.cluster is not None:  # the runtime refuses a bad key file: so does the check
+        from anycast_lb.cluster.keys import KeyFile
+
+        try:
+            KeyFile(cfg.cluster.key_file).load()
+        except ClusterError as exc:
+            click.echo(f"anycast-lb: invalid config {config}: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     click.echo(f"{config}: ok (node {cfg.node.name}, {len(cfg.services)} service(s), "
                f"bgp {'on' if cfg.bgp else 'off'})")
     for s in cfg.services:

@@ -431,6 +431,11 @@ class ClusterConfig(_Model):
     rule moves from 0 to rule_priority + 64, below the fwmark rules."""
     nft_table: str = Field(default="anycast_lb", pattern=_NFT_NAME_RE)
     """Name of the ``ip`` nftables table the node owns (created and deleted whole)."""
+    key_file: Path
+    """File of the sync key(s), base64, one per line: the first signs, every
+    one (at most two, for rotation) verifies; at least 16 bytes each, mode
+    0600 (docs/cluster.md). Make one with ``head -c 32 /dev/urandom | base64``.
+    Read at start and again within 1 s of a change."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterConfig:

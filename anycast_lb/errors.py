@@ -5,12 +5,14 @@
     AnycastLBError
     +-- ConfigError            the config file is missing, unreadable or invalid
     +-- BindError              a forwarder or the HTTP API cannot bind its address
+    +-- WorkerProtocolError    a relay worker pipe line is malformed
     +-- BackendError           no backend of a pool could take a flow
     |   +-- NoHealthyBackend   the pool has no backend in state up
     +-- AnnouncerError         the ExaBGP side cannot be driven
     |   +-- UnsafeAttribute    a BGP attribute would inject an API command
     +-- ClusterError           the flow-survival cluster cannot run its part
     |   +-- ClusterWireError   a sync datagram is malformed
+    |       +-- ClusterAuthError   its MAC is wrong or its key unknown
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -44,6 +46,11 @@ class BindError(AnycastLBError):
     """A listening socket could not be bound (address in use, not local...)."""
 
 
+class WorkerProtocolError(AnycastLBError):
+    """A line on a relay worker's pipe is not a valid message (logged and
+    skipped; a bad first line ends the worker)."""
+
+
 class BackendError(AnycastLBError):
     """No backend could take a flow."""
 
@@ -66,6 +73,11 @@ class ClusterError(AnycastLBError):
 
 class ClusterWireError(ClusterError):
     """A sync datagram is malformed (dropped and counted, never fatal)."""
+
+
+class ClusterAuthError(ClusterWireError):
+    """A sync datagram fails authentication: bad MAC or unknown key id
+    (dropped and counted, never fatal)."""
 
 
 class LabError(AnycastLBError):

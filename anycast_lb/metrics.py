@@ -25,7 +25,11 @@ With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 ``cluster_steering_map_size``, ``cluster_steered_packets_total{verdict}``,
 ``cluster_sync_lag_seconds`` (histogram) and ``cluster_sync_lag_p99_seconds``,
 ``cluster_sync_gaps_total``, ``cluster_nft_failures_total``,
-``cluster_stale_flows_aborted_total``.
+``cluster_stale_flows_aborted_total``,
+``cluster_sync_datagrams_received_total`` (authenticated, not replayed),
+``cluster_sync_datagrams_rejected_total{reason}`` (``unknown_peer``,
+``malformed``, ``bad_mac``, ``replay``) and ``cluster_key_file_error``
+(1 while a changed key file is refused and the old keys stay in use).
 """
 
 from __future__ import annotations

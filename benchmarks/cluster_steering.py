@@ -109,6 +109,23 @@ def teardown() -> None:
 
 # ------------------------------------------------------------------ node side
 
+def bench_key_file() -> Any:
+    """A sync key file (mode 0600) in a fresh temp dir: every node process
+    writes the same fixed key (scratch namespaces only)."""
+    import tempfile
+    from pathlib import Path
+
+    from anycast_lb.cluster.keys import write_key_file
+
+    path = Path(tempfile.mkdtemp(prefix="albt-key-")) / "cluster.key"
+    write_key_file(path, [BENCH_KEY])
+    return path
+
+
+BENCH_KEY = "YW55Y2FzdC1sYiBiZW5jaG1hcmsgc3luYyBrZXkgMDE="
+"""base64 of a fixed 32-byte key, shared by the benchmark's node processes."""
+
+
 async def node_main(index: int, publish: bool) -> None:
     from anycast_lb import log
     from anycast_lb.cluster import Cluster
@@ -117,7 +134,7 @@ async def node_main(index: int, publish: bool) -> None:
     log.setup("info")
     config = ClusterConfig.model_validate({
         "address": f"203.0.113.{index}", "interface": "lan0",
-        "peers": [f"203.0.113.{i}" for i in NODES], "nft_table": "albt_steer",
+        "peers": [f"203.0.113.{i}" for i in NODES], "key_file": str(bench_key_file()), "nft_table": "albt_steer",
     })
     service = ServiceConfig.model_validate({"name": "echo", "vip": VIP, "port": 80,
                                             "backends": [{"address": "127.0.0.1", "port": 9}]})

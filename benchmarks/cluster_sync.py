@@ -57,13 +57,30 @@ def teardown() -> None:
         sh("ip", "netns", "del", ns, check=False)
 
 
+def bench_key_file() -> Any:
+    """A sync key file (mode 0600) in a fresh temp dir: every node process
+    writes the same fixed key (scratch namespaces only)."""
+    import tempfile
+    from pathlib import Path
+
+    from anycast_lb.cluster.keys import write_key_file
+
+    path = Path(tempfile.mkdtemp(prefix="albt-key-")) / "cluster.key"
+    write_key_file(path, [BENCH_KEY])
+    return path
+
+
+BENCH_KEY = "YW55Y2FzdC1sYiBiZW5jaG1hcmsgc3luYyBrZXkgMDE="
+"""base64 of a fixed 32-byte key, shared by the benchmark's node processes."""
+
+
 def make_cluster(index: int) -> Any:
     from anycast_lb.cluster import Cluster
     from anycast_lb.config import ClusterConfig, ServiceConfig
 
     config = ClusterConfig.model_validate({
         "address": f"203.0.113.{index}", "interface": "lan0",
-        "peers": ["203.0.113.1", "203.0.113.2"], "nft_table": "albt_bench"})
+        "peers": ["203.0.113.1", "203.0.113.2"], "key_file": str(bench_key_file()), "nft_table": "albt_bench"})
     service = ServiceConfig.model_validate({"name": "web", "vip": VIP, "port": 80,
                                             "backends": [{"address": "127.0.0.1", "port": 9}]})
     return Cluster(config, [service], name=f"s{index}")

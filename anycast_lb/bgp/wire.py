@@ -123,7 +123,7 @@ def encode_ack(seq: int, ok: bool) -> bytes:
 def _object(line: bytes | str) -> dict[str, object]:
     try:
         obj: object = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested deeper than the interpreter's stack
         raise WireError(f"not JSON: {line[:200]!r}") from exc
     if not isinstance(obj, dict):
         raise WireError(f"not a JSON object: {line[:200]!r}")

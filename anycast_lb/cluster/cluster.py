@@ -18,6 +18,11 @@ membership); ``unavailable`` (no root, no nft, or the table could not be
 installed: logged once as ``cluster.flow_survival_unavailable``). A node
 not ``active`` tells its peers so in every heartbeat and is never sent a
 steered packet: its listener would answer them with RST.
+
+Every datagram is signed with the key of ``cluster.key_file``
+(:mod:`.keys`), checked by the endpoint (:mod:`.sync`) against the MAC and
+a replay window (:mod:`.replay`); the key file is read again within
+``keys.RELOAD_INTERVAL_S`` of a change (rotation without restart).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from anycast_lb import log
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import wire
 from anycast_lb.cluster.kernel import KernelDataPath
+from anycast_lb.cluster.keys import RELOAD_INTERVAL_S, KeyFile
 from anycast_lb.cluster.nft import COUNTERS, NftSettings
 from anycast_lb.cluster.ownership import (
     Delta,
@@ -51,7 +57,7 @@ from anycast_lb.cluster.ownership import (
     Steering,
 )
 from anycast_lb.cluster.routing import RoutingSettings
-from anycast_lb.cluster.sync import SyncEndpoint
+from anycast_lb.cluster.sync import REJECT_REASONS, SyncEndpoint
 from anycast_lb.config import ClusterConfig, ServiceConfig
 from anycast_lb.config import Protocol as Transport
 from anycast_lb.errors import ClusterError
@@ -109,6 +115,8 @@ class Cluster:
     returns how many it found). ``sock`` is an already bound UDP socket for
     the sync endpoint (tests); else it binds ``config.address:config.port``.
     ``datapath`` replaces the kernel data path (tests, benchmarks).
+    Raises ClusterError when ``config.key_file`` is missing, open to group
+    or others, or holds no valid key (:mod:`.keys`).
     """
 
     def __init__(
@@ -132,14 +140,19 @@ class Cluster:
             self.datapath = datapath or kernel_data_path(config, services)
         self.mode = "off" if not config.flow_survival else "starting"
         self.reason = "" if config.flow_survival else "cluster.flow_survival is false"
-        self.epoch = secrets.randbits(63) + 1
+        self.key_file = KeyFile(config.key_file)
+        keys = self.key_file.load()
+        self._key_error = ""
+        # Epochs grow with the wall clock at start, so peers take a restarted
+        # node's new epoch and refuse replays of an old one (replay.py).
+        self.epoch = (max(int(self.clock.wall() * 1000), 0) << 16 | secrets.randbits(16)) % (1 << 63) + 1
         self.seq = 0
         self.local = LocalFlows()
         self.membership = Membership(len(self.peers), config.peer_expiry,
                                      max(2 * config.heartbeat_interval, 0.2))
         self.steering = Steering(self.membership, self.local)
         self.endpoint = SyncEndpoint(
-            self.peers, self._on_message,
+            self.peers, self._on_message, local=(str(config.address), config.port), keys=keys,
             bind=None if sock is not None else (str(config.address), config.port), sock=sock)
         # Flow events from the forwarders' threads: (opened, key, since_ms).
         self._events: collections.deque[tuple[bool, FlowKey, int]] = collections.deque()
@@ -302,9 +315,32 @@ class Cluster:
             self._flush()
 
     async def _heartbeat_loop(self) -> None:
+        next_reload = self.clock.monotonic() + RELOAD_INTERVAL_S
         while True:
             self._heartbeat()
             await self.clock.sleep(self.config.heartbeat_interval)
+            if self.clock.monotonic() >= next_reload:
+                next_reload = self.clock.monotonic() + RELOAD_INTERVAL_S
+                self.reload_keys()
+
+    def reload_keys(self) -> bool:
+        """Read the key file again if it changed; True if new keys are in
+        use. A bad file is logged (once per distinct error) and the keys in
+        use are kept."""
+        try:
+            keys = self.key_file.reload()
+        except ClusterError as exc:
+            if str(exc) != self._key_error:
+                self._key_error = str(exc)
+                log.warning("cluster.key_file_refused", error=str(exc), kept="the keys in use")
+            return False
+        self._key_error = ""
+        if keys is None:
+            return False
+        self.endpoint.keys = keys
+        log.event("cluster.keys_loaded", signing_key_id=keys.signing_id,
+                  accepted_key_ids=",".join(str(k) for k in keys.ids))
+        return True
 
     async def _snapshot_loop(self) -> None:
         next_all = self.clock.monotonic() + self.config.snapshot_interval
@@ -444,7 +480,8 @@ class Cluster:
             if self.datapath is not None:
                 await self._start_datapath()
             log.event("cluster.started", address=f"{address[0]}:{address[1]}",
-                      peers=len(self.peers), flow_survival=self.mode, epoch=self.epoch)
+                      peers=len(self.peers), flow_survival=self.mode, epoch=self.epoch,
+                      signing_key_id=self.endpoint.keys.signing_id)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publish_loop())
                 tg.create_task(self._heartbeat_loop())
@@ -510,6 +547,7 @@ class Cluster:
                 "gaps": peer.gaps,
                 "snapshots": peer.snapshots,
                 "fwmark": self.config.fwmark_base + peer.index,
+                "key_id": self.endpoint.peer_key_ids[peer.index],
             })
         return {
             "flow_survival": self.mode,
@@ -526,6 +564,15 @@ class Cluster:
             "sync_lag_p99_ms": None if p99 is None else round(p99 * 1000, 1),
             "packets": {name: self.counters.get(name, 0) for name in COUNTERS},
             "stale_flows_aborted": self.aborted,
+            "sync": {
+                "datagrams_received": self.endpoint.received,
+                "datagrams_sent": self.endpoint.sent,
+                "send_errors": self.endpoint.send_errors,
+                "rejected": dict(self.endpoint.rejected),
+                "signing_key_id": self.endpoint.keys.signing_id,
+                "accepted_key_ids": list(self.endpoint.keys.ids),
+                "key_file_error": self._key_error or None,
+            },
             "peers": peers,
         }
 
@@ -572,7 +619,18 @@ class Cluster:
         aborted = CounterMetricFamily("anycast_lb_cluster_stale_flows_aborted",
                                       "Own connections reset because a peer claims them since")
         aborted.add_metric([], float(self.aborted))
-        yield from (mode, live, up, flows, owned, size, packets, lag, p99, gaps, failures, aborted)
+        received = CounterMetricFamily("anycast_lb_cluster_sync_datagrams_received",
+                                       "Sync datagrams accepted (authenticated, not replayed)")
+        received.add_metric([], float(self.endpoint.received))
+        rejected = CounterMetricFamily("anycast_lb_cluster_sync_datagrams_rejected",
+                                       "Sync datagrams dropped, by reason", labels=["reason"])
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], float(self.endpoint.rejected[reason]))
+        key_errors = GaugeMetricFamily("anycast_lb_cluster_key_file_error",
+                                       "1 while a changed key file is refused (old keys in use)")
+        key_errors.add_metric([], 1.0 if self._key_error else 0.0)
+        yield from (mode, live, up, flows, owned, size, packets, lag, p99, gaps, failures, aborted,
+                    received, rejected, key_errors)
 
 
 class _Stopped(Exception):

@@ -1,14 +1,21 @@
 """Sync datagrams between nodes (UDP on the node LAN): pure encode and decode.
 
-Every datagram starts with a 32-byte header, network byte order::
+Every datagram is a 40-byte header, a body by kind, then a 32-byte tag,
+network byte order::
 
-    magic "ALBC" (4) | version 1 (1) | kind (1) | flags (1) | 0 (1)
-    epoch (8): the sender's incarnation, random at start
-    seq (8):   heartbeat: last delta seq sent; delta: its seq;
-               snapshot: the delta seq it reflects; request: 0
+    magic "ALBC" (4) | version 2 (1) | kind (1) | flags (1) | key id (1)
+    epoch (8):   the sender's incarnation (grows with its wall clock at start)
+    seq (8):     heartbeat: last delta seq sent; delta: its seq;
+                 snapshot: the delta seq it reflects; request: 0
     wall_ms (8): the sender's wall clock when it sent the datagram
+    counter (8): one more for every datagram the sender sealed in this
+                 epoch (the replay window's sequence, :mod:`.replay`)
+    body
+    tag (32):    HMAC-SHA256 (RFC 2104) under the key named by key id, of
+                 sender IPv4 (4), sender port (2), receiver IPv4 (4),
+                 receiver port (2), then every byte before the tag
 
-then a body by kind:
+Bodies:
 
 =================  ==========================================================
 HEARTBEAT (1)      owned flows (4), name length (1), name (UTF-8)
@@ -20,13 +27,22 @@ SNAPSHOT_REQ (4)   (empty) the receiver asks the sender for a snapshot now
 KEY is client address (4), client port (2), VIP (4), VIP port (2): IPv4
 only (12 bytes); FLOW is KEY then since_ms (8), the owner's wall clock when it
 accepted the flow. Flags: bit 0 the sender runs its steering receiver, bit 1
-the sender is leaving (a clean stop). Decoding raises
-:class:`~anycast_lb.errors.ClusterWireError`; the node LAN is trusted (like
-the backends on it): there is no authentication.
+the sender is leaving (a clean stop).
+
+The ``encode_*`` functions return an unsealed datagram (key id, counter
+and tag unset); :func:`seal` signs it for one receiver, so a datagram
+captured on its way to one peer fails the MAC at another, and one replayed
+under another sender's source address fails it too. :func:`decode`
+verifies before it parses; it raises
+:class:`~anycast_lb.errors.ClusterAuthError` for a bad MAC or an unknown
+key and :class:`~anycast_lb.errors.ClusterWireError` (its base) for
+anything malformed. Replays are the receiver's business (:mod:`.replay`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import socket
 import struct
 from collections.abc import Mapping, Sequence
@@ -34,14 +50,21 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from anycast_lb.errors import ClusterWireError
+from anycast_lb.errors import ClusterAuthError, ClusterWireError
 
 if TYPE_CHECKING:
+    from anycast_lb.cluster.keys import KeyRing
     from anycast_lb.forward import FlowKey
 
 MAGIC = b"ALBC"
-VERSION = 1
-HEADER = struct.Struct("!4sBBBxQQQ")
+VERSION = 2
+HEADER = struct.Struct("!4sBBBBQQQQ")
+TAG_SIZE = 32
+"""HMAC-SHA256 tag at the end of every datagram, bytes."""
+OVERHEAD = HEADER.size + TAG_SIZE
+_KEY_ID_AT = 7
+_COUNTER_AT = 32
+_ENDPOINT = struct.Struct("!4sH")
 _KEY = struct.Struct("!4sH4sH")
 _FLOW = struct.Struct("!4sH4sHQ")
 _HEARTBEAT = struct.Struct("!IB")
@@ -67,6 +90,8 @@ class Header:
     epoch: int
     seq: int
     wall_ms: int
+    counter: int = 0
+    key_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +142,39 @@ def is_ipv4_key(key: FlowKey) -> bool:
 
 
 def _header(kind: Kind, flags: int, epoch: int, seq: int, wall_ms: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, flags, epoch, seq, wall_ms)
+    return HEADER.pack(MAGIC, VERSION, kind, flags, 0, epoch, seq, wall_ms, 0)
+
+
+Endpoint = tuple[str, int]
+"""A node's sync endpoint: (IPv4 address, UDP port) on the node LAN."""
+
+
+def _endpoint(address: Endpoint) -> bytes:
+    try:
+        return _ENDPOINT.pack(socket.inet_aton(address[0]), address[1])
+    except (OSError, struct.error) as exc:
+        raise ClusterWireError(f"not an IPv4 sync endpoint: {address!r}") from exc
+
+
+def tag(key: bytes, sender: Endpoint, receiver: Endpoint, signed: bytes) -> bytes:
+    """HMAC-SHA256 of ``signed`` (a datagram without its tag) from
+    ``sender`` to ``receiver``: :data:`TAG_SIZE` bytes."""
+    mac = hmac.new(key, _endpoint(sender) + _endpoint(receiver), hashlib.sha256)
+    mac.update(signed)
+    return mac.digest()
+
+
+def seal(datagram: bytes, counter: int, key: bytes, key_id: int, sender: Endpoint,
+         receiver: Endpoint) -> bytes:
+    """An ``encode_*`` datagram with its key id, counter and tag set, for
+    ``receiver``. ``counter`` must grow with every datagram of an epoch."""
+    if len(datagram) < HEADER.size or not 0 <= counter < 1 << 64 or not 0 <= key_id < 256:
+        raise ClusterWireError("seal: not an unsealed datagram, or counter or key id out of range")
+    head = bytearray(datagram)
+    head[_KEY_ID_AT] = key_id
+    struct.pack_into("!Q", head, _COUNTER_AT, counter)
+    signed = bytes(head)
+    return signed + tag(key, sender, receiver, signed)
 
 
 def _pack_flow(key: FlowKey, since_ms: int) -> bytes:
@@ -158,7 +215,7 @@ def split_changes(
     Removals come first: a chunk never re-adds a key a later chunk removes,
     since ``added`` and ``removed`` never share a key.
     """
-    room = max_datagram - HEADER.size - _DELTA.size
+    room = max_datagram - OVERHEAD - _DELTA.size
     chunks: list[tuple[list[tuple[FlowKey, int]], list[FlowKey]]] = []
     adds: list[tuple[FlowKey, int]] = []
     removes: list[FlowKey] = []
@@ -185,7 +242,7 @@ def encode_snapshot(
     max_datagram: int, *, receiver: bool = True,
 ) -> list[bytes]:
     """The datagrams of one snapshot (at least one, even when empty)."""
-    per = max(1, (max_datagram - HEADER.size - _SNAPSHOT.size) // ADD_SIZE)
+    per = max(1, (max_datagram - OVERHEAD - _SNAPSHOT.size) // ADD_SIZE)
     items = list(flows.items())
     chunks = [items[i:i + per] for i in range(0, len(items), per)] or [[]]
     if len(chunks) > 0xFFFF:
@@ -217,19 +274,34 @@ def _keys(data: bytes, offset: int, count: int) -> tuple[FlowKey, ...]:
                  for c, cp, v, vp in _KEY.iter_unpack(data[offset:offset + count * REMOVE_SIZE]))
 
 
-def decode(data: bytes) -> Message:
-    """Parse one datagram. Raises ClusterWireError naming what is wrong."""
-    if len(data) < HEADER.size:
-        raise ClusterWireError(f"datagram of {len(data)} bytes is shorter than the header")
-    magic, version, kind, flags, epoch, seq, wall_ms = HEADER.unpack_from(data)
+def decode(data: bytes, keys: KeyRing, sender: Endpoint, receiver: Endpoint) -> Message:
+    """Verify and parse one datagram from ``sender`` to ``receiver``.
+
+    Raises ClusterAuthError when no accepted key has the datagram's key id
+    or the tag does not match (compared in constant time), and
+    ClusterWireError naming what is wrong when it is malformed."""
+    if len(data) < OVERHEAD:
+        raise ClusterWireError(f"datagram of {len(data)} bytes is shorter than header and tag")
+    magic, version, kind, flags, kid, epoch, seq, wall_ms, counter = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ClusterWireError("not a sync datagram (bad magic)")
     if version != VERSION:
         raise ClusterWireError(f"unsupported sync version {version}")
+    signed, given = data[:-TAG_SIZE], data[-TAG_SIZE:]
+    candidates = keys.candidates(kid)
+    if not candidates:
+        raise ClusterAuthError(f"signed with an unknown key (id {kid})")
+    if not any(hmac.compare_digest(tag(key, sender, receiver, signed), given)
+               for key in candidates):
+        raise ClusterAuthError(f"bad MAC (key id {kid})")
     try:
-        header = Header(Kind(kind), flags, epoch, seq, wall_ms)
+        header = Header(Kind(kind), flags, epoch, seq, wall_ms, counter, kid)
     except ValueError:
         raise ClusterWireError(f"unknown message kind {kind}") from None
+    return _body(header, signed)
+
+
+def _body(header: Header, data: bytes) -> Message:
     body = HEADER.size
     if header.kind is Kind.HEARTBEAT:
         _need(data, body + _HEARTBEAT.size)

@@ -41,7 +41,12 @@ Transport = Literal["tcp", "udp"]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class IncompleteHeader(ValueError):
+class ProxyHeaderError(ValueError):
+    """Not a valid v2 header (parsing), or arguments no header can carry
+    (building). The module raises no other error."""
+
+
+class IncompleteHeader(ProxyHeaderError):
     """``data`` holds the start of a valid header but not all of it yet:
     read more bytes and parse again."""
 
@@ -84,7 +89,7 @@ def v2_header(client: tuple[str, int], local: tuple[str, int], protocol: Transpo
 
     ``client`` is the client's (address, port), ``local`` the (address, port)
     it connected to (the VIP). 28 bytes for IPv4, 52 bytes for IPv6; no TLVs.
-    Raises ValueError if an address is not an IP address, a port is outside
+    Raises ProxyHeaderError (a ValueError) if an address is not an IP address, a port is outside
     0-65535, or ``protocol`` is neither "tcp" nor "udp".
     """
     if protocol == "tcp":
@@ -92,11 +97,14 @@ def v2_header(client: tuple[str, int], local: tuple[str, int], protocol: Transpo
     elif protocol == "udp":
         transport = _DGRAM
     else:
-        raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
-    src, dst = _same_family(ipaddress.ip_address(client[0]), ipaddress.ip_address(local[0]))
+        raise ProxyHeaderError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
+    try:
+        src, dst = _same_family(ipaddress.ip_address(client[0]), ipaddress.ip_address(local[0]))
+    except ValueError as exc:
+        raise ProxyHeaderError(str(exc)) from None
     src_port, dst_port = client[1], local[1]
     if not (0 <= src_port <= 65535 and 0 <= dst_port <= 65535):
-        raise ValueError(f"port out of range 0-65535: {src_port}, {dst_port}")
+        raise ProxyHeaderError(f"port out of range 0-65535: {src_port}, {dst_port}")
     if src.version == 4:
         family, body = _AF_INET, _V4.pack(src.packed, dst.packed, src_port, dst_port)
     else:
@@ -107,35 +115,35 @@ def v2_header(client: tuple[str, int], local: tuple[str, int], protocol: Transpo
 def parse_v2_header(data: bytes) -> ProxyHeader:
     """Parse the v2 header at the start of ``data`` (trailing bytes are payload).
 
-    Raises IncompleteHeader (a ValueError) when ``data`` is a valid but
-    truncated prefix of a header, and ValueError when it is not a v2 header:
+    Raises IncompleteHeader when ``data`` is a valid but truncated prefix
+    of a header, and ProxyHeaderError (both ValueErrors) when it is not a v2 header:
     wrong signature or version, unknown command, family or transport, or an
     address block shorter than its family needs.
     """
     fixed = _FIXED.size
     if len(data) < fixed:
         if not SIGNATURE.startswith(bytes(data[: len(SIGNATURE)])):
-            raise ValueError("not a PROXY protocol v2 signature")
+            raise ProxyHeaderError("not a PROXY protocol v2 signature")
         raise IncompleteHeader(f"need {fixed} bytes, have {len(data)}")
     signature, ver_cmd, fam, length = _FIXED.unpack_from(data)
     if signature != SIGNATURE:
-        raise ValueError("not a PROXY protocol v2 signature")
+        raise ProxyHeaderError("not a PROXY protocol v2 signature")
     if ver_cmd & 0xF0 != _VERSION_2:
-        raise ValueError(f"unsupported version {ver_cmd >> 4} (expected 2)")
+        raise ProxyHeaderError(f"unsupported version {ver_cmd >> 4} (expected 2)")
     command = ver_cmd & 0x0F
     if command not in (_CMD_LOCAL, _CMD_PROXY):
-        raise ValueError(f"unknown command {command:#x}")
+        raise ProxyHeaderError(f"unknown command {command:#x}")
     family, transport = fam >> 4, fam & 0x0F
     if family not in (_AF_UNSPEC, _AF_INET, _AF_INET6, _AF_UNIX):
-        raise ValueError(f"unknown address family {family:#x}")
+        raise ProxyHeaderError(f"unknown address family {family:#x}")
     if transport not in (0, _STREAM, _DGRAM):
-        raise ValueError(f"unknown transport {transport:#x}")
+        raise ProxyHeaderError(f"unknown transport {transport:#x}")
     total = fixed + length
     if len(data) < total:
         raise IncompleteHeader(f"need {total} bytes, have {len(data)}")
     needed = {_AF_INET: _V4.size, _AF_INET6: _V6.size, _AF_UNIX: _UNIX_ADDRESS_LEN}.get(family, 0)
     if length < needed:
-        raise ValueError(f"address block of {length} bytes is too short for family {family:#x}")
+        raise ProxyHeaderError(f"address block of {length} bytes is too short for family {family:#x}")
     if command == _CMD_LOCAL or family in (_AF_UNSPEC, _AF_UNIX):
         return ProxyHeader(None, None, None, total)
     protocol: Transport | None = None

@@ -70,14 +70,14 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 from anycast_lb import log
 from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig
 from anycast_lb.config import Protocol as Transport
-from anycast_lb.errors import BindError
+from anycast_lb.errors import BindError, WorkerProtocolError
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.pool import Backend, Pool
 
@@ -149,12 +149,75 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def decode(line: bytes) -> dict[str, Any]:
-    """A protocol line as a mapping with a string ``op``. Raises ValueError."""
-    message = json.loads(line)
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        raise ValueError(f"not a protocol message: {line[:80]!r}")  # noqa: TRY004 - bad input, one error type
-    return message
+class Command(BaseModel):
+    """A node -> worker line after the spec, checked field by field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Literal["state", "backend", "stop_accepting", "drain", "stop"]
+    backends: dict[str, dict[str, StrictBool]] | None = None
+    """``state``: service -> backend key -> up."""
+    service: StrictStr | None = None
+    backend: StrictStr | None = None
+    up: StrictBool | None = None
+    """``backend``: one backend of one service goes up or down."""
+    timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """``drain``: seconds to wait for connections to end."""
+
+    @model_validator(mode="after")
+    def _fields_of_op(self) -> Command:
+        needed = {"state": ("backends",), "backend": ("service", "backend", "up"),
+                  "drain": ("timeout",)}.get(self.op, ())
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{self.op} needs {', '.join(missing)}")
+        return self
+
+
+class Report(BaseModel):
+    """A worker -> node line, checked field by field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Literal["listening", "error", "counters", "exit"]
+    pid: int | None = None
+    error: StrictStr | None = None
+    services: dict[str, ServiceCounters] | None = None
+    idle: StrictBool = False
+
+    @model_validator(mode="after")
+    def _fields_of_op(self) -> Report:
+        if self.op == "counters" and self.services is None:
+            raise ValueError("counters line without services")
+        return self
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _parse(model: type[_M], line: bytes) -> _M:
+    try:
+        return model.model_validate_json(line)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"msg": str(exc), "loc": ()}
+        where = ".".join(str(part) for part in first["loc"]) or "line"
+        raise WorkerProtocolError(f"bad {model.__name__.lower()} line: {where}: "
+                                  f"{first['msg']}: {line[:80]!r}") from None
+
+
+def parse_command(line: bytes) -> Command:
+    """One node -> worker line. Raises WorkerProtocolError."""
+    return _parse(Command, line)
+
+
+def parse_report(line: bytes) -> Report:
+    """One worker -> node line. Raises WorkerProtocolError."""
+    return _parse(Report, line)
+
+
+def parse_spec(line: bytes) -> WorkerSpec:
+    """The first node -> worker line. Raises WorkerProtocolError."""
+    return _parse(WorkerSpec, line)
 
 
 def state_message(pools: Mapping[str, Pool]) -> dict[str, Any]:
@@ -172,15 +235,6 @@ def counters_message(forwarders: Mapping[str, RelayForwarder]) -> dict[str, Any]
         ).model_dump(mode="json")
         for name, f in forwarders.items()
     }}
-
-
-def parse_counters(message: Mapping[str, Any]) -> dict[str, ServiceCounters]:
-    """The per-service counters of a ``counters`` line. Raises ValueError
-    (pydantic's ValidationError) when malformed."""
-    services = message.get("services")
-    if not isinstance(services, dict):
-        raise ValueError("counters line without services")  # noqa: TRY004 - bad input, one error type
-    return {str(name): ServiceCounters.model_validate(value) for name, value in services.items()}
 
 
 def add_counters(total: ServiceCounters, more: ServiceCounters) -> ServiceCounters:
@@ -272,20 +326,25 @@ class _Worker:
         try:
             while line := await self.reader.readline():
                 try:
-                    self._command(decode(line))
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("forward.worker_bad_command", worker=self.spec.index, error=repr(exc))
+                    self._command(parse_command(line))
+                except WorkerProtocolError as exc:
+                    log.error("forward.worker_bad_command", worker=self.spec.index, error=str(exc))
+                except KeyError as exc:  # a service or backend this worker does not have
+                    log.error("forward.worker_bad_command", worker=self.spec.index,
+                              error=f"unknown {exc}")
         except BrokenPipeError:
             pass  # stdout closed: the node is gone
         self._finish(False)  # stdin closed: the node is gone
 
-    def _command(self, message: dict[str, Any]) -> None:
-        op = message["op"]
+    def _command(self, command: Command) -> None:
+        """Carry out one command. Raises KeyError for an unknown service or backend."""
+        op = command.op
         if op == "backend":
-            self.pools[message["service"]].set_up(message["backend"], bool(message["up"]))
+            assert command.service is not None and command.backend is not None
+            self.pools[command.service].set_up(command.backend, bool(command.up))
             _send(counters_message(self.forwarders))
         elif op == "state":
-            apply_state(self.pools, message)
+            apply_state(self.pools, command)
             _send(counters_message(self.forwarders))
         elif op == "stop_accepting":
             for forwarder in self.forwarders.values():
@@ -293,11 +352,9 @@ class _Worker:
             _send(counters_message(self.forwarders))
         elif op == "drain":
             if self.draining is None:
-                self.draining = asyncio.create_task(self._drain(float(message["timeout"])))
-        elif op == "stop":
+                self.draining = asyncio.create_task(self._drain(command.timeout or 0.0))
+        else:  # stop
             self._finish(False)
-        else:
-            raise ValueError(f"unknown op {op!r}")
 
     async def _drain(self, timeout: float) -> None:
         for forwarder in self.forwarders.values():
@@ -314,12 +371,13 @@ class _Worker:
             self._finish(False)  # the node is gone
 
 
-def apply_state(pools: Mapping[str, Pool], message: Mapping[str, Any]) -> None:
-    """Set each backend up or down as a ``state`` line says."""
-    for service, backends in message["backends"].items():
+def apply_state(pools: Mapping[str, Pool], command: Command) -> None:
+    """Set each backend up or down as a ``state`` line says. Raises KeyError
+    for a service or backend not in ``pools``."""
+    for service, backends in (command.backends or {}).items():
         pool = pools[service]
         for key, up in backends.items():
-            pool.set_up(key, bool(up))
+            pool.set_up(key, up)
 
 
 async def _worker_main() -> int:
@@ -330,10 +388,17 @@ async def _worker_main() -> int:
     state_line = await reader.readline()
     if not state_line:
         return 0  # the node went away before sending the state
-    spec = WorkerSpec.model_validate_json(spec_line)
-    log.setup(spec.log_level)
-    worker = _Worker(spec, reader)
-    apply_state(worker.pools, decode(state_line))
+    try:
+        spec = parse_spec(spec_line)
+        log.setup(spec.log_level)
+        worker = _Worker(spec, reader)
+        state = parse_command(state_line)
+        if state.op != "state":
+            raise WorkerProtocolError(f"second line is {state.op}, not state")
+        apply_state(worker.pools, state)
+    except (WorkerProtocolError, KeyError) as exc:
+        log.error("forward.worker_bad_start", error=str(exc))
+        return 2
     return await worker.run()
 
 
@@ -627,19 +692,19 @@ class WorkerGroup:
             if not line:
                 return
             try:
-                message = decode(line)
-                op = message["op"]
-                if op == "counters":
-                    worker.services = parse_counters(message)
-                elif op == "listening":
-                    worker.listening = True
-                    worker._settle(None)
-                elif op == "error":
-                    worker._settle(str(message.get("error")))
-                elif op == "exit":
-                    worker.idle = bool(message.get("idle"))
-            except ValueError as exc:
-                log.error("forward.worker_bad_report", worker=worker.index, error=repr(exc))
+                report = parse_report(line)
+            except WorkerProtocolError as exc:
+                log.error("forward.worker_bad_report", worker=worker.index, error=str(exc))
+                continue
+            if report.op == "counters":
+                worker.services = report.services or {}
+            elif report.op == "listening":
+                worker.listening = True
+                worker._settle(None)
+            elif report.op == "error":
+                worker._settle(str(report.error))
+            else:  # exit
+                worker.idle = report.idle
 
     def _retire(self, worker: WorkerProcess) -> None:
         """Keep an exited process's cumulative counters in the totals."""

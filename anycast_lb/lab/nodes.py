@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from anycast_lb.cluster.keys import new_key_line, write_key_file
 from anycast_lb.config import parse_config, parse_host_port
 from anycast_lb.errors import ConfigError, LabError
 from anycast_lb.lab import topology as T
@@ -65,7 +66,8 @@ def node_dir(run_dir: Path, node: Node) -> Path:
 
 
 def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
-    """The ``node.yaml`` of one lab node (see anycast_lb/config.py)."""
+    """The ``node.yaml`` of one lab node (see anycast_lb/config.py); its
+    cluster sync key file sits beside ``token_file``."""
     health = {"kind": "http", "port": T.BACKEND_HTTP_PORT, "path": "/healthz",
               "interval": HEALTH.interval, "fast_interval": HEALTH.fast_interval,
               "timeout": HEALTH.timeout, "rise": HEALTH.rise, "fall": HEALTH.fall}
@@ -100,14 +102,19 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
         },
     }
     if topo.flow_survival:
-        config["cluster"] = cluster_section(topo, node)
+        config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
     return config
 
 
-def cluster_section(topo: Topology, node: Node) -> dict[str, Any]:
+CLUSTER_KEY = "cluster.key"
+"""Name of the sync key file: one per lab run, copied into each node's directory."""
+
+
+def cluster_section(topo: Topology, node: Node, key_file: Path) -> dict[str, Any]:
     """The node's ``cluster:`` section (flow survival over the node LAN):
     every node's backend-LAN address is in ``peers`` (the node skips its own)."""
     return {
+        "key_file": str(key_file),
         "flow_survival": True,
         "address": str(node.lan_address),
         "interface": node.lan_if,
@@ -137,6 +144,13 @@ def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:
     token = directory / "admin-token"
     token.write_text(T.ADMIN_TOKEN + "\n")
     token.chmod(0o600)
+    if topo.flow_survival:
+        # Every node of one lab run shares one fresh key (mode 0600: the
+        # node refuses a key file open to group or others).
+        shared = run_dir / CLUSTER_KEY
+        if not shared.exists():
+            write_key_file(shared, [new_key_line()])
+        write_key_file(directory / CLUSTER_KEY, shared.read_text().split())
     data = node_config(topo, node, token)
     parse_config(data, f"lab config of {node.name}")
     path = directory / "node.yaml"

@@ -188,3 +188,25 @@ def _read_available(proc: subprocess.Popen[str]) -> str:
         chunk = b""
     _seen[proc.pid] = _seen.get(proc.pid, "") + chunk.decode(errors="replace")
     return _seen[proc.pid]
+
+
+def test_check_config_refuses_a_cluster_key_file_the_node_would_refuse(tmp_path: Path) -> None:
+    data = minimal(8080)
+    key = tmp_path / "cluster.key"
+    key.write_text("c2hvcnQ=\n")  # "short": 5 bytes
+    key.chmod(0o600)
+    data["cluster"] = {"flow_survival": False, "address": "127.0.0.1", "interface": "lo",
+                       "peers": ["127.0.0.2"], "key_file": str(key)}
+    path = write(tmp_path, data)
+    result = subprocess.run([*ANYCAST_LB, "check-config", str(path)],
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2 and "5 bytes, at least 16" in result.stderr, result.stderr
+    key.write_text("YW55Y2FzdC1sYiB0ZXN0IGtleSAwMDAwMDAwMDAwMDA=\n")
+    key.chmod(0o644)
+    result = subprocess.run([*ANYCAST_LB, "check-config", str(path)],
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2 and "chmod 600" in result.stderr, result.stderr
+    key.chmod(0o600)
+    result = subprocess.run([*ANYCAST_LB, "check-config", str(path)],
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 0, result.stderr

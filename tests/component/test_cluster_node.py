@@ -8,7 +8,9 @@ proves it in scratch namespaces instead)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,7 +26,14 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config(name: str, port: int, peer: int) -> dict[str, Any]:
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.key"
+    path.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def config(name: str, port: int, peer: int, key: Path) -> dict[str, Any]:
     return {
         "node": {"name": name},
         "api": {"listen": "127.0.0.1:0"},
@@ -34,7 +43,7 @@ def config(name: str, port: int, peer: int) -> dict[str, Any]:
                       "health": {"kind": "none", "interval": 0.2, "timeout": 0.1}}],
         "cluster": {"flow_survival": False, "address": "127.0.0.1", "port": port,
                     "interface": "lo", "peers": [f"127.0.0.1:{port}", f"127.0.0.1:{peer}"],
-                    "heartbeat_interval": 0.05, "peer_expiry": 0.3},
+                    "heartbeat_interval": 0.05, "peer_expiry": 0.3, "key_file": str(key)},
     }
 
 
@@ -46,11 +55,12 @@ async def get(node: Node, path: str) -> Any:
         return await (response.text() if path == "/metrics" else response.json())
 
 
-async def test_nodes_see_each_other_and_a_stopping_node_leaves() -> None:
+async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -> None:
     pa, pb = free_udp_port(), free_udp_port()
-    a = Node(parse_config(config("lb1", pa, pb)), bind_overrides={"web": ("127.0.0.1", 0)},
+    key = key_file(tmp_path)
+    a = Node(parse_config(config("lb1", pa, pb, key)), bind_overrides={"web": ("127.0.0.1", 0)},
              check_jitter=False)
-    b = Node(parse_config(config("lb2", pb, pa)), bind_overrides={"web": ("127.0.0.1", 0)},
+    b = Node(parse_config(config("lb2", pb, pa, key)), bind_overrides={"web": ("127.0.0.1", 0)},
              check_jitter=False)
     tasks = []
     for node in (a, b):
@@ -69,6 +79,9 @@ async def test_nodes_see_each_other_and_a_stopping_node_leaves() -> None:
         metrics = await get(a, "/metrics")
         assert "anycast_lb_cluster_live_peers 1.0" in metrics
         assert "anycast_lb_cluster_flow_survival 0.0" in metrics
+        assert cluster["sync"]["rejected"] == {"unknown_peer": 0, "malformed": 0, "bad_mac": 0,
+                                               "replay": 0}
+        assert 'anycast_lb_cluster_sync_datagrams_rejected_total{reason="bad_mac"} 0.0' in metrics
         b.request_stop()
         await tasks[1]
         # lb2's leaving heartbeat: dead well before the 0.3 s expiry runs out.

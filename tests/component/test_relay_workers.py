@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from anycast_lb.config import parse_config
-from anycast_lb.errors import ConfigError
+from anycast_lb.errors import ConfigError, WorkerProtocolError
 from anycast_lb.forward import RelayForwarder
 from anycast_lb.forward.workers import (
     BackendCounters,
@@ -31,9 +31,8 @@ from anycast_lb.forward.workers import (
     WorkerGroup,
     WorkerSpec,
     add_counters,
-    decode,
     encode,
-    parse_counters,
+    parse_report,
 )
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho, tcp_request
@@ -134,22 +133,24 @@ def test_spec_and_counters_round_trip() -> None:
         "accepted": 5, "rejected": 1, "active": 2, "up_backends": 2,
         "backends": {"127.0.0.1:9001": [2, 4, 1, 100, 200]}}}})
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    counters = parse_counters(decode(line))["web"]
+    services = parse_report(line).services
+    assert services is not None
+    counters = services["web"]
     assert counters.backends["127.0.0.1:9001"] == BackendCounters(2, 4, 1, 100, 200)
     total = add_counters(add_counters(ServiceCounters(), counters), counters)
     # An exited worker's cumulative counts are kept, its open connections are not.
     assert (total.accepted, total.rejected, total.active) == (10, 2, 0)
     assert total.backends["127.0.0.1:9001"] == BackendCounters(0, 8, 2, 200, 400)
-    for bad in (b"[]", b'{"no": "op"}', b"not json"):
-        with pytest.raises(ValueError):
-            decode(bad)
-    with pytest.raises(ValueError):
-        parse_counters({"op": "counters", "services": {"web": {"accepted": "many"}}})
+    for bad in (b"[]", b'{"no": "op"}', b"not json",
+                b'{"op": "counters", "services": {"web": {"accepted": "many"}}}'):
+        with pytest.raises(WorkerProtocolError):
+            parse_report(bad)
 
 
 def test_flow_survival_refused_with_workers() -> None:
     config = node_config([9001], Path("/nonexistent"), workers=3)
-    config["cluster"] = {"address": "192.0.2.1", "interface": "eth1", "peers": ["192.0.2.2"]}
+    config["cluster"] = {"address": "192.0.2.1", "interface": "eth1", "peers": ["192.0.2.2"],
+                         "key_file": "/nonexistent/cluster.key"}
     with pytest.raises(ConfigError, match="forwarding.workers: 3 cannot be combined with "
                                           "cluster.flow_survival: true"):
         parse_config(config)

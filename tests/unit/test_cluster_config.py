@@ -15,6 +15,7 @@ BASE: dict[str, Any] = {
     "services": [{"name": "web", "vip": "198.51.100.10", "port": 80,
                   "backends": [{"address": "203.0.113.130", "port": 8080}]}],
     "cluster": {"address": "203.0.113.1", "interface": "lan0",
+                "key_file": "/etc/anycast-lb/cluster.key",
                 "peers": ["203.0.113.1", "203.0.113.3", "203.0.113.2:7000",
                           {"address": "203.0.113.4", "port": 7946}]},
 }
@@ -59,6 +60,7 @@ def test_no_cluster_section_is_fine() -> None:
     ({"peer_expiry": 0.1}, "peer_expiry must exceed heartbeat_interval"),
     ({"address": "2001:db8::1"}, "cluster.address: Input is not a valid IPv4 address"),
     ({"unknown": 1}, "cluster.unknown: unknown key"),
+    ({"key_file": None}, "cluster.key_file: Input is not a valid path"),
 ])
 def test_bad_cluster_sections(changes: dict[str, Any], expected: str) -> None:
     assert any(expected in p for p in problems(with_cluster(**changes))), problems(

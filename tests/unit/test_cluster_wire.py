@@ -1,4 +1,7 @@
-"""Sync datagrams: round trips, exact sizes, splitting, and malformed input."""
+"""Sync datagrams: round trips, exact sizes, splitting, and malformed input.
+
+Each datagram is sealed (MAC) from A to B and decoded as B would.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,22 @@ import struct
 import pytest
 
 from anycast_lb.cluster import wire
+from anycast_lb.cluster.keys import KeyRing, key_id
 from anycast_lb.errors import ClusterWireError
 
 VIP = "198.51.100.10"
+KEY = bytes(range(32))
+RING = KeyRing(KEY, (KEY,))
+A = ("203.0.113.1", 7946)
+B = ("203.0.113.2", 7946)
+
+
+def sealed(data: bytes, counter: int = 1) -> bytes:
+    return wire.seal(data, counter, KEY, key_id(KEY), A, B)
+
+
+def decode(data: bytes) -> wire.Message:
+    return wire.decode(sealed(data), RING, A, B)
 
 
 def key(n: int) -> tuple[str, int, str, int]:
@@ -20,12 +36,12 @@ def test_heartbeat_round_trip() -> None:
     data = wire.encode_heartbeat(7, 42, 1_700_000_000_123, receiver=True, leaving=False,
                                  owned=9, name="lb2")
     assert len(data) == wire.HEADER.size + 5 + 3
-    msg = wire.decode(data)
+    msg = decode(data)
     assert isinstance(msg, wire.Heartbeat)
     assert msg.header == wire.Header(wire.Kind.HEARTBEAT, wire.FLAG_RECEIVER, 7, 42,
-                                     1_700_000_000_123)
+                                     1_700_000_000_123, 1, key_id(KEY))
     assert (msg.owned, msg.name, msg.receiver, msg.leaving) == (9, "lb2", True, False)
-    leaving = wire.decode(wire.encode_heartbeat(7, 42, 0, receiver=False, leaving=True,
+    leaving = decode(wire.encode_heartbeat(7, 42, 0, receiver=False, leaving=True,
                                                 owned=0, name=""))
     assert isinstance(leaving, wire.Heartbeat) and leaving.leaving and not leaving.receiver
 
@@ -35,7 +51,7 @@ def test_delta_round_trip_and_size() -> None:
     removed = [key(3)]
     data = wire.encode_delta(3, 8, 99, added, removed)
     assert len(data) == wire.HEADER.size + 4 + 2 * wire.ADD_SIZE + wire.REMOVE_SIZE
-    msg = wire.decode(data)
+    msg = decode(data)
     assert isinstance(msg, wire.DeltaMessage)
     assert (msg.header.epoch, msg.header.seq, msg.header.wall_ms) == (3, 8, 99)
     assert msg.added == dict(added) and msg.removed == (key(3),)
@@ -50,8 +66,8 @@ def test_split_changes_fits_the_datagram_and_keeps_everything() -> None:
     got_removed: list[tuple[str, int, str, int]] = []
     for seq, (adds, removes) in enumerate(chunks, 1):
         data = wire.encode_delta(1, seq, 0, adds, removes)
-        assert len(data) <= 1400
-        msg = wire.decode(data)
+        assert len(sealed(data)) <= 1400
+        msg = decode(data)
         assert isinstance(msg, wire.DeltaMessage)
         got_added.update(msg.added)
         got_removed += msg.removed
@@ -62,21 +78,21 @@ def test_split_changes_fits_the_datagram_and_keeps_everything() -> None:
 def test_snapshot_parts_round_trip() -> None:
     flows = {key(i): 1000 + i for i in range(150)}
     parts = wire.encode_snapshot(5, 77, 1, 9, flows, 1400)
-    assert len(parts) == 3 and all(len(p) <= 1400 for p in parts)
+    assert len(parts) == 3 and all(len(sealed(p)) <= 1400 for p in parts)
     merged: dict[tuple[str, int, str, int], int] = {}
     for i, data in enumerate(parts):
-        msg = wire.decode(data)
+        msg = decode(data)
         assert isinstance(msg, wire.SnapshotPart)
         assert (msg.snapshot_id, msg.part, msg.parts, msg.header.seq) == (9, i, 3, 77)
         merged.update(msg.flows)
     assert merged == flows
     (empty,) = wire.encode_snapshot(5, 0, 1, 10, {}, 1400)
-    msg = wire.decode(empty)
+    msg = decode(empty)
     assert isinstance(msg, wire.SnapshotPart) and msg.parts == 1 and msg.flows == {}
 
 
 def test_snapshot_request_round_trip() -> None:
-    msg = wire.decode(wire.encode_snapshot_request(5, 123))
+    msg = decode(wire.encode_snapshot_request(5, 123))
     assert isinstance(msg, wire.SnapshotRequest) and msg.header.epoch == 5
 
 
@@ -92,7 +108,7 @@ GOOD = wire.encode_delta(1, 1, 0, [(key(1), 1)], [])
     b"",
     GOOD[:20],                                      # shorter than the header
     b"XXXX" + GOOD[4:],                             # bad magic
-    GOOD[:4] + b"\x02" + GOOD[5:],                  # unknown version
+    GOOD[:4] + b"\x01" + GOOD[5:],                  # unknown version (1: unsigned)
     GOOD[:5] + b"\x09" + GOOD[6:],                  # unknown kind
     GOOD[:-1],                                      # truncated flow
     GOOD + b"\x00",                                 # trailing bytes
@@ -102,4 +118,4 @@ GOOD = wire.encode_delta(1, 1, 0, [(key(1), 1)], [])
 ])
 def test_malformed_datagrams_raise(data: bytes) -> None:
     with pytest.raises(ClusterWireError):
-        wire.decode(data)
+        decode(data)

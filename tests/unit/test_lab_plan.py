@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,22 @@ def test_traffic_tools_refuse_outside_their_namespace(name: str) -> None:
         netns.require_namespace(name)
     # The client exits before sending anything.
     assert traffic.main(["--ns", name, "--vip", "198.51.100.10", "--out", "/dev/null"]) == 1
+
+
+def test_flow_survival_node_configs_share_one_private_sync_key(tmp_path: Path) -> None:
+    import stat
+
+    from anycast_lb.cluster.keys import KeyFile
+    from anycast_lb.config import load_config
+    from anycast_lb.lab import nodes
+
+    topo = topology.plan(flow_survival=True)
+    nodes.check_cluster_support(topo)
+    rings = []
+    for node in topo.nodes:
+        config = load_config(nodes.write_node_config(topo, node, tmp_path))
+        assert config.cluster is not None
+        key_file = config.cluster.key_file
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        rings.append(KeyFile(key_file).load())
+    assert len(topo.nodes) == 3 and all(ring == rings[0] for ring in rings)
