@@ -132,6 +132,8 @@ class Node:
             if config.cluster.flow_survival:
                 self.flow_hook = self.cluster.on_flow
                 self.wildcard_listeners = True
+        self.speaker: BgpSpeaker | None = None
+        self.damper: FlapDamper | None = None
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self._backend_counters)
         self._monitor = HealthMonitor(
@@ -142,8 +144,6 @@ class Node:
             on_check=self._on_check,
             max_jitter=1.0 if check_jitter else 0.0,
         )
-        self.speaker: BgpSpeaker | None = None
-        self.damper: FlapDamper | None = None
         self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
         if config.bgp is not None:
             from anycast_lb.bgp.speaker import BgpSpeaker  # only nodes that announce need it
