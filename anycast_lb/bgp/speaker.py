@@ -118,6 +118,7 @@ class BgpSpeaker:
         self._confirmed_at: float | None = None
         self._waiting_since = clock.monotonic()
         self._stopping = False
+        self._was_confirmed = False
 
     @property
     def socket_path(self) -> Path:
@@ -289,9 +290,21 @@ class BgpSpeaker:
                 # nothing about it.
                 self._confirmed_at = None
                 self._waiting_since = self._clock.monotonic()
+            self._log_freshness()
             data = self._message()
             for conn in list(self._conns):
                 self._send(conn, data)
+
+    def _log_freshness(self) -> None:
+        fresh = self.freshness()
+        if fresh.confirmed == self._was_confirmed:
+            return
+        self._was_confirmed = fresh.confirmed
+        if fresh.confirmed:
+            log.event("bgp.confirmed")
+        else:
+            log.warning("bgp.unconfirmed", age_s=round(fresh.age, 3),
+                        deadline_s=CONFIRM_DEADLINE, exabgp_pid=self._last_pid)
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         coro = self._serve(reader, writer)

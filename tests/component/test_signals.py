@@ -196,7 +196,9 @@ async def test_stopped_exabgp_turns_status_stale_and_readyz_503(tmp_path: Path) 
             return not await node.ready()
 
         await wait_until(not_ready, timeout=deadline, interval=0.05, what="/readyz 503")
-        assert time.monotonic() - stopped >= CONFIRM_DEADLINE - PROBE_INTERVAL - 0.3
+        took = time.monotonic() - stopped
+        assert took >= CONFIRM_DEADLINE - PROBE_INTERVAL - 0.3, took
+        print(f"readyz 503 {took:.2f} s after SIGSTOP of ExaBGP")
         code, body = await node.get("/readyz")
         assert code == 503 and "unconfirmed" in body["reason"]
         bgp = (await node.get("/status"))[1]["bgp"]
@@ -206,6 +208,9 @@ async def test_stopped_exabgp_turns_status_stale_and_readyz_503(tmp_path: Path) 
         metrics = (await node.get("/metrics"))[1]
         assert f'anycast_lb_bgp_peer_up{{peer="{node.peer.host}"}} 0.0' in metrics
         assert "anycast_lb_bgp_confirmed 0.0" in metrics
+
+        await wait_until(lambda: "event=bgp.unconfirmed" in node.text(), timeout=2,
+                         what="the bgp.unconfirmed log line")
 
         os.kill(exabgp_pid, signal.SIGCONT)  # it answers again: confirmed again
         await wait_until(node.ready, timeout=deadline, interval=0.05, what="/readyz 200")
