@@ -3,8 +3,8 @@
 =======================  =====================================================
 ``GET /healthz``         200 while the node's event loop runs (liveness)
 ``GET /readyz``          200 while at least one service has ``min_healthy``
-                         backends up and the node is not draining; else 503
-                         with the reason
+                         backends up, the node is not draining and (bgp)
+                         ExaBGP answered within 3 s; else 503 with the reason
 ``GET /status``          JSON: node, services, backends, BGP announcement state,
                          cluster (flow survival: peers, flows owned, map size)
 ``GET /metrics``         Prometheus text exposition

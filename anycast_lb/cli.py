@@ -32,6 +32,7 @@ from anycast_lb.lab.cli import lab
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+HANGUP_REASON = "no live reload yet: restart the node to apply a changed config"
 
 
 def _load(path: Path) -> NodeConfig:
@@ -86,8 +87,9 @@ def _use_uvloop() -> None:
 def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> None:
     """Run a node: forwarders, health checks, HTTP API and (with a bgp section) ExaBGP.
 
-    SIGTERM or SIGINT drains and stops gracefully (exit 0); a second signal
-    exits at once (exit 1).
+    SIGTERM or SIGINT (to the node alone or to its whole process group)
+    drains and stops gracefully (exit 0); a second one exits at once (exit
+    1). SIGHUP is logged and ignored: there is no live reload yet.
     """
     cfg = _load(config)
     log.setup(log_level)
@@ -124,8 +126,14 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None) -> None:
 
             os._exit(EXIT_ERROR)
 
+    def on_hangup() -> None:
+        # The default action of SIGHUP is to terminate: a reload sent by an
+        # operator (or a closed terminal) must never take the VIPs down.
+        log.event("node.signal", signal="SIGHUP", action="ignored", reason=HANGUP_REASON)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await node.run()
 
 

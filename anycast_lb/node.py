@@ -13,7 +13,13 @@ result to the speaker.
 Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): announce with the
 GRACEFUL_SHUTDOWN community 65535:0 (RFC 8326) for ``drain.announce_grace``
 seconds, withdraw, keep serving established connections for up to
-``drain.timeout`` seconds; on SIGTERM, then stop.
+``drain.timeout`` seconds (UDP flows count as finished once idle for
+:data:`~anycast_lb.forward.udp.DRAIN_IDLE` s); on SIGTERM, then stop
+ExaBGP, last (it is never restarted once the stop has begun), then stop.
+
+What ``/status``, ``/readyz`` and ``/metrics`` say about BGP is what ExaBGP
+confirmed within :data:`~anycast_lb.bgp.liveness.CONFIRM_DEADLINE` s; past
+that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from anycast_lb import api, log
 from anycast_lb.bgp.damping import FlapDamper
+from anycast_lb.bgp.liveness import CONFIRM_DEADLINE, UNCONFIRMED
 from anycast_lb.bgp.policy import (
     DrainPhase,
     NodeView,
@@ -124,8 +132,9 @@ class Node:
             if config.cluster.flow_survival:
                 self.flow_hook = self.cluster.on_flow
                 self.wildcard_listeners = True
-        self.metrics = NodeMetrics(self.pools, lambda: self.draining,
-                                   self.cluster.metric_families if self.cluster else None,
+        self.speaker: BgpSpeaker | None = None
+        self.damper: FlapDamper | None = None
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self._backend_counters)
         self._monitor = HealthMonitor(
             config.services,
@@ -135,8 +144,6 @@ class Node:
             on_check=self._on_check,
             max_jitter=1.0 if check_jitter else 0.0,
         )
-        self.speaker: BgpSpeaker | None = None
-        self.damper: FlapDamper | None = None
         self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
         if config.bgp is not None:
             from anycast_lb.bgp.speaker import BgpSpeaker  # only nodes that announce need it
@@ -156,6 +163,11 @@ class Node:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "node is draining"
+        if self.speaker is not None:
+            fresh = self.speaker.freshness()
+            if not fresh.confirmed:
+                return False, (f"BGP state unconfirmed: no answer from ExaBGP for "
+                               f"{fresh.age:.1f} s (deadline {CONFIRM_DEADLINE:g} s)")
         healthy = [s.name for s in self.view().services if s.listening and s.healthy]
         if not healthy:
             return False, "no service has min_healthy backends up and a listening forwarder"
@@ -175,6 +187,12 @@ class Node:
                 for s in self.config.services
             ),
         )
+
+    def _metric_families(self) -> Iterator[Metric]:
+        if self.cluster is not None:
+            yield from self.cluster.metric_families()
+        if self.speaker is not None:
+            yield from self.speaker.metric_families()
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
@@ -292,9 +310,11 @@ class Node:
             }
             if self.config.bgp is not None and bgp_status is not None:
                 entry["prefix"] = str(s.prefix)
-                # The policy's intent, or "pending" until ExaBGP acked it.
+                # The policy's intent once ExaBGP acked it; "pending" until it
+                # did, "unconfirmed" while ExaBGP does not answer.
+                reported = acked.get(str(s.prefix))
                 entry["announcement"] = (
-                    "pending" if acked.get(str(s.prefix)) == "pending"
+                    reported if reported in ("pending", UNCONFIRMED)
                     else intent.get(s.prefix, "withdrawn")
                 )
                 if self.damper is not None:
@@ -449,6 +469,7 @@ class Node:
         self._stopping = True
         log.event("node.stopping", drain_timeout=self.config.drain.timeout)
         if self.speaker is not None:
+            self.speaker.begin_stop()  # an ExaBGP that exits now stays down
             if not self.draining:
                 await self.drain("shutdown")
             if self._drain_task is not None:
@@ -476,6 +497,10 @@ class Node:
             left = self.config.drain.timeout - (self.clock.monotonic() - waited)
             if not await self.cluster.wait_owned_zero(max(left, 0.0)):
                 log.warning("node.drain_timeout", owned_flows=len(self.cluster.local))
+        if self.speaker is not None:
+            # Last: the routes are withdrawn, so closing the sessions changes
+            # nothing the routers still use.
+            await self.speaker.stop_exabgp()
 
 
 def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:

@@ -11,6 +11,13 @@ while the node is not there), receives the desired route set
 ExaBGP there: one line, flush, wait for ExaBGP's ``done`` on stdin, next
 line. ExaBGP's neighbor-changes messages are relayed to the node.
 
+Liveness: with nothing else to write for ``PROBE_INTERVAL`` seconds, it
+writes ``version`` (answered by ExaBGP 4.2 and 5.x alike, changes nothing);
+every answer ExaBGP gives is relayed to the node as ``alive`` (at most one
+every ``ALIVE_MIN_GAP`` s). A stopped or hung ExaBGP answers nothing, a
+stopped or hung announcer relays nothing: the node then marks its BGP view
+stale (:mod:`anycast_lb.bgp.liveness`).
+
 Safety (the fail-safe direction is always "withdraw"):
 
 - no message from the node for ``--node-timeout`` seconds (a hung node: the
@@ -56,6 +63,12 @@ ACK_TIMEOUT = 5.0
 """Seconds to wait for ExaBGP's answer to one line before going on."""
 STOP_TIMEOUT = 0.3
 """Seconds to spend withdrawing on SIGTERM."""
+PROBE_INTERVAL = 1.0
+"""Seconds between liveness probes of ExaBGP while no other line is written."""
+PROBE_LINE = "version"
+ALIVE_MIN_GAP = 0.25
+"""Seconds between two ``alive`` messages to the node (a burst of answers
+during a large route change sends one every this often, not one per line)."""
 LINE_LIMIT = 16 * 1024 * 1024
 CLEAR_ALL = "clear adj-rib out"
 
@@ -90,6 +103,8 @@ class Announcer:
         # What ExaBGP holds, as far as we know; None: unknown (just started).
         self._installed: dict[Prefix, Route] | None = None
         self._refresh_due = False
+        self._probe_due = False
+        self._alive_sent = 0.0
         self._dirty = asyncio.Event()
         self._synced = asyncio.Event()
         self._answers: asyncio.Queue[bool] = asyncio.Queue()
@@ -183,6 +198,7 @@ class Announcer:
                 raise _Exit("stdin closed")
             item = wire.classify_exabgp_line(raw.decode("utf-8", "replace"))
             if isinstance(item, wire.ExaAnswer):
+                self._relay_alive()
                 if self._stale_answers:
                     self._stale_answers -= 1
                 else:
@@ -194,6 +210,12 @@ class Announcer:
             elif isinstance(item, wire.ExaShutdown):
                 log.event("announcer.exabgp_shutdown")
 
+    def _relay_alive(self) -> None:
+        now = time.monotonic()
+        if self._node is not None and now - self._alive_sent >= ALIVE_MIN_GAP:
+            self._alive_sent = now
+            self._send_node(wire.encode_alive())
+
     async def _command(self, line: str) -> bool:
         """Write one API line, wait for ExaBGP's answer; True if ``done``."""
         self._stdout.write(line.encode("ascii") + b"\n")
@@ -204,6 +226,8 @@ class Announcer:
             self._stale_answers += 1
             log.warning("announcer.ack_timeout", line=line, timeout_s=ACK_TIMEOUT)
             return False
+        if line == PROBE_LINE:
+            return ok
         event = "route.withdraw" if line.startswith("withdraw") else "route.announce"
         if line == CLEAR_ALL:
             event = "route.clear"
@@ -231,9 +255,11 @@ class Announcer:
             await self._dirty.wait()
             self._dirty.clear()
             seq, generation = self._target_seq, self._generation
-            refresh = self._refresh_due
+            refresh, probe = self._refresh_due, self._probe_due
             lines, target = self._plan()
-            self._refresh_due = False
+            self._refresh_due = self._probe_due = False
+            if probe and not lines:  # any other line's answer proves as much
+                lines = [PROBE_LINE]
             ok = True
             for line in lines:
                 ok = await self._command(line) and ok
@@ -251,6 +277,12 @@ class Announcer:
         while True:
             await asyncio.sleep(self._refresh)
             self._refresh_due = True
+            self._dirty.set()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            self._probe_due = True
             self._dirty.set()
 
     async def _stop_watch(self, node_task: asyncio.Task[None]) -> None:
@@ -275,6 +307,7 @@ class Announcer:
                 tg.create_task(self._stdin_loop())
                 tg.create_task(self._drive_loop())
                 tg.create_task(self._refresh_loop())
+                tg.create_task(self._probe_loop())
                 node_task = tg.create_task(self._node_loop())
                 tg.create_task(self._stop_watch(node_task))
         except* _Exit:

@@ -250,9 +250,14 @@ def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
 class ExaBGPSupervisor:
     """Runs ExaBGP as a child and restarts it when it exits.
 
-    The child gets PR_SET_PDEATHSIG=SIGTERM, so it dies with the node even on
-    SIGKILL. Restart delay: 0.5 s doubling to 30 s, back to 0.5 s once a run
-    lasted 60 s. On cancel: SIGTERM, SIGKILL after 2 s, then reap.
+    The child runs in its own session (``setsid``): a signal to the node's
+    process group (Ctrl-C, ``timeout``, systemd's ``KillMode=control-group``)
+    reaches only the node, which then drains and stops ExaBGP itself, last.
+    It gets PR_SET_PDEATHSIG=SIGTERM (kept across ``setsid``), so it still
+    dies with the node even on SIGKILL. Restart delay: 0.5 s doubling to
+    30 s, back to 0.5 s once a run lasted 60 s; never after
+    :meth:`begin_stop`. On :meth:`stop` or cancel: SIGTERM, SIGKILL after
+    2 s, then reap.
     """
 
     BACKOFF_MIN = 0.5
@@ -277,7 +282,22 @@ class ExaBGPSupervisor:
         self._cwd = cwd
         self._log_file = log_file
         self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
         self.restarts = 0
+
+    def begin_stop(self) -> None:
+        """The node is stopping: from now on an ExaBGP that exits stays
+        stopped (a restart would bring sessions up in the middle of the
+        shutdown, and the routers would see them flap)."""
+        if not self._stopping:
+            self._stopping = True
+            log.event("exabgp.no_restart", pid=self.pid)
+
+    async def stop(self) -> None:
+        """Stop ExaBGP now (SIGTERM, SIGKILL after ``KILL_AFTER`` s) and never
+        restart it; returns once it is reaped. Idempotent."""
+        self.begin_stop()
+        await self._stop()
 
     @property
     def pid(self) -> int | None:
@@ -301,6 +321,7 @@ class ExaBGPSupervisor:
                 stderr=out,
                 env=env,
                 cwd=self._cwd,
+                start_new_session=True,
                 preexec_fn=_pdeathsig_preexec(os.getpid()),
             )
         except OSError as exc:
@@ -315,7 +336,7 @@ class ExaBGPSupervisor:
         at all (e.g. the executable is missing)."""
         delay = self.BACKOFF_MIN
         try:
-            while True:
+            while not self._stopping:
                 self._proc = await self._spawn()
                 log.event("exabgp.start", pid=self._proc.pid, argv=" ".join(self._argv))
                 started.set()
@@ -324,10 +345,17 @@ class ExaBGPSupervisor:
                 ran = self._clock.monotonic() - began
                 if ran >= self.STABLE_AFTER:
                     delay = self.BACKOFF_MIN
+                if self._stopping:
+                    log.event("exabgp.exit", code=code, ran_s=round(ran, 3), restart="no: stopping")
+                    break
                 log.warning("exabgp.exit", code=code, ran_s=round(ran, 3), restart_in_s=delay)
                 await self._clock.sleep(delay)
+                if self._stopping:
+                    break
                 delay = min(delay * 2, self.BACKOFF_MAX)
                 self.restarts += 1
+            started.set()
+            await asyncio.Event().wait()  # stopped for good: wait for the cancel
         finally:
             await self._stop()
 

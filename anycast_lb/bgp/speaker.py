@@ -14,6 +14,10 @@
 
 The node calls :meth:`BgpSpeaker.set_routes` whenever the policy's answer may
 have changed (cheap when nothing changed) and reads :meth:`BgpSpeaker.status`.
+What it reports is ExaBGP's word within a deadline or ``unknown``
+(:mod:`anycast_lb.bgp.liveness`). On a graceful stop the node calls
+:meth:`BgpSpeaker.begin_stop` first (ExaBGP is then never restarted) and
+:meth:`BgpSpeaker.stop_exabgp` last, once the routes are withdrawn.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import asyncio
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from anycast_lb import log
 from anycast_lb.bgp import wire
@@ -36,6 +42,13 @@ from anycast_lb.bgp.exabgp import (
     exabgp_argv,
     exabgp_env,
     render_config,
+)
+from anycast_lb.bgp.liveness import (
+    CONFIRM_DEADLINE,
+    Freshness,
+    freshness,
+    peer_states,
+    route_states,
 )
 from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
 from anycast_lb.clock import Clock
@@ -102,6 +115,10 @@ class BgpSpeaker:
         self._synced = asyncio.Event()
         self._last_pid: int | None = None
         self._exabgp_errors = 0
+        self._confirmed_at: float | None = None
+        self._waiting_since = clock.monotonic()
+        self._stopping = False
+        self._was_confirmed = False
 
     @property
     def socket_path(self) -> Path:
@@ -154,12 +171,68 @@ class BgpSpeaker:
             self._synced.clear()
             await self._synced.wait()
 
+    def freshness(self) -> Freshness:
+        """Whether ExaBGP answered within :data:`CONFIRM_DEADLINE` s, and how
+        long ago (s)."""
+        return freshness(self._clock.monotonic(), self._confirmed_at, self._waiting_since)
+
+    def _confirm(self) -> None:
+        self._confirmed_at = self._clock.monotonic()
+
     def status(self) -> dict[str, object]:
-        """``peers`` {address: up|down|connected}, ``routes`` {prefix:
-        announced|withdrawn|pending} for every prefix ever set, ``exabgp_pid``
-        (None when not running), ``announcer_connected``, ``seq`` (of the
-        current set), ``exabgp_errors`` (route sets ExaBGP answered ``error``
-        to, or did not answer in time)."""
+        """``peers`` {address: up|down|connected, or unknown when not
+        confirmed}, ``routes`` {prefix: announced|withdrawn|pending, or
+        unconfirmed when not confirmed} for every prefix ever set,
+        ``confirmed`` (ExaBGP answered within ``confirm_deadline_s``),
+        ``confirmed_age_s`` (s since its last answer, or since the node
+        started waiting for a first one), ``exabgp_pid`` (None when not
+        running), ``exabgp_restarts``, ``announcer_connected``, ``seq`` (of
+        the current set), ``exabgp_errors`` (route sets ExaBGP answered
+        ``error`` to, or did not answer in time)."""
+        fresh = self.freshness()
+        return {
+            "confirmed": fresh.confirmed,
+            "confirmed_age_s": round(fresh.age, 3),
+            "confirm_deadline_s": CONFIRM_DEADLINE,
+            "peers": peer_states(self._peers, fresh.confirmed),
+            "routes": route_states(self._acked_routes(), fresh.confirmed),
+            "exabgp_pid": self._supervisor.pid if self._supervisor is not None else None,
+            "exabgp_restarts": self._supervisor.restarts if self._supervisor is not None else 0,
+            "announcer_connected": bool(self._conns),
+            "seq": self._seq,
+            "exabgp_errors": self._exabgp_errors,
+        }
+
+    def metric_families(self) -> Iterator[Metric]:
+        """``anycast_lb_bgp_*`` families for the node's /metrics (see docs/api.md)."""
+        fresh = self.freshness()
+        confirmed = GaugeMetricFamily(
+            "anycast_lb_bgp_confirmed", "1 while ExaBGP answered within the confirm deadline")
+        confirmed.add_metric([], 1.0 if fresh.confirmed else 0.0)
+        age = GaugeMetricFamily(
+            "anycast_lb_bgp_confirmed_age_seconds",
+            "Seconds since ExaBGP last answered (since start while it never did)")
+        age.add_metric([], fresh.age)
+        peer_up = GaugeMetricFamily(
+            "anycast_lb_bgp_peer_up", "1 while ExaBGP confirms the session established",
+            labels=["peer"])
+        for address, state in peer_states(self._peers, fresh.confirmed).items():
+            peer_up.add_metric([address], 1.0 if state == "up" else 0.0)
+        announced = GaugeMetricFamily(
+            "anycast_lb_bgp_route_announced", "1 while ExaBGP confirms the route announced",
+            labels=["prefix"])
+        for prefix, state in route_states(self._acked_routes(), fresh.confirmed).items():
+            announced.add_metric([prefix], 1.0 if state == "announced" else 0.0)
+        restarts = CounterMetricFamily(
+            "anycast_lb_bgp_exabgp_restarts", "ExaBGP restarts by the node")
+        restarts.add_metric([], float(self._supervisor.restarts if self._supervisor else 0))
+        errors = CounterMetricFamily(
+            "anycast_lb_bgp_exabgp_errors",
+            "Route sets ExaBGP answered error to, or did not answer in time")
+        errors.add_metric([], float(self._exabgp_errors))
+        yield from (confirmed, age, peer_up, announced, restarts, errors)
+
+    def _acked_routes(self) -> dict[str, str]:
         conn = self._conns[-1] if self._conns else None
         acked: Mapping[Prefix, Route] = conn.acked if conn is not None and conn.acked else {}
         routes: dict[str, str] = {}
@@ -171,14 +244,20 @@ class BgpSpeaker:
                 routes[str(prefix)] = "pending"
             else:
                 routes[str(prefix)] = "announced" if want is not None else "withdrawn"
-        return {
-            "peers": dict(self._peers),
-            "routes": routes,
-            "exabgp_pid": self._supervisor.pid if self._supervisor is not None else None,
-            "announcer_connected": conn is not None,
-            "seq": self._seq,
-            "exabgp_errors": self._exabgp_errors,
-        }
+        return routes
+
+    def begin_stop(self) -> None:
+        """The node is stopping: ExaBGP is not restarted from now on."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.begin_stop()
+
+    async def stop_exabgp(self) -> None:
+        """Stop ExaBGP now, for good (call once the routes are withdrawn:
+        its sessions close). Returns once it has exited."""
+        self.begin_stop()
+        if self._supervisor is not None:
+            await self._supervisor.stop()
 
     # ---------------------------------------------------------------- run
 
@@ -207,9 +286,25 @@ class BgpSpeaker:
             if pid != self._last_pid:  # a new ExaBGP knows no session yet
                 self._last_pid = pid
                 self._peers = {a: "down" for a in self._peers}
+                # ... and has confirmed nothing: the old one's answers say
+                # nothing about it.
+                self._confirmed_at = None
+                self._waiting_since = self._clock.monotonic()
+            self._log_freshness()
             data = self._message()
             for conn in list(self._conns):
                 self._send(conn, data)
+
+    def _log_freshness(self) -> None:
+        fresh = self.freshness()
+        if fresh.confirmed == self._was_confirmed:
+            return
+        self._was_confirmed = fresh.confirmed
+        if fresh.confirmed:
+            log.event("bgp.confirmed")
+        else:
+            log.warning("bgp.unconfirmed", age_s=round(fresh.age, 3),
+                        deadline_s=CONFIRM_DEADLINE, exabgp_pid=self._last_pid)
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         coro = self._serve(reader, writer)
@@ -230,13 +325,17 @@ class BgpSpeaker:
         try:
             while line := await reader.readline():
                 message = wire.decode_announcer_message(line)
-                if isinstance(message, wire.PeerMessage):
+                if isinstance(message, wire.AliveMessage):
+                    self._confirm()
+                elif isinstance(message, wire.PeerMessage):
                     if self._peers.get(message.address) != message.state:
                         log.event("bgp.peer", address=message.address, state=message.state)
                     self._peers[message.address] = message.state
                 else:
                     conn.acked = self._history.get(message.seq, conn.acked)
-                    if not message.ok:
+                    if message.ok:
+                        self._confirm()
+                    else:
                         self._exabgp_errors += 1
                         log.warning("announcer.exabgp_error", seq=message.seq)
                     if self.synced():
@@ -276,6 +375,8 @@ class BgpSpeaker:
             cwd=self._run_dir,
             log_file=self._log_file,
         )
+        if self._stopping:
+            self._supervisor.begin_stop()
         log.event("bgp.speaker_start", exabgp=exe, version=f"{version[0]}.{version[1]}",
                   config=str(self.config_path), socket=str(self.socket_path))
         try:
@@ -287,6 +388,7 @@ class BgpSpeaker:
                 tg.create_task(self._supervisor.run(exabgp_started))
                 tg.create_task(self._heartbeat())
                 await exabgp_started.wait()
+                self._last_pid = self._supervisor.pid  # the first ExaBGP is no restart
                 started.set()
         finally:
             self._tg = None

@@ -23,11 +23,15 @@ announcer -> node::
 
     {"type": "peer", "address": "203.0.113.5", "state": "up"}   # or down, connected
     {"type": "ack", "seq": 7, "ok": true}
+    {"type": "alive"}
 
 ``peer`` relays ExaBGP's neighbor-changes (sent for every peer again after
 each connect); ``ack`` says ExaBGP answered every line for ``seq`` (``ok``
 false if it answered ``error`` or did not answer in time). Acks are sent once
-per seq per connection.
+per seq per connection. ``alive`` says ExaBGP just answered an API line (at
+most one every 0.25 s; the announcer asks at least every second): the node's
+BGP view is confirmed only while these keep coming
+(:mod:`anycast_lb.bgp.liveness`).
 
 ExaBGP -> announcer stdin: ``done`` / ``error`` / ``shutdown`` (text acks,
 or their JSON form ``{"answer": "done", ...}``) interleaved with JSON
@@ -70,6 +74,11 @@ class PeerMessage:
 class AckMessage:
     seq: int
     ok: bool
+
+
+@dataclass(frozen=True)
+class AliveMessage:
+    """ExaBGP answered the announcer just now."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,10 @@ def encode_peer(address: str, state: str) -> bytes:
 
 def encode_ack(seq: int, ok: bool) -> bytes:
     return _dumps({"type": "ack", "seq": seq, "ok": ok})
+
+
+def encode_alive() -> bytes:
+    return _dumps({"type": "alive"})
 
 
 def _object(line: bytes | str) -> dict[str, object]:
@@ -186,10 +199,12 @@ def decode_node_message(line: bytes | str) -> RoutesMessage:
     return RoutesMessage(seq=seq, routes=routes, withdrawn=withdrawn)
 
 
-def decode_announcer_message(line: bytes | str) -> PeerMessage | AckMessage:
+def decode_announcer_message(line: bytes | str) -> PeerMessage | AckMessage | AliveMessage:
     """Parse one announcer -> node line. Raises WireError."""
     obj = _object(line)
     kind = obj.get("type")
+    if kind == "alive":
+        return AliveMessage()
     if kind == "ack":
         ok = obj.get("ok", True)
         return AckMessage(seq=_int(obj, "seq"), ok=ok is True)

@@ -19,6 +19,13 @@ flows exist; a flow ends between idle_timeout and idle_timeout * 9/8 s after
 its last datagram), when the table is full (``service.max_flows``; the least
 recently used flow is evicted), or when their backend is down at the next
 client datagram (the flow is then re-picked).
+
+During a drain (after ``stop_accepting``) a flow counts as finished once it
+has been idle for :data:`DRAIN_IDLE` s (at most the idle timeout): UDP has no
+end-of-flow, and a request/response exchange (DNS, a health probe) is over
+long before its 30 s idle timeout, so one quiet client must not hold a stop
+for the whole ``drain.timeout``. A flow still exchanging datagrams keeps
+being served until the drain timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ LISTENER_HIGH_WATER = 256 * 1024
 """Bytes of replies buffered on the listening socket before replies are
 dropped (the kernel's send buffer is full)."""
 SWEEPS_PER_IDLE_TIMEOUT = 8
+DRAIN_IDLE = 1.0
+"""Seconds without a datagram after which a flow ends during a drain (it
+ends between DRAIN_IDLE and DRAIN_IDLE * 3/2 s after its last datagram)."""
+_DRAIN_SWEEPS = 2
 
 ClientAddr = tuple[Any, ...]
 """A socket address as asyncio reports it: (host, port) or, for IPv6,
@@ -83,6 +94,7 @@ class UdpForwarder:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sweep_interval = service.effective_idle_timeout / SWEEPS_PER_IDLE_TIMEOUT
+        self._idle_sweeps_limit = SWEEPS_PER_IDLE_TIMEOUT
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.flows_total = 0
         self.rejected = 0
@@ -143,6 +155,15 @@ class UdpForwarder:
         self._accepting = False
         log.event("forward.stop_accepting", service=self.service.name, protocol="udp",
                   active=self.active)
+        # Drain: sweep often enough to end flows idle for DRAIN_IDLE s.
+        drain_interval = min(DRAIN_IDLE, self.service.effective_idle_timeout) / _DRAIN_SWEEPS
+        if drain_interval < self._sweep_interval:
+            self._sweep_interval = drain_interval
+            self._idle_sweeps_limit = _DRAIN_SWEEPS
+            if self._sweep_handle is not None:
+                self._sweep_handle.cancel()
+                self._sweep_handle = asyncio.get_running_loop().call_later(
+                    self._sweep_interval, self._sweep)
         self._close_listener_if_done()
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -259,7 +280,7 @@ class UdpForwarder:
                 self._sweep_handle = None
 
     def _sweep(self) -> None:
-        limit = SWEEPS_PER_IDLE_TIMEOUT
+        limit = self._idle_sweeps_limit
         for flow in list(self._flows.values()):
             flow.idle_sweeps += 1
             if flow.idle_sweeps > limit:

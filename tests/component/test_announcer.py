@@ -62,7 +62,8 @@ class FakeExaBGP:
         self.proc.stdin.write(text.encode() + b"\n")
 
     def texts(self) -> list[str]:
-        return [t for _, t in self.lines]
+        """Every line written but the liveness probes."""
+        return [t for _, t in self.lines if t != "version"]
 
     def since(self, index: int) -> list[str]:
         return self.texts()[index:]
@@ -312,3 +313,27 @@ async def test_keeps_draining_stdin_without_a_node(tmp_path: Path) -> None:
                 rig.exa.proc.stdin.write(chunk)
                 await rig.exa.proc.stdin.drain()
         assert rig.exa.proc.returncode is None
+
+
+async def test_idle_announcer_probes_exabgp_and_relays_alive_only_on_answers(rig: Rig) -> None:
+    reader, writer = await connected(rig)
+    beat = Heartbeat(writer, routes_line(1, ROUTE))
+    assert (await read_message(reader, "ack"))["seq"] == 1
+    # Nothing to write: it asks ExaBGP "version" every second and says alive
+    # to the node after each answer.
+    began = time.monotonic()
+    for _ in range(2):
+        await read_message(reader, "alive", timeout=3)
+    assert time.monotonic() - began < 3
+    probes = [line for _, line in rig.exa.lines if line == "version"]
+    assert len(probes) >= 1
+    assert rig.exa.texts() == [ANNOUNCE]  # probes change no route
+
+    rig.exa.answer = False  # ExaBGP stops answering (hung, stopped)
+    await wait_until(lambda: len([1 for _, t in rig.exa.lines if t == "version"]) > len(probes),
+                     timeout=3, what="an unanswered probe")
+    quiet_from = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await read_message(reader, "alive", timeout=2.5)
+    assert time.monotonic() - quiet_from >= 2.4
+    await beat.stop()

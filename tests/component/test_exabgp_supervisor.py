@@ -134,3 +134,52 @@ async def test_child_dies_with_the_node() -> None:
     node.send_signal(signal.SIGKILL)
     await node.wait()
     await wait_until(lambda: gone(child), timeout=10, what="ExaBGP stand-in to die")
+
+
+async def test_child_runs_in_its_own_session(tmp_path: Path) -> None:
+    # A signal to the node's process group (Ctrl-C, systemd) must not reach it.
+    sup = ExaBGPSupervisor([sys.executable, "-c", "import time; time.sleep(60)"], {},
+                           StepClock(0.0))
+    started = asyncio.Event()
+    task = asyncio.create_task(sup.run(started))
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        pid = sup.pid
+        assert pid is not None
+        assert os.getsid(pid) == pid != os.getsid(0)
+        assert os.getpgid(pid) != os.getpgid(0)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_no_restart_once_a_stop_has_begun(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    code = "import time; print('ready', flush=True); time.sleep(60)"
+    clock = StepClock(0.0)
+    sup = ExaBGPSupervisor([sys.executable, "-c", code], {}, clock, log_file=out)
+    started = asyncio.Event()
+    task = asyncio.create_task(sup.run(started))
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        pid = sup.pid
+        assert pid is not None
+        await wait_until(lambda: out.exists() and "ready" in out.read_text(), timeout=10,
+                         what="child ready")
+        sup.begin_stop()
+        os.kill(pid, signal.SIGTERM)  # ExaBGP exits during the node's stop
+        await wait_until(lambda: gone(pid), timeout=10, what="child exit")
+        await wait_until(lambda: sup.pid is None, timeout=5, what="child reaped")
+        # Give a restart every chance to happen (the StepClock's backoff
+        # sleeps return at once): it must not.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert sup.pid is None and sup.restarts == 0 and clock.sleeps == []
+        assert not task.done()  # it waits to be cancelled, as the speaker expects
+        await sup.stop()  # idempotent with nothing running
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert out.read_text().count("ready") == 1

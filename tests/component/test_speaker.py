@@ -13,7 +13,8 @@ import pytest
 
 from anycast_lb.bgp.policy import Route
 from anycast_lb.bgp.speaker import BgpSpeaker
-from anycast_lb.clock import SystemClock
+from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
+from anycast_lb.clock import FakeClock, SystemClock
 from anycast_lb.config import BgpConfig
 from tests.waiting import wait_until
 
@@ -105,12 +106,18 @@ async def test_hung_node_loop_stops_the_heartbeat(speaker: BgpSpeaker) -> None:
 
 async def test_status_pending_until_acked_then_peers_relayed(speaker: BgpSpeaker) -> None:
     assert speaker.status()["announcer_connected"] is False
-    assert speaker.status()["peers"] == {"203.0.113.1": "down"}
+    # ExaBGP has confirmed nothing yet: no peer state is claimed.
+    assert speaker.status()["peers"] == {"203.0.113.1": "unknown"}
+    assert speaker.status()["confirmed"] is False
     reader, writer = await asyncio.open_unix_connection(str(speaker.socket_path))
     try:
         await wait_until(lambda: speaker.status()["announcer_connected"] is True)
         routes = {V4: Route(V4, 100, (), 0, 65100), V4B: Route(V4B, 100, (), 0, 65100)}
         speaker.set_routes(routes)
+        assert speaker.status()["routes"] == {str(V4): "unconfirmed", str(V4B): "unconfirmed"}
+        writer.write(b'{"type": "alive"}\n')
+        await wait_until(lambda: speaker.status()["confirmed"] is True, what="confirmed")
+        assert speaker.status()["peers"] == {"203.0.113.1": "down"}
         assert speaker.status()["routes"] == {str(V4): "pending", str(V4B): "pending"}
         assert not speaker.synced()
         writer.write(b'{"type": "ack", "seq": 1, "ok": true}\n')
@@ -154,3 +161,51 @@ async def test_bad_announcer_line_drops_the_connection(speaker: BgpSpeaker) -> N
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_view_goes_stale_past_the_deadline_without_an_answer(tmp_path: Path) -> None:
+    exe = tmp_path / "exabgp"
+    exe.write_text(FAKE_EXABGP)
+    exe.chmod(0o755)
+    cfg = BgpConfig.model_validate({
+        "local_as": 65100, "router_id": "203.0.113.10", "local_address": "203.0.113.10",
+        "peers": [{"address": "203.0.113.1", "peer_as": 65000}], "exabgp": str(exe),
+    })
+    clock = FakeClock()
+    sp = BgpSpeaker(cfg, "lb1", tmp_path / "run", clock)
+    started = asyncio.Event()
+    task = asyncio.create_task(sp.run(started))
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+        _, writer = await asyncio.open_unix_connection(str(sp.socket_path))
+        sp.set_routes({V4: Route(V4, 100, (), 0, 65100)})
+        writer.write(b'{"type": "peer", "address": "203.0.113.1", "state": "up"}\n')
+        writer.write(b'{"type": "ack", "seq": 1, "ok": true}\n')
+        await wait_until(sp.synced, what="synced")
+        assert sp.status()["peers"] == {"203.0.113.1": "up"}
+        assert sp.status()["routes"] == {str(V4): "announced"}
+
+        await clock.advance(CONFIRM_DEADLINE)  # at the deadline: still trusted
+        assert sp.status()["confirmed"] is True
+        await clock.advance(0.01)  # ExaBGP said nothing more
+        status = sp.status()
+        assert status["confirmed"] is False and status["confirmed_age_s"] == CONFIRM_DEADLINE + 0.01
+        assert status["peers"] == {"203.0.113.1": "unknown"}
+        assert status["routes"] == {str(V4): "unconfirmed"}
+        metrics = {m.name: m.samples for m in sp.metric_families()}
+        assert [s.value for s in metrics["anycast_lb_bgp_confirmed"]] == [0.0]
+        assert [(s.labels, s.value) for s in metrics["anycast_lb_bgp_peer_up"]] == [
+            ({"peer": "203.0.113.1"}, 0.0)]
+
+        writer.write(b'{"type": "alive"}\n')  # it answers again
+        await wait_until(lambda: sp.status()["confirmed"] is True, what="confirmed again")
+        assert sp.status()["peers"] == {"203.0.113.1": "up"}
+        metrics = {m.name: m.samples for m in sp.metric_families()}
+        assert [s.value for s in metrics["anycast_lb_bgp_peer_up"]] == [1.0]
+        assert [s.value for s in metrics["anycast_lb_bgp_route_announced"]] == [1.0]
+        writer.close()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -1,0 +1,156 @@
+"""A minimal BGP peer on 127.0.0.0/8 for component tests: it accepts ExaBGP's
+session, answers OPEN and KEEPALIVE, and records every UPDATE (RFC 4271
+section 4; communities RFC 1997). IPv4 unicast only, no MP_REACH parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+MARKER = b"\xff" * 16
+OPEN, UPDATE, NOTIFICATION, KEEPALIVE = 1, 2, 3, 4
+COMMUNITIES = 8
+_HOLD_TIME = 3
+
+
+@dataclass(frozen=True)
+class Update:
+    """One UPDATE as the peer saw it (``at``: time.monotonic())."""
+
+    at: float
+    announced: tuple[str, ...]
+    withdrawn: tuple[str, ...]
+    communities: tuple[str, ...]
+
+
+@dataclass
+class BgpPeer:
+    """Listens on ``host`` port 0; ``port`` once started. ``sessions`` counts
+    OPENs received (a restarted ExaBGP opens a second one); ``closed_at``
+    holds the time each session ended."""
+
+    host: str = "127.0.0.2"
+    asn: int = 65000
+    port: int = 0
+    sessions: int = 0
+    updates: list[Update] = field(default_factory=list)
+    closed_at: list[float] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        self._server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Close the listener and every session (their reads then end)."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    def prefix_events(self, prefix: str) -> list[tuple[str, Update]]:
+        """("announce" | "withdraw", update) for ``prefix``, in order."""
+        out = []
+        for u in self.updates:
+            if prefix in u.announced:
+                out.append(("announce", u))
+            if prefix in u.withdrawn:
+                out.append(("withdraw", u))
+        return out
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            while True:
+                header = await reader.readexactly(19)
+                if header[:16] != MARKER:
+                    return
+                length, kind = struct.unpack("!HB", header[16:])
+                body = await reader.readexactly(length - 19)
+                if kind == OPEN:
+                    self.sessions += 1
+                    writer.write(self._open() + _message(KEEPALIVE, b""))
+                    keepalive = asyncio.create_task(self._keepalives(writer))
+                elif kind == UPDATE:
+                    self.updates.append(_parse_update(body))
+                elif kind == NOTIFICATION:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.closed_at.append(time.monotonic())
+            if keepalive is not None:
+                keepalive.cancel()
+            writer.close()
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+    def _open(self) -> bytes:
+        caps = (
+            bytes([1, 4]) + struct.pack("!HBB", 1, 0, 1)  # multiprotocol: ipv4 unicast
+            + bytes([65, 4]) + struct.pack("!I", self.asn)  # four-octet AS
+        )
+        params = bytes([2, len(caps)]) + caps
+        body = struct.pack("!BHH4sB", 4, self.asn, _HOLD_TIME,
+                           ipaddress.IPv4Address(self.host).packed, len(params)) + params
+        return _message(OPEN, body)
+
+    async def _keepalives(self, writer: asyncio.StreamWriter) -> None:
+        for _ in range(600):  # bounded: at most 10 min of session
+            await asyncio.sleep(1.0)
+            writer.write(_message(KEEPALIVE, b""))
+
+
+def _message(kind: int, body: bytes) -> bytes:
+    return MARKER + struct.pack("!HB", 19 + len(body), kind) + body
+
+
+def _prefixes(data: bytes) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(data):
+        bits = data[i]
+        size = (bits + 7) // 8
+        raw = data[i + 1:i + 1 + size] + b"\x00" * (4 - size)
+        out.append(f"{ipaddress.IPv4Address(raw)}/{bits}")
+        i += 1 + size
+    return tuple(out)
+
+
+def _parse_update(body: bytes) -> Update:
+    wlen = struct.unpack("!H", body[:2])[0]
+    withdrawn = _prefixes(body[2:2 + wlen])
+    i = 2 + wlen
+    alen = struct.unpack("!H", body[i:i + 2])[0]
+    attrs = body[i + 2:i + 2 + alen]
+    nlri = body[i + 2 + alen:]
+    communities: list[str] = []
+    j = 0
+    while j < len(attrs):
+        flags, code = attrs[j], attrs[j + 1]
+        if flags & 0x10:
+            size, j = struct.unpack("!H", attrs[j + 2:j + 4])[0], j + 4
+        else:
+            size, j = attrs[j + 2], j + 3
+        value = attrs[j:j + size]
+        if code == COMMUNITIES:
+            for k in range(0, size, 4):
+                high, low = struct.unpack("!HH", value[k:k + 4])
+                communities.append(f"{high}:{low}")
+        j += size
+    return Update(time.monotonic(), _prefixes(nlri), withdrawn, tuple(communities))
