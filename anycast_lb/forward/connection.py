@@ -322,6 +322,8 @@ ABORT = Abort()
 SEND_PROXY_HEADER = SendProxyHeader()
 STOP_PUMP = StopPump()
 STOP_REPLAY = StopReplay()
+_PUMP_BOTH = StartPump(read_client=True)
+_PUMP_BACKEND_ONLY = StartPump(read_client=False)
 _SHUT_BACKEND = ShutdownWrite(Side.BACKEND)
 _SHUT_CLIENT = ShutdownWrite(Side.CLIENT)
 _CLOSE = {
@@ -490,7 +492,7 @@ class Connection(Generic[B]):
                 actions.append(STOP_REPLAY)
         if self.client_eof:
             actions.append(_SHUT_BACKEND)
-        actions.append(StartPump(read_client=not self.client_eof))
+        actions.append(_PUMP_BACKEND_ONLY if self.client_eof else _PUMP_BOTH)
         return tuple(actions)
 
     def _keep(self, data: bytes) -> tuple[Action[B], ...]:
