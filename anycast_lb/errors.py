@@ -8,6 +8,8 @@
     +-- WorkerProtocolError    a relay worker pipe line is malformed
     +-- BackendError           no backend of a pool could take a flow
     |   +-- NoHealthyBackend   the pool has no backend in state up
+    +-- ConnectionStateError   a TCP engine fed its connection machine an event
+                               that cannot happen in its phase (a bug)
     +-- AnnouncerError         the ExaBGP side cannot be driven
     |   +-- UnsafeAttribute    a BGP attribute would inject an API command
     +-- ClusterError           the flow-survival cluster cannot run its part
@@ -57,6 +59,11 @@ class BackendError(AnycastLBError):
 
 class NoHealthyBackend(BackendError):
     """The pool has no backend in state up."""
+
+
+class ConnectionStateError(AnycastLBError):
+    """An event that cannot happen in the connection machine's phase
+    (``forward.connection``): an engine bug, never a peer's doing."""
 
 
 class AnnouncerError(AnycastLBError):

@@ -1,27 +1,25 @@
 """TCP forwarder: a terminating proxy from a VIP:port to a service's backends.
 
-Per client connection two asyncio ``Protocol`` objects move bytes: the
-client side (``_Relay``, which also holds the connection's state) and the
-backend side (``_Upstream``). No task lives for a connection's lifetime;
-one short task per connection runs the connect phase only, because
-``loop.create_connection`` is a coroutine. Life of a connection::
+The connection rules (connect retry over the pool's candidates, redispatch
+with replay before the backend's first byte, half-close, reset or FIN, idle
+timeout, counters) live in the pure ``connection.Connection`` machine, shared
+with the relay engine; this module only moves bytes, turns transport
+callbacks into the machine's events and carries out its actions.
 
-    accepted --pause client reading--> connecting: try pool.candidates(...)
-        in order, each within service.connect_timeout s; a failure counts
-        backend.connect_failures and moves to the next candidate
-    connected --[PROXY v2 header]--resume client reading--> relaying
-    relaying: bytes both ways; EOF from one side -> write_eof on the other
-        (half-close); both EOFs, a close or an error -> both sides closed
+Per client connection two asyncio ``Protocol`` objects move bytes: the
+client side (``_Relay``, which owns the connection's machine) and the
+backend side (``_Upstream``, one per connect attempt). No task lives for a
+connection's lifetime; one short task per attempt runs the connect only,
+because ``loop.create_connection`` is a coroutine. The client is not read
+until the machine says ``StartPump`` (uvloop may slip one read through: it
+is fed to the machine as ``ClientData`` and sent on connect).
 
 Redispatch: a backend killed between two health checks still completes
 handshakes from its listen backlog, then resets them when the process dies.
-Until the backend's first byte the relay keeps a copy of what it sent
-(at most ``REPLAY_LIMIT`` bytes); if the backend resets the connection
-before answering, the relay connects to the next candidate and replays the
-copy, so the client never notices. After the first byte from the backend,
-or past the limit, a reset closes the client as usual. (The same rule as
-HAProxy's ``retry-on conn-failure empty-response`` with ``option redispatch``,
-restricted to resets: a backend that closes cleanly is taken at its word.)
+Until the backend's first byte the machine keeps a copy of what the client
+sent (at most ``REPLAY_LIMIT`` bytes); if the backend resets the connection
+(``RESET_ERRNOS``) before answering, the relay connects to the next candidate
+and replays the copy, so the client never notices.
 
 Backpressure: each transport's write buffer has a high-water mark of
 ``HIGH_WATER`` bytes; above it the *other* side stops reading until the
@@ -31,22 +29,58 @@ the rest of the backlog stays in the kernel's socket buffers and in the
 sender's TCP window.
 
 Idle timeout: one periodic sweep per forwarder (every idle_timeout/8 s, only
-while connections exist) counts sweeps without traffic per connection; a read
-in either direction resets the count, so the data path pays one attribute
-store per read. A connection is aborted after idle_timeout to
+while connections exist) feeds each relaying connection ``IdleSweep(traffic)``;
+a read in either direction sets ``traffic``, so the data path pays one
+attribute store per read. A connection is reset after idle_timeout to
 idle_timeout * 9/8 s without a byte either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import errno
 import socket
 from typing import cast
 
 from anycast_lb import log
 from anycast_lb.config import ServiceConfig, format_host_port
-from anycast_lb.errors import BindError
+from anycast_lb.errors import BindError, ConnectionStateError
+from anycast_lb.forward.connection import (
+    ABORT,
+    BACKEND_CLOSED,
+    BACKEND_EOF,
+    BACKEND_ERROR,
+    BACKEND_FIRST_BYTE,
+    BACKEND_RESET,
+    CLIENT_CLOSED,
+    CLIENT_EOF,
+    CLIENT_RESET,
+    CONNECT_TIMEOUT,
+    CONNECTED,
+    Accepted,
+    Action,
+    ClientData,
+    Close,
+    ConnectFailed,
+    Connection,
+    ConnectTo,
+    CountConnected,
+    CountFailure,
+    CountReject,
+    CountReleased,
+    Event,
+    IdleSweep,
+    Phase,
+    Reject,
+    Replay,
+    SendProxyHeader,
+    ShutdownWrite,
+    Side,
+    StartPump,
+    StopPump,
+)
+from anycast_lb.forward.connection import REPLAY_LIMIT as REPLAY_LIMIT
+from anycast_lb.forward.connection import SWEEPS_PER_IDLE_TIMEOUT as SWEEPS_PER_IDLE_TIMEOUT
 from anycast_lb.forward.proxy_protocol import v2_header
 from anycast_lb.pool import Backend, Pool
 
@@ -54,11 +88,10 @@ HIGH_WATER = 64 * 1024
 """Bytes buffered for a peer before the other side stops reading."""
 LOW_WATER = 16 * 1024
 """Bytes below which the paused side reads again."""
-REPLAY_LIMIT = 64 * 1024
-"""Bytes kept for a replay until the backend's first byte (see Redispatch)."""
 BACKLOG = 4096
 """listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
-SWEEPS_PER_IDLE_TIMEOUT = 8
+_SWEPT_BUSY = IdleSweep(traffic=True)
+_SWEPT_QUIET = IdleSweep(traffic=False)
 
 
 class TcpForwarder:
@@ -165,7 +198,7 @@ class TcpForwarder:
     def abort_all(self) -> None:
         """Reset every connection (both sides) and cancel pending connects."""
         for relay in list(self._relays):
-            relay.shutdown(abort=True)
+            relay.shutdown()
 
     # -- used by _Relay ------------------------------------------------------
 
@@ -183,8 +216,10 @@ class TcpForwarder:
         if not self._relays:
             self._idle.set()
 
-    def _spawn(self, relay: _Relay, candidates: list[Backend]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(relay.connect(candidates))
+    def _spawn(self, relay: _Relay, backend: Backend, timeout: float) -> asyncio.Task[None]:
+        proto = _Upstream(relay, backend)
+        relay.proto = proto
+        task = asyncio.get_running_loop().create_task(relay.attempt(proto, timeout))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # A callback, not a finally: a task cancelled before its first step
@@ -193,15 +228,14 @@ class TcpForwarder:
         return task
 
     def _sweep(self) -> None:
-        limit = SWEEPS_PER_IDLE_TIMEOUT
         for relay in list(self._relays):
-            if relay.upstream is None:
-                continue  # connecting: bounded by connect_timeout per candidate
-            relay.idle_sweeps += 1
-            if relay.idle_sweeps > limit:
+            if relay.machine.phase is not Phase.RELAYING:
+                continue  # connecting: bounded by connect_timeout per attempt
+            traffic, relay.traffic = relay.traffic, False
+            relay.feed(_SWEPT_BUSY if traffic else _SWEPT_QUIET)
+            if relay.machine.closed:
                 log.debug("forward.idle_timeout", service=self.service.name,
                           client=relay.client_name)
-                relay.shutdown(abort=True)
         self._sweep_handle = None
         if self._relays:
             self._sweep_handle = asyncio.get_running_loop().call_later(
@@ -210,38 +244,134 @@ class TcpForwarder:
 
 
 class _Relay(asyncio.Protocol):
-    """Client side of one proxied connection, and the connection's state."""
+    """Client side of one proxied connection: moves bytes, turns transport
+    callbacks into ``connection`` events and carries out the machine's
+    actions. The rules live in ``self.machine``."""
 
     __slots__ = (
-        "fwd", "client", "upstream", "backend", "connecting", "client_eof",
-        "backend_eof", "closing", "open_transports", "finished", "idle_sweeps",
-        "peer", "local", "held", "replay", "remaining",
+        "fwd", "machine", "client", "upstream", "proto", "connecting", "open_transports",
+        "finished", "traffic", "peer", "local",
     )
 
     def __init__(self, fwd: TcpForwarder) -> None:
         self.fwd = fwd
+        self.machine: Connection[Backend] = Connection(
+            fwd.service.connect_timeout, proxy_protocol=fwd.service.proxy_protocol
+        )
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.backend: Backend | None = None
+        """The live backend transport (None while connecting, after a close)."""
+        self.proto: _Upstream | None = None
+        """The current backend attempt or connection."""
         self.connecting: asyncio.Task[None] | None = None
-        self.client_eof = False
-        self.backend_eof = False
-        self.closing = False
         self.open_transports = 0
         self.finished = False
-        self.idle_sweeps = 0
+        self.traffic = False
+        """A byte or EOF moved since the last idle sweep."""
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
-        self.held: list[bytes] = []
-        self.replay: list[bytes] | None = []
-        """Bytes sent to the backend before its first byte; None once it
-        answered or the copy passed REPLAY_LIMIT."""
-        self.remaining: list[Backend] = []
-        """Candidates not tried yet, for a redispatch."""
 
     @property
     def client_name(self) -> str:
         return format_host_port(*self.peer) if self.peer[0] else "?"
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.machine.backend
+
+    # -- the machine ---------------------------------------------------------
+
+    def feed(self, event: Event[Backend]) -> None:
+        """Feed ``event`` to the machine and carry out its actions."""
+        try:
+            actions = self.machine.handle(event)
+        except ConnectionStateError as exc:  # a bug must not leave a half-open connection
+            log.error("forward.connection_state", service=self.fwd.service.name, error=str(exc))
+            self._abort_transports()
+            return
+        for action in actions:
+            self._do(action)
+
+    def _do(self, action: Action[Backend]) -> None:
+        fwd = self.fwd
+        kind = type(action)
+        if kind is Close:
+            assert isinstance(action, Close)
+            if action.side is Side.CLIENT:
+                _close(self.client, action.reset)
+            else:
+                self._close_backend(action.reset)
+        elif kind is ShutdownWrite:
+            assert isinstance(action, ShutdownWrite)
+            transport = self.client if action.side is Side.CLIENT else self.upstream
+            if transport is not None and not transport.is_closing():
+                transport.write_eof()
+        elif kind is StartPump:
+            assert isinstance(action, StartPump)
+            if action.read_client and self.client is not None:
+                self.client.resume_reading()
+        elif kind is StopPump:
+            if self.client is not None:
+                self.client.pause_reading()
+        elif kind is SendProxyHeader:
+            assert self.upstream is not None
+            self.upstream.write(v2_header(self.peer, self.local, "tcp"))
+        elif kind is Replay:
+            assert isinstance(action, Replay) and self.upstream is not None
+            self.upstream.write(action.data)
+            backend = self.machine.backend
+            assert backend is not None
+            backend.bytes_in += len(action.data)
+        elif kind is ConnectTo:
+            assert isinstance(action, ConnectTo)
+            self.connecting = fwd._spawn(self, action.backend, action.timeout)
+        elif kind is CountConnected:
+            assert isinstance(action, CountConnected)
+            action.backend.active_connections += 1
+            action.backend.connections_total += 1
+        elif kind is CountReleased:
+            assert isinstance(action, CountReleased)
+            action.backend.active_connections -= 1
+        elif kind is CountFailure:
+            assert isinstance(action, CountFailure)
+            action.backend.connect_failures += 1
+        elif kind is CountReject:
+            assert isinstance(action, CountReject)
+            if action.reason is Reject.NO_BACKEND:
+                fwd.rejected_no_backend += 1
+                log.debug("forward.no_backend", service=fwd.service.name,
+                          client=self.client_name)
+            else:
+                fwd.rejected_connect_failed += 1
+                log.debug("forward.all_backends_failed", service=fwd.service.name,
+                          client=self.client_name)
+        # StopReplay: nothing to do, bytes are copied by the transports anyway.
+
+    def _close_backend(self, reset: bool) -> None:
+        """End the current backend attempt or connection."""
+        proto, self.proto = self.proto, None
+        if proto is not None:
+            proto.live = False
+        task = self.connecting
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        _close(self.upstream, reset)
+        self.upstream = None
+
+    def shutdown(self) -> None:
+        """Reset both sides now (abort_all, idle timeout)."""
+        if self.machine.phase is Phase.NEW:
+            self._abort_transports()
+        else:
+            self.feed(ABORT)
+
+    def _abort_transports(self) -> None:
+        task = self.connecting
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None:
+                transport.abort()
 
     # -- client transport callbacks -----------------------------------------
 
@@ -261,207 +391,140 @@ class _Relay(asyncio.Protocol):
         self.local = (str(local[0]), int(local[1]))
         _tune(transport, keepalive=True)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-        candidates = fwd.pool.candidates(self.peer, fwd._vip)
-        if not candidates:
-            fwd.rejected_no_backend += 1
-            log.debug("forward.no_backend", service=fwd.service.name, client=self.client_name)
-            transport.abort()
-            return
+        # Read nothing until the backend is connected (StartPump).
         transport.pause_reading()
-        self.connecting = fwd._spawn(self, candidates)
+        self.feed(Accepted(fwd.pool.candidates(self.peer, fwd._vip)))
 
     def data_received(self, data: bytes) -> None:
-        upstream, backend = self.upstream, self.backend
-        if upstream is None or backend is None:
-            self._hold(data)
+        machine = self.machine
+        upstream = self.upstream
+        if upstream is None:
+            if machine.phase is Phase.CONNECTING:
+                # uvloop starts reading after ``connection_made`` returns,
+                # ignoring the pause made inside it, so one read (at most
+                # 256 KiB) can slip through: the machine keeps it for the
+                # connect; pausing again bounds it to that read.
+                self.feed(ClientData(data))
+                if self.client is not None:
+                    self.client.pause_reading()
             return
-        if upstream.is_closing():
-            # The backend side is going (its connection_lost is queued):
-            # keep the bytes in case that turns into a redispatch.
-            if self.replay is not None:
-                self._keep(data)
-            return
-        upstream.write(data)
-        backend.bytes_in += len(data)
-        self.idle_sweeps = 0
-        if self.replay is not None:
-            self._keep(data)
-
-    def _keep(self, data: bytes) -> None:
-        assert self.replay is not None
-        self.replay.append(data)
-        if sum(map(len, self.replay)) > REPLAY_LIMIT:
-            self.replay = None
-
-    def _hold(self, data: bytes) -> None:
-        """Keep bytes that arrive before the backend is connected. uvloop
-        starts reading after ``connection_made`` returns, ignoring the pause
-        made inside it, so one read can slip through; pausing again now
-        bounds what is held to that read (at most 256 KiB)."""
-        if self.closing or self.client is None:
-            return
-        self.held.append(data)
-        self.client.pause_reading()
+        self.traffic = True
+        if not upstream.is_closing():
+            upstream.write(data)
+            backend = machine.backend
+            assert backend is not None
+            backend.bytes_in += len(data)
+        # else: the backend side is going (its connection_lost is queued):
+        # the copy may still turn into a redispatch.
+        if machine.replaying:
+            self.feed(ClientData(data))
 
     def eof_received(self) -> bool:
-        self.client_eof = True
-        upstream = self.upstream
-        if upstream is not None and not upstream.is_closing():
-            upstream.write_eof()
-        if self.backend_eof:
-            self.shutdown(abort=False)
+        self.traffic = True
+        if self.machine.phase in _LIVE:
+            self.feed(CLIENT_EOF)
         return True  # keep the client transport open: the other direction may still run
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend sends.
-        if self.upstream is not None and not self.backend_eof and not self.closing:
+        machine = self.machine
+        if self.upstream is not None and not machine.backend_eof and not machine.closed:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and not self.backend_eof and not self.closing:
+        machine = self.machine
+        if self.upstream is not None and not machine.backend_eof and not machine.closed:
             self.upstream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open_transports -= 1
-        if not self.closing:
-            self.shutdown(abort=exc is not None)
+        if self.machine.phase in _LIVE:
+            self.feed(CLIENT_CLOSED if exc is None else CLIENT_RESET)
         self._maybe_finish()
 
     # -- connect phase ------------------------------------------------------
 
-    async def connect(self, candidates: list[Backend]) -> None:
-        """Try ``candidates`` in order; ``_Upstream.connection_made`` takes over
-        on success. Runs as the connection's only task."""
+    async def attempt(self, proto: _Upstream, timeout: float) -> None:
+        """One connect attempt (``ConnectTo``): ``_Upstream.connection_made``
+        reports success, this task a failure. Runs as the connection's only
+        task until then."""
         fwd = self.fwd
-        loop = asyncio.get_running_loop()
-        timeout = fwd.service.connect_timeout
+        backend = proto.backend
+        host, port = backend.sockaddr
         try:
-            for i, backend in enumerate(candidates):
-                if self.closing:
-                    return
-                host, port = backend.sockaddr
-                self.remaining = candidates[i + 1:]
-                try:
-                    async with asyncio.timeout(timeout):
-                        await loop.create_connection(
-                            functools.partial(_Upstream, self, backend), host, port
-                        )
-                    return
-                except (OSError, TimeoutError) as exc:
-                    if self.upstream is not None:
-                        return  # connected just as the timeout hit; connection_lost cleans up
-                    backend.connect_failures += 1
-                    log.debug("forward.connect_failed", service=fwd.service.name,
-                              backend=backend.key, error=_describe(exc))
-            fwd.rejected_connect_failed += 1
-            log.debug("forward.all_backends_failed", service=fwd.service.name,
-                      client=self.client_name, tried=len(candidates))
-            self.shutdown(abort=True)
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().create_connection(lambda: proto, host, port)
+        except (OSError, TimeoutError) as exc:
+            if proto.made or not proto.live:
+                return  # connected just as the timeout hit (connection_lost cleans up)
+            log.debug("forward.connect_failed", service=fwd.service.name, backend=backend.key,
+                      error=_describe(exc))
+            proto.live = False
+            self.feed(CONNECT_TIMEOUT if isinstance(exc, TimeoutError)
+                      else ConnectFailed(_describe(exc)))
         except Exception as exc:  # a bug must not leave a half-open connection
             log.error("forward.connect_error", service=fwd.service.name, error=_describe(exc))
-            self.shutdown(abort=True)
+            self.shutdown()
 
     def connect_done(self, task: asyncio.Task[None]) -> None:
-        self.connecting = None
+        if self.connecting is task:
+            self.connecting = None
         self._maybe_finish()
-
-    def upstream_made(self, transport: asyncio.Transport, backend: Backend) -> None:
-        self.upstream = transport
-        self.backend = backend
-        self.open_transports += 1
-        backend.active_connections += 1
-        backend.connections_total += 1
-        if self.closing:
-            transport.abort()
-            return
-        _tune(transport, keepalive=False)
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-        if self.fwd.service.proxy_protocol:
-            transport.write(v2_header(self.peer, self.local, "tcp"))
-        if self.held:
-            data = b"".join(self.held)
-            self.held.clear()
-            transport.write(data)
-            backend.bytes_in += len(data)
-            if self.replay is not None:
-                self._keep(data)
-        if self.client_eof:
-            transport.write_eof()
-        elif self.client is not None:
-            self.client.resume_reading()
 
     # -- backend transport callbacks (via _Upstream) -------------------------
 
+    def upstream_made(self, proto: _Upstream, transport: asyncio.Transport) -> None:
+        self.open_transports += 1
+        if not proto.live:
+            transport.abort()  # the connection closed while this attempt ran
+            return
+        self.upstream = transport
+        _tune(transport, keepalive=False)
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.feed(CONNECTED)
+
     def upstream_data(self, data: bytes) -> None:
-        self.replay = None
-        client, backend = self.client, self.backend
-        if client is None or backend is None or client.is_closing():
+        client, machine = self.client, self.machine
+        if machine.replaying:
+            self.feed(BACKEND_FIRST_BYTE)
+        if client is None or client.is_closing():
             return
         client.write(data)
+        backend = machine.backend
+        assert backend is not None
         backend.bytes_out += len(data)
-        self.idle_sweeps = 0
+        self.traffic = True
 
     def upstream_eof(self) -> None:
-        self.replay = None
-        self.backend_eof = True
-        client = self.client
-        if client is not None and not client.is_closing():
-            client.write_eof()
-        if self.client_eof:
-            self.shutdown(abort=False)
+        self.traffic = True
+        self.feed(BACKEND_EOF)
 
     def upstream_pause_writing(self) -> None:
         # The backend reads slower than the client sends.
-        if self.client is not None and not self.client_eof and not self.closing:
+        machine = self.machine
+        if self.client is not None and not machine.client_eof and not machine.closed:
             self.client.pause_reading()
 
     def upstream_resume_writing(self) -> None:
-        if self.client is not None and not self.client_eof and not self.closing:
+        machine = self.machine
+        if self.client is not None and not machine.client_eof and not machine.closed:
             self.client.resume_reading()
 
-    def upstream_lost(self, backend: Backend, exc: Exception | None) -> None:
+    def upstream_lost(self, proto: _Upstream, exc: Exception | None) -> None:
         self.open_transports -= 1
-        backend.active_connections -= 1
-        if exc is not None and self._redispatch(backend):
-            return
-        if not self.closing:
-            self.shutdown(abort=exc is not None)
+        if proto.live:
+            proto.live = False
+            backend = proto.backend
+            if exc is None:
+                self.feed(BACKEND_CLOSED)
+            elif isinstance(exc, OSError) and exc.errno in RESET_ERRNOS:
+                self.feed(BACKEND_RESET)
+                if self.machine.phase is Phase.CONNECTING:
+                    log.debug("forward.redispatch", service=self.fwd.service.name,
+                              backend=backend.key, client=self.client_name)
+            else:
+                self.feed(BACKEND_ERROR)
         self._maybe_finish()
-
-    def _redispatch(self, backend: Backend) -> bool:
-        """After ``backend`` reset the connection: connect to the next
-        candidate and replay, if nothing came back yet. True if it did."""
-        client = self.client
-        if (self.replay is None or not self.remaining or self.closing or self.backend_eof
-                or client is None or client.is_closing()):
-            return False
-        backend.connect_failures += 1
-        log.debug("forward.redispatch", service=self.fwd.service.name, backend=backend.key,
-                  client=self.client_name)
-        self.held = self.replay
-        self.replay = []
-        self.upstream = None
-        self.backend = None
-        client.pause_reading()
-        self.connecting = self.fwd._spawn(self, self.remaining)
-        return True
-
-    # -- teardown -----------------------------------------------------------
-
-    def shutdown(self, abort: bool) -> None:
-        """Close both sides: ``close`` flushes what is buffered, ``abort``
-        discards it and resets. Safe to call again (e.g. abort after close,
-        when a peer stopped reading)."""
-        self.closing = True
-        task = self.connecting
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        for transport in (self.client, self.upstream):
-            if transport is not None:
-                if abort:
-                    transport.abort()
-                elif not transport.is_closing():
-                    transport.close()
 
     def _maybe_finish(self) -> None:
         if self.open_transports == 0 and self.connecting is None and not self.finished:
@@ -470,32 +533,56 @@ class _Relay(asyncio.Protocol):
 
 
 class _Upstream(asyncio.Protocol):
-    """Backend side of one proxied connection: forwards every event to its relay."""
+    """Backend side of one proxied connection (one attempt): forwards every
+    event to its relay while it is the relay's current attempt (``live``)."""
 
-    __slots__ = ("relay", "backend")
+    __slots__ = ("relay", "backend", "live", "made")
 
     def __init__(self, relay: _Relay, backend: Backend) -> None:
         self.relay = relay
         self.backend = backend
+        self.live = True
+        """The relay's current attempt or connection; False once ended."""
+        self.made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.relay.upstream_made(cast(asyncio.Transport, transport), self.backend)
+        self.made = True
+        self.relay.upstream_made(self, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
-        self.relay.upstream_data(data)
+        if self.live:
+            self.relay.upstream_data(data)
 
     def eof_received(self) -> bool:
-        self.relay.upstream_eof()
+        if self.live:
+            self.relay.upstream_eof()
         return True
 
     def pause_writing(self) -> None:
-        self.relay.upstream_pause_writing()
+        if self.live:
+            self.relay.upstream_pause_writing()
 
     def resume_writing(self) -> None:
-        self.relay.upstream_resume_writing()
+        if self.live:
+            self.relay.upstream_resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.upstream_lost(self.backend, exc)
+        self.relay.upstream_lost(self, exc)
+
+
+_LIVE = frozenset({Phase.CONNECTING, Phase.RELAYING})
+RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+"""Backend socket errors that count as a reset (a redispatch before its first
+byte); any other error resets the client."""
+
+
+def _close(transport: asyncio.Transport | None, reset: bool) -> None:
+    if transport is None:
+        return
+    if reset:
+        transport.abort()
+    elif not transport.is_closing():
+        transport.close()
 
 
 def _tune(transport: asyncio.Transport, keepalive: bool) -> None:

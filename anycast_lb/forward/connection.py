@@ -1,0 +1,543 @@
+"""The TCP connection machine: every rule of one proxied connection, no I/O.
+
+Both TCP engines (``tcp.TcpForwarder`` on asyncio, ``relay.RelayForwarder``
+on epoll) feed this machine the events their sockets report and carry out
+the actions it returns; it owns no socket, reads no clock and logs nothing
+(the model is h11's ``_state.py``: events in, actions out). Time enters only
+as events: a connect attempt's deadline passing (``ConnectTimeout``) and one
+idle sweep passing (``IdleSweep``).
+
+States and transitions (``phase``)::
+
+                 Accepted([])                      CountReject(NO_BACKEND)
+        NEW ------------------------------------------------------------> CLOSED
+         |                                                                  ^
+         | Accepted([b1, b2, ...]) / ConnectTo(b1)                          |
+         v                                                                  |
+    CONNECTING --ConnectFailed | ConnectTimeout, none left------------------+
+      |    ^  \\    / CountFailure(b), CountReject(CONNECT_FAILED)          |
+      |    |   `--'  ConnectFailed | ConnectTimeout, more left:             |
+      |    |         CountFailure(b), ConnectTo(next)                       |
+      |    |                                                                |
+      |    | BackendReset while replaying and a candidate is left           |
+      |    | (redispatch): CountFailure(b), CountReleased(b),               |
+      |    | Close(BACKEND, reset), StopPump, ConnectTo(next)               |
+      |    |                                                                |
+      | Connected / CountConnected(b), [SendProxyHeader], [Replay(kept)],   |
+      |     [ShutdownWrite(BACKEND)], StartPump                             |
+      v    |                                                                |
+    RELAYING --both EOFs / ClientClosed / BackendClosed: close with FIN-----+
+             --ClientReset / BackendError / BackendReset (no redispatch)----+
+               / IdleSweep past the limit / Abort: close with reset          |
+    CONNECTING --ClientReset / Abort: Close(CLIENT, reset),                  |
+                 Close(BACKEND, reset) (abandons the attempt) --------------+
+
+Beside the phase, three smaller machines (as h11 keeps keep-alive apart):
+
+- replay: KEEPING -> OFF. Until the backend's first byte the machine keeps
+  a copy of every client byte (``ClientData``), at most ``replay_limit``
+  bytes; the first backend byte (``BackendFirstByte``), the backend's EOF or
+  the copy passing the limit turn it off for good (``StopReplay``), after
+  which a backend reset closes the client instead of being redispatched.
+  The rule is HAProxy's ``retry-on conn-failure empty-response`` with
+  ``option redispatch``, restricted to resets: a backend that closes
+  cleanly is taken at its word.
+- client -> backend direction: OPEN -> EOF (``ClientEof``:
+  ``ShutdownWrite(BACKEND)``, or remembered until connected).
+- backend -> client direction: OPEN -> EOF (``BackendEof``:
+  ``ShutdownWrite(CLIENT)``). The second EOF closes both sides with FIN
+  (``Close(side, reset=False)``; a close after the first direction's
+  shutdown sends the other FIN, so no second shutdown is needed).
+
+Closing: every path out of CONNECTING or RELAYING emits ``Close(CLIENT, ...)``
+exactly once, and ends every backend attempt exactly once: by a
+``ConnectFailed`` / ``ConnectTimeout`` event (the engine drops the failed
+socket) or a ``Close(BACKEND, ...)`` action. A backend counted by
+``CountConnected`` is released (``CountReleased``) exactly once. Events that
+arrive after CLOSED are ignored (sockets report after the machine closed
+them); events that cannot happen in a live phase raise
+``ConnectionStateError`` (an engine bug).
+
+Idle timeout: the engine runs one sweep per forwarder every
+idle_timeout / ``idle_sweeps`` s and feeds ``IdleSweep(traffic)`` to each
+connection, ``traffic`` telling whether a byte (or an EOF) moved either way
+since the previous sweep, so the data path pays one attribute store per
+read and never calls the machine per chunk. A relaying connection is reset
+after ``idle_sweeps + 1`` quiet sweeps: idle_timeout to idle_timeout *
+(idle_sweeps + 1) / idle_sweeps s without traffic. Connecting connections
+are not swept: each attempt is bounded by ``connect_timeout``.
+
+Counters: the machine emits ``CountReject``, ``CountFailure``,
+``CountConnected`` and ``CountReleased``; the engine applies them to the
+forwarder's ``rejected_*`` counters and the pool's ``Backend`` counters
+(``connect_failures``, ``connections_total``, ``active_connections``).
+``accepted`` is counted by the engine when it accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, TypeVar
+
+from anycast_lb.errors import ConnectionStateError
+
+REPLAY_LIMIT = 64 * 1024
+"""Bytes kept for a replay until the backend's first byte (see replay)."""
+SWEEPS_PER_IDLE_TIMEOUT = 8
+"""Idle sweeps per idle_timeout (see Idle timeout)."""
+
+B = TypeVar("B")
+"""The backend type (``pool.Backend`` in the engines; anything in tests)."""
+
+
+class Phase(str, Enum):
+    """The connection's main state."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+class Side(str, Enum):
+    CLIENT = "client"
+    BACKEND = "backend"
+
+
+class Reject(str, Enum):
+    """Why a client connection ended without reaching a backend."""
+
+    NO_BACKEND = "no_backend"
+    """No backend up: the client is reset at once."""
+    CONNECT_FAILED = "connect_failed"
+    """Every candidate failed to connect (or reset before answering)."""
+
+
+# -- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Generic[B]):
+    """The client connection is accepted; ``candidates`` in order of preference
+    (``Pool.candidates``), possibly empty."""
+
+    candidates: Sequence[B]
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The current attempt's connect completed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """The current attempt failed (refused, unreachable...); ``reason`` for logs."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTimeout:
+    """The current attempt did not complete within ``connect_timeout`` s."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientData:
+    """Client bytes read while the machine keeps a copy (``replaying``), or
+    before the backend is connected. Not fed per chunk once replay is off."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BackendFirstByte:
+    """The backend sent its first byte (fed once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEof:
+    """The client half-closed, and every byte it sent before was written to
+    the backend (or kept, while connecting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEof:
+    """The backend half-closed, and every byte it sent before was written to
+    the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReset:
+    """The client socket failed (reset or any other error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendReset:
+    """The connected backend reset the connection (ECONNRESET, EPIPE,
+    ECONNABORTED, ETIMEDOUT): a redispatch if nothing came back yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendError:
+    """The connected backend socket failed with an error other than a reset."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    """The client socket went away without an error, and not by ``Close``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendClosed:
+    """The backend socket went away without an error, and not by ``Close``."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdleSweep:
+    """One idle sweep passed; ``traffic``: a byte or EOF moved either way
+    since the previous one."""
+
+    traffic: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Reset the connection now (abort_all, a stale flow, shutdown)."""
+
+
+Event = (
+    Accepted[B] | Connected | ConnectFailed | ConnectTimeout | ClientData | BackendFirstByte
+    | ClientEof | BackendEof | ClientReset | BackendReset | BackendError | ClientClosed
+    | BackendClosed | IdleSweep | Abort
+)
+
+# -- actions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTo(Generic[B]):
+    """Open a backend socket and connect it to ``backend`` within ``timeout`` s;
+    report ``Connected``, ``ConnectFailed`` or ``ConnectTimeout``."""
+
+    backend: B
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class SendProxyHeader:
+    """Write the PROXY v2 header to the backend, before any other byte."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Write ``data`` (client bytes kept from before) to the backend, before
+    anything read from the client from now on."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartPump:
+    """Relay bytes both ways; read the client only if ``read_client`` (False
+    once the client sent its EOF)."""
+
+    read_client: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopPump:
+    """Stop reading the client until the next ``StartPump`` (reconnecting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopReplay:
+    """No more ``ClientData``: the copy is dropped, client bytes may take the
+    zero-copy path."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownWrite:
+    """Half-close: send FIN to ``side`` once every byte handed to it is written."""
+
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``side``: ``reset`` sends RST and drops buffered bytes (SO_LINGER
+    0, ``abort()``); otherwise buffered bytes are flushed and FIN sent. For
+    BACKEND while connecting: abandon the attempt."""
+
+    side: Side
+    reset: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CountReject:
+    reason: Reject
+
+
+@dataclass(frozen=True, slots=True)
+class CountFailure(Generic[B]):
+    """``backend.connect_failures += 1`` (a failed attempt, or a reset before
+    the first byte)."""
+
+    backend: B
+
+
+@dataclass(frozen=True, slots=True)
+class CountConnected(Generic[B]):
+    """``backend.connections_total += 1`` and ``backend.active_connections += 1``."""
+
+    backend: B
+
+
+@dataclass(frozen=True, slots=True)
+class CountReleased(Generic[B]):
+    """``backend.active_connections -= 1``."""
+
+    backend: B
+
+
+Action = (
+    ConnectTo[B] | SendProxyHeader | Replay | StartPump | StopPump | StopReplay | ShutdownWrite
+    | Close | CountReject | CountFailure[B] | CountConnected[B] | CountReleased[B]
+)
+
+# Shared instances of the events and actions without a varying field: the
+# engines feed and test them without allocating.
+CONNECTED = Connected()
+CONNECT_TIMEOUT = ConnectTimeout()
+BACKEND_FIRST_BYTE = BackendFirstByte()
+CLIENT_EOF = ClientEof()
+BACKEND_EOF = BackendEof()
+CLIENT_RESET = ClientReset()
+BACKEND_RESET = BackendReset()
+BACKEND_ERROR = BackendError()
+CLIENT_CLOSED = ClientClosed()
+BACKEND_CLOSED = BackendClosed()
+ABORT = Abort()
+SEND_PROXY_HEADER = SendProxyHeader()
+STOP_PUMP = StopPump()
+STOP_REPLAY = StopReplay()
+_PUMP_BOTH = StartPump(read_client=True)
+_PUMP_BACKEND_ONLY = StartPump(read_client=False)
+_SHUT_BACKEND = ShutdownWrite(Side.BACKEND)
+_SHUT_CLIENT = ShutdownWrite(Side.CLIENT)
+_CLOSE = {
+    (side, reset): Close(side, reset) for side in Side for reset in (False, True)
+}
+_NO_BACKEND = CountReject(Reject.NO_BACKEND)
+_CONNECT_FAILED = CountReject(Reject.CONNECT_FAILED)
+_NOTHING: tuple[()] = ()
+
+
+class Connection(Generic[B]):
+    """One proxied TCP connection's rules (see the module docstring).
+
+    ``connect_timeout``: s per attempt (the ``ConnectTo`` timeout);
+    ``proxy_protocol``: send a PROXY v2 header first on every attempt;
+    ``replay_limit``: bytes kept for a redispatch; ``idle_sweeps``: quiet
+    sweeps tolerated (the next resets the connection).
+
+    ``handle(event)`` returns the actions to carry out, in order. Raises
+    ConnectionStateError for an event that cannot happen in the current
+    phase; events after CLOSED return no action.
+    """
+
+    __slots__ = (
+        "connect_timeout", "proxy_protocol", "replay_limit", "idle_sweeps", "phase",
+        "backend", "remaining", "replaying", "kept", "kept_len", "client_eof", "backend_eof",
+        "quiet",
+    )
+
+    def __init__(
+        self,
+        connect_timeout: float,
+        proxy_protocol: bool = False,
+        replay_limit: int = REPLAY_LIMIT,
+        idle_sweeps: int = SWEEPS_PER_IDLE_TIMEOUT,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.proxy_protocol = proxy_protocol
+        self.replay_limit = replay_limit
+        self.idle_sweeps = idle_sweeps
+        self.phase = Phase.NEW
+        self.backend: B | None = None
+        """The backend of the current attempt or connection."""
+        self.remaining: list[B] = []
+        """Candidates not tried yet (for a failed attempt or a redispatch)."""
+        self.replaying = True
+        """True until the backend's first byte, its EOF or the copy passing
+        ``replay_limit``: ``ClientData`` is wanted."""
+        self.kept: list[bytes] = []
+        """Client bytes to (re)send on the next connect: the replay copy, and
+        bytes read while connecting."""
+        self.kept_len = 0
+        self.client_eof = False
+        self.backend_eof = False
+        self.quiet = 0
+        """Idle sweeps in a row without traffic."""
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def handle(self, event: Event[B]) -> tuple[Action[B], ...]:
+        """Apply ``event``; the actions to carry out, in order."""
+        phase = self.phase
+        if phase is Phase.CLOSED:
+            return _NOTHING
+        kind = type(event)
+        if phase is Phase.RELAYING:
+            if kind is ClientData:
+                assert isinstance(event, ClientData)
+                return self._keep(event.data)
+            if kind is BackendFirstByte:
+                return self._stop_replay()
+            if kind is ClientEof:
+                if self.client_eof:
+                    raise self._bad(event)
+                self.client_eof = True
+                if self.backend_eof:
+                    return self._close(reset=False)
+                return (_SHUT_BACKEND,)
+            if kind is BackendEof:
+                if self.backend_eof:
+                    raise self._bad(event)
+                self.backend_eof = True
+                stop = self._stop_replay()
+                if self.client_eof:
+                    return stop + self._close(reset=False)
+                return (*stop, _SHUT_CLIENT)
+            if kind is BackendReset:
+                return self._redispatch()
+            if kind is IdleSweep:
+                assert isinstance(event, IdleSweep)
+                self.quiet = 1 if event.traffic else self.quiet + 1
+                if self.quiet > self.idle_sweeps:
+                    return self._close(reset=True)
+                return _NOTHING
+            if kind is ClientClosed or kind is BackendClosed:
+                return self._close(reset=False)
+            if kind is ClientReset or kind is BackendError or kind is Abort:
+                return self._close(reset=True)
+            raise self._bad(event)
+        if phase is Phase.CONNECTING:
+            if kind is Connected:
+                return self._connected()
+            if kind is ConnectFailed or kind is ConnectTimeout:
+                failed = self.backend
+                assert failed is not None
+                self.backend = None
+                return (CountFailure(failed), *self._connect_next())
+            if kind is ClientData:
+                assert isinstance(event, ClientData)
+                # Read while connecting: always delivered on connect, and a
+                # replay copy only within the limit.
+                self.kept.append(event.data)
+                self.kept_len += len(event.data)
+                if self.kept_len > self.replay_limit:
+                    self.replaying = False
+                return _NOTHING
+            if kind is ClientEof:
+                if self.client_eof:
+                    raise self._bad(event)
+                self.client_eof = True
+                return _NOTHING
+            if kind is IdleSweep:
+                return _NOTHING
+            if kind is ClientClosed:
+                return self._close(reset=False)
+            if kind is ClientReset or kind is Abort:
+                return self._close(reset=True)
+            raise self._bad(event)
+        if kind is Accepted:
+            assert isinstance(event, Accepted)
+            self.remaining = list(event.candidates)
+            if not self.remaining:
+                self.phase = Phase.CLOSED
+                return (_NO_BACKEND, _CLOSE[Side.CLIENT, True])
+            return self._connect_next()
+        raise self._bad(event)
+
+    # -- transitions ---------------------------------------------------------
+
+    def _connect_next(self) -> tuple[Action[B], ...]:
+        if not self.remaining:
+            self.phase = Phase.CLOSED
+            return (_CONNECT_FAILED, _CLOSE[Side.CLIENT, True])
+        self.backend = backend = self.remaining.pop(0)
+        self.phase = Phase.CONNECTING
+        return (ConnectTo(backend, self.connect_timeout),)
+
+    def _connected(self) -> tuple[Action[B], ...]:
+        backend = self.backend
+        assert backend is not None
+        self.phase = Phase.RELAYING
+        self.quiet = 0
+        actions: list[Action[B]] = [CountConnected(backend)]
+        if self.proxy_protocol:
+            actions.append(SEND_PROXY_HEADER)
+        if self.kept:
+            data = b"".join(self.kept)
+            actions.append(Replay(data))
+            if self.replaying:
+                self.kept = [data]
+            else:
+                self.kept = []
+                self.kept_len = 0
+                actions.append(STOP_REPLAY)
+        if self.client_eof:
+            actions.append(_SHUT_BACKEND)
+        actions.append(_PUMP_BACKEND_ONLY if self.client_eof else _PUMP_BOTH)
+        return tuple(actions)
+
+    def _keep(self, data: bytes) -> tuple[Action[B], ...]:
+        if not self.replaying:
+            return _NOTHING  # fed before the engine saw StopReplay
+        self.kept.append(data)
+        self.kept_len += len(data)
+        if self.kept_len > self.replay_limit:
+            return self._stop_replay()
+        return _NOTHING
+
+    def _stop_replay(self) -> tuple[Action[B], ...]:
+        if not self.replaying:
+            return _NOTHING
+        self.replaying = False
+        self.kept = []
+        self.kept_len = 0
+        return (STOP_REPLAY,)
+
+    def _redispatch(self) -> tuple[Action[B], ...]:
+        """The backend reset the connection: connect to the next candidate and
+        replay the copy, if nothing came back yet; else reset the client."""
+        backend = self.backend
+        assert backend is not None
+        if not (self.replaying and self.remaining):
+            return self._close(reset=True)
+        self.backend = None
+        return (
+            CountFailure(backend), CountReleased(backend), _CLOSE[Side.BACKEND, True],
+            STOP_PUMP, *self._connect_next(),
+        )
+
+    def _close(self, reset: bool) -> tuple[Action[B], ...]:
+        """Close both sides (and abandon a connect attempt)."""
+        was, backend = self.phase, self.backend
+        self.phase = Phase.CLOSED
+        self.kept = []
+        self.kept_len = 0
+        client = _CLOSE[Side.CLIENT, reset]
+        assert backend is not None  # CONNECTING and RELAYING always have one
+        if was is Phase.RELAYING:
+            return (CountReleased(backend), client, _CLOSE[Side.BACKEND, reset])
+        return (client, _CLOSE[Side.BACKEND, reset])
+
+    def _bad(self, event: Event[B]) -> ConnectionStateError:
+        return ConnectionStateError(
+            f"{type(event).__name__} cannot happen in phase {self.phase.value}"
+        )

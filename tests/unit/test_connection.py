@@ -1,0 +1,353 @@
+"""The TCP connection machine: every transition from a table, and random event
+sequences against the machine's promises (no socket, no loop, no clock)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anycast_lb.errors import ConnectionStateError
+from anycast_lb.forward.connection import (
+    ABORT,
+    BACKEND_CLOSED,
+    BACKEND_EOF,
+    BACKEND_ERROR,
+    BACKEND_FIRST_BYTE,
+    BACKEND_RESET,
+    CLIENT_CLOSED,
+    CLIENT_EOF,
+    CLIENT_RESET,
+    CONNECT_TIMEOUT,
+    CONNECTED,
+    Accepted,
+    Action,
+    ClientData,
+    Close,
+    ConnectFailed,
+    Connection,
+    ConnectTo,
+    CountConnected,
+    CountFailure,
+    CountReject,
+    CountReleased,
+    Event,
+    IdleSweep,
+    Phase,
+    Reject,
+    Replay,
+    SendProxyHeader,
+    ShutdownWrite,
+    Side,
+    StartPump,
+    StopPump,
+    StopReplay,
+)
+
+T = 2.5  # connect timeout (s)
+LIMIT = 10  # replay limit (bytes)
+SWEEPS = 2  # idle sweeps tolerated
+C, BK = Side.CLIENT, Side.BACKEND
+FIN_BOTH: tuple[Action[str], ...] = (CountReleased("b1"), Close(C, False), Close(BK, False))
+RST_BOTH: tuple[Action[str], ...] = (CountReleased("b1"), Close(C, True), Close(BK, True))
+ABANDON: tuple[Action[str], ...] = (Close(C, True), Close(BK, True))
+
+
+def machine(proxy: bool = False) -> Connection[str]:
+    return Connection(T, proxy_protocol=proxy, replay_limit=LIMIT, idle_sweeps=SWEEPS)
+
+
+def feed(conn: Connection[str], events: list[Event[str]]) -> list[Action[str]]:
+    actions: list[Action[str]] = []
+    for event in events:
+        actions.extend(conn.handle(event))
+    return actions
+
+
+ACCEPT: list[Event[str]] = [Accepted(["b1", "b2"])]
+RELAY: list[Event[str]] = [*ACCEPT, CONNECTED]
+ANSWERED: list[Event[str]] = [*RELAY, BACKEND_FIRST_BYTE]
+
+# (id, events before, the event, its actions, phase after)
+CASES: list[tuple[str, list[Event[str]], Event[str], tuple[Action[str], ...], Phase]] = [
+    # NEW
+    ("no backend", [], Accepted([]), (CountReject(Reject.NO_BACKEND), Close(C, True)),
+     Phase.CLOSED),
+    ("accepted", [], Accepted(["b1", "b2"]), (ConnectTo("b1", T),), Phase.CONNECTING),
+    # CONNECTING
+    ("connected", ACCEPT, CONNECTED, (CountConnected("b1"), StartPump(True)), Phase.RELAYING),
+    ("refused: next", ACCEPT, ConnectFailed("refused"),
+     (CountFailure("b1"), ConnectTo("b2", T)), Phase.CONNECTING),
+    ("timeout: next", ACCEPT, CONNECT_TIMEOUT,
+     (CountFailure("b1"), ConnectTo("b2", T)), Phase.CONNECTING),
+    ("last refused", [*ACCEPT, CONNECT_TIMEOUT], ConnectFailed("refused"),
+     (CountFailure("b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
+    ("data while connecting is kept", ACCEPT, ClientData(b"abc"), (), Phase.CONNECTING),
+    ("kept data is sent on connect", [*ACCEPT, ClientData(b"ab"), ClientData(b"c")], CONNECTED,
+     (CountConnected("b1"), Replay(b"abc"), StartPump(True)), Phase.RELAYING),
+    ("held past the limit: sent, not kept", [*ACCEPT, ClientData(b"x" * 11)], CONNECTED,
+     (CountConnected("b1"), Replay(b"x" * 11), StopReplay(), StartPump(True)), Phase.RELAYING),
+    ("eof while connecting is remembered", ACCEPT, CLIENT_EOF, (), Phase.CONNECTING),
+    ("remembered eof on connect", [*ACCEPT, ClientData(b"q"), CLIENT_EOF], CONNECTED,
+     (CountConnected("b1"), Replay(b"q"), ShutdownWrite(BK), StartPump(False)), Phase.RELAYING),
+    ("proxy header first", ACCEPT, CONNECTED,
+     (CountConnected("b1"), SendProxyHeader(), StartPump(True)), Phase.RELAYING),
+    ("connecting is not swept", ACCEPT, IdleSweep(False), (), Phase.CONNECTING),
+    ("client reset while connecting", ACCEPT, CLIENT_RESET, ABANDON, Phase.CLOSED),
+    ("client closed while connecting", ACCEPT, CLIENT_CLOSED,
+     (Close(C, False), Close(BK, False)), Phase.CLOSED),
+    ("abort while connecting", ACCEPT, ABORT, ABANDON, Phase.CLOSED),
+    # RELAYING: replay
+    ("client data kept", RELAY, ClientData(b"0123456789"), (), Phase.RELAYING),
+    ("copy past the limit", [*RELAY, ClientData(b"0123456789")], ClientData(b"!"),
+     (StopReplay(),), Phase.RELAYING),
+    ("first byte stops the copy", RELAY, BACKEND_FIRST_BYTE, (StopReplay(),), Phase.RELAYING),
+    ("first byte again", ANSWERED, BACKEND_FIRST_BYTE, (), Phase.RELAYING),
+    ("data after the copy stopped", ANSWERED, ClientData(b"late"), (), Phase.RELAYING),
+    # RELAYING: redispatch
+    ("reset before answering: redispatch", [*RELAY, ClientData(b"hi")], BACKEND_RESET,
+     (CountFailure("b1"), CountReleased("b1"), Close(BK, True), StopPump(), ConnectTo("b2", T)),
+     Phase.CONNECTING),
+    ("redispatch replays the copy", [*RELAY, ClientData(b"hi"), BACKEND_RESET], CONNECTED,
+     (CountConnected("b2"), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
+    ("redispatch: header again, then the copy",
+     [*RELAY, ClientData(b"hi"), BACKEND_RESET], CONNECTED,
+     (CountConnected("b2"), SendProxyHeader(), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
+    ("redispatch after client eof", [*RELAY, ClientData(b"hi"), CLIENT_EOF, BACKEND_RESET],
+     CONNECTED,
+     (CountConnected("b2"), Replay(b"hi"), ShutdownWrite(BK), StartPump(False)),
+     Phase.RELAYING),
+    ("redispatch fails over the rest", [*RELAY, BACKEND_RESET], ConnectFailed("refused"),
+     (CountFailure("b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
+    ("reset after answering", ANSWERED, BACKEND_RESET, RST_BOTH, Phase.CLOSED),
+    ("reset past the limit", [*RELAY, ClientData(b"x" * 11)], BACKEND_RESET, RST_BOTH,
+     Phase.CLOSED),
+    ("reset after backend eof", [*RELAY, BACKEND_EOF], BACKEND_RESET, RST_BOTH, Phase.CLOSED),
+    ("reset, no candidate left", [Accepted(["b1"]), CONNECTED], BACKEND_RESET, RST_BOTH,
+     Phase.CLOSED),
+    ("backend error is no redispatch", RELAY, BACKEND_ERROR, RST_BOTH, Phase.CLOSED),
+    # RELAYING: half-close
+    ("client eof first", RELAY, CLIENT_EOF, (ShutdownWrite(BK),), Phase.RELAYING),
+    ("backend eof first", RELAY, BACKEND_EOF, (StopReplay(), ShutdownWrite(C)), Phase.RELAYING),
+    ("backend eof after answering", ANSWERED, BACKEND_EOF, (ShutdownWrite(C),), Phase.RELAYING),
+    ("client eof second", [*ANSWERED, BACKEND_EOF], CLIENT_EOF, FIN_BOTH, Phase.CLOSED),
+    ("backend eof second", [*RELAY, CLIENT_EOF], BACKEND_EOF, (StopReplay(), *FIN_BOTH),
+     Phase.CLOSED),
+    ("client closed", RELAY, CLIENT_CLOSED, FIN_BOTH, Phase.CLOSED),
+    ("backend closed", RELAY, BACKEND_CLOSED, FIN_BOTH, Phase.CLOSED),
+    ("client reset", RELAY, CLIENT_RESET, RST_BOTH, Phase.CLOSED),
+    ("abort", RELAY, ABORT, RST_BOTH, Phase.CLOSED),
+    # RELAYING: idle sweeps (SWEEPS = 2 tolerated)
+    ("quiet sweep 2", [*RELAY, IdleSweep(False)], IdleSweep(False), (), Phase.RELAYING),
+    ("quiet sweep 3", [*RELAY, IdleSweep(False), IdleSweep(False)], IdleSweep(False), RST_BOTH,
+     Phase.CLOSED),
+    ("traffic restarts the count", [*RELAY, IdleSweep(False), IdleSweep(True)],
+     IdleSweep(False), (), Phase.RELAYING),
+    ("traffic, then two quiet", [*RELAY, IdleSweep(True), IdleSweep(False)], IdleSweep(False),
+     RST_BOTH, Phase.CLOSED),
+    ("a reconnect restarts the count",
+     [*RELAY, IdleSweep(False), IdleSweep(False), BACKEND_RESET, CONNECTED], IdleSweep(False),
+     (), Phase.RELAYING),
+    # CLOSED: late events are ignored
+    ("late connect", [*ACCEPT, ABORT], CONNECTED, (), Phase.CLOSED),
+    ("late reset", [*RELAY, ABORT], BACKEND_RESET, (), Phase.CLOSED),
+    ("late eof", [*RELAY, CLIENT_RESET], CLIENT_EOF, (), Phase.CLOSED),
+    ("late accept", [Accepted([])], Accepted(["b1"]), (), Phase.CLOSED),
+]
+
+
+@pytest.mark.parametrize(("before", "event", "actions", "phase"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_transition(before: list[Event[str]], event: Event[str],
+                    actions: tuple[Action[str], ...], phase: Phase) -> None:
+    proxy = SendProxyHeader() in actions
+    conn = machine(proxy)
+    feed(conn, before)
+    assert conn.handle(event) == actions
+    assert conn.phase is phase
+
+
+IMPOSSIBLE: list[tuple[str, list[Event[str]], Event[str]]] = [
+    ("data before accept", [], ClientData(b"x")),
+    ("connected before accept", [], CONNECTED),
+    ("abort before accept", [], ABORT),
+    ("accepted twice", ACCEPT, Accepted(["b1"])),
+    ("backend eof while connecting", ACCEPT, BACKEND_EOF),
+    ("backend reset while connecting", ACCEPT, BACKEND_RESET),
+    ("first byte while connecting", ACCEPT, BACKEND_FIRST_BYTE),
+    ("client eof twice while connecting", [*ACCEPT, CLIENT_EOF], CLIENT_EOF),
+    ("connected twice", RELAY, CONNECTED),
+    ("connect failed while relaying", RELAY, ConnectFailed("late")),
+    ("client eof twice", [*RELAY, CLIENT_EOF], CLIENT_EOF),
+    ("backend eof twice", [*RELAY, BACKEND_EOF], BACKEND_EOF),
+]
+
+
+@pytest.mark.parametrize(("before", "event"), [c[1:] for c in IMPOSSIBLE],
+                         ids=[c[0] for c in IMPOSSIBLE])
+def test_impossible_event_is_an_engine_bug(before: list[Event[str]], event: Event[str]) -> None:
+    conn = machine()
+    feed(conn, before)
+    with pytest.raises(ConnectionStateError, match=type(event).__name__):
+        conn.handle(event)
+
+
+def test_every_phase_and_event_is_in_the_tables() -> None:
+    """The tables name every (phase, event type) the machine accepts or refuses."""
+    seen: set[tuple[Phase, str]] = set()
+    for _, before, event, _, _ in CASES:
+        conn = machine()
+        feed(conn, before)
+        seen.add((conn.phase, type(event).__name__))
+    for _, before, event in IMPOSSIBLE:
+        conn = machine()
+        feed(conn, before)
+        seen.add((conn.phase, type(event).__name__))
+    live = {
+        Phase.CONNECTING: {"Connected", "ConnectFailed", "ConnectTimeout", "ClientData",
+                           "ClientEof", "IdleSweep", "ClientClosed", "ClientReset", "Abort"},
+        Phase.RELAYING: {"ClientData", "BackendFirstByte", "ClientEof", "BackendEof",
+                         "BackendReset", "BackendError", "ClientClosed", "BackendClosed",
+                         "ClientReset", "IdleSweep", "Abort"},
+    }
+    for phase, names in live.items():
+        assert {(phase, n) for n in names} <= seen
+
+
+# -- properties ---------------------------------------------------------------
+
+
+def _choices(conn: Connection[str], answered: bool) -> list[Event[str]]:
+    """Events an engine can feed in the machine's current phase."""
+    if conn.phase is Phase.CONNECTING:
+        events: list[Event[str]] = [
+            CONNECTED, ConnectFailed("refused"), CONNECT_TIMEOUT, ClientData(b"abcd"),
+            IdleSweep(False), CLIENT_CLOSED, CLIENT_RESET, ABORT,
+        ]
+        if not conn.client_eof:
+            events.append(CLIENT_EOF)
+        return events
+    assert conn.phase is Phase.RELAYING
+    events = [BACKEND_RESET, BACKEND_ERROR, CLIENT_CLOSED, BACKEND_CLOSED, CLIENT_RESET,
+              IdleSweep(False), IdleSweep(True), ABORT]
+    if conn.replaying:
+        events.append(ClientData(b"abcd"))
+    if not answered:
+        events.append(BACKEND_FIRST_BYTE)
+    if not conn.client_eof:
+        events.append(CLIENT_EOF)
+    if not conn.backend_eof:
+        events.append(BACKEND_EOF)
+    return events
+
+
+@settings(max_examples=400, deadline=None)
+@given(candidates=st.integers(min_value=0, max_value=4), data=st.data(),
+       proxy=st.booleans())
+def test_random_event_sequences_keep_every_promise(candidates: int, data: st.DataObject,
+                                                   proxy: bool) -> None:
+    backends = [f"b{i}" for i in range(candidates)]
+    conn = machine(proxy)
+    trace: list[tuple[Event[str], tuple[Action[str], ...]]] = []
+    event: Event[str] = Accepted(backends)
+    answered = False
+    sent = b""  # every client byte fed, in order
+    for _ in range(60):
+        actions = conn.handle(event)
+        trace.append((event, actions))
+        if isinstance(event, ClientData):
+            sent += event.data
+        answered = answered or event is BACKEND_FIRST_BYTE
+        if conn.closed:
+            break
+        event = data.draw(st.sampled_from(_choices(conn, answered)))
+    else:
+        trace.append((ABORT, conn.handle(ABORT)))
+    assert conn.closed
+
+    every = [a for _, acts in trace for a in acts]
+    # Exactly one close of the client.
+    assert sum(1 for a in every if isinstance(a, Close) and a.side is C) == 1
+    # Every backend attempt ends exactly once: a failure event or a Close(BACKEND).
+    attempts = sum(1 for a in every if isinstance(a, ConnectTo))
+    ended = (sum(1 for e, _ in trace if isinstance(e, ConnectFailed) or e is CONNECT_TIMEOUT)
+             + sum(1 for a in every if isinstance(a, Close) and a.side is BK))
+    assert ended == attempts
+    # Candidates are tried once each, in order.
+    assert [a.backend for a in every if isinstance(a, ConnectTo)] == backends[:attempts]
+    # Counters: at most one reject, for the right reason; per backend connected
+    # and released balance, and a release never precedes its connect.
+    rejects = [a.reason for a in every if isinstance(a, CountReject)]
+    assert len(rejects) <= 1
+    assert (rejects == [Reject.NO_BACKEND]) == (candidates == 0)
+    if rejects == [Reject.CONNECT_FAILED]:
+        assert attempts == candidates
+    live: Counter[str] = Counter()
+    for a in every:
+        if isinstance(a, CountConnected):
+            live[a.backend] += 1
+        elif isinstance(a, CountReleased):
+            live[a.backend] -= 1
+            assert live[a.backend] >= 0
+    assert all(v == 0 for v in live.values())
+    failures = sum(1 for a in every if isinstance(a, CountFailure))
+    redispatches = sum(1 for a in every if isinstance(a, StopPump))
+    connect_failures = sum(1 for e, _ in trace
+                           if isinstance(e, ConnectFailed) or e is CONNECT_TIMEOUT)
+    assert failures == connect_failures + redispatches
+    # No reconnect once the backend answered or the copy stopped; a replay
+    # after a redispatch is every client byte so far, within the limit.
+    stopped = redispatched = seen_first_byte = False
+    fed = b""
+    for event, acts in trace:
+        if isinstance(event, ClientData):
+            fed += event.data
+        seen_first_byte = seen_first_byte or event is BACKEND_FIRST_BYTE
+        for a in acts:
+            if isinstance(a, StopReplay):
+                stopped = True
+            elif isinstance(a, StopPump):
+                redispatched = True
+            elif isinstance(a, ConnectTo):
+                assert not stopped and not seen_first_byte
+            elif isinstance(a, Replay):
+                assert a.data == fed
+                # Past the limit only bytes held before the first connect.
+                assert len(a.data) <= LIMIT or not redispatched
+    # The header precedes any client byte on every connect.
+    for _, acts in trace:
+        if any(isinstance(a, CountConnected) for a in acts):
+            kinds = [type(a) for a in acts]
+            assert (SendProxyHeader in kinds) == proxy
+            if proxy and Replay in kinds:
+                assert kinds.index(SendProxyHeader) < kinds.index(Replay)
+            assert kinds[-1] is StartPump
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([ABORT, CLIENT_RESET, BACKEND_RESET, CLIENT_EOF, CONNECTED,
+                                 IdleSweep(False), ClientData(b"z")]), max_size=10))
+def test_events_after_close_do_nothing(events: list[Event[str]]) -> None:
+    conn = machine()
+    feed(conn, [*RELAY, ABORT])
+    assert feed(conn, events) == []
+    assert conn.closed
+
+
+def test_no_reconnect_after_the_first_byte() -> None:
+    conn = machine()
+    feed(conn, [Accepted(["b1", "b2", "b3"]), CONNECTED, ClientData(b"x"), BACKEND_FIRST_BYTE])
+    actions = conn.handle(BACKEND_RESET)
+    assert not any(isinstance(a, ConnectTo) for a in actions)
+    assert conn.closed
+
+
+def test_a_replay_is_resent_to_every_redispatch() -> None:
+    """Two backends reset in a row: the third gets the same bytes, then more."""
+    conn = machine()
+    actions = feed(conn, [Accepted(["b1", "b2", "b3"]), CONNECTED, ClientData(b"first"),
+                          BACKEND_RESET, CONNECTED, ClientData(b"+"), BACKEND_RESET, CONNECTED])
+    assert [a for a in actions if isinstance(a, Replay)] == [Replay(b"first"), Replay(b"first+")]
+    assert [a.backend for a in actions if isinstance(a, CountFailure)] == ["b1", "b2"]
