@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from anycast_lb.config import parse_config, parse_host_port
+from anycast_lb.config import ClusterConfig, parse_config, parse_host_port
 from anycast_lb.errors import ConfigError, LabError
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.netns import entered
@@ -58,6 +58,11 @@ HEARTBEAT_INTERVAL_S = 0.1
 PEER_EXPIRY_S = 0.4
 """Flow survival (FLOW-SURVIVAL.md, numbers for sizing): peer heartbeats
 every 100 ms, a peer silent for 300-500 ms is dead."""
+
+
+CLUSTER_KEY = "lab-cluster-sync-key-0123456789abcdef0123456789abcdef"
+"""The shared sync key of lab nodes (``cluster.key_file``, where the build
+has it): a fixed lab secret, which the sync-forgery injector never gets."""
 
 
 def node_dir(run_dir: Path, node: Node) -> Path:
@@ -138,6 +143,12 @@ def write_node_config(topo: Topology, node: Node, run_dir: Path) -> Path:
     token.write_text(T.ADMIN_TOKEN + "\n")
     token.chmod(0o600)
     data = node_config(topo, node, token)
+    if topo.flow_survival and "key_file" in ClusterConfig.model_fields:
+        # Builds with authenticated sync: every node shares the lab's key.
+        key = directory / "cluster-key"
+        key.write_text(CLUSTER_KEY + "\n")
+        key.chmod(0o600)
+        data["cluster"]["key_file"] = str(key)
     parse_config(data, f"lab config of {node.name}")
     path = directory / "node.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -149,10 +160,16 @@ NODE_EXTRA_ARGS: list[str] = []
 to compare event loops)."""
 
 
-def node_argv(config: Path) -> list[str]:
+def node_argv(config: Path, nofile: int | None = None) -> list[str]:
     """``anycast-lb run`` with its run directory (announcer socket...) kept
-    under the lab's own directory, so teardown leaves nothing in /tmp."""
-    return [sys.executable, "-m", "anycast_lb", "run", "--config", str(config),
+    under the lab's own directory, so teardown leaves nothing in /tmp.
+
+    ``nofile``: run the node with this open-file limit, soft and hard
+    (``prlimit``, which execs the node: the PID stays the node's), as a
+    host whose service manager grants 1,024 descriptors does; None keeps
+    the lab's own limit."""
+    limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
+    return [*limit, sys.executable, "-m", "anycast_lb", "run", "--config", str(config),
             "--run-dir", str(config.parent / "run"), *NODE_EXTRA_ARGS]
 
 
