@@ -29,7 +29,7 @@ _STATE = re.compile(r'\bstate=(\S+)')
 CAP_NAME = re.compile(r"^anycast_lb_\w*(flow|conn)\w*(cap|limit|max)\w*$|^anycast_lb_\w*max_flows\w*$")
 """Gauges that state a flow or connection cap, whatever a build names them."""
 REFUSED_NAME = re.compile(r"^anycast_lb_\w*(refused|shed|evicted|dropped)\w*(_total)?$")
-REJECTED_SYNC_NAME = re.compile(r"^anycast_lb_cluster_\w*(reject|unauth|bad_mac|invalid)\w*$")
+REJECTED_SYNC_NAME = re.compile(r"^anycast_lb_cluster_\w*(reject|unauth|bad_mac|invalid|dropped)\w*$")
 HEALTH_FAILED_NAME = re.compile(r"^anycast_lb_health_check_\w*fail\w*$")
 
 
