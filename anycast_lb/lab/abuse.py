@@ -461,7 +461,8 @@ ABUSE_SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _forgery_inject, _forgery_recover, False,
              _target("; no forged claim in any steering map, no peer flap"),
              post_s=lambda lab: FORGE_S + 2.0, setup=_forgery_setup,
-             prepare=_forgery_prepare, finish=_forgery_finish, in_demo=False),
+             prepare=_forgery_prepare, finish=_forgery_finish, in_demo=False,
+             needs_flow_survival=True),
 ]}
 
 

@@ -242,7 +242,8 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
                             **{n: (s.description, True, True)
                                for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
                             **{n: (s.description, True, s.in_demo)
-                               for n, s in abuse.ABUSE_SCENARIOS.items()}}
+                               for n, s in abuse.ABUSE_SCENARIOS.items()
+                               if flow_survival or not s.needs_flow_survival}}
             for name, (description, needs_node, in_demo) in descriptions.items():
                 if (only and name not in only) or (not only and not in_demo) \
                         or (needs_node and mode == "static"):

@@ -270,6 +270,8 @@ class Scenario:
     """Adds figures and checks to the result (``pass`` is recomputed)."""
     in_demo: bool = True
     """Run by ``lab demo`` without ``--scenario``."""
+    needs_flow_survival: bool = False
+    """Skipped by ``lab demo`` in a lab without flow survival."""
 
 
 def _health_target(lab: Lab) -> Target:
