@@ -326,6 +326,17 @@ def _flood_recover(run: Run) -> None:
 
 def _flood_finish(run: Run, result: dict[str, Any]) -> None:
     _common_checks(run, result)
+    result["plot_note"] = plot_note(result)
+
+
+def plot_note(result: dict[str, Any]) -> str:
+    """The figures the plot's title adds for an abuse scenario."""
+    peak = max((v["peak"] for v in result.get("log_lines_per_s", {}).values()), default=0)
+    note = f"withdraws {result.get('withdraws', '-')}, busiest log second {peak} lines"
+    forged = result.get("forged_flows_seen")
+    if forged is not None:
+        note += f", forged flows in steering maps {sum(forged.values())}"
+    return note
 
 
 # --- sync forgery ----------------------------------------------------------------
@@ -443,6 +454,7 @@ def _forgery_finish(run: Run, result: dict[str, Any]) -> None:
     if any(v is not None for v in rejected.values()):
         checks["forged_rejected_counted"] = all(v is not None and v > 0
                                                 for v in rejected.values())
+    result["plot_note"] = plot_note(result)
 
 
 ABUSE_SCENARIOS: dict[str, Scenario] = {s.name: s for s in [

@@ -46,7 +46,9 @@ def timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any]) -> Non
              f"/{result['new_connections_total']} new, broken "
              f"{result['established_broken']}/{result['established_total']} established"
              f" - {'PASS' if result.get('pass') else 'FAIL'}")
-    ax.set_title(title)
+    if result.get("plot_note"):
+        title += f"\n{result['plot_note']}"
+    ax.set_title(title, fontsize=10 if result.get("plot_note") else None)
     ax.set_xlabel("ms from event" if result.get("event_at") is not None else "ms from start")
     ax.set_ylabel("connections per 10 ms window")
     ax.legend(loc="lower left", fontsize=8)
