@@ -23,6 +23,7 @@ anycast_lb_flows_refused_total{service="echo",reason="cap"} 3.0
 anycast_lb_flows_refused_created{service="echo",reason="cap"} 1.7e9
 anycast_lb_flow_cap{service="echo-udp",protocol="udp"} 812.0
 anycast_lb_flow_cap{service="echo",protocol="tcp"} 400.0
+anycast_lb_udp_flows_per_source_limit{service="echo-udp",protocol="udp"} 50.0
 anycast_lb_node_draining 0.0
 """
 
