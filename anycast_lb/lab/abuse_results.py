@@ -27,11 +27,13 @@ _EVENT = re.compile(r'\bevent=(\S+)')
 _STATE = re.compile(r'\bstate=(\S+)')
 
 CAP_NAME = re.compile(r"^(?!\w*(source|client|prefix))"
-                      r"(anycast_lb_\w*(flow|conn)\w*(cap|limit|max)\w*|anycast_lb_\w*max_flows\w*)$")
+                      r"(anycast_lb_\w*(flow|conn)\w*(cap|limit|max)\w*"
+                      r"|anycast_lb_\w*max_flows\w*)$")
 """Gauges that state a node's flow or connection cap, whatever a build names
 them (per-source shares left out: the floods are sized on the node's cap)."""
 REFUSED_NAME = re.compile(r"^anycast_lb_\w*(refused|shed|evicted|dropped)\w*(_total)?$")
-REJECTED_SYNC_NAME = re.compile(r"^anycast_lb_cluster_\w*(reject|unauth|bad_mac|invalid|dropped)\w*$")
+REJECTED_SYNC_NAME = re.compile(
+    r"^anycast_lb_cluster_\w*(reject|unauth|bad_mac|invalid|dropped)\w*$")
 HEALTH_FAILED_NAME = re.compile(r"^anycast_lb_health_check_\w*fail\w*$")
 
 
