@@ -11,9 +11,15 @@ Runs, each in a fresh lab of three nodes:
 4. ``anycast-lb lab demo --no-flow-survival --bfd --scenario flows-...``: the
    flows-* scenarios, plain anycast with BFD (the baseline for 5);
 5. ``anycast-lb lab demo --bfd --scenario flows-...``: with flow survival,
+6. ``anycast-lb lab demo --scenario udp-flood --scenario tcp-flood --scenario
+   sync-forgery``: the attacks (nodes at 1,024 open files, flow survival;
+   1 and 2 run udp-flood as well, their last scenario),
 
-then prints one table of failover figures and one of broken flows, each row
-with its target and verdict, and exits 1 if any target was missed. Needs
+then prints one table of failover figures, one of broken flows and one of
+the attacks (withdraws seen by the router, failed health checks, new
+connections ok, each node's log lines per second, forged flows found in
+steering maps), each row with its target and verdict, and exits 1 if any
+target was missed. Needs
 root, FRR and the package installed (``bash scripts/install.sh``)::
 
     sudo .venv/bin/python benchmarks/lab_failover.py [--out DIR] [--repeat N]
@@ -33,6 +39,7 @@ from typing import Any
 ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
 FLOW_SCENARIOS = ["flows-drain", "flows-join", "flows-churn-join", "flows-node-kill",
                   "flows-node-silent"]
+ABUSE_SCENARIOS = ["udp-flood", "tcp-flood", "sync-forgery"]
 
 
 def run_demo(out: Path, *extra: str) -> list[dict[str, Any]]:
@@ -70,6 +77,22 @@ def _print_flows(rows: list[dict[str, Any]]) -> None:
               f"{'PASS' if r['pass'] else 'FAIL':7}  {r['target']}")
 
 
+def _print_abuse(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':24} {'withdraws':>9} {'health fail':>11} {'new ok %':>8} "
+          f"{'log lines/s avg/peak per node':32} {'forged seen':>11}  verdict  failed checks")
+    for r in rows:
+        logs = r.get("node_logs", {})
+        health = sum(s["health_failures"] + s["service_unhealthy"] for s in logs.values())
+        volume = " ".join(f"{n}={s['lines_per_s']:.0f}/{s['peak_lines_per_s']}"
+                          for n, s in logs.items())
+        forged = r.get("forged_flows_seen")
+        failed = ",".join(k for k, v in r["checks"].items() if not v) or "-"
+        print(f"{_label(r):24} {r.get('withdraws', '-')!s:>9} {health:>11} "
+              f"{r.get('new_success_pct', '-')!s:>8} {volume:32} "
+              f"{'-' if forged is None else sum(forged.values())!s:>11}  "
+              f"{'PASS' if r['pass'] else 'FAIL':7}  {failed}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("lab-results/benchmark"))
@@ -94,8 +117,15 @@ def main() -> int:
         if not args.no_flow_survival:
             results += run_demo(base.with_name(base.name + "-flows-bfd-fs"), "--bfd",
                                 "--flow-survival", *only_flows)
-    _print_failover([r for r in results if "flows_total" not in r])
+        abuse = [n for n in ABUSE_SCENARIOS
+                 if not (args.no_flow_survival and n == "sync-forgery")]
+        results += run_demo(base.with_name(base.name + "-abuse"),
+                            "--no-flow-survival" if args.no_flow_survival else "--flow-survival",
+                            *[arg for name in abuse for arg in ("--scenario", name)])
+    _print_failover([r for r in results
+                     if "flows_total" not in r and r["scenario"] not in ABUSE_SCENARIOS])
     _print_flows([r for r in results if "flows_total" in r])
+    _print_abuse([r for r in results if r["scenario"] in ABUSE_SCENARIOS])
     missed = sum(1 for r in results if not r["pass"])
     print(f"\n{len(results) - missed} of {len(results)} scenario runs met their targets")
     return 1 if missed else 0

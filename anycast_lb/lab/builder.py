@@ -101,6 +101,10 @@ def _link(lab: Lab) -> None:
     netns.run(["ip", "route", "add", "default", "via", str(topo.router_client_address)],
               ns=topo.client_ns)
     netns.sysctls(topo.client_ns, CLIENT_SYSCTLS)
+    # The flood scenarios' source (the attacker), beside the legitimate client.
+    netns.addr(topo.client_ns, "up0", f"{T.FLOOD_ADDRESS}/32")
+    netns.run(["ip", "route", "add", str(T.FLOOD_PREFIX), "via", str(topo.client_address)],
+              ns=r)
     netns.run(["ip", "link", "add", "br0", "type", "bridge"], ns=topo.lan_ns)
     netns.run(["ip", "link", "set", "br0", "up"], ns=topo.lan_ns)
     for node in topo.nodes:
@@ -159,7 +163,8 @@ def start_node(lab: Lab, node: Node) -> None:
         return
     conf = nodes.write_node_config(lab.topo, node, lab.run_dir)
     log = directory / "anycast-lb.log"
-    proc = netns.spawn(node.ns, nodes.node_argv(conf), log)
+    nofile = lab.state.topology.get("nofile")
+    proc = netns.spawn(node.ns, nodes.node_argv(conf, int(nofile) if nofile else None), log)
     lab.state.add_process("anycast-lb", node.ns, proc.pid, log, node=node.name)
 
 

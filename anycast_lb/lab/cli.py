@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from anycast_lb.errors import AnycastLBError, LabError
-from anycast_lb.lab import builder, flow_scenarios, frr, netns, nodes, scenarios, state
+from anycast_lb.lab import abuse, builder, flow_scenarios, frr, netns, nodes, scenarios, state
 from anycast_lb.lab import topology as T
 
 
@@ -109,6 +109,7 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
         "mode": lab_.mode,
         "bfd": topo.bfd,
         "flow_survival": topo.flow_survival,
+        "node_nofile": st.topology.get("nofile"),
         "vip": str(topo.vip),
         "namespaces": st.namespaces,
         "client": {"namespace": topo.client_ns, "address": str(topo.client_address)},
@@ -145,26 +146,30 @@ def status(as_json: bool) -> None:
         click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
 
 
-ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS]
+ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS, *abuse.ABUSE_SCENARIOS]
 
 
 def _run_any(lab_: builder.Lab, name: str, out_dir: Path, victim: str = "lb1",
              rate: float | None = None) -> dict[str, Any]:
     if name in flow_scenarios.FLOW_SCENARIOS:
         return flow_scenarios.run_flow_scenario(lab_, name, out_dir, victim)
-    return scenarios.run_scenario(lab_, name, out_dir, victim, rate)
+    return scenarios.run_scenario(lab_, name, out_dir, victim, rate,
+                                  scenario=abuse.ABUSE_SCENARIOS.get(name))
 
 
 def _print_results(results: list[dict[str, Any]]) -> None:
-    """One table for failover scenarios, one for flow scenarios."""
-    failover = [scenarios.summary_row(r) for r in results if "flows_total" not in r]
+    """One table each for failover, flow and abuse scenarios (floods,
+    forged sync: their log volume per node is printed too)."""
+    failover = [scenarios.summary_row(r) for r in results
+                if "flows_total" not in r and r["scenario"] not in abuse.ABUSE_SCENARIOS]
     flows = [flow_scenarios.summary_row(r) for r in results if "flows_total" in r]
-    if failover:
-        _print_table(failover, scenarios.SUMMARY_HEADER)
-    if flows:
-        if failover:
+    attacks = [abuse.summary_row(r) for r in results if r["scenario"] in abuse.ABUSE_SCENARIOS]
+    tables = [(failover, scenarios.SUMMARY_HEADER), (flows, flow_scenarios.SUMMARY_HEADER),
+              (attacks, abuse.SUMMARY_HEADER)]
+    for i, (rows, header) in enumerate(t for t in tables if t[0]):
+        if i:
             click.echo("")
-        _print_table(flows, flow_scenarios.SUMMARY_HEADER)
+        _print_table(rows, header)
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -232,12 +237,16 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
             lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival)
             click.echo(f"lab up in {time.monotonic() - started:.1f} s"
                        + (" (flow survival)" if flow_survival else ""))
-            descriptions = {**{n: (s.description, s.needs_node)
+            descriptions = {**{n: (s.description, s.needs_node, s.in_demo)
                                for n, s in scenarios.SCENARIOS.items()},
-                            **{n: (s.description, True)
-                               for n, s in flow_scenarios.FLOW_SCENARIOS.items()}}
-            for name, (description, needs_node) in descriptions.items():
-                if (only and name not in only) or (needs_node and mode == "static"):
+                            **{n: (s.description, True, True)
+                               for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
+                            **{n: (s.description, True, s.in_demo)
+                               for n, s in abuse.ABUSE_SCENARIOS.items()
+                               if flow_survival or not s.needs_flow_survival}}
+            for name, (description, needs_node, in_demo) in descriptions.items():
+                if (only and name not in only) or (not only and not in_demo) \
+                        or (needs_node and mode == "static"):
                     continue
                 click.echo(f"running {name}: {description}")
                 all_results.append(_run_any(lab_, name, out_dir / name))

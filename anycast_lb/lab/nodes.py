@@ -163,10 +163,16 @@ NODE_EXTRA_ARGS: list[str] = []
 to compare event loops)."""
 
 
-def node_argv(config: Path) -> list[str]:
+def node_argv(config: Path, nofile: int | None = None) -> list[str]:
     """``anycast-lb run`` with its run directory (announcer socket...) kept
-    under the lab's own directory, so teardown leaves nothing in /tmp."""
-    return [sys.executable, "-m", "anycast_lb", "run", "--config", str(config),
+    under the lab's own directory, so teardown leaves nothing in /tmp.
+
+    ``nofile``: run the node with this open-file limit, soft and hard
+    (``prlimit``, which execs the node: the PID stays the node's), as a
+    host whose service manager grants 1,024 descriptors does; None keeps
+    the lab's own limit."""
+    limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
+    return [*limit, sys.executable, "-m", "anycast_lb", "run", "--config", str(config),
             "--run-dir", str(config.parent / "run"), *NODE_EXTRA_ARGS]
 
 

@@ -46,10 +46,24 @@ def timeline(path: Path, traffic: dict[str, Any], result: dict[str, Any]) -> Non
              f"/{result['new_connections_total']} new, broken "
              f"{result['established_broken']}/{result['established_total']} established"
              f" - {'PASS' if result.get('pass') else 'FAIL'}")
-    ax.set_title(title)
+    if result.get("plot_note"):
+        title += f"\n{result['plot_note']}"
+    ax.set_title(title, fontsize=10 if result.get("plot_note") else None)
     ax.set_xlabel("ms from event" if result.get("event_at") is not None else "ms from start")
     ax.set_ylabel("connections per 10 ms window")
     ax.legend(loc="lower left", fontsize=8)
+    routes = result.get("route_count_timeline")
+    if routes:
+        # Abuse scenarios: the router's next hops for the VIP over time.
+        right = ax.twinx()
+        end_ms = max(x_ms + [0.0]) + width
+        xs_r = [max(ms, x_ms[0] if x_ms else ms) for ms, _ in routes] + [end_ms]
+        ys_r = [n for _, n in routes] + [routes[-1][1]]
+        right.step(xs_r, ys_r, where="post", color="#1971c2", linewidth=2,
+                   label="router next hops for the VIP")
+        right.set_ylim(-0.2, max(ys_r) + 0.5)
+        right.set_ylabel("next hops in the router's FIB")
+        right.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,6 +37,9 @@ class Target:
     """The router must keep every next hop throughout (backend-fail)."""
     ecmp_tolerance: float | None = None
     """Each node's share within this fraction of even (ecmp)."""
+    min_new_success: float | None = None
+    """Share of new connections that must succeed (0.99: 99 %), instead of
+    the "no failure after convergence" checks (floods, forged sync)."""
     text: str = ""
 
 
@@ -146,8 +149,14 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
         if target.fib_converged_ms is not None:
             checks["fib_converged"] = (result["fib_converged_ms"] is not None
                                        and result["fib_converged_ms"] <= target.fib_converged_ms)
-        checks["no_failures_after_convergence"] = result["failed_after_converged"] == 0
-        checks["no_failures_before_event"] = result["new_failed_before_event"] == 0
+        if target.min_new_success is None:
+            checks["no_failures_after_convergence"] = result["failed_after_converged"] == 0
+            checks["no_failures_before_event"] = result["new_failed_before_event"] == 0
+    if target.min_new_success is not None:
+        result["new_success_pct"] = round(100 * (len(rows) - len(failed)) / len(rows), 2) \
+            if rows else 0.0
+        checks["new_success"] = bool(rows) and \
+            len(rows) - len(failed) >= target.min_new_success * len(rows)
     if target.zero_new_failures:
         checks["zero_new_failures"] = not counted
     if target.fib_unchanged:

@@ -54,6 +54,8 @@ class Run:
     lab: Lab
     victim: Node
     extras: dict[str, Any] = field(default_factory=dict)
+    handles: dict[str, Any] = field(default_factory=dict)
+    """Processes and state a scenario keeps between its steps (not written)."""
     t0: float = 0.0
     event: float = 0.0
 
@@ -261,6 +263,15 @@ class Scenario:
     """False when static mode (plain ExaBGP, no node) can run it too."""
     prepare: Callable[[Run], None] = _nothing
     """Look-ups done before the event, so they do not count as outage."""
+    setup: Callable[[Run], None] = _nothing
+    """Done before the stream starts (and before the lab must be complete):
+    e.g. restart the nodes with a lowered open-file limit."""
+    finish: Callable[[Run, dict[str, Any]], None] | None = None
+    """Adds figures and checks to the result (``pass`` is recomputed)."""
+    in_demo: bool = True
+    """Run by ``lab demo`` without ``--scenario``."""
+    needs_flow_survival: bool = False
+    """Skipped by ``lab demo`` in a lab without flow survival."""
 
 
 def _health_target(lab: Lab) -> Target:
@@ -400,19 +411,22 @@ def _start_traffic(lab: Lab, out: Path, rate: float, duration: float, n_long: in
 
 
 def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
-                 rate: float | None = None, n_long: int = LONG) -> dict[str, Any]:
-    """Run one scenario; return its result (also written to out_dir).
+                 rate: float | None = None, n_long: int = LONG,
+                 scenario: Scenario | None = None) -> dict[str, Any]:
+    """Run one scenario (``scenario``, else ``SCENARIOS[name]``); return its
+    result (also written to out_dir).
 
     Raises LabError for an unknown scenario or a lab that is not complete."""
-    if name not in SCENARIOS:
+    if scenario is None and name not in SCENARIOS:
         raise LabError(f"unknown scenario {name!r}; one of: {', '.join(SCENARIOS)}")
-    sc = SCENARIOS[name]
+    sc = scenario or SCENARIOS[name]
     if sc.needs_node and lab.mode == "static":
         raise LabError(f"scenario {name} needs the real node (lab is in static mode)")
     node = lab.topo.node(victim)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wait_full(lab, 20.0)
     run = Run(lab, node)
+    sc.setup(run)
+    wait_full(lab, 20.0)
     if name == "ecmp":
         rate = rate or 400.0
         duration = max(3000 / rate + 0.5, 8.0)
@@ -490,6 +504,9 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
         ok = (bgp_watch.gshut_at is not None and bgp_watch.gone_at is not None
               and bgp_watch.gshut_at < bgp_watch.gone_at)
         result["checks"]["gshut_before_withdraw"] = ok
+        result["pass"] = all(result["checks"].values())
+    if sc.finish is not None:
+        sc.finish(run, result)
         result["pass"] = all(result["checks"].values())
     if watch.error is not None:
         result["fib_watch_error"] = str(watch.error)

@@ -52,6 +52,11 @@ BACKEND_HTTP_PORT = 8080
 API_LISTEN = "127.0.0.1:9180"
 """Each node namespace has its own loopback, so every node uses the same."""
 ADMIN_TOKEN = "lab-admin-token"
+FLOOD_ADDRESS = ipaddress.IPv4Address("203.0.113.65")
+"""A second address of the client namespace, the source of the flood
+scenarios (the attacker), so the paced stream from ``client_address``
+stays the legitimate client; the router routes FLOOD_PREFIX to the client."""
+FLOOD_PREFIX = ipaddress.IPv4Network("203.0.113.64/28")
 GRACEFUL_SHUTDOWN = "65535:0"
 """RFC 8326 well-known community."""
 NODE_COMMUNITY = "65100:1"
@@ -174,7 +179,7 @@ def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
 
 def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
     """Every address the lab assigns (for the overlap check and tests)."""
-    out = [topo.client_address, topo.router_client_address, topo.vip]
+    out = [topo.client_address, topo.router_client_address, topo.vip, FLOOD_ADDRESS]
     for n in topo.nodes:
         out += [n.address, n.router_address, n.lan_address]
     out += [b.address for b in topo.backends]
