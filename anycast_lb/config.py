@@ -534,6 +534,19 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+_YAML_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (type(None), "null"), (list, "a list"), (dict, "a mapping"))
+
+
+def _got(value: Any) -> str:
+    """``a boolean (True)``: what a strict field was given, in YAML's words."""
+    kind = next((name for t, name in _YAML_KINDS if isinstance(value, t)), type(value).__name__)
+    if isinstance(value, (list, dict)) or value is None:
+        return kind
+    text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for error in exc.errors(include_url=False):
@@ -543,6 +556,8 @@ def _format_errors(exc: ValidationError) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] in ("int_type", "float_type", "bool_type", "string_type"):
+            message += f", got {_got(error['input'])}"
         where = field_path(loc)
         problems.append(f"{where}: {message}")
     # Unions report once per member; keep each line once, in order.
