@@ -74,7 +74,7 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
         return super().construct_mapping(node, deep=deep)
 
 
-_PLAIN_KEY = re.compile("[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_KEY = re.compile("[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def field_path(parts: Sequence[int | str]) -> str:
@@ -170,7 +170,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         what = exc.problem or exc.context or "invalid"
         return f"not valid YAML: {where}{what}"
     if isinstance(exc, yaml.reader.ReaderError):
-        return f"not valid YAML: character {exc.character!r} at offset {exc.position} is not allowed"
+        char = exc.character  # an int from libyaml, a str from the pure-Python reader
+        char = chr(char) if isinstance(char, int) else char
+        return f"not valid YAML: character {char!r} at offset {exc.position} is not allowed"
     return f"not valid YAML: {' '.join(str(exc).split())}"
 
 
