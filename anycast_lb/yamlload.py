@@ -48,8 +48,10 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
-        except (ValueError, OverflowError) as exc:
-            # e.g. `2001-13-45` (a timestamp with month 13), `!!int x`
+        except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError) as exc:
+            # PyYAML's scalar constructors fail this way on bad values:
+            # `2001-13-45` (month 13), `!!int x`, `!!int ''` (IndexError),
+            # `!!timestamp x` (AttributeError).
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read value: {exc}", node.start_mark
             ) from exc
