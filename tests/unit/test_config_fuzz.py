@@ -163,7 +163,7 @@ def test_mutations_of_a_full_config(mutations: list[tuple[tuple[Any, ...], str, 
     for path, op, value in mutations:
         try:
             doc = _mutate(doc, path, op, value)
-        except (KeyError, IndexError, TypeError):
+        except (KeyError, IndexError, TypeError, AttributeError):
             continue  # an earlier mutation removed or replaced this place
     assert_config_or_field_errors(doc)
     load_bytes(yaml.safe_dump(doc, allow_unicode=True).encode("utf-8", "surrogatepass"))
