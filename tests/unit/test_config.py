@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel, Strict
 
 from anycast_lb.config import (
     HealthKind,
@@ -400,3 +402,44 @@ def test_the_c_loader_is_used_when_available() -> None:
         assert issubclass(yamlload._Loader, yaml.CSafeLoader)
     else:
         assert issubclass(yamlload._Loader, yaml.SafeLoader)
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:
+    if model not in seen:
+        seen.add(model)
+        for field in model.model_fields.values():
+            for arg in _type_args(field.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    _models(arg, seen)
+    return seen
+
+
+def _type_args(annotation: Any) -> list[Any]:
+    out = [annotation]
+    for arg in typing.get_args(annotation):
+        out += _type_args(arg)
+    return out
+
+
+def _lax_numbers(annotation: Any, metadata: list[Any]) -> list[Any]:
+    """Bare int/float/bool in ``annotation`` with no Strict() beside them."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extra = typing.get_args(annotation)
+        return _lax_numbers(base, extra)
+    if annotation in (int, float, bool):
+        return [] if any(isinstance(m, Strict) and m.strict for m in metadata) else [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _lax_numbers(arg, [])
+    return out
+
+
+def test_every_number_and_boolean_field_is_strict() -> None:
+    # A new field written as `int` would take `true` as 1 again: use StrictInt,
+    # StrictFloat (takes ints) or StrictBool.
+    lax = []
+    for model in _models(NodeConfig, set()):
+        for name, field in model.model_fields.items():
+            if _lax_numbers(field.annotation, list(field.metadata)):
+                lax.append(f"{model.__name__}.{name}")
+    assert lax == []
