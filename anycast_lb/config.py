@@ -26,46 +26,75 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
-    BeforeValidator,
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from anycast_lb import rules
 from anycast_lb.errors import ConfigError
-
+from anycast_lb.yamlload import field_path, load_yaml
 
 
 def _ip(value: Any) -> Any:
     if isinstance(value, str):
         try:
-            return ipaddress.ip_address(value.strip())
+            return ipaddress.ip_address(value)
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
     return value
 
 
 IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_ip)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(gt=0, le=86400)]
+# Strict: YAML's `true` is not port 1 and `1.5` is not port 1; durations
+# (StrictFloat) take ints and floats, never bools or strings.
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Seconds = Annotated[StrictFloat, Field(gt=0, le=86400)]
 
-_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-# A BGP community "ASN:VALUE" (RFC 1997), each half 0-65535.
-_COMMUNITY_RE = re.compile(r"^(\d{1,5}):(\d{1,5})$")
+Name = Annotated[
+    str,
+    AfterValidator(rules.check_name),
+    Field(json_schema_extra={"pattern": f"^{rules.NAME_PATTERN}$"}),
+]
+"""Node and service names (:func:`anycast_lb.rules.check_name`)."""
+Community = Annotated[
+    str,
+    AfterValidator(rules.check_community),
+    Field(json_schema_extra={"pattern": "^[0-9]{1,5}:[0-9]{1,5}$"}),
+]
+"""An RFC 1997 community ``ASN:VALUE`` (:func:`anycast_lb.rules.check_community`,
+the rule the ExaBGP line renderer applies)."""
+Argument = Annotated[str, AfterValidator(rules.check_argument)]
+"""One argv word: non-empty, no control characters."""
+
+
+def _path(value: Any) -> Any:
+    if isinstance(value, str):
+        rules.check_argument(value)
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_path)]
+"""A file path: non-empty, no control characters (NUL cannot reach open())."""
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Protocol(str, Enum):
@@ -96,7 +125,6 @@ def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
 
     Raises ValueError naming what is wrong.
     """
-    text = text.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
@@ -111,7 +139,7 @@ def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
         address = ipaddress.ip_address(host)
     except ValueError as exc:
         raise ValueError(f"{host!r} is not an IP address") from exc
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{port!r} is not a port (0-65535)")
     return address, int(port)
 
@@ -125,13 +153,13 @@ def format_host_port(
 
 
 class NodeSection(_Model):
-    name: str = Field(default="lb1", pattern=_NAME_RE)
+    name: Name = "lb1"
 
 
 class ApiConfig(_Model):
     listen: str = "127.0.0.1:9180"
     """``host:port``; IPv6 as ``[::1]:9180``. Port 0 picks a free port."""
-    admin_token_file: Path | None = None
+    admin_token_file: FilePath | None = None
     """File holding the bearer token for POST /drain and /undrain."""
 
     @field_validator("listen")
@@ -146,9 +174,9 @@ class ApiConfig(_Model):
 
 
 class DrainConfig(_Model):
-    timeout: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    timeout: Annotated[StrictFloat, Field(ge=0, le=86400)] = 30.0
     """Seconds established connections may keep running after a drain starts."""
-    announce_grace: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    announce_grace: Annotated[StrictFloat, Field(ge=0, le=3600)] = 2.0
     """Seconds the GRACEFUL_SHUTDOWN announcement (RFC 8326) stays up before
     the withdraw, so routers move traffic away first."""
 
@@ -156,7 +184,7 @@ class DrainConfig(_Model):
 class BackendConfig(_Model):
     address: IPAddress
     port: Port
-    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    weight: Annotated[StrictInt, Field(ge=1, le=1000)] = 1
 
     @property
     def key(self) -> str:
@@ -169,29 +197,22 @@ class HealthConfig(_Model):
     kind: HealthKind = HealthKind.TCP
     port: Port | None = None
     """Port to probe; the backend's own port when unset."""
-    path: str = "/healthz"
-    """HTTP only: request path."""
-    expect_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+    path: Annotated[str, AfterValidator(rules.check_http_path)] = "/healthz"
+    """HTTP only: request path, ``/`` then visible ASCII (percent-encode the rest)."""
+    expect_status: list[Annotated[StrictInt, Field(ge=100, le=599)]] = Field(
         default_factory=lambda: list(range(200, 300)), min_length=1
     )
     """HTTP only: status codes counted as healthy (default any 2xx)."""
-    host: str | None = None
-    """HTTP only: Host header (default the backend address)."""
-    command: list[str] | None = None
+    host: Annotated[str, AfterValidator(rules.check_http_host)] | None = None
+    """HTTP only: Host header, ``host`` or ``host:port`` (default the backend address)."""
+    command: list[Argument] | None = None
     """exec only: argv run with env BACKEND_ADDRESS, BACKEND_PORT; exit 0 = healthy."""
     interval: Seconds = 2.0
     fast_interval: Seconds = 0.2
     """Seconds between checks while a backend is rising or falling."""
     timeout: Seconds = 1.0
-    rise: Annotated[int, Field(ge=1, le=100)] = 2
-    fall: Annotated[int, Field(ge=1, le=100)] = 3
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in "\r\n\t "):
-            raise ValueError("must start with / and hold no whitespace")
-        return value
+    rise: Annotated[StrictInt, Field(ge=1, le=100)] = 2
+    fall: Annotated[StrictInt, Field(ge=1, le=100)] = 3
 
     @model_validator(mode="after")
     def _kind_fields(self) -> HealthConfig:
@@ -205,21 +226,21 @@ class HealthConfig(_Model):
 
 
 class ServiceConfig(_Model):
-    name: str = Field(pattern=_NAME_RE)
+    name: Name
     vip: IPAddress
     port: Port
     protocol: Protocol = Protocol.TCP
     balance: Balance = Balance.MAGLEV
     hash_key: HashKey = HashKey.FIVE_TUPLE
-    min_healthy: Annotated[int, Field(ge=1)] = 1
-    proxy_protocol: bool = False
+    min_healthy: Annotated[StrictInt, Field(ge=1)] = 1
+    proxy_protocol: StrictBool = False
     """Send a PROXY protocol v2 header to backends (TCP only)."""
     connect_timeout: Seconds = 1.0
     idle_timeout: Seconds | None = None
     """Seconds a connection (TCP, default 300) or flow (UDP, default 30) may idle."""
-    max_flows: Annotated[int, Field(ge=1, le=10_000_000)] = 65536
+    max_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 65536
     """UDP: most client flows kept at once; the least recently used is evicted."""
-    maglev_table_size: Annotated[int, Field(ge=7, le=1_000_003)] = 65537
+    maglev_table_size: Annotated[StrictInt, Field(ge=7, le=1_000_003)] = 65537
     backends: list[BackendConfig] = Field(min_length=1)
     health: HealthConfig = Field(default_factory=HealthConfig)
 
@@ -260,35 +281,26 @@ class ServiceConfig(_Model):
 
 class PeerConfig(_Model):
     address: IPAddress
-    peer_as: Annotated[int, Field(ge=1, le=4294967295)]
+    peer_as: Annotated[StrictInt, Field(ge=1, le=rules.MAX_U32)]
 
 
 class AnnounceConfig(_Model):
-    med: Annotated[int, Field(ge=0, le=4294967295)] = 100
+    med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 100
     """Must be the same on every node, or ECMP drops the odd one out."""
-    communities: list[str] = Field(default_factory=list)
-    as_path_prepend: Annotated[int, Field(ge=0, le=10)] = 0
-    withdraw_on_down: bool = True
-    down_med: Annotated[int, Field(ge=0, le=4294967295)] = 1000
-
-    @field_validator("communities")
-    @classmethod
-    def _communities(cls, values: list[str]) -> list[str]:
-        for value in values:
-            match = _COMMUNITY_RE.match(value)
-            if not match or any(int(g) > 65535 for g in match.groups()):
-                raise ValueError(f"{value!r} is not a community ASN:VALUE (0-65535 each)")
-        return values
+    communities: list[Community] = Field(default_factory=list)
+    as_path_prepend: Annotated[StrictInt, Field(ge=0, le=rules.MAX_AS_PATH_PREPEND)] = 0
+    withdraw_on_down: StrictBool = True
+    down_med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 1000
 
 
 class DampingConfig(_Model):
     """Origin-side flap damping (the idea of RFC 2439 section 4.2)."""
 
-    enabled: bool = True
-    penalty: Annotated[float, Field(gt=0)] = 1000.0
+    enabled: StrictBool = True
+    penalty: Annotated[StrictFloat, Field(gt=0)] = 1000.0
     """Added per withdraw."""
-    suppress: Annotated[float, Field(gt=0)] = 3000.0
-    reuse: Annotated[float, Field(gt=0)] = 750.0
+    suppress: Annotated[StrictFloat, Field(gt=0)] = 3000.0
+    reuse: Annotated[StrictFloat, Field(gt=0)] = 750.0
     half_life: Seconds = 30.0
     max_suppress: Seconds = 300.0
 
@@ -298,22 +310,23 @@ class DampingConfig(_Model):
             raise ValueError("reuse must be below suppress")
         # The penalty is capped where it decays to reuse after max_suppress
         # (RFC 2439 section 4.2); below suppress, nothing could ever be held down.
-        if self.reuse * 2 ** (self.max_suppress / self.half_life) < self.suppress:
+        # In log space: 2 ** (max_suppress / half_life) overflows a float.
+        if self.max_suppress / self.half_life < math.log2(self.suppress / self.reuse):
             raise ValueError("reuse * 2^(max_suppress/half_life) must reach suppress, "
                              "or damping never holds a prefix down")
         return self
 
 
 class BgpConfig(_Model):
-    local_as: Annotated[int, Field(ge=1, le=4294967295)]
+    local_as: Annotated[StrictInt, Field(ge=1, le=rules.MAX_U32)]
     router_id: ipaddress.IPv4Address
     local_address: IPAddress
-    hold_time: Annotated[int, Field(ge=0, le=65535)] = 3
+    hold_time: Annotated[StrictInt, Field(ge=0, le=65535)] = 3
     """Seconds; 0 or at least 3 (RFC 4271 section 4.2)."""
     peers: list[PeerConfig] = Field(min_length=1)
     announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
     damping: DampingConfig = Field(default_factory=DampingConfig)
-    exabgp: str = "exabgp"
+    exabgp: Argument = "exabgp"
     """ExaBGP executable (5.x started as ``exabgp server CONF``, 4.2 as ``exabgp CONF``)."""
     refresh_interval: Seconds = 30.0
     """Seconds between safety-net re-announcements of the whole route set."""
@@ -350,13 +363,13 @@ class ForwardingConfig(_Model):
     """``relay``: a dedicated non-blocking epoll loop in its own thread, with
     zero-copy ``os.splice`` (Linux). ``asyncio``: asyncio Protocols on the
     node's event loop (portable; used automatically where epoll is missing)."""
-    splice: bool = True
+    splice: StrictBool = True
     """relay only: move bytes with ``os.splice`` through a pipe where the
     platform has it; else ``recv_into``/``send`` through a user buffer."""
-    buffer_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 65536
+    buffer_size: Annotated[StrictInt, Field(ge=4096, le=16 * 1024 * 1024)] = 65536
     """Bytes moved per read, and the pipe size (splice) or user buffer size
     per direction in flight: at most this much is held per direction."""
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    workers: Annotated[StrictInt, Field(ge=1, le=64)] = 1
     """relay only: processes accepting on the same listeners with
     SO_REUSEPORT, to use more than one core: the node's own relay thread
     plus workers - 1 worker processes for the TCP services
@@ -372,11 +385,11 @@ MAX_CLUSTER_PEERS = 63
 def _peer(value: Any) -> Any:
     """Accept ``"203.0.113.2"`` or ``"203.0.113.2:7946"`` as well as a mapping."""
     if isinstance(value, str):
-        text = value.strip()
-        if text.count(":") == 1:
-            host, _, port = text.partition(":")
-            return {"address": host, "port": port}
-        return {"address": text}
+        if value.count(":") == 1:
+            host, _, port = value.partition(":")
+            # ASCII digits only; anything else stays a string the strict port refuses.
+            return {"address": host, "port": int(port) if re.fullmatch("[0-9]{1,5}", port) else port}
+        return {"address": value}
     return value
 
 
@@ -394,7 +407,7 @@ class ClusterConfig(_Model):
     IPv4 only for now: the node LAN, the peers and the VIPs of TCP services.
     """
 
-    flow_survival: bool = True
+    flow_survival: StrictBool = True
     """Steer packets of flows owned by a live peer to it (needs root and
     nftables). False: only heartbeats, for membership in /status."""
     address: ipaddress.IPv4Address
@@ -406,32 +419,32 @@ class ClusterConfig(_Model):
     peers: list[Annotated[ClusterPeer, BeforeValidator(_peer)]] = Field(min_length=1)
     """Every node of the cluster; an entry equal to this node's own
     address:port is skipped, so all nodes may share one list."""
-    heartbeat_interval: Annotated[float, Field(gt=0, le=10)] = 0.1
+    heartbeat_interval: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.1
     """Seconds between heartbeats to each peer."""
-    peer_expiry: Annotated[float, Field(gt=0, le=60)] = 0.4
+    peer_expiry: Annotated[StrictFloat, Field(gt=0, le=60)] = 0.4
     """Seconds without word from a peer before it counts as dead."""
-    snapshot_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    snapshot_interval: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
     """Seconds between full snapshots of the owned flows to each peer."""
-    publish_delay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    publish_delay: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     """Seconds new and closed flows are gathered before one delta goes out."""
-    apply_interval: Annotated[float, Field(gt=0, le=5)] = 0.05
+    apply_interval: Annotated[StrictFloat, Field(gt=0, le=5)] = 0.05
     """Least seconds between two batched updates of the steering map (``nft -f``
     transactions); an update starts as soon as there is work."""
-    dead_flow_timeout: Annotated[float, Field(ge=1, le=86400)] = 30.0
+    dead_flow_timeout: Annotated[StrictFloat, Field(ge=1, le=86400)] = 30.0
     """Seconds a dead peer's last published flows stay marked, so their
     packets get an immediate RST here instead of a second chance."""
-    max_datagram: Annotated[int, Field(ge=256, le=65000)] = 1400
+    max_datagram: Annotated[StrictInt, Field(ge=256, le=65000)] = 1400
     """Largest sync datagram in bytes (keep it under the LAN MTU)."""
-    fwmark_base: Annotated[int, Field(ge=1, le=0xFFFFFFFF - MAX_CLUSTER_PEERS)] = 0x1B0000
+    fwmark_base: Annotated[StrictInt, Field(ge=1, le=0xFFFFFFFF - MAX_CLUSTER_PEERS)] = 0x1B0000
     """Packets for peer i (its index in the sorted peer list) get fwmark base + i."""
-    route_table_base: Annotated[int, Field(ge=1, le=0xFFFFFFF0 - MAX_CLUSTER_PEERS)] = 4200
+    route_table_base: Annotated[StrictInt, Field(ge=1, le=0xFFFFFFF0 - MAX_CLUSTER_PEERS)] = 4200
     """Routing table base + i routes peer i's packets to it."""
-    rule_priority: Annotated[int, Field(ge=1, le=32000)] = 100
+    rule_priority: Annotated[StrictInt, Field(ge=1, le=32000)] = 100
     """Policy rule priority of the first fwmark rule; the ``lookup local``
     rule moves from 0 to rule_priority + 64, below the fwmark rules."""
     nft_table: str = Field(default="anycast_lb", pattern=_NFT_NAME_RE)
     """Name of the ``ip`` nftables table the node owns (created and deleted whole)."""
-    key_file: Path
+    key_file: FilePath
     """File of the sync key(s), base64, one per line: the first signs, every
     one (at most two, for rotation) verifies; at least 16 bytes each, mode
     0600 (docs/cluster.md). Make one with ``head -c 32 /dev/urandom | base64``.
@@ -526,14 +539,17 @@ def _is_prime(n: int) -> bool:
     return True
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
+_YAML_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (type(None), "null"), (list, "a list"), (dict, "a mapping"))
+
+
+def _got(value: Any) -> str:
+    """``a boolean (True)``: what a strict field was given, in YAML's words."""
+    kind = next((name for t, name in _YAML_KINDS if isinstance(value, t)), type(value).__name__)
+    if isinstance(value, (list, dict)) or value is None:
+        return kind
+    text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -545,7 +561,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
-        where = _location(loc) or "(top level)"
+        elif error["type"] in ("int_type", "float_type", "bool_type", "string_type"):
+            message += f", got {_got(error['input'])}"
+        where = field_path(loc)
         problems.append(f"{where}: {message}")
     # Unions report once per member; keep each line once, in order.
     return list(dict.fromkeys(problems))
@@ -564,19 +582,12 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
 def load_config(path: Path | str) -> NodeConfig:
     """Read and validate a YAML config file.
 
-    Raises ConfigError for a missing/unreadable file, bad YAML, or any
-    validation problem (one line each).
+    Raises ConfigError for a missing/unreadable file, a file over 1 MiB, not
+    UTF-8, bad or duplicate-key YAML, nesting over 64 levels
+    (:mod:`anycast_lb.yamlload`), or any validation problem (one line each).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
-    return parse_config(data, str(path))
+    return parse_config(load_yaml(path), str(path))
 
 
 def json_schema() -> str:

@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from anycast_lb import log
+from anycast_lb import log, rules
 from anycast_lb.clock import Clock
 from anycast_lb.config import BgpConfig, NodeConfig
 from anycast_lb.errors import AnnouncerError, ConfigError
@@ -55,7 +55,6 @@ SOCKET_NAME = "announcer.sock"
 CONFIG_NAME = "exabgp.conf"
 DEFAULT_RUN_ROOT = Path("/run/anycast-lb")
 
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 _BARE_ARG = re.compile(r"\A[A-Za-z0-9_./=+@%:-]+\Z")
 _VERSION = re.compile(r"ExaBGP\s*:\s*(\d+)\.(\d+)")
 
@@ -64,8 +63,10 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def process_name(node_name: str) -> str:
     """``announcer-<node>``: the ExaBGP ``process`` section name."""
-    if not _NAME.match(node_name):
-        raise AnnouncerError(f"node name {node_name!r} cannot name an ExaBGP process")
+    try:
+        rules.check_name(node_name)  # the rule config.NodeSection.name applies
+    except ValueError as exc:
+        raise AnnouncerError(f"node name {node_name!r} cannot name an ExaBGP process") from exc
     return f"announcer-{node_name}"
 
 

@@ -21,34 +21,34 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 
+from anycast_lb import rules
 from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
 from anycast_lb.errors import UnsafeAttribute
 
-_COMMUNITY = re.compile(r"\A([0-9]{1,5}):([0-9]{1,5})\Z")
-_MAX_U32 = 2**32 - 1
-_MAX_PREPEND = 32
-_LINE_SAFE = re.compile(r"\A[0-9A-Za-z .:/\[\]-]+\Z")
+_MAX_U32 = rules.MAX_U32
+_MAX_PREPEND = rules.MAX_AS_PATH_PREPEND
+_LINE_SAFE = re.compile(r"[0-9A-Za-z .:/\[\]-]+")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
-    # bool is an int subclass; True as a MED is a bug, not 1.
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise UnsafeAttribute(f"{name} must be an integer {low}..{high}, got {value!r}")
-    return value
+    try:
+        return rules.check_uint(name, value, low, high)
+    except ValueError as exc:
+        raise UnsafeAttribute(str(exc)) from exc
 
 
 def check_community(value: object) -> str:
     """Return ``value`` if it is an RFC 1997 community ``ASN:VALUE`` (0-65535 each).
 
-    Raises UnsafeAttribute otherwise (including any control character,
-    bracket or whitespace, which could break or inject an API command).
+    The rule is :func:`anycast_lb.rules.check_community`, the one the config
+    model applies to ``bgp.announce.communities``. Raises UnsafeAttribute
+    otherwise (including any control character, bracket, whitespace or
+    non-ASCII digit, which could break or inject an API command).
     """
-    if not isinstance(value, str):
-        raise UnsafeAttribute(f"community must be a string, got {value!r}")
-    match = _COMMUNITY.match(value)
-    if not match or any(int(part) > 65535 for part in match.groups()):
-        raise UnsafeAttribute(f"community {value!r} is not ASN:VALUE (0-65535 each)")
-    return value
+    try:
+        return rules.check_community(value)
+    except ValueError as exc:
+        raise UnsafeAttribute(str(exc)) from exc
 
 
 def check_prefix(prefix: object) -> Prefix:
@@ -63,7 +63,7 @@ def check_prefix(prefix: object) -> Prefix:
 
 def _checked(line: str) -> str:
     # Defence in depth: whatever the checks above missed cannot leave here.
-    if not _LINE_SAFE.match(line):
+    if not _LINE_SAFE.fullmatch(line):
         raise UnsafeAttribute(f"refusing to emit API line {line!r}")
     return line
 

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import aiohttp
 
+from anycast_lb import rules
 from anycast_lb.config import BackendConfig, HealthConfig, HealthKind, format_host_port
 
 Timer = Callable[[], float]
@@ -131,11 +132,15 @@ class HttpProbe:
         host: str | None = None,
         timer: Timer = time.monotonic,
     ) -> None:
-        """``host``: Host header; None lets aiohttp send ``address[:port]``."""
-        self.url = f"http://{format_host_port(address, port)}{path}"
+        """``host``: Host header; None lets aiohttp send ``address[:port]``.
+
+        Raises ValueError for a ``path`` or ``host`` the config would refuse
+        (:func:`anycast_lb.rules.check_http_path`, :func:`~anycast_lb.rules.check_http_host`).
+        """
+        self.url = f"http://{format_host_port(address, port)}{rules.check_http_path(path)}"
         self.timeout = timeout
         self.expect_status = frozenset(expect_status)
-        self.headers = {"Host": host} if host is not None else {}
+        self.headers = {"Host": rules.check_http_host(host)} if host is not None else {}
         self._session = session
         self._timer = timer
 

@@ -210,3 +210,44 @@ def test_check_config_refuses_a_cluster_key_file_the_node_would_refuse(tmp_path:
     result = subprocess.run([*ANYCAST_LB, "check-config", str(path)],
                             capture_output=True, text=True, check=False, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, a line its error must hold)."""
+    good = yaml.safe_dump(minimal(8080))
+    http_host_crlf = minimal(8080)
+    http_host_crlf["services"][0]["health"] = {"kind": "http", "host": "b\r\nX: 1"}  # type: ignore[index]
+    files: dict[str, tuple[bytes, str]] = {
+        "community-newline": (yaml.safe_dump({**minimal(8080), "bgp": {
+            "local_as": 65100, "router_id": "127.0.0.1", "local_address": "127.0.0.1",
+            "peers": [{"address": "127.0.0.2", "peer_as": 65000}],
+            "announce": {"communities": ["65100:1\n"]}}}).encode(),
+            "bgp.announce.communities[0]: '65100:1\\n' is not a community"),
+        "host-crlf": (yaml.safe_dump(http_host_crlf).encode(),
+                      "services[0].health.host: 'b\\r\\nX: 1' is not a Host header value"),
+        "port-true": (good.replace("port: 8080", "port: true").encode(),
+                      "services[0].backends[0].port: Input should be a valid integer, got a boolean (True)"),
+        "duplicate-key": ((good + "node: {name: other}\n").encode(), "duplicate key 'node' (first at line "),
+        "deep": (("extra: " + "[" * 500 + "]" * 500 + "\n" + good).encode(), "nested deeper than 64 levels"),
+        "not-utf8": (good.encode().replace(b"cli-node", b"cli-n\xf6de"), "(file): not UTF-8: byte 0xf6"),
+        "too-big": (good.encode() + b"#" * (1024 * 1024) + b"\n", "(file): larger than 1048576 bytes"),
+    }
+    out = {}
+    for name, (content, expected) in files.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_bytes(content)
+        out[name] = (path, expected)
+    return out
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_hostile_files_exit_2_with_one_clear_message(tmp_path: Path, command: str) -> None:
+    for name, (path, expected) in _bad_files(tmp_path).items():
+        argv = [*ANYCAST_LB, command, str(path)] if command == "check-config" else [
+            *ANYCAST_LB, "run", "--config", str(path)]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+        assert result.returncode == 2, (name, result.stderr)
+        assert expected in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr, (name, result.stderr)
+        assert result.stderr.startswith("anycast-lb: invalid config "), (name, result.stderr)
+        assert result.stdout == "", name
