@@ -329,6 +329,12 @@ def raise_nofile() -> tuple[int, int]:
     return target, hard
 
 
+def soft_nofile() -> int:
+    """The soft RLIMIT_NOFILE of this process (descriptors it may open)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def hard_nofile() -> int:
     """The hard RLIMIT_NOFILE of this process (what the soft limit can reach)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
