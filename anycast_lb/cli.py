@@ -29,6 +29,7 @@ from anycast_lb import __version__, log
 from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab
+from anycast_lb.limits import Budget, hard_nofile, plan, raise_nofile
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -49,10 +50,25 @@ def main() -> None:
     """Active-active BGP anycast L4 load balancer."""
 
 
+def _plan(cfg: NodeConfig, path: Path, limit: int) -> Budget:
+    try:
+        return plan(limit, cfg, source=str(path))
+    except ConfigError as exc:
+        click.echo(f"anycast-lb: invalid config {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
 @main.command("check-config")
 @click.argument("config", type=click.Path(path_type=Path))
-def check_config(config: Path) -> None:
-    """Validate CONFIG; print a summary, or one line per problem (exit 2)."""
+@click.option("--nofile", type=click.IntRange(min=1), default=None,
+              help="Open-file limit the node will run with (LimitNOFILE); default: the "
+                   "hard limit of this shell, which `run` raises its soft limit to.")
+def check_config(config: Path, nofile: int | None) -> None:
+    """Validate CONFIG; print a summary, or one line per problem (exit 2).
+
+    Also plans the descriptor budget (docs/limits.md): caps set in the file
+    that cannot fit the open-file limit are refused.
+    """
     cfg = _load(config)
     if cfg.cluster is not None:  # the runtime refuses a bad key file: so does the check
         from anycast_lb.cluster.keys import KeyFile
@@ -62,11 +78,17 @@ def check_config(config: Path) -> None:
         except ClusterError as exc:
             click.echo(f"anycast-lb: invalid config {config}: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
+    budget = _plan(cfg, config, nofile if nofile is not None else hard_nofile())
     click.echo(f"{config}: ok (node {cfg.node.name}, {len(cfg.services)} service(s), "
                f"bgp {'on' if cfg.bgp else 'off'})")
     for s in cfg.services:
         click.echo(f"  {s.name}: {format_host_port(s.vip, s.port)}/{s.protocol.value} -> "
                    f"{len(s.backends)} backend(s), {s.balance.value}, health {s.health.kind.value}")
+    udp = ", ".join(f"{name} {cap} (per source {budget.udp_flows_per_source[name]})"
+                    for name, cap in budget.udp_flows.items())
+    click.echo(f"  descriptors: limit {budget.limit}, reserve {budget.reserve.total}, "
+               f"tcp connections {budget.tcp_connections} per process"
+               + (f", udp flows {udp}" if udp else ""))
 
 
 def _use_uvloop() -> None:
@@ -93,22 +115,27 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> 
     """
     cfg = _load(config)
     log.setup(log_level)
+    soft, hard = raise_nofile()
+    budget = _plan(cfg, config, soft)
+    log.event("node.descriptors", limit=soft, hard=hard, reserve=budget.reserve.total,
+              tcp_connection_cap=budget.tcp_connections, pipes=budget.pipes,
+              udp_flow_caps=",".join(f"{k}={v}" for k, v in budget.udp_flows.items()))
     if not no_uvloop:
         _use_uvloop()
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run_node(cfg, run_dir))
+        asyncio.run(_run_node(cfg, run_dir, budget))
     except AnycastLBError as exc:
         log.error("node.failed", error=str(exc))
         click.echo(f"anycast-lb: {exc}", err=True)
         sys.exit(EXIT_ERROR)
 
 
-async def _run_node(cfg: NodeConfig, run_dir: Path | None) -> None:
+async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget) -> None:
     from anycast_lb.node import Node  # deferred: keeps check-config light
 
-    node = Node(cfg, run_dir=run_dir)
+    node = Node(cfg, run_dir=run_dir, budget=budget)
     loop = asyncio.get_running_loop()
     signals = 0
 

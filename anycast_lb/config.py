@@ -239,7 +239,19 @@ class ServiceConfig(_Model):
     idle_timeout: Seconds | None = None
     """Seconds a connection (TCP, default 300) or flow (UDP, default 30) may idle."""
     max_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 65536
-    """UDP: most client flows kept at once; the least recently used is evicted."""
+    """UDP: most client flows kept at once. Each costs one descriptor, so
+    when unset the node lowers it to this service's share of the open-file
+    budget (docs/limits.md); when set, it must fit that budget. Past it, a
+    new flow replaces the least recently used flow if that one has been
+    quiet for idle_timeout/8 s, else its datagram is dropped and counted."""
+    max_flows_per_source: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
+    """UDP: most flows one source (an address, or a prefix, see
+    source_prefix_v4/v6) may hold; past it its new flows are dropped and
+    counted. Default: a quarter of the service's flow cap."""
+    source_prefix_v4: Annotated[StrictInt, Field(ge=8, le=32)] = 32
+    """Prefix length grouping IPv4 clients for max_flows_per_source (32: per address)."""
+    source_prefix_v6: Annotated[StrictInt, Field(ge=16, le=128)] = 64
+    """Prefix length grouping IPv6 clients for max_flows_per_source (64: per subnet)."""
     maglev_table_size: Annotated[StrictInt, Field(ge=7, le=1_000_003)] = 65537
     backends: list[BackendConfig] = Field(min_length=1)
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -258,6 +270,9 @@ class ServiceConfig(_Model):
                 f"min_healthy ({self.min_healthy}) exceeds the number of backends "
                 f"({len(self.backends)})"
             )
+        if self.protocol is Protocol.TCP and self.max_flows_per_source is not None:
+            raise ValueError("max_flows_per_source is for udp services "
+                             "(tcp: forwarding.max_tcp_connections)")
         if self.proxy_protocol and self.protocol is Protocol.UDP:
             raise ValueError("proxy_protocol is only supported for tcp services")
         seen: set[str] = set()
@@ -374,6 +389,12 @@ class ForwardingConfig(_Model):
     SO_REUSEPORT, to use more than one core: the node's own relay thread
     plus workers - 1 worker processes for the TCP services
     (``anycast_lb.forward.workers``). Not with ``cluster.flow_survival``."""
+    max_tcp_connections: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
+    """Most proxied TCP connections open at once in one process (the node,
+    and each relay worker), over all TCP services; past it new connections
+    are reset at once and counted. Each costs two descriptors. Default: the
+    TCP share of the open-file budget (docs/limits.md); when set, it must
+    fit that budget."""
 
 
 _IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip

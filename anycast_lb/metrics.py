@@ -19,6 +19,22 @@ Exported families (all prefixed ``anycast_lb_``):
 - ``node_draining`` gauge
 - ``health_check_duration_seconds{service,backend}`` histogram
 
+Descriptor budget and load shedding (:mod:`anycast_lb.limits`, docs/limits.md);
+names and labels are stable:
+
+- ``flows_refused_total{service,reason}`` counter: new TCP connections or UDP
+  flows refused; reason ``cap``, ``source_cap``, ``descriptors``,
+  ``no_backend`` or ``connect_failed`` (node process and relay workers)
+- ``udp_flows_evicted_total{service}`` counter: quiet flows replaced by new
+  ones in a full table
+- ``accept_paused_total{service}`` counter: accept loop pauses for want of
+  descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+- ``descriptor_limit`` gauge: the soft RLIMIT_NOFILE planned for;
+  ``descriptor_reserve`` gauge: descriptors the data path never takes;
+  ``descriptors_open`` gauge: open in the node process now
+- ``tcp_connection_cap`` gauge: proxied TCP connections per process;
+  ``udp_flow_cap{service}`` and ``udp_flows_per_source_cap{service}`` gauges
+
 With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 ``cluster_flow_survival``, ``cluster_live_peers``, ``cluster_peer_up{peer}``,
 ``cluster_peer_flows{peer}``, ``cluster_flows_owned``,
@@ -35,6 +51,7 @@ With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -116,10 +133,70 @@ class _PoolCollector(Collector):
             yield from self._extra()
 
 
+@dataclass(frozen=True, slots=True)
+class Shedding:
+    """What the shedding families show, read by the node at scrape time."""
+
+    limit: int
+    reserve: int
+    open_descriptors: int | None
+    tcp_connection_cap: int
+    udp_flow_cap: Mapping[str, int] = field(default_factory=dict)
+    udp_flows_per_source_cap: Mapping[str, int] = field(default_factory=dict)
+    refused: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """service -> reason -> count."""
+    evicted: Mapping[str, int] = field(default_factory=dict)
+    accept_pauses: Mapping[str, int] = field(default_factory=dict)
+
+
+def shedding_families(s: Shedding) -> Iterator[Metric]:
+    """The descriptor budget and load-shedding families (module docstring)."""
+    refused = CounterMetricFamily("anycast_lb_flows_refused",
+                                  "New connections (TCP) or flows (UDP) refused, by reason",
+                                  labels=["service", "reason"])
+    for service, reasons in s.refused.items():
+        for reason, count in sorted(reasons.items()):
+            refused.add_metric([service, reason], float(count))
+    evicted = CounterMetricFamily("anycast_lb_udp_flows_evicted",
+                                  "Quiet UDP flows replaced by new ones in a full table",
+                                  labels=["service"])
+    for service, count in s.evicted.items():
+        evicted.add_metric([service], float(count))
+    pauses = CounterMetricFamily("anycast_lb_accept_paused",
+                                 "Accept loop pauses for want of descriptors or memory",
+                                 labels=["service"])
+    for service, count in s.accept_pauses.items():
+        pauses.add_metric([service], float(count))
+    limit = GaugeMetricFamily("anycast_lb_descriptor_limit", "Soft RLIMIT_NOFILE planned for")
+    limit.add_metric([], float(s.limit))
+    reserve = GaugeMetricFamily("anycast_lb_descriptor_reserve",
+                                "Descriptors kept from the data path (health, API, BGP, sync)")
+    reserve.add_metric([], float(s.reserve))
+    tcp_cap = GaugeMetricFamily("anycast_lb_tcp_connection_cap",
+                                "Proxied TCP connections at once per process")
+    tcp_cap.add_metric([], float(s.tcp_connection_cap))
+    udp_cap = GaugeMetricFamily("anycast_lb_udp_flow_cap", "UDP flows at once",
+                                labels=["service"])
+    for service, cap in s.udp_flow_cap.items():
+        udp_cap.add_metric([service], float(cap))
+    source_cap = GaugeMetricFamily("anycast_lb_udp_flows_per_source_cap",
+                                   "UDP flows one source address or prefix may hold",
+                                   labels=["service"])
+    for service, cap in s.udp_flows_per_source_cap.items():
+        source_cap.add_metric([service], float(cap))
+    yield from (refused, evicted, pauses, limit, reserve, tcp_cap, udp_cap, source_cap)
+    if s.open_descriptors is not None:
+        opened = GaugeMetricFamily("anycast_lb_descriptors_open",
+                                   "Descriptors open in the node process")
+        opened.add_metric([], float(s.open_descriptors))
+        yield opened
+
+
 class NodeMetrics:
     """The metrics registry of one node (not the process-global registry, so
     tests can run several nodes in one process). ``counters`` adds the
-    relay workers' backend counters (``BackendCounterSource``)."""
+    relay workers' backend counters (``BackendCounterSource``);
+    ``shedding`` gives the descriptor budget and shedding counters."""
 
     def __init__(
         self,
@@ -127,8 +204,18 @@ class NodeMetrics:
         draining: Callable[[], bool],
         extra: Callable[[], Iterator[Metric]] | None = None,
         counters: BackendCounterSource | None = None,
+        shedding: Callable[[], Shedding] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        if shedding is not None:
+            more = extra
+
+            def extra_and_shedding() -> Iterator[Metric]:
+                if more is not None:
+                    yield from more()
+                yield from shedding_families(shedding())
+
+            extra = extra_and_shedding
         self.registry.register(_PoolCollector(pools, draining, extra, counters))
         self.check_duration = Histogram(
             "anycast_lb_health_check_duration_seconds",

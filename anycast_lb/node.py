@@ -59,13 +59,16 @@ from anycast_lb.forward import (
     Forwarder,
     RelayForwarder,
     RelayLoop,
+    TcpForwarder,
+    UdpForwarder,
     forwarder_for,
 )
 from anycast_lb.forward.relay import HAVE_EPOLL
 from anycast_lb.forward.workers import BackendCounters, WorkerGroup, start_workers
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
-from anycast_lb.metrics import NodeMetrics
+from anycast_lb.limits import Budget, Slots, open_descriptors, plan, soft_nofile
+from anycast_lb.metrics import NodeMetrics, Shedding
 from anycast_lb.pool import Backend, Pool
 
 if TYPE_CHECKING:
@@ -89,7 +92,10 @@ class Node:
 
     ``bind_overrides`` maps a service name to the (host, port) its forwarder
     binds instead of the VIP:port (tests bind 127.0.0.1 port 0);
-    ``api_listen`` overrides ``api.listen`` the same way.
+    ``api_listen`` overrides ``api.listen`` the same way. ``budget`` is
+    the descriptor budget (the CLI plans it after raising the limit); by
+    default it is planned for the current soft limit, raising ConfigError
+    when the config's caps cannot fit it.
     """
 
     def __init__(
@@ -101,8 +107,12 @@ class Node:
         bind_overrides: Mapping[str, tuple[str, int]] | None = None,
         api_listen: tuple[str, int] | None = None,
         check_jitter: bool = True,
+        budget: Budget | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget if budget is not None else plan(soft_nofile(), config)
+        self._tcp_slots = Slots(self.budget.tcp_connections)
+        """The asyncio engine's connection cap (the relay loop holds its own)."""
         self.clock = clock or SystemClock()
         self.pools = {s.name: Pool(s) for s in config.services}
         self.forwarders: dict[str, Forwarder] = {}
@@ -135,7 +145,7 @@ class Node:
         self.speaker: BgpSpeaker | None = None
         self.damper: FlapDamper | None = None
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
-                                   counters=self._backend_counters)
+                                   counters=self._backend_counters, shedding=self._shedding)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
@@ -212,6 +222,39 @@ class Node:
         if self.workers is None:
             return BackendCounters.of(backend)
         return self.workers.counters(service, backend)
+
+    def _refused(self, service: str) -> tuple[dict[str, int], int, int]:
+        """``service``'s refusals by reason, accept pauses and UDP evictions,
+        in this process and the relay workers."""
+        forwarder = self.forwarders.get(service)
+        refused: dict[str, int] = {}
+        pauses = evicted = 0
+        if isinstance(forwarder, (RelayForwarder, TcpForwarder, UdpForwarder)):
+            refused = forwarder.refused()
+            pauses = forwarder.refusals.accept_pauses
+        if isinstance(forwarder, UdpForwarder):
+            evicted = forwarder.evicted
+        if self.workers is not None:
+            more, more_pauses = self.workers.refused(service)
+            refused = {k: refused.get(k, 0) + more.get(k, 0) for k in refused.keys() | more.keys()}
+            pauses += more_pauses
+        return refused, pauses, evicted
+
+    def _shedding(self) -> Shedding:
+        budget = self.budget
+        refused: dict[str, dict[str, int]] = {}
+        pauses: dict[str, int] = {}
+        evicted: dict[str, int] = {}
+        for s in self.config.services:
+            refused[s.name], pauses[s.name], evicted_n = self._refused(s.name)
+            if s.protocol is Transport.UDP:
+                evicted[s.name] = evicted_n
+        return Shedding(limit=budget.limit, reserve=budget.reserve.total,
+                        open_descriptors=open_descriptors(),
+                        tcp_connection_cap=budget.tcp_connections,
+                        udp_flow_cap=budget.udp_flows,
+                        udp_flows_per_source_cap=budget.udp_flows_per_source,
+                        refused=refused, evicted=evicted, accept_pauses=pauses)
 
     def _data_path(self) -> list[Forwarder]:
         """Every forwarder, and the relay workers as one."""
@@ -307,6 +350,7 @@ class Node:
                     }
                     for b in pool.backends
                 ],
+                "refused": self._refused(s.name)[0],
             }
             if self.config.bgp is not None and bgp_status is not None:
                 entry["prefix"] = str(s.prefix)
@@ -331,6 +375,7 @@ class Node:
             "bgp": bgp_status,
             "cluster": self.cluster.status() if self.cluster is not None else None,
             "workers": self.workers.status() if self.workers is not None else None,
+            "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
         }
 
     def metrics_exposition(self) -> bytes:
@@ -348,7 +393,8 @@ class Node:
             log.warning("forward.engine_unavailable", engine="relay", reason="no epoll",
                         using="asyncio")
             return
-        self.relay = RelayLoop(forwarding)
+        self.relay = RelayLoop(forwarding, max_connections=self.budget.tcp_connections,
+                               max_pipes=self.budget.pipes or None)
         self.relay.start()
 
     async def _start_forwarders(self) -> None:
@@ -360,14 +406,18 @@ class Node:
                 s, self.pools[s.name], bind_host=host, bind_port=port, relay=self.relay,
                 wildcard=self.wildcard_listeners and self.relay is not None,
                 on_flow=self.flow_hook if self.relay is not None else None,
-                reuse_port=reuse_port,
+                reuse_port=reuse_port, slots=self._tcp_slots,
+                max_flows=self.budget.udp_flows.get(s.name),
+                max_flows_per_source=self.budget.udp_flows_per_source.get(s.name),
             )
             self.service_addresses[s.name] = await forwarder.start()
             self.forwarders[s.name] = forwarder
             log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
                       address=format_host_port(*self.service_addresses[s.name]))
         self.workers = await start_workers(self.config, self.pools, self.service_addresses,
-                                           relay=self.relay is not None)
+                                           relay=self.relay is not None,
+                                           max_tcp_connections=self.budget.tcp_connections,
+                                           max_pipes=self.budget.pipes or None)
 
     async def _start_api(self) -> web.AppRunner:
         if self._api_listen is not None:

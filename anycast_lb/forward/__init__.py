@@ -33,6 +33,7 @@ FlowHook = Callable[[bool, FlowKey], None]
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop  # noqa: E402
 from anycast_lb.forward.tcp import TcpForwarder  # noqa: E402
 from anycast_lb.forward.udp import UdpForwarder  # noqa: E402
+from anycast_lb.limits import Slots  # noqa: E402
 from anycast_lb.pool import Pool  # noqa: E402
 
 __all__ = [
@@ -81,19 +82,26 @@ def forwarder_for(
     wildcard: bool = False,
     on_flow: FlowHook | None = None,
     reuse_port: bool = False,
+    slots: Slots | None = None,
+    max_flows: int | None = None,
+    max_flows_per_source: int | None = None,
 ) -> Forwarder:
     """The forwarder for ``service.protocol`` (not started).
 
-    TCP services run on ``relay`` when given (the relay engine), else on
-    the asyncio engine. ``wildcard`` and ``on_flow`` (flow survival) need
-    the relay engine; ValueError otherwise. ``reuse_port`` (relay only:
-    worker processes share the listener's address) sets SO_REUSEPORT.
+    TCP services run on ``relay`` when given (the relay engine, whose loop
+    holds the connection cap), else on the asyncio engine, capped by
+    ``slots`` (shared by the node's TCP services). ``wildcard`` and
+    ``on_flow`` (flow survival) need the relay engine; ValueError otherwise.
+    ``reuse_port`` (relay only: worker processes share the listener's
+    address) sets SO_REUSEPORT. ``max_flows`` and ``max_flows_per_source``
+    (UDP) come from the descriptor budget (:mod:`anycast_lb.limits`).
     """
     if service.protocol is Transport.UDP:
-        return UdpForwarder(service, pool, bind_host, bind_port)
+        return UdpForwarder(service, pool, bind_host, bind_port, max_flows=max_flows,
+                            max_flows_per_source=max_flows_per_source)
     if relay is not None:
         return RelayForwarder(service, pool, relay, bind_host, bind_port,
                               wildcard=wildcard, on_flow=on_flow, reuse_port=reuse_port)
     if wildcard or on_flow is not None:
         raise ValueError("wildcard listeners and flow hooks need the relay engine")
-    return TcpForwarder(service, pool, bind_host, bind_port)
+    return TcpForwarder(service, pool, bind_host, bind_port, slots=slots)

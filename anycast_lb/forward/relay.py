@@ -42,6 +42,23 @@ threads talk to it only through ``RelayLoop.call_soon`` (a deque and an
 eventfd). Counters are plain ints written by the loop thread and read by
 the control plane (the GIL makes each read whole).
 
+Load shedding (docs/limits.md): the loop's ``slots`` cap the proxied
+connections of the process over all its services (``max_connections``,
+from the descriptor budget). Past the cap a new connection is accepted and
+reset at once (SO_LINGER 0) and counted, rather than left in the listen
+backlog: the client learns at once instead of after its own timeout, no
+stale handshake is served late, and each refusal is counted. A backend
+socket that cannot be opened (EMFILE, ENFILE) resets the client at once,
+counted as ``descriptors``. Splice pipes are capped too (``max_pipes``);
+without one a direction copies through user space.
+
+Accept back-off: when accept() fails for want of descriptors or memory
+(EMFILE, ENFILE, ENOBUFS, ENOMEM) the listener is paused (its epoll
+interest cleared, so the level-triggered loop does not spin) until a
+connection of this loop closes or a timer of ACCEPT_BACKOFF_MIN_S to
+ACCEPT_BACKOFF_MAX_S (doubling) fires; log lines are rate-limited to one
+per second per event with a ``suppressed`` count.
+
 Flow hooks (flow survival): ``on_flow(True, key)`` when a client connection
 is accepted, ``on_flow(False, key)`` when it is closed, called on the loop
 thread; ``key`` is (client address, client port, VIP, VIP port).
@@ -67,7 +84,15 @@ from anycast_lb import log
 from anycast_lb.config import ForwardingConfig, ServiceConfig, format_host_port
 from anycast_lb.errors import BindError
 from anycast_lb.forward.proxy_protocol import v2_header
-from anycast_lb.forward.tcp import BACKLOG, REPLAY_LIMIT, SWEEPS_PER_IDLE_TIMEOUT
+from anycast_lb.forward.tcp import (
+    ACCEPT_BACKOFF_MAX_S,
+    ACCEPT_BACKOFF_MIN_S,
+    BACKLOG,
+    OUT_OF_RESOURCES,
+    REPLAY_LIMIT,
+    SWEEPS_PER_IDLE_TIMEOUT,
+)
+from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
 
 if TYPE_CHECKING:
@@ -132,10 +157,19 @@ class RelayLoop:
     constructor on platforms without epoll; use the asyncio engine there.
     """
 
-    def __init__(self, settings: ForwardingConfig | None = None) -> None:
+    def __init__(self, settings: ForwardingConfig | None = None, *,
+                 max_connections: int | None = None, max_pipes: int | None = None) -> None:
         settings = settings or ForwardingConfig()
         self.buffer_size = settings.buffer_size
         self.splice = settings.splice and HAVE_SPLICE
+        self.slots = Slots(max_connections)
+        """Proxied connections of every service on this loop, against the cap."""
+        self.max_pipes = max_pipes
+        self.pipes_open = 0
+        """Pipes in existence (pooled or in use); at most ``max_pipes``."""
+        self.paused: list[_Listener] = []
+        """Listeners paused by an accept error, resumed when a connection closes."""
+        self.shed_log = log.RateLimitedLog(1.0, time.monotonic)
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
@@ -225,10 +259,20 @@ class RelayLoop:
         from the epoll set)."""
         self._handlers.pop(fd, None)
 
-    def acquire_pipe(self) -> tuple[int, int]:
+    def acquire_pipe(self) -> tuple[int, int] | None:
+        """A pipe from the pool or a new one; None at ``max_pipes`` or when
+        the process is out of descriptors (the caller copies instead)."""
         if self._pipes:
             return self._pipes.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.max_pipes is not None and self.pipes_open >= self.max_pipes:
+            return None
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                return None
+            raise
+        self.pipes_open += 1
         if self.buffer_size != 65536:
             import fcntl
 
@@ -246,6 +290,13 @@ class RelayLoop:
             return
         os.close(pipe[0])
         os.close(pipe[1])
+        self.pipes_open -= 1
+
+    def resume_listeners(self) -> None:
+        """Descriptors were freed: let paused listeners accept again."""
+        paused, self.paused = self.paused, []
+        for listener in paused:
+            listener.resume()
 
     def _run(self) -> None:
         poll = self._epoll.poll
@@ -348,6 +399,9 @@ class _Listener:
         self.only: RelayForwarder | None = None
         bound = sock.getsockname()
         self.local = (str(bound[0]), int(bound[1]))
+        self.is_paused = False
+        self.closed = False
+        self.backoff = ACCEPT_BACKOFF_MIN_S
 
     def add(self, fwd: RelayForwarder) -> None:
         self.services[fwd.vip[0]] = fwd
@@ -368,10 +422,11 @@ class _Listener:
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     return  # shut down by stop_accepting; closed on the loop thread next
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("forward.accept_error", error=exc.strerror or repr(exc))
+                if exc.errno in OUT_OF_RESOURCES:
+                    self.pause(exc)
                     return
                 continue  # ECONNABORTED and the like: that client is gone
+            self.backoff = ACCEPT_BACKOFF_MIN_S
             fwd = self.only
             local = self.local
             if fwd is None:
@@ -387,7 +442,32 @@ class _Listener:
                     continue
             fwd.accept(loop, sock, peer, local)
 
+    def pause(self, exc: OSError) -> None:
+        """Stop polling the listener (level-triggered epoll would report the
+        waiting connection again at once) until a connection of the loop
+        closes or the back-off timer fires."""
+        if self.is_paused or self.closed:
+            return
+        self.is_paused = True
+        loop = self.loop
+        loop.modify(self.fd, 0)
+        loop.paused.append(self)
+        loop.call_later(self.backoff, self.resume)
+        names = ",".join(sorted(f.name for f in self.services.values()))
+        for fwd in self.services.values():
+            fwd.refusals.accept_pauses += 1
+        loop.shed_log("forward.accept_paused", key=names, service=names,
+                      error=exc.strerror or repr(exc), backoff_ms=round(self.backoff * 1000))
+        self.backoff = min(self.backoff * 2, ACCEPT_BACKOFF_MAX_S)
+
+    def resume(self) -> None:
+        if not self.is_paused or self.closed:
+            return
+        self.is_paused = False
+        self.loop.modify(self.fd, _IN)
+
     def close(self) -> None:
+        self.closed = True
         self.loop.forget(self.fd)
         self.loop.doom(self.sock)
 
@@ -456,7 +536,14 @@ class _Conn:
         while self.candidates:
             backend = self.candidates.pop(0)
             family, address = fwd.sockaddr(backend)
-            sock = Sock(family, _STREAM_NONBLOCK)
+            try:
+                sock = Sock(family, _STREAM_NONBLOCK)
+            except OSError as exc:
+                # Out of descriptors: no other candidate would fare better,
+                # and the client must not wait for an idle sweep.
+                fwd.refuse("descriptors", exc.strerror or repr(exc))
+                self.close(reset=True)
+                return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(address)
             if err not in (0, errno.EINPROGRESS):
@@ -575,8 +662,12 @@ class _Conn:
         up to BURST * buffer_size bytes per wake-up instead of one read."""
         size = self.loop.buffer_size
         for _ in range(BURST):
+            copy = d.copy
+            if not copy and d.pipe is None:
+                d.pipe = self.loop.acquire_pipe()
+                copy = d.pipe is None  # no pipe to spare: copy this read
             try:
-                if d.copy:
+                if copy:
                     data = d.src.recv(min(size, COPY_READ))
                     n = len(data)
                     if n:
@@ -591,8 +682,7 @@ class _Conn:
                                 self.replay = None
                                 d.copy = not self.loop.splice
                 else:
-                    if d.pipe is None:
-                        d.pipe = self.loop.acquire_pipe()
+                    assert d.pipe is not None
                     n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 if d.pipe is not None and not d.pending:
@@ -624,7 +714,7 @@ class _Conn:
                         self.up.copy = False  # type: ignore[union-attr]
             self.flush(d)
             if (d.pending or self.closed or (d is not self.up and d is not self.down)
-                    or n < (size if not d.copy else min(size, COPY_READ))):
+                    or n < (size if not copy else min(size, COPY_READ))):
                 return
 
     def flush(self, d: _Dir) -> None:
@@ -783,8 +873,9 @@ class RelayForwarder:
     module docstring). ``reuse_port`` sets SO_REUSEPORT so that worker
     processes can each listen on the same address.
 
-    Counters: ``accepted``, ``rejected_no_backend``, ``rejected_connect_failed``;
-    per backend the pool's ``Backend`` counters.
+    Counters: ``accepted``, ``rejected_no_backend``, ``rejected_connect_failed``,
+    ``refusals`` (shed load: ``refused()`` has every reason); per backend
+    the pool's ``Backend`` counters.
     """
 
     def __init__(
@@ -831,10 +922,22 @@ class RelayForwarder:
         self.accepted = 0
         self.rejected_no_backend = 0
         self.rejected_connect_failed = 0
+        self.refusals = Refusals()
 
     @property
     def listening(self) -> bool:
         return self.accepting
+
+    def refused(self) -> dict[str, int]:
+        """Connections refused so far, by reason (``limits.REFUSAL_REASONS``)."""
+        return self.refusals.by_reason(no_backend=self.rejected_no_backend,
+                                       connect_failed=self.rejected_connect_failed)
+
+    def refuse(self, reason: str, detail: str = "") -> None:
+        """Loop thread: count a refused connection and log it, rate-limited."""
+        self.refusals.count(reason)
+        self.loop.shed_log("forward.refused", key=f"{self.name}/{reason}", service=self.name,
+                           protocol="tcp", reason=reason, **({"error": detail} if detail else {}))
 
     @property
     def active(self) -> int:
@@ -1004,10 +1107,18 @@ class RelayForwarder:
             _linger_reset(sock)
             loop.doom(sock)
             return
+        if not loop.slots.take():
+            # At the cap: reset now. Never registered with epoll, so closing
+            # at once cannot confuse this batch's events (see doom).
+            _linger_reset(sock)
+            sock.close()
+            self.refuse("cap")
+            return
         self.accepted += 1
         conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
+            loop.slots.give()
             self.rejected_no_backend += 1
             log.debug("forward.no_backend", service=self.name, client=conn.client_name)
             _linger_reset(sock)
@@ -1023,6 +1134,10 @@ class RelayForwarder:
         conn.connect_next()
 
     def closed(self, conn: _Conn) -> None:
+        loop = self.loop
+        loop.slots.give()
+        if loop.paused:
+            loop.resume_listeners()
         self._conns.discard(conn)
         if self.on_flow is not None and self._by_flow.get(conn.key) is conn:
             del self._by_flow[conn.key]

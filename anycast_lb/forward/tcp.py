@@ -28,6 +28,19 @@ buffer drains below ``LOW_WATER`` bytes, so a slow reader holds at most about
 the rest of the backlog stays in the kernel's socket buffers and in the
 sender's TCP window.
 
+Accepting: the forwarder owns its listening socket and accepts in batches
+from a reader callback, then hands each socket to
+``loop.connect_accepted_socket``. Past the process's connection cap
+(``slots``, shared by every service of the engine, from the descriptor
+budget: docs/limits.md) a new connection is reset at once (SO_LINGER 0) and
+counted as ``cap``. When accept() fails for want of descriptors or memory
+(``OUT_OF_RESOURCES``) the listener is paused (its reader removed, so the
+loop does not spin on a connection it cannot take) until one of its
+connections closes or a timer of ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S
+(doubling) fires; log lines are rate-limited (one per second per event, with
+a ``suppressed`` count). A backend socket that cannot be opened (EMFILE,
+ENFILE) resets the client at once, counted as ``descriptors``.
+
 Idle timeout: one periodic sweep per forwarder (every idle_timeout/8 s, only
 while connections exist) feeds each relaying connection ``IdleSweep(traffic)``;
 a read in either direction sets ``traffic``, so the data path pays one
@@ -39,7 +52,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
+import struct
 from typing import cast
 
 from anycast_lb import log
@@ -82,6 +97,7 @@ from anycast_lb.forward.connection import (
 from anycast_lb.forward.connection import REPLAY_LIMIT as REPLAY_LIMIT
 from anycast_lb.forward.connection import SWEEPS_PER_IDLE_TIMEOUT as SWEEPS_PER_IDLE_TIMEOUT
 from anycast_lb.forward.proxy_protocol import v2_header
+from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
 
 HIGH_WATER = 64 * 1024
@@ -92,6 +108,17 @@ BACKLOG = 4096
 """listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
+ACCEPT_BATCH = 64
+"""Connections accepted per readiness callback."""
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""accept() errors that pause a listener (accept(2)): the connection waits
+in the backlog until descriptors or memory are free again."""
+NO_DESCRIPTOR = frozenset({errno.EMFILE, errno.ENFILE})
+ACCEPT_BACKOFF_MIN_S = 0.05
+ACCEPT_BACKOFF_MAX_S = 1.0
+"""A paused listener is polled again after this back-off (s), doubling
+from the minimum while accept() keeps failing, unless a connection closes first."""
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class TcpForwarder:
@@ -102,10 +129,14 @@ class TcpForwarder:
     127.0.0.1 port 0); backend choice still hashes the service's VIP and port
     so every node picks the same backend for a flow.
 
+    ``slots`` caps the connections of every forwarder sharing it (None:
+    no cap).
+
     Counters (plain ints, read at scrape time): ``accepted``,
-    ``rejected_no_backend`` (no backend up: the client is reset at once) and
-    ``rejected_connect_failed`` (every candidate failed to connect); per
-    backend the pool's ``Backend`` counters.
+    ``rejected_no_backend`` (no backend up: the client is reset at once),
+    ``rejected_connect_failed`` (every candidate failed to connect) and
+    ``refusals`` (shed load; ``refused()`` has every reason); per backend
+    the pool's ``Backend`` counters.
     """
 
     def __init__(
@@ -114,6 +145,8 @@ class TcpForwarder:
         pool: Pool,
         bind_host: str | None = None,
         bind_port: int | None = None,
+        *,
+        slots: Slots | None = None,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -122,7 +155,11 @@ class TcpForwarder:
             bind_port if bind_port is not None else service.port,
         )
         self._vip = (str(service.vip), service.port)
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._accepting = False
+        self._paused = False
+        self._backoff = ACCEPT_BACKOFF_MIN_S
+        self.slots = slots if slots is not None else Slots(None)
         self._relays: set[_Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -132,11 +169,24 @@ class TcpForwarder:
         self.accepted = 0
         self.rejected_no_backend = 0
         self.rejected_connect_failed = 0
+        self.refusals = Refusals()
+        self._shed_log = log.RateLimitedLog(1.0)
 
     @property
     def listening(self) -> bool:
         """True between a successful ``start`` and ``stop_accepting``."""
-        return self._server is not None and self._server.is_serving()
+        return self._accepting
+
+    def refused(self) -> dict[str, int]:
+        """Connections refused so far, by reason (``limits.REFUSAL_REASONS``)."""
+        return self.refusals.by_reason(no_backend=self.rejected_no_backend,
+                                       connect_failed=self.rejected_connect_failed)
+
+    def refuse(self, reason: str, detail: str = "") -> None:
+        """Count a refused connection and log it, rate-limited."""
+        self.refusals.count(reason)
+        self._shed_log("forward.refused", key=reason, service=self.service.name,
+                       protocol="tcp", reason=reason, **({"error": detail} if detail else {}))
 
     @property
     def active(self) -> int:
@@ -155,20 +205,22 @@ class TcpForwarder:
         BindError naming the address when the OS refuses (address in use,
         address not local, permission), and RuntimeError if already started.
         """
-        if self._server is not None:
+        if self._sock is not None:
             raise RuntimeError("forwarder already started")
         host, port = self._bind
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
-                lambda: _Relay(self), host, port, reuse_address=True, backlog=BACKLOG
-            )
-        except OSError as exc:
+            sock = _listening_socket(host, port)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise BindError(
                 f"service {self.service.name}: cannot bind tcp "
-                f"{format_host_port(host, port)}: {exc.strerror or exc}"
+                f"{format_host_port(host, port)}: {reason}"
             ) from exc
-        bound = self._server.sockets[0].getsockname()
+        self._sock = sock
+        self._accepting = True
+        loop.add_reader(sock.fileno(), self._on_accept)
+        bound = sock.getsockname()
         address = (str(bound[0]), int(bound[1]))
         log.event("forward.listen", service=self.service.name, protocol="tcp",
                   address=format_host_port(*address))
@@ -176,10 +228,78 @@ class TcpForwarder:
 
     def stop_accepting(self) -> None:
         """Close the listening socket; established connections continue."""
-        if self._server is not None and self._server.is_serving():
-            self._server.close()
-            log.event("forward.stop_accepting", service=self.service.name, protocol="tcp",
-                      active=self.active)
+        sock = self._sock
+        if sock is None or not self._accepting:
+            return
+        self._accepting = False
+        if not self._paused:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        log.event("forward.stop_accepting", service=self.service.name, protocol="tcp",
+                  active=self.active)
+
+    # -- accepting -----------------------------------------------------------
+
+    def _on_accept(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._pause(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            self._backoff = ACCEPT_BACKOFF_MIN_S
+            if not self.slots.take():
+                _reset(conn)
+                self.refuse("cap")
+                continue
+            relay = _Relay(self)
+            self._spawn_adopt(relay, conn)
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop reading the listener until a connection closes or the
+        back-off timer fires (the waiting connection stays in the backlog)."""
+        if self._paused or self._sock is None:
+            return
+        self._paused = True
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock.fileno())
+        loop.call_later(self._backoff, self._resume)
+        self.refusals.accept_pauses += 1
+        self._shed_log("forward.accept_paused", key="", service=self.service.name,
+                       error=exc.strerror or repr(exc), backoff_ms=round(self._backoff * 1000))
+        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX_S)
+
+    def _resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._accepting and self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_accept)
+
+    def _spawn_adopt(self, relay: _Relay, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._adopt(relay, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt(self, relay: _Relay, conn: socket.socket) -> None:
+        """Wrap an accepted socket in a transport; ``relay`` holds a slot,
+        given back when it finishes (or here, if it never started)."""
+        try:
+            conn.setblocking(False)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: relay, sock=conn)
+        except BaseException as exc:
+            if relay.client is None:  # connection_made never ran: the slot is ours
+                conn.close()
+                self.slots.give()
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("forward.accept_failed", service=self.service.name, error=_describe(exc))
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every connection to end.
@@ -213,6 +333,9 @@ class TcpForwarder:
 
     def _unregister(self, relay: _Relay) -> None:
         self._relays.discard(relay)
+        self.slots.give()
+        if self._paused:
+            self._resume()  # a connection's descriptors were freed
         if not self._relays:
             self._idle.set()
 
@@ -457,9 +580,15 @@ class _Relay(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             if proto.made or not proto.live:
                 return  # connected just as the timeout hit (connection_lost cleans up)
+            proto.live = False
+            if isinstance(exc, OSError) and exc.errno in NO_DESCRIPTOR:
+                # No socket for any backend: not the backend's fault, and the
+                # client must not wait for an idle sweep.
+                fwd.refuse("descriptors", _describe(exc))
+                self.shutdown()
+                return
             log.debug("forward.connect_failed", service=fwd.service.name, backend=backend.key,
                       error=_describe(exc))
-            proto.live = False
             self.feed(CONNECT_TIMEOUT if isinstance(exc, TimeoutError)
                       else ConnectFailed(_describe(exc)))
         except Exception as exc:  # a bug must not leave a half-open connection
@@ -473,15 +602,17 @@ class _Relay(asyncio.Protocol):
 
     # -- backend transport callbacks (via _Upstream) -------------------------
 
-    def upstream_made(self, proto: _Upstream, transport: asyncio.Transport) -> None:
+    def upstream_made(self, proto: _Upstream, transport: asyncio.Transport) -> bool:
+        """Take the backend transport; False if it was aborted at once."""
         self.open_transports += 1
         if not proto.live:
             transport.abort()  # the connection closed while this attempt ran
-            return
+            return False
         self.upstream = transport
         _tune(transport, keepalive=False)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.feed(CONNECTED)
+        return True
 
     def upstream_data(self, data: bytes) -> None:
         client, machine = self.client, self.machine
@@ -536,7 +667,7 @@ class _Upstream(asyncio.Protocol):
     """Backend side of one proxied connection (one attempt): forwards every
     event to its relay while it is the relay's current attempt (``live``)."""
 
-    __slots__ = ("relay", "backend", "live", "made")
+    __slots__ = ("relay", "backend", "live", "made", "lost")
 
     def __init__(self, relay: _Relay, backend: Backend) -> None:
         self.relay = relay
@@ -544,10 +675,16 @@ class _Upstream(asyncio.Protocol):
         self.live = True
         """The relay's current attempt or connection; False once ended."""
         self.made = False
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
-        self.relay.upstream_made(self, cast(asyncio.Transport, transport))
+        if not self.relay.upstream_made(self, cast(asyncio.Transport, transport)):
+            # The connection ended while this connect completed: upstream_made
+            # aborted it at once. uvloop may then never call connection_lost
+            # (the connect task was cancelled meanwhile), so account for it
+            # here; a later call is ignored.
+            self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
         if self.live:
@@ -567,6 +704,9 @@ class _Upstream(asyncio.Protocol):
             self.relay.upstream_resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
         self.relay.upstream_lost(self, exc)
 
 
@@ -583,6 +723,34 @@ def _close(transport: asyncio.Transport | None, reset: bool) -> None:
         transport.abort()
     elif not transport.is_closing():
         transport.close()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on ``host`` (an IP literal):
+    SO_REUSEADDR, IPv6-only for IPv6. Raises OSError, or ValueError if
+    ``host`` is not an IP address."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (SO_LINGER 0), not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _tune(transport: asyncio.Transport, keepalive: bool) -> None:

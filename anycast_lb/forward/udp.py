@@ -16,9 +16,27 @@ is what UDP promises, instead of growing a user-space buffer.
 Flows end after service.effective_idle_timeout s without a datagram either
 way (one periodic sweep per forwarder, every idle_timeout/8 s, only while
 flows exist; a flow ends between idle_timeout and idle_timeout * 9/8 s after
-its last datagram), when the table is full (``service.max_flows``; the least
-recently used flow is evicted), or when their backend is down at the next
-client datagram (the flow is then re-picked).
+its last datagram), when a new flow needs the place of an idle one (below),
+or when their backend is down at the next client datagram (the flow is then
+re-picked).
+
+Load shedding (docs/limits.md). Each flow costs a descriptor, and new
+flows are cheap to make (one datagram from a new source port, which can be
+spoofed), so the table is bounded twice:
+
+- ``max_flows`` (the service's share of the descriptor budget): past it, a
+  new flow takes the place of the least recently used flow only if that
+  one has been quiet for at least one sweep interval (idle_timeout/8 s);
+  otherwise the datagram is dropped and counted (``cap``). A flood thus
+  replaces only flows that have gone quiet, never active ones, and costs no
+  socket churn while every flow is active.
+- ``max_flows_per_source``: flows one source may hold, a source being the
+  client address or its prefix (``source_prefix_v4``/``_v6``); past it the
+  source's new flows are dropped and counted (``source_cap``), so one
+  client cannot take the table from the others.
+
+A flow socket that cannot be opened (EMFILE, ENFILE) drops the datagram,
+counted (``descriptors``), with a rate-limited log line.
 
 During a drain (after ``stop_accepting``) a flow counts as finished once it
 has been idle for :data:`DRAIN_IDLE` s (at most the idle timeout): UDP has no
@@ -39,6 +57,7 @@ from typing import Any
 from anycast_lb import log
 from anycast_lb.config import ServiceConfig, format_host_port
 from anycast_lb.errors import BindError
+from anycast_lb.limits import SOURCE_SHARE, Refusals, SourceCounts, source_key
 from anycast_lb.pool import Backend, Pool
 
 MAX_DATAGRAM = 65535
@@ -66,11 +85,17 @@ class UdpForwarder:
     ``bind_host`` / ``bind_port`` override the address bound (tests bind
     127.0.0.1 port 0); backend choice still hashes the service's VIP and port.
 
+    ``max_flows`` and ``max_flows_per_source`` (from the descriptor budget)
+    default to the service's ``max_flows`` and ``max_flows_per_source`` (or
+    a quarter of the flow cap).
+
     Counters (plain ints, read at scrape time): ``flows_total``,
-    ``rejected`` (datagrams that could not start a flow: no backend up, or
-    no socket could be opened), ``evicted`` (flows pushed out of a full
-    table), ``dropped`` (datagrams lost to a full buffer, an ICMP error, or
-    arriving for a new flow after ``stop_accepting``).
+    ``rejected`` (datagrams that could not start a flow: no backend up or
+    none reachable), ``refusals`` (shed load: ``cap``, ``source_cap``,
+    ``descriptors``; ``refused()`` has every reason), ``evicted`` (quiet
+    flows replaced by new ones in a full table), ``dropped`` (datagrams
+    lost to a full buffer, an ICMP error, or arriving for a new flow after
+    ``stop_accepting``).
     """
 
     def __init__(
@@ -79,6 +104,9 @@ class UdpForwarder:
         pool: Pool,
         bind_host: str | None = None,
         bind_port: int | None = None,
+        *,
+        max_flows: int | None = None,
+        max_flows_per_source: int | None = None,
     ) -> None:
         self.service = service
         self.pool = pool
@@ -96,10 +124,32 @@ class UdpForwarder:
         self._sweep_interval = service.effective_idle_timeout / SWEEPS_PER_IDLE_TIMEOUT
         self._idle_sweeps_limit = SWEEPS_PER_IDLE_TIMEOUT
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self.max_flows = max_flows if max_flows is not None else service.max_flows
+        if max_flows_per_source is None:
+            max_flows_per_source = service.max_flows_per_source or max(
+                1, self.max_flows // SOURCE_SHARE)
+        self._sources = SourceCounts(min(max_flows_per_source, self.max_flows))
+        self._prefix_v4 = service.source_prefix_v4
+        self._prefix_v6 = service.source_prefix_v6
         self.flows_total = 0
         self.rejected = 0
         self.evicted = 0
         self.dropped = 0
+        self.refusals = Refusals()
+        self._shed_log = log.RateLimitedLog(1.0)
+
+    @property
+    def max_flows_per_source(self) -> int:
+        return self._sources.cap
+
+    def refused(self) -> dict[str, int]:
+        """New flows refused so far, by reason (``limits.REFUSAL_REASONS``)."""
+        return self.refusals.by_reason(no_backend=self.rejected)
+
+    def _refuse(self, reason: str, detail: str = "") -> None:
+        self.refusals.count(reason)
+        self._shed_log("forward.refused", key=reason, service=self.service.name,
+                       protocol="udp", reason=reason, **({"error": detail} if detail else {}))
 
     @property
     def listening(self) -> bool:
@@ -199,8 +249,7 @@ class UdpForwarder:
                 return
             flow = self._open_flow(addr)
             if flow is None:
-                self.rejected += 1
-                return
+                return  # counted by _open_flow
         flow.idle_sweeps = 0
         backend = flow.backend
         try:
@@ -220,12 +269,36 @@ class UdpForwarder:
             return
         listener.sendto(data, addr)
 
+    def _source(self, host: str) -> str:
+        if self._prefix_v4 == 32 and ":" not in host:
+            return host  # the common case, without parsing the address
+        return source_key(host, self._prefix_v4, self._prefix_v6)
+
     def _open_flow(self, addr: ClientAddr) -> _Flow | None:
+        """A new flow for ``addr``, or None (counted: rejected or refused)."""
         candidates = self.pool.candidates((str(addr[0]), int(addr[1])), self._vip)
         if not candidates:
+            self.rejected += 1
             return None
-        if len(self._flows) >= self.service.max_flows:
-            self._close_flow(next(iter(self._flows.values())))
+        source = self._source(str(addr[0]))
+        if not self._sources.take(source):
+            self._refuse("source_cap")
+            return None
+        flow = self._open_socket(addr, source, candidates)
+        if flow is None:
+            self._sources.give(source)
+        return flow
+
+    def _open_socket(self, addr: ClientAddr, source: str, candidates: list[Backend]
+                     ) -> _Flow | None:
+        if len(self._flows) >= self.max_flows:
+            oldest = next(iter(self._flows.values()))
+            if oldest.idle_sweeps == 0:
+                # Every flow had a datagram since the last sweep: none is
+                # pushed out for a newcomer.
+                self._refuse("cap")
+                return None
+            self._close_flow(oldest)
             self.evicted += 1
         loop = asyncio.get_running_loop()
         for backend in candidates:
@@ -236,7 +309,7 @@ class UdpForwarder:
             try:
                 sock = socket.socket(family, socket.SOCK_DGRAM)
             except OSError as exc:  # out of descriptors: no other backend will do better
-                log.debug("forward.flow_failed", service=self.service.name, error=str(exc))
+                self._refuse("descriptors", exc.strerror or str(exc))
                 return None
             try:
                 sock.setblocking(False)
@@ -247,7 +320,7 @@ class UdpForwarder:
                 log.debug("forward.connect_failed", service=self.service.name,
                           backend=backend.key, error=exc.strerror or str(exc))
                 continue
-            flow = _Flow(self, addr, backend, sock)
+            flow = _Flow(self, addr, backend, sock, source)
             loop.add_reader(sock.fileno(), flow.readable)
             self._flows[addr] = flow
             self.flows_total += 1
@@ -257,6 +330,7 @@ class UdpForwarder:
             if self._sweep_handle is None:
                 self._sweep_handle = loop.call_later(self._sweep_interval, self._sweep)
             return flow
+        self.rejected += 1  # no backend reachable
         return None
 
     def _close_flow(self, flow: _Flow) -> None:
@@ -266,6 +340,7 @@ class UdpForwarder:
             return
         asyncio.get_running_loop().remove_reader(flow.sock.fileno())
         flow.sock.close()
+        self._sources.give(flow.source)
         flow.backend.active_connections -= 1
         if not self._flows:
             self._idle.set()
@@ -312,16 +387,19 @@ def _bound_socket(host: str, port: int) -> socket.socket:
 class _Flow:
     """One client's flow: its connected socket towards the chosen backend."""
 
-    __slots__ = ("fwd", "client", "backend", "sock", "idle_sweeps")
+    __slots__ = ("fwd", "client", "backend", "sock", "idle_sweeps", "source")
 
     def __init__(
-        self, fwd: UdpForwarder, client: ClientAddr, backend: Backend, sock: socket.socket
+        self, fwd: UdpForwarder, client: ClientAddr, backend: Backend, sock: socket.socket,
+        source: str,
     ) -> None:
         self.fwd = fwd
         self.client = client
         self.backend = backend
         self.sock = sock
         self.idle_sweeps = 0
+        self.source = source
+        """The client's group for the per-source cap."""
 
     def readable(self) -> None:
         """Replies from the backend: relay them to the client (level-triggered,

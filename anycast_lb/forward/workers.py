@@ -38,7 +38,8 @@ Worker to node (stdout; its logs go to stderr, inherited from the node)::
     {"op": "listening", "pid": 4242}   every listener is bound
     {"op": "error", "error": "..."}    could not bind; exits 1
     {"op": "counters", "services": {"web": {"accepted": 10, "rejected": 0,
-     "active": 2, "up_backends": 2, "backends": {"127.0.0.1:9001":
+     "active": 2, "up_backends": 2, "refused": {"cap": 0, ...},
+     "accept_pauses": 0, "backends": {"127.0.0.1:9001":
      [active, connections_total, connect_failures, bytes_in, bytes_out]}}}}
                                        every COUNTERS_INTERVAL_S, after each
                                        backend change and before exiting
@@ -126,6 +127,9 @@ class ServiceCounters(BaseModel):
     rejected: int = 0
     active: int = 0
     up_backends: int = 0
+    refused: dict[str, int] = {}
+    """Connections refused by reason (``limits.REFUSAL_REASONS``)."""
+    accept_pauses: int = 0
     backends: dict[str, BackendCounters] = {}
 
 
@@ -142,6 +146,10 @@ class WorkerSpec(BaseModel):
     binds: dict[str, tuple[str, int]]
     """Service name -> (address, port) to bind, read back from the node's
     own listener (so a port 0 in tests is the same port everywhere)."""
+    max_tcp_connections: int | None = None
+    """The process's connection cap (the node's, from its descriptor budget)."""
+    max_pipes: int | None = None
+    """Splice pipes the worker's relay loop may hold."""
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -231,6 +239,7 @@ def counters_message(forwarders: Mapping[str, RelayForwarder]) -> dict[str, Any]
     return {"op": "counters", "services": {
         name: ServiceCounters(
             accepted=f.accepted, rejected=f.rejected, active=f.active, up_backends=f.pool.up_count,
+            refused=f.refused(), accept_pauses=f.refusals.accept_pauses,
             backends={b.key: BackendCounters.of(b) for b in f.pool.backends},
         ).model_dump(mode="json")
         for name, f in forwarders.items()
@@ -245,9 +254,16 @@ def add_counters(total: ServiceCounters, more: ServiceCounters) -> ServiceCounte
     return ServiceCounters(
         accepted=total.accepted + more.accepted,
         rejected=total.rejected + more.rejected,
+        refused=add_refused(total.refused, more.refused),
+        accept_pauses=total.accept_pauses + more.accept_pauses,
         backends={k: total.backends.get(k, zero).plus(more.backends.get(k, zero))._replace(
             active_connections=0) for k in keys},
     )
+
+
+def add_refused(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    """Refusal counts of both, reason by reason."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
 
 
 # -- the worker process ---------------------------------------------------------
@@ -279,7 +295,8 @@ class _Worker:
     def __init__(self, spec: WorkerSpec, reader: asyncio.StreamReader) -> None:
         self.spec = spec
         self.reader = reader
-        self.relay = RelayLoop(spec.forwarding)
+        self.relay = RelayLoop(spec.forwarding, max_connections=spec.max_tcp_connections,
+                               max_pipes=spec.max_pipes)
         self.pools = {s.name: Pool(s) for s in spec.services}
         self.forwarders: dict[str, RelayForwarder] = {}
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -483,6 +500,8 @@ class WorkerGroup:
         count: int,
         *,
         start_timeout: float = START_TIMEOUT_S,
+        max_tcp_connections: int | None = None,
+        max_pipes: int | None = None,
     ) -> None:
         self.services = [s for s in services if s.protocol is Transport.TCP]
         self.forwarding = forwarding
@@ -490,6 +509,8 @@ class WorkerGroup:
         self.binds = {s.name: binds[s.name] for s in self.services}
         self.workers = [WorkerProcess(i + 1) for i in range(count)]
         self.start_timeout = start_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.max_pipes = max_pipes
         self._retired: dict[str, ServiceCounters] = {}
         """Cumulative counters of worker processes that exited."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -607,6 +628,18 @@ class WorkerGroup:
                 total = total.plus(counters.backends[backend.key])
         return total
 
+    def refused(self, service: str) -> tuple[dict[str, int], int]:
+        """``service``'s refusals by reason and accept pauses in every worker
+        (live ones as of their last report, and those that exited)."""
+        refused: dict[str, int] = {}
+        pauses = 0
+        retired = self._retired.get(service)
+        for counters in [retired, *(w.services.get(service) for w in self.workers)]:
+            if counters is not None:
+                refused = add_refused(refused, counters.refused)
+                pauses += counters.accept_pauses
+        return refused, pauses
+
     def service_active(self, service: str) -> int:
         """Connections of ``service`` open in the workers (last reports)."""
         return sum(w.active(service) for w in self.workers if w.alive)
@@ -646,7 +679,8 @@ class WorkerGroup:
             worker._settle(f"cannot start {sys.executable}: {exc.strerror or exc}")
             return
         spec = WorkerSpec(index=worker.index, log_level=self._log_level, forwarding=self.forwarding,
-                          services=self.services, binds=self.binds)
+                          services=self.services, binds=self.binds,
+                          max_tcp_connections=self.max_tcp_connections, max_pipes=self.max_pipes)
         assert worker.proc.stdin is not None
         worker.proc.stdin.write(spec.model_dump_json().encode() + b"\n")
         worker.proc.stdin.write(encode(state_message(self.pools)))
@@ -719,6 +753,9 @@ async def start_workers(
     pools: Mapping[str, Pool],
     binds: Mapping[str, tuple[str, int]],
     relay: bool,
+    *,
+    max_tcp_connections: int | None = None,
+    max_pipes: int | None = None,
 ) -> WorkerGroup | None:
     """The node's ``forwarding.workers - 1`` worker processes, started and
     listening; None when there are none to run (workers: 1, no TCP service,
@@ -732,7 +769,8 @@ async def start_workers(
         log.warning("forward.workers_unavailable", workers=config.forwarding.workers,
                     reason="the relay engine is not running", using=1)
         return None
-    group = WorkerGroup(tcp, config.forwarding, pools, binds, extra)
+    group = WorkerGroup(tcp, config.forwarding, pools, binds, extra,
+                        max_tcp_connections=max_tcp_connections, max_pipes=max_pipes)
     await group.start()
     log.event("forward.workers", processes=extra + 1,
               pids=",".join(str(w.pid) for w in group.workers))

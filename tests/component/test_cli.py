@@ -68,6 +68,32 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path, command: s
     assert "Traceback" not in result.stderr
 
 
+def _hard_limit_at(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_caps_that_cannot_fit_the_open_file_limit_exit_2(tmp_path: Path, command: str) -> None:
+    data = minimal(8080)
+    data["forwarding"] = {"max_tcp_connections": 1000}  # 2,000 descriptors
+    path = write(tmp_path, data)
+    argv = [*ANYCAST_LB, command, str(path)] if command == "check-config" else [
+        *ANYCAST_LB, "run", "--config", str(path)]
+    # A hard limit of 1024, as under systemd's LimitNOFILE=1024.
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30,
+                            preexec_fn=lambda: _hard_limit_at(1024))
+    assert result.returncode == 2, result.stderr
+    assert "forwarding.max_tcp_connections: 1000 needs 2000 descriptors" in result.stderr
+    assert "the open-file limit 1024" in result.stderr
+    assert "Traceback" not in result.stderr
+    fits = subprocess.run([*ANYCAST_LB, "check-config", "--nofile", "4096", str(path)],
+                          capture_output=True, text=True, check=False, timeout=30)
+    assert fits.returncode == 0, fits.stderr
+    assert "descriptors: limit 4096" in fits.stdout and "tcp connections 1000" in fits.stdout
+
+
 def test_missing_file_exits_2(tmp_path: Path) -> None:
     result = subprocess.run([*ANYCAST_LB, "check-config", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True, check=False)

@@ -14,6 +14,7 @@ from anycast_lb.config import ServiceConfig
 from anycast_lb.errors import BindError
 from anycast_lb.forward.udp import UdpForwarder
 from anycast_lb.pool import Pool
+from tests.waiting import wait_until
 
 DEADLINE = 5.0
 
@@ -92,10 +93,10 @@ class Rig:
         sockname = transport.get_extra_info("sockname")
         return (sockname[0], sockname[1]), protocol
 
-    async def client(self) -> Client:
+    async def client(self, host: str = "127.0.0.1") -> Client:
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(
-            Client, local_addr=("127.0.0.1", 0)
+            Client, local_addr=(host, 0)
         )
         self.transports.append(transport)
         return protocol
@@ -199,25 +200,60 @@ async def test_backend_traffic_alone_keeps_a_flow_alive(rig: Rig) -> None:
     assert fwd.active == 1 and fwd.flows_total == 1
 
 
-async def test_full_table_evicts_the_least_recently_used(rig: Rig) -> None:
+async def test_full_table_replaces_only_a_quiet_flow(rig: Rig) -> None:
     b1, _ = await rig.backend("b1")
-    fwd, pool, address = await rig.forwarder([b1], max_flows=2)
-    c1, c2, c3 = await rig.client(), await rig.client(), await rig.client()
+    # idle_timeout 8 s: a sweep each 1 s, far from the flows' own expiry.
+    fwd, pool, address = await rig.forwarder([b1], max_flows=2, idle_timeout=8)
+    c1, c2, c3 = [await rig.client(f"127.0.0.{i}") for i in (1, 2, 3)]
     for client in (c1, c2):
         client.send(b"1", address)
         await client.reply()
-    c1.send(b"2", address)  # c1 is now the most recently used
+    c3.send(b"1", address)  # both flows are active: c3's datagram is dropped
+    await wait_until(lambda: fwd.refused()["cap"] == 1, what="a refusal at the cap")
+    assert fwd.active == 2 and fwd.evicted == 0 and fwd.flows_total == 2
+    fwd._sweep()  # one sweep interval passes with no datagram: both flows are quiet
+    c1.send(b"2", address)  # c1 is active again, c2 stays quiet
     await c1.reply()
-    c3.send(b"1", address)  # evicts c2
-    await c3.reply()
+    c3.send(b"2", address)  # replaces c2, the least recently used quiet flow
+    assert await c3.reply() == (b"b1:2", address)
     assert fwd.active == 2 and fwd.evicted == 1 and fwd.flows_total == 3
     assert pool.backends[0].active_connections == 2
     c1.send(b"3", address)  # still in the table
     await c1.reply()
     assert fwd.flows_total == 3
-    c2.send(b"2", address)  # was evicted: a new flow
-    await c2.reply()
-    assert fwd.flows_total == 4 and fwd.evicted == 2
+    c2.send(b"2", address)  # its flow was replaced, and c1 and c3 are active
+    await wait_until(lambda: fwd.refused()["cap"] == 2, what="a second refusal")
+    assert fwd.flows_total == 3 and fwd.refused()["source_cap"] == 0
+
+
+async def test_one_source_cannot_take_the_table(rig: Rig) -> None:
+    b1, _ = await rig.backend("b1")
+    fwd, _, address = await rig.forwarder([b1], max_flows=10, max_flows_per_source=2)
+    greedy = [await rig.client("127.0.0.2") for _ in range(3)]
+    for client in greedy[:2]:
+        client.send(b"x", address)
+        await client.reply()
+    greedy[2].send(b"x", address)
+    await wait_until(lambda: fwd.refused()["source_cap"] == 1, what="a per-source refusal")
+    other = await rig.client("127.0.0.3")
+    other.send(b"y", address)
+    assert await other.reply() == (b"b1:y", address)
+    assert fwd.active == 3 and fwd.refused()["cap"] == 0
+    fwd.abort_all()  # the source's flows end: its share is free again
+    greedy[2].send(b"z", address)
+    assert await greedy[2].reply() == (b"b1:z", address)
+
+
+async def test_prefix_groups_sources(rig: Rig) -> None:
+    b1, _ = await rig.backend("b1")
+    fwd, _, address = await rig.forwarder([b1], max_flows=10, max_flows_per_source=1,
+                                          source_prefix_v4=24)
+    first, neighbour = await rig.client("127.0.0.2"), await rig.client("127.0.0.3")
+    first.send(b"x", address)
+    await first.reply()
+    neighbour.send(b"x", address)  # the same /24
+    await wait_until(lambda: fwd.refused()["source_cap"] == 1, what="a per-prefix refusal")
+    assert fwd.active == 1
 
 
 async def test_flow_moves_when_its_backend_goes_down(rig: Rig) -> None:

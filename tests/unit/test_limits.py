@@ -1,0 +1,175 @@
+"""The descriptor budget (pure arithmetic) and the shedding counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from anycast_lb.config import parse_config
+from anycast_lb.errors import ConfigError
+from anycast_lb.limits import (
+    BASE_FDS,
+    MARGIN_FDS,
+    Refusals,
+    Slots,
+    SourceCounts,
+    plan,
+    source_key,
+)
+
+
+def config(*services: dict[str, Any], **sections: Any) -> Any:
+    return parse_config({"services": list(services), **sections})
+
+
+def tcp(name: str = "web", backends: int = 2, kind: str = "tcp") -> dict[str, Any]:
+    return {"name": name, "vip": "192.0.2.1", "port": 80, "protocol": "tcp",
+            "backends": [{"address": f"192.0.2.{10 + i}", "port": 80} for i in range(backends)],
+            "health": {"kind": kind} if kind != "exec" else {"kind": "exec", "command": ["true"]}}
+
+
+def udp(name: str = "dns", backends: int = 2, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "vip": "192.0.2.2", "port": 53, "protocol": "udp",
+            "backends": [{"address": f"192.0.2.{20 + i}", "port": 53} for i in range(backends)],
+            **extra}
+
+
+API = 256 + 1
+FIXED = BASE_FDS + API + MARGIN_FDS
+
+
+@pytest.mark.parametrize(
+    ("limit", "cfg", "reserve", "pipes", "tcp_cap", "udp_caps", "per_source"),
+    [
+        # One TCP service, relay with splice: reserve 337 + 1 listener + 2
+        # tcp probes = 340; data 684, pipes 684 // 16 = 42, (684 - 84) // 2.
+        (1024, config(tcp()), FIXED + 1 + 2, 42, 300, {}, {}),
+        # Without splice no pipes are kept back.
+        (1024, config(tcp(), forwarding={"splice": False}), FIXED + 3, 0, 342, {}, {}),
+        # The asyncio engine has no pipes either.
+        (1024, config(tcp(), forwarding={"engine": "asyncio"}), FIXED + 3, 0, 342, {}, {}),
+        # UDP only: every data descriptor is a flow; a quarter per source.
+        (1024, config(udp()), FIXED + 3, 0, 0, {"dns": 684}, {"dns": 171}),
+        # The default max_flows (65536) still bounds a large limit.
+        (1_000_000, config(udp()), FIXED + 3, 0, 0, {"dns": 65536}, {"dns": 16384}),
+        # TCP and UDP share equally: data 20000 - 343 = 19657, pipes 1228,
+        # 17201 left, two shares of 8600.
+        (20000, config(tcp(), udp()), FIXED + 2 + 4, 1228, 4300, {"dns": 8600}, {"dns": 2150}),
+        # An explicit TCP cap takes its descriptors first; UDP gets the rest.
+        (20000, config(tcp(), udp(), forwarding={"max_tcp_connections": 1000}),
+         FIXED + 6, 1228, 1000, {"dns": 17201 - 2000}, {"dns": 3800}),
+        # An explicit max_flows is kept as set; max_flows_per_source too.
+        (20000, config(tcp(), udp(max_flows=500, max_flows_per_source=7)),
+         FIXED + 6, 1228, (17201 - 500) // 2, {"dns": 500}, {"dns": 7}),
+        # exec probes cost 6 each; bgp and cluster sections reserve 16 each.
+        (4096, config(tcp(kind="exec"), forwarding={"splice": False},
+                      bgp={"local_as": 65001, "router_id": "192.0.2.100",
+                           "local_address": "192.0.2.100",
+                           "peers": [{"address": "192.0.2.254", "peer_as": 65000}]}),
+         FIXED + 1 + 12 + 16, 0, (4096 - FIXED - 29) // 2, {}, {}),
+        # Worker processes reserve their pipes in the node.
+        (4096, config(tcp(), forwarding={"splice": False, "workers": 3}),
+         FIXED + 3 + 8, 0, (4096 - FIXED - 11) // 2, {}, {}),
+    ],
+)
+def test_plan(limit: int, cfg: Any, reserve: int, pipes: int, tcp_cap: int,
+              udp_caps: dict[str, int], per_source: dict[str, int]) -> None:
+    budget = plan(limit, cfg)
+    assert budget.reserve.total == reserve
+    assert budget.data == limit - reserve
+    assert budget.pipes == pipes
+    assert budget.tcp_connections == tcp_cap
+    assert budget.udp_flows == udp_caps
+    assert budget.udp_flows_per_source == per_source
+    # Whatever the split, the data path fits in what the reserve leaves.
+    used = 2 * budget.tcp_connections + sum(budget.udp_flows.values()) + 2 * budget.pipes
+    assert used <= budget.data
+
+
+def test_two_udp_services_split_the_udp_part() -> None:
+    second = udp("ntp") | {"port": 123}
+    budget = plan(10000, config(udp(), second))
+    assert budget.udp_flows["dns"] == budget.udp_flows["ntp"] == budget.data // 2
+
+
+def test_caps_that_cannot_fit_are_refused_with_the_numbers() -> None:
+    cfg = config(tcp(), udp(max_flows=300), forwarding={"max_tcp_connections": 400})
+    with pytest.raises(ConfigError) as err:
+        plan(1024, cfg, source="node.yaml")
+    text = str(err.value)
+    assert err.value.source == "node.yaml"
+    assert "forwarding.max_tcp_connections: 400 needs 800 descriptors" in text
+    assert "services[1].max_flows: 300 needs 300 descriptors" in text
+    assert "the open-file limit 1024" in text and "need 1100" in text
+
+
+def test_a_limit_below_the_reserve_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"open-file limit 256 leaves 0 descriptors.*at least"):
+        plan(256, config(tcp()))
+
+
+def test_a_limit_too_small_for_one_connection_is_refused() -> None:
+    # data 1: one descriptor cannot carry a TCP connection (2).
+    cfg = config(tcp(), forwarding={"splice": False})
+    limit = plan(10000, cfg).reserve.total + 1
+    with pytest.raises(ConfigError, match="too few for one connection"):
+        plan(limit, cfg)
+    assert plan(limit + 1, cfg).tcp_connections == 1
+
+
+def test_api_connections_come_from_the_reserve() -> None:
+    cfg = config(udp())
+    assert plan(4096, cfg, api_connections=16).udp_flows["dns"] == \
+        plan(4096, cfg).udp_flows["dns"] + 240
+
+
+@pytest.mark.parametrize(
+    ("host", "v4", "v6", "key"),
+    [
+        ("198.51.100.7", 32, 64, "198.51.100.7"),
+        ("198.51.100.7", 24, 64, "198.51.100.0/24"),
+        ("2001:db8:1:2:3:4:5:6", 32, 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", 32, 128, "2001:db8:1:2:3:4:5:6"),
+        ("2001:db8:1:2:3:4:5:6", 32, 48, "2001:db8:1::/48"),
+    ],
+)
+def test_source_key(host: str, v4: int, v6: int, key: str) -> None:
+    assert source_key(host, v4, v6) == key
+
+
+def test_source_key_refuses_a_name() -> None:
+    with pytest.raises(ValueError):
+        source_key("example.com")
+
+
+def test_source_counts_hold_at_most_the_cap_per_key() -> None:
+    counts = SourceCounts(2)
+    assert counts.take("a") and counts.take("a")
+    assert not counts.take("a")
+    assert counts.take("b")
+    counts.give("a")
+    assert counts.held("a") == 1 and counts.take("a")
+    counts.give("b")
+    assert len(counts) == 1  # "b" is forgotten at zero
+
+
+def test_slots() -> None:
+    slots = Slots(2)
+    assert slots.take() and slots.take() and not slots.take()
+    assert slots.used == 2
+    slots.give()
+    assert slots.take()
+    unlimited = Slots(None)
+    assert all(unlimited.take() for _ in range(10_000))
+
+
+def test_refusals_by_reason() -> None:
+    refusals = Refusals()
+    refusals.count("cap")
+    refusals.count("cap")
+    refusals.count("descriptors")
+    assert refusals.by_reason(no_backend=3) == {
+        "cap": 2, "source_cap": 0, "descriptors": 1, "no_backend": 3, "connect_failed": 0}
+    with pytest.raises(AttributeError):
+        refusals.count("no_such_reason")
