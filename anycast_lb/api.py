@@ -64,6 +64,11 @@ from anycast_lb.config import ApiConfig, format_host_port
 from anycast_lb.errors import BindError, ConfigError
 from anycast_lb.metrics import CONTENT_TYPE
 
+LINGER_S = 1.0
+"""After an answer sent before the whole body arrived (408, 413), seconds the
+rest of the body is read and discarded before the connection is closed, so
+the client can read the answer instead of a reset."""
+
 TOKEN_MAX_BYTES = 4096
 """A token file longer than this is refused (it is not a token)."""
 
@@ -295,8 +300,12 @@ class ApiServer:
         self.stats = ConnectionStats()
         self.connections: dict[asyncio.Transport, _Connection] = {}
         self._runner = web.AppRunner(make_app(node, config, self), access_log=None,
-                                     handle_signals=False)
+                                     handle_signals=False, lingering_time=LINGER_S)
         self._listener: asyncio.AbstractServer | None = None
+
+    @property
+    def app(self) -> web.Application:
+        return self._runner.app
 
     def make_handler(self) -> RequestHandler | None:
         """aiohttp's protocol for one new connection; None once stopped."""

@@ -53,6 +53,14 @@ def main() -> None:
 def check_config(config: Path) -> None:
     """Validate CONFIG; print a summary, or one line per problem (exit 2)."""
     cfg = _load(config)
+    if cfg.api.admin_token_file is not None:
+        from anycast_lb.api import read_token_file  # deferred: keeps the other commands light
+
+        try:
+            read_token_file(cfg.api.admin_token_file)
+        except ConfigError as exc:
+            click.echo(f"anycast-lb: invalid config {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     click.echo(f"{config}: ok (node {cfg.node.name}, {len(cfg.services)} service(s), "
                f"bgp {'on' if cfg.bgp else 'off'})")
     for s in cfg.services:
