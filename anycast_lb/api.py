@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
@@ -175,6 +176,7 @@ class ConnectionStats:
     header_timeouts: int = 0
     body_timeouts: int = 0
     too_large: int = 0
+    malformed: int = 0
 
     def collect(self) -> Iterator[Metric]:
         """prometheus-client collector protocol."""
@@ -190,7 +192,37 @@ class ConnectionStats:
         rejected.add_metric(["header_timeout"], self.header_timeouts)
         rejected.add_metric(["body_timeout"], self.body_timeouts)
         rejected.add_metric(["body_too_large"], self.too_large)
+        rejected.add_metric(["malformed"], self.malformed)
         yield rejected
+
+
+class _CountClientErrors(logging.Filter):
+    """aiohttp logs every malformed request (400) with a traceback, so garbage
+    on the API port would flood the log: count those instead. Anything else
+    aiohttp logs (its own failures) goes through."""
+
+    def __init__(self, stats: ConnectionStats) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Error handling request"):
+            self._stats.malformed += 1
+            return False
+        # The logger itself passes every level (so each client error above is
+        # counted, even those aiohttp logs at debug); the node's level applies here.
+        return record.levelno >= logging.getLogger("anycast_lb").getEffectiveLevel()
+
+
+def _aiohttp_logger(stats: ConnectionStats) -> logging.Logger:
+    """A logger for one server's aiohttp protocol, below ``anycast_lb`` (so
+    it uses the node's log format) and outside the logger registry (so each
+    server has its own filter)."""
+    logger = logging.Logger("anycast_lb.api.http")
+    logger.parent = logging.getLogger("anycast_lb")
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(_CountClientErrors(stats))
+    return logger
 
 
 class _Connection(asyncio.Protocol):
@@ -300,7 +332,8 @@ class ApiServer:
         self.stats = ConnectionStats()
         self.connections: dict[asyncio.Transport, _Connection] = {}
         self._runner = web.AppRunner(make_app(node, config, self), access_log=None,
-                                     handle_signals=False, lingering_time=LINGER_S)
+                                     handle_signals=False, lingering_time=LINGER_S,
+                                     logger=_aiohttp_logger(self.stats))
         self._listener: asyncio.AbstractServer | None = None
 
     @property

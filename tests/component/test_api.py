@@ -237,6 +237,16 @@ async def test_a_half_close_without_a_whole_request_closes_at_once(sent: bytes) 
             await wait_until(lambda: server.stats.active == 0, what="slot freed")
 
 
+async def test_malformed_requests_are_counted_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async with serving() as (server, port):
+        for garbage in [b"\x00\x01 NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\nX-Bad: \x00\r\n\r\n"]:
+            async with connection(port) as (reader, writer):
+                writer.write(garbage)
+                assert status_of(await read_until_closed(reader, 2)) == 400
+        assert server.stats.malformed == 2
+    assert not [r for r in caplog.records if "Error handling request" in r.getMessage()]
+
+
 async def test_every_route_answers_405_with_allow() -> None:
     async with serving() as (server, port):
         routes: dict[str, set[str]] = {}
