@@ -235,6 +235,8 @@ class _Connection(asyncio.Protocol):
         self._handler: RequestHandler | None = None
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.half_closed = False
+        """True once the client has shut down its sending side."""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's is no asyncio.Transport subclass
@@ -264,6 +266,7 @@ class _Connection(asyncio.Protocol):
         handler = self._handler
         if handler is None:
             return False
+        self.half_closed = True
         # aiohttp's own idle test (its keep-alive check): waiting for a request
         # that is not whole yet, so none can come now: close at once.
         waiter: asyncio.Future[None] | None = getattr(handler, "_waiter", None)

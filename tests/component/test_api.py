@@ -212,17 +212,16 @@ async def test_a_request_in_flight_when_the_client_half_closes_is_answered(
         token_file: Path) -> None:
     node = FakeNode()
     node.drain_release = asyncio.Event()
-    async with serving(node, admin_token_file=token_file, header_timeout=30) as (_, port):
+    async with serving(node, admin_token_file=token_file, header_timeout=30) as (server, port):
         async with connection(port) as (reader, writer):
             writer.write(b"POST /drain HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer "
                          + TOKEN.encode() + b"\r\nContent-Length: 0\r\n\r\n")
             await asyncio.wait_for(node.drain_entered.wait(), 3)
             writer.write_eof()
-            answering = asyncio.create_task(read_until_closed(reader, 3))
-            await wait_until(lambda: not answering.done() or answering.exception() is not None,
-                             what="connection still open")
+            await wait_until(lambda: any(c.half_closed for c in server.connections.values()),
+                             what="the server saw the half-close")
             node.drain_release.set()
-            answer = await answering
+            answer = await read_until_closed(reader, 3)
             assert status_of(answer) == 200 and answer.endswith(b'{"draining": true}')
 
 
