@@ -1,4 +1,4 @@
-"""The node's HTTP API (aiohttp).
+"""The node's HTTP API (aiohttp), with its connection limits.
 
 =======================  =====================================================
 ``GET /healthz``         200 while the node's event loop runs (liveness)
@@ -13,22 +13,73 @@
 ``POST /undrain``        admin: end a drain and announce again
 =======================  =====================================================
 
-Admin endpoints answer 403 when no ``api.admin_token_file`` is configured and
-401 when the token is missing or wrong. Every error is a JSON body
-``{"error": "..."}`` with a 4xx status; no traceback ever reaches a client.
+Every ``GET`` route also answers ``HEAD``. ``docs/openapi.yaml`` is the
+OpenAPI 3 description of these routes; a test keeps the two in step.
+
+Admin endpoints answer 403 when no ``api.admin_token_file`` is configured (or
+it has become unusable) and 401 when the token is missing or wrong; the token
+is compared in constant time (:func:`hmac.compare_digest`). Every error is a
+JSON body ``{"error": "..."}`` with a 4xx status (405 keeps its ``Allow``
+header); no traceback ever reaches a client.
+
+Limits (``api.*`` in the config, :class:`~anycast_lb.config.ApiConfig`), all
+enforced per connection by :class:`_Connection`, which wraps aiohttp's own
+per-connection protocol:
+
+- ``max_connections``: past it, a new connection gets a best-effort 503 and
+  is closed at once, so a flood costs one accept and one close per
+  connection, never a descriptor held. While the cap is reached every new
+  connection is refused, ``/healthz`` included: idle or half-sent requests
+  hold their slot until ``header_timeout`` closes them, which bounds such an
+  outage of the API (never of the data path) to that many seconds.
+- ``header_timeout``: a connection with no request in progress for that long
+  (a request line and headers not complete within it after connecting or
+  after the previous answer, or an idle keep-alive) is aborted.
+- ``body_timeout``: the whole body must arrive within it once the headers are
+  in; 408 otherwise. ``max_body_size``: larger bodies get 413.
+- A client that half-closes (``shutdown(SHUT_WR)``) after a whole request
+  gets its answer, then the connection is closed; one that half-closes with
+  no whole request sent is closed at once.
+- aiohttp's parser limits stay at their defaults: request line and each
+  header field at most 8190 bytes, at most 128 header fields (400 past them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web import RequestHandler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from anycast_lb import log
+from anycast_lb.config import ApiConfig, format_host_port
+from anycast_lb.errors import BindError, ConfigError
 from anycast_lb.metrics import CONTENT_TYPE
+
+LINGER_S = 1.0
+"""After an answer sent before the whole body arrived (408, 413), seconds the
+rest of the body is read and discarded before the connection is closed, so
+the client can read the answer instead of a reset."""
+
+TOKEN_MAX_BYTES = 4096
+"""A token file longer than this is refused (it is not a token)."""
+
+_FULL_BODY = b'{"error": "too many API connections; try again soon"}'
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_FULL_BODY), _FULL_BODY)
+)
 
 
 class NodeControl(Protocol):
@@ -49,8 +100,53 @@ class NodeControl(Protocol):
         ...
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def read_token_file(path: Path) -> str:
+    """The admin bearer token held in ``path`` (surrounding whitespace
+    stripped).
+
+    Raises ConfigError when the file is missing or unreadable, is not a
+    regular file, grants any permission to group or others (``mode & 0o077``:
+    a token others can read is no secret), is larger than
+    ``TOKEN_MAX_BYTES`` bytes, is not UTF-8, or holds no token.
+    """
+    field = "api.admin_token_file"
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(str(path), [f"{field}: {reason}"])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise refuse(f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise refuse(f"{path} is accessible by group or others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+        data = os.read(fd, TOKEN_MAX_BYTES + 1)
+    except OSError as exc:
+        raise refuse(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > TOKEN_MAX_BYTES:
+        raise refuse(f"{path} is larger than {TOKEN_MAX_BYTES} bytes")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise refuse(f"{path} is not UTF-8") from exc
+    if not token:
+        raise refuse(f"{path} is empty")
+    return token
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           close: bool = False) -> web.Response:
+    response = web.json_response({"error": message}, status=status, headers=headers)
+    if close:
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -62,29 +158,270 @@ async def _json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason)
+        # Keep what the status needs (Allow on 405), not the text body's headers.
+        kept = {name: value for name, value in exc.headers.items()
+                if name not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH)}
+        return _error(exc.status, exc.reason, kept, close=exc.status in (408, 413))
     except Exception as exc:  # the API must never leak a traceback
         log.error("api.error", path=request.path, error=repr(exc))
         return _error(500, "internal error")
 
 
-def _read_token(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        log.warning("api.token_unreadable", path=str(path), error=exc.strerror or str(exc))
-        return None
-    return token or None
+@dataclass(eq=False)
+class ConnectionStats:
+    """Counters of the API's connection limits, exported in ``/metrics``."""
+
+    active: int = 0
+    refused: int = 0
+    header_timeouts: int = 0
+    body_timeouts: int = 0
+    too_large: int = 0
+    malformed: int = 0
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client collector protocol."""
+        yield GaugeMetricFamily("anycast_lb_api_connections", "Open API connections",
+                                value=self.active)
+        refused = CounterMetricFamily(
+            "anycast_lb_api_connections_refused", "API connections refused at api.max_connections")
+        refused.add_metric([], self.refused)
+        yield refused
+        rejected = CounterMetricFamily(
+            "anycast_lb_api_requests_rejected",
+            "API connections or requests ended by a limit", labels=["reason"])
+        rejected.add_metric(["header_timeout"], self.header_timeouts)
+        rejected.add_metric(["body_timeout"], self.body_timeouts)
+        rejected.add_metric(["body_too_large"], self.too_large)
+        rejected.add_metric(["malformed"], self.malformed)
+        yield rejected
 
 
-def make_app(node: NodeControl, admin_token_file: Path | None) -> web.Application:
+class _CountClientErrors(logging.Filter):
+    """aiohttp logs every malformed request (400) with a traceback, so garbage
+    on the API port would flood the log: count those instead. Anything else
+    aiohttp logs (its own failures) goes through."""
+
+    def __init__(self, stats: ConnectionStats) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Error handling request"):
+            self._stats.malformed += 1
+            return False
+        # The logger itself passes every level (so each client error above is
+        # counted, even those aiohttp logs at debug); the node's level applies here.
+        return record.levelno >= logging.getLogger("anycast_lb").getEffectiveLevel()
+
+
+def _aiohttp_logger(stats: ConnectionStats) -> logging.Logger:
+    """A logger for one server's aiohttp protocol, below ``anycast_lb`` (so
+    it uses the node's log format) and outside the logger registry (so each
+    server has its own filter)."""
+    logger = logging.Logger("anycast_lb.api.http")
+    logger.parent = logging.getLogger("anycast_lb")
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(_CountClientErrors(stats))
+    return logger
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted API connection: admits it under ``max_connections``,
+    runs aiohttp's protocol for it, and enforces the header timeout and the
+    half-close rule (see the module docstring)."""
+
+    def __init__(self, server: ApiServer) -> None:
+        self._server = server
+        self._handler: RequestHandler | None = None
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.half_closed = False
+        """True once the client has shut down its sending side."""
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's is no asyncio.Transport subclass
+        server = self._server
+        stats = server.stats
+        if stats.active >= server.config.max_connections:
+            stats.refused += 1
+            transport.write(_FULL)
+            transport.close()
+            return
+        handler = server.make_handler()
+        if handler is None:  # stopping
+            transport.abort()
+            return
+        stats.active += 1
+        self._handler = handler
+        self._transport = transport
+        server.connections[transport] = self
+        self._arm()
+        handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> bool:
+        handler = self._handler
+        if handler is None:
+            return False
+        self.half_closed = True
+        # aiohttp's own idle test (its keep-alive check): waiting for a request
+        # that is not whole yet, so none can come now: close at once.
+        waiter: asyncio.Future[None] | None = getattr(handler, "_waiter", None)
+        if waiter is not None and not waiter.done():
+            return False
+        # A whole request is in: keep our sending side open, answer it, then
+        # aiohttp closes the connection.
+        handler.close()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        handler, self._handler = self._handler, None
+        if handler is None:
+            return
+        self._server.stats.active -= 1
+        if self._transport is not None:
+            self._server.connections.pop(self._transport, None)
+            self._transport = None
+        handler.connection_lost(exc)
+
+    def request_started(self) -> None:
+        self._disarm()
+
+    def request_finished(self) -> None:
+        if self._handler is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.config.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._server.stats.header_timeouts += 1
+            # abort, not close: a client that does not read would hold a
+            # closing transport with unsent data forever.
+            self._transport.abort()
+
+
+class ApiServer:
+    """The HTTP API of ``node`` under ``config``'s limits.
+
+    ``start`` binds and returns the bound ``(host, port)``; ``cleanup``
+    closes the listener and every connection.
+    """
+
+    def __init__(self, node: NodeControl, config: ApiConfig) -> None:
+        self.node = node
+        self.config = config
+        self.stats = ConnectionStats()
+        self.connections: dict[asyncio.Transport, _Connection] = {}
+        self._runner = web.AppRunner(make_app(node, config, self), access_log=None,
+                                     handle_signals=False, lingering_time=LINGER_S,
+                                     logger=_aiohttp_logger(self.stats))
+        self._listener: asyncio.AbstractServer | None = None
+
+    @property
+    def app(self) -> web.Application:
+        return self._runner.app
+
+    def make_handler(self) -> RequestHandler | None:
+        """aiohttp's protocol for one new connection; None once stopped."""
+        server = self._runner.server
+        return None if server is None else server()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Check the admin token file, then listen on ``host:port`` (port 0:
+        any free port). Raises ConfigError for an unusable token file (see
+        :func:`read_token_file`) and BindError when the address cannot be
+        bound."""
+        if self.config.admin_token_file is not None:
+            read_token_file(self.config.admin_token_file)
+        await self._runner.setup()
+        loop = asyncio.get_running_loop()
+        try:
+            self._listener = await loop.create_server(
+                lambda: _Connection(self), host, port, reuse_address=True,
+                backlog=min(self.config.max_connections, 1024))
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise BindError(f"API cannot listen on {format_host_port(host, port)}: "
+                            f"{exc.strerror or exc}") from exc
+        bound = self._listener.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def cleanup(self) -> None:
+        """Stop listening, then let aiohttp finish and close every connection."""
+        if self._listener is not None:
+            self._listener.close()
+        await self._runner.cleanup()
+        for transport in list(self.connections):
+            transport.abort()
+
+    def request_started(self, request: web.BaseRequest) -> _Connection | None:
+        transport = request.transport
+        connection = None if transport is None else self.connections.get(transport)
+        if connection is not None:
+            connection.request_started()
+        return connection
+
+
+def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = None
+             ) -> web.Application:
     """Build the aiohttp application for ``node``.
 
-    The token file is read at each admin request, so a rotated token takes
-    effect without a restart.
+    The token file is read (and its mode checked) at each admin request, so a
+    rotated token takes effect without a restart. With ``server``, each
+    request pauses its connection's header timer while it runs.
     """
+    token_file = config.admin_token_file
+
+    @web.middleware
+    async def limits(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        connection = server.request_started(request) if server is not None else None
+        try:
+            length = request.content_length
+            if length is not None and length > config.max_body_size:
+                if server is not None:
+                    server.stats.too_large += 1
+                raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_size,
+                                                    actual_size=length)
+            try:
+                async with asyncio.timeout(config.body_timeout):
+                    await request.read()  # bounded by client_max_size (413)
+            except TimeoutError:
+                if server is not None:
+                    server.stats.body_timeouts += 1
+                raise web.HTTPRequestTimeout(
+                    reason=f"request body not received within {config.body_timeout} s") from None
+            except web.HTTPRequestEntityTooLarge:
+                if server is not None:
+                    server.stats.too_large += 1
+                raise
+            return await handler(request)
+        finally:
+            if connection is not None:
+                connection.request_finished()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -102,9 +439,13 @@ def make_app(node: NodeControl, admin_token_file: Path | None) -> web.Applicatio
         return web.Response(body=node.metrics_exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     def authorize(request: web.Request) -> web.Response | None:
-        token = _read_token(admin_token_file)
-        if token is None:
+        if token_file is None:
             return _error(403, "admin endpoints are disabled: no api.admin_token_file configured")
+        try:
+            token = read_token_file(token_file)
+        except ConfigError as exc:
+            log.warning("api.token_unusable", problem="; ".join(exc.problems))
+            return _error(403, "admin endpoints are disabled: api.admin_token_file is unusable")
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -126,7 +467,8 @@ def make_app(node: NodeControl, admin_token_file: Path | None) -> web.Applicatio
             return _error(409, "the node is stopping; it cannot be undrained")
         return web.json_response({"draining": False})
 
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors, limits],
+                          client_max_size=config.max_body_size)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)

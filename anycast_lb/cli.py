@@ -70,6 +70,14 @@ def check_config(config: Path, nofile: int | None) -> None:
     that cannot fit the open-file limit are refused.
     """
     cfg = _load(config)
+    if cfg.api.admin_token_file is not None:
+        from anycast_lb.api import read_token_file  # deferred: keeps the other commands light
+
+        try:
+            read_token_file(cfg.api.admin_token_file)
+        except ConfigError as exc:
+            click.echo(f"anycast-lb: invalid config {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     if cfg.cluster is not None:  # the runtime refuses a bad key file: so does the check
         from anycast_lb.cluster.keys import KeyFile
 

@@ -160,7 +160,21 @@ class ApiConfig(_Model):
     listen: str = "127.0.0.1:9180"
     """``host:port``; IPv6 as ``[::1]:9180``. Port 0 picks a free port."""
     admin_token_file: FilePath | None = None
-    """File holding the bearer token for POST /drain and /undrain."""
+    """File holding the bearer token for POST /drain and /undrain. It must be
+    a regular file readable by its owner only (no group or other permission
+    bits): the node refuses to start otherwise."""
+    max_connections: Annotated[StrictInt, Field(ge=1, le=65535)] = 256
+    """Concurrent API connections; past it a new connection gets a
+    best-effort 503 and is closed at once."""
+    header_timeout: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
+    """Seconds a connection may go without a request in progress: the time a
+    client has to send a whole request line and headers after connecting or
+    after its previous answer (so also the keep-alive idle limit)."""
+    body_timeout: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
+    """Seconds a client has to send a whole request body once its headers
+    are in (408 after that)."""
+    max_body_size: Annotated[StrictInt, Field(ge=1, le=16 * 1024 * 1024)] = 65536
+    """Largest request body in bytes (413 past it)."""
 
     @field_validator("listen")
     @classmethod

@@ -15,7 +15,7 @@ its soft RLIMIT_NOFILE to the hard limit (:func:`raise_nofile`) and
                   listeners  1 per service
                   health     per backend: PROBE_FDS[kind] (one check in flight:
                              health.timeout <= health.interval)
-                  api        api_connections + 1 (the listener)
+                  api        api.max_connections + 1 (the listener)
                   bgp        BGP_FDS with a bgp section (ExaBGP's pipes, log
                              file, the announcer socket)
                   cluster    CLUSTER_FDS with a cluster section
@@ -62,8 +62,6 @@ relay loop's epoll and eventfd, with room for a few more of the kind."""
 PROBE_FDS = {HealthKind.TCP: 1, HealthKind.HTTP: 1, HealthKind.EXEC: 6, HealthKind.NONE: 0}
 """Descriptors one check in flight holds (exec: /dev/null three times, the
 spawn's error pipe, a pidfd)."""
-API_CONNECTIONS_DEFAULT = 256
-"""Concurrent HTTP API connections reserved when no other figure is given."""
 BGP_FDS = 16
 """ExaBGP's stdin/stdout/stderr pipes, its log file, the announcer socket
 (listener and connection), and a BFD daemon's."""
@@ -129,8 +127,7 @@ class Budget:
         return out
 
 
-def plan(limit: int, config: NodeConfig, *, api_connections: int = API_CONNECTIONS_DEFAULT,
-         source: str = "<config>") -> Budget:
+def plan(limit: int, config: NodeConfig, *, source: str = "<config>") -> Budget:
     """Split ``limit`` descriptors for ``config`` (arithmetic in the module docstring).
 
     Raises ConfigError (naming the fields and the numbers) when the caps set
@@ -144,7 +141,7 @@ def plan(limit: int, config: NodeConfig, *, api_connections: int = API_CONNECTIO
         base=BASE_FDS,
         listeners=len(services),
         health=sum(PROBE_FDS[s.health.kind] * len(s.backends) for s in services),
-        api=api_connections + 1,
+        api=config.api.max_connections + 1,
         bgp=BGP_FDS if config.bgp is not None else 0,
         cluster=CLUSTER_FDS if config.cluster is not None else 0,
         workers=WORKER_FDS * (forwarding.workers - 1) if tcp else 0,

@@ -18,6 +18,9 @@ Exported families (all prefixed ``anycast_lb_``):
 - ``service_up_backends{service}`` gauge
 - ``node_draining`` gauge
 - ``health_check_duration_seconds{service,backend}`` histogram
+- ``api_connections``, ``api_connections_refused_total`` and
+  ``api_requests_rejected_total{reason}``, from
+  :class:`anycast_lb.api.ConnectionStats` (registered by the node)
 
 Descriptor budget and load shedding (:mod:`anycast_lb.limits`, docs/limits.md);
 names and labels are stable:

@@ -32,7 +32,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from aiohttp import web
 from prometheus_client.core import Metric
 
 from anycast_lb import api, log
@@ -419,26 +418,17 @@ class Node:
                                            max_tcp_connections=self.budget.tcp_connections,
                                            max_pipes=self.budget.pipes or None)
 
-    async def _start_api(self) -> web.AppRunner:
+    async def _start_api(self) -> api.ApiServer:
         if self._api_listen is not None:
             host, port = self._api_listen
         else:
             address, port = self.config.api.host_port
             host = str(address)
-        app = api.make_app(self, self.config.api.admin_token_file)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, str(host), int(port), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise BindError(f"API cannot listen on {format_host_port(str(host), int(port))}: "
-                            f"{exc.strerror or exc}") from exc
-        bound = runner.addresses[0]
-        self.api_address = (str(bound[0]), int(bound[1]))
+        server = api.ApiServer(self, self.config.api)
+        self.api_address = await server.start(str(host), int(port))
+        self.metrics.registry.register(server.stats)
         log.event("api.listening", address=format_host_port(*self.api_address))
-        return runner
+        return server
 
     async def _route_loop(self) -> None:
         """Recompute the desired routes on every change; one writer to the speaker."""
@@ -472,7 +462,7 @@ class Node:
         cancelled. Raises BindError if a forwarder or the API cannot bind, and
         the first AnycastLBError of any part that fails (e.g. AnnouncerError
         when ExaBGP cannot be started), unwrapped from the task group."""
-        runner: web.AppRunner | None = None
+        runner: api.ApiServer | None = None
         try:
             await self._start_forwarders()
             runner = await self._start_api()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import pytest
 import uvloop
 
-_BOTH_LOOPS = ("test_tcp_forwarder.py", "test_udp_forwarder.py", "test_node.py")
+_BOTH_LOOPS = ("test_tcp_forwarder.py", "test_udp_forwarder.py", "test_node.py", "test_api.py")
 
 
 def pytest_asyncio_loop_factories(

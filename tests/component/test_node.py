@@ -87,6 +87,7 @@ async def running(config: dict[str, Any]) -> AsyncIterator[RunningNode]:
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
     return path
 
 

@@ -120,8 +120,9 @@ def test_a_limit_too_small_for_one_connection_is_refused() -> None:
 
 def test_api_connections_come_from_the_reserve() -> None:
     cfg = config(udp())
-    assert plan(4096, cfg, api_connections=16).udp_flows["dns"] == \
-        plan(4096, cfg).udp_flows["dns"] + 240
+    small = cfg.model_copy(update={"api": cfg.api.model_copy(update={"max_connections": 16})})
+    assert cfg.api.max_connections == 256
+    assert plan(4096, small).udp_flows["dns"] == plan(4096, cfg).udp_flows["dns"] + 240
 
 
 @pytest.mark.parametrize(
