@@ -34,7 +34,7 @@ import math
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -59,11 +59,9 @@ from anycast_lb.cluster.ownership import (
 from anycast_lb.cluster.routing import RoutingSettings
 from anycast_lb.cluster.sync import REJECT_REASONS, SyncEndpoint
 from anycast_lb.config import ClusterConfig, ServiceConfig
-from anycast_lb.config import Protocol as Transport
+from anycast_lb.config import Transport
 from anycast_lb.errors import ClusterError
-
-if TYPE_CHECKING:
-    from anycast_lb.forward import FlowKey
+from anycast_lb.flows import FlowKey
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 """Histogram buckets of the sync lag, seconds."""

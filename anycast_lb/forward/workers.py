@@ -70,15 +70,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 from anycast_lb import log
-from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig
-from anycast_lb.config import Protocol as Transport
+from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig, Transport
 from anycast_lb.errors import BindError, WorkerProtocolError
+from anycast_lb.flows import FlowKey
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.pool import Backend, Pool
 
@@ -586,6 +586,11 @@ class WorkerGroup:
         self._stopping = True
         for worker in self.workers:
             worker.send({"op": "stop"})
+
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Flow survival is refused with relay workers (config check), so
+        workers publish no flow keys: 0."""
+        return 0
 
     async def close(self) -> None:
         """Stop every worker (``stop``, SIGKILL after EXIT_GRACE_S) and reap it."""
