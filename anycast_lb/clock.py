@@ -58,6 +58,12 @@ class FakeClock:
     def wall(self) -> float:
         return 1_700_000_000.0 + self._now
 
+    @property
+    def sleepers(self) -> int:
+        """Callers parked in ``sleep`` now (a test waits for a task to
+        arm its timer before it advances the clock)."""
+        return sum(1 for _, _, fut in self._sleepers if not fut.done())
+
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + max(seconds, 0.0), next(self._seq), fut))

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the schema needs none of the running parts
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 DrainPhaseName = Literal["none", "graceful", "withdrawn"]

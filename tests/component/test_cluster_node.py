@@ -17,6 +17,7 @@ import aiohttp
 
 from anycast_lb.config import parse_config
 from anycast_lb.node import Node
+from anycast_lb.status import Status
 from tests.waiting import wait_until
 
 
@@ -71,6 +72,7 @@ async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -
         await wait_until(lambda: a.cluster is not None and a.cluster.status()["live_peers"] == 1,
                          what="lb1 hears lb2")
         status = await get(a, "/status")
+        assert Status.model_validate(status).cluster is not None
         cluster = status["cluster"]
         assert cluster["flow_survival"] == "off"
         assert cluster["reason"] == "cluster.flow_survival is false"
