@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 
 from anycast_lb import log
+from anycast_lb.clock import Clock
 from anycast_lb.config import Engine, NodeConfig, Transport, format_host_port
 from anycast_lb.flows import FlowHook, FlowKey
 from anycast_lb.forward import DataPath, Forwarder, RelayLoop, forwarder_for
@@ -34,8 +35,9 @@ class DataPlane:
 
     def __init__(self, config: NodeConfig, pools: Mapping[str, Pool], budget: Budget, *,
                  bind_overrides: Mapping[str, tuple[str, int]] | None = None,
-                 flow_hook: FlowHook | None = None) -> None:
+                 flow_hook: FlowHook | None = None, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock
         self.pools = pools
         self.budget = budget
         self.flow_hook = flow_hook
@@ -88,7 +90,8 @@ class DataPlane:
         self.workers = await start_workers(self.config, self.pools, self.addresses,
                                            relay=self.relay is not None,
                                            max_tcp_connections=self.budget.tcp_connections,
-                                           max_pipes=self.budget.pipes or None)
+                                           max_pipes=self.budget.pipes or None,
+                                           clock=self.clock)
 
     # ------------------------------------------------------------------ state
 

@@ -95,7 +95,8 @@ class Node:
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
         self.pools = {s.name: Pool(s) for s in config.services}
-        self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides)
+        self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
+                              clock=self.clock)
         self.cluster: Cluster | None = None
         if config.cluster is not None:
             self.cluster = Cluster(config.cluster, config.services, name=config.node.name,

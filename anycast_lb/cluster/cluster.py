@@ -627,8 +627,18 @@ class Cluster:
         key_errors = GaugeMetricFamily("anycast_lb_cluster_key_file_error",
                                        "1 while a changed key file is refused (old keys in use)")
         key_errors.add_metric([], 1.0 if self._key_error else 0.0)
+        sent = CounterMetricFamily("anycast_lb_cluster_sync_datagrams_sent",
+                                   "Sync datagrams sent to peers")
+        sent.add_metric([], float(self.endpoint.sent))
+        send_errors = CounterMetricFamily("anycast_lb_cluster_sync_send_errors",
+                                          "Sync datagrams the kernel refused to send")
+        send_errors.add_metric([], float(self.endpoint.send_errors))
+        published = CounterMetricFamily("anycast_lb_cluster_sync_published",
+                                        "Flow-table messages published, by kind", labels=["kind"])
+        published.add_metric(["delta"], float(self.deltas_sent))
+        published.add_metric(["snapshot"], float(self.snapshots_sent))
         yield from (mode, live, up, flows, owned, size, packets, lag, p99, gaps, failures, aborted,
-                    received, rejected, key_errors)
+                    received, rejected, key_errors, sent, send_errors, published)
 
 
 class _Stopped(Exception):

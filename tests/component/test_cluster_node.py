@@ -80,6 +80,10 @@ async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -
         assert (peer["name"], peer["alive"], peer["steering_receiver"]) == ("lb2", True, False)
         metrics = await get(a, "/metrics")
         assert "anycast_lb_cluster_live_peers 1.0" in metrics
+        sent = next(line for line in metrics.splitlines()
+                    if line.startswith("anycast_lb_cluster_sync_datagrams_sent_total "))
+        assert float(sent.split()[1]) > 0  # lb2 heard lb1's heartbeats
+        assert 'anycast_lb_cluster_sync_published_total{kind="snapshot"}' in metrics
         assert "anycast_lb_cluster_flow_survival 0.0" in metrics
         assert cluster["sync"]["rejected"] == {"unknown_peer": 0, "malformed": 0, "bad_mac": 0,
                                                "replay": 0}
