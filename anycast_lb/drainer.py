@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from anycast_lb import log
 from anycast_lb.clock import Clock
-from anycast_lb.drain import DrainMachine, DrainState, Event, Outcome, Phase
+from anycast_lb.drain import DrainMachine, DrainState, Event, GraceElapsed, Outcome, Phase
 
 
 class Drainer:
@@ -62,8 +62,6 @@ class Drainer:
 
     async def run(self) -> None:
         """The grace timer: feed GraceElapsed at ``grace_until``. Runs until cancelled."""
-        from anycast_lb.drain import GraceElapsed
-
         while True:
             self._rearm.clear()
             until = self.state.grace_until
