@@ -256,4 +256,12 @@ def schema() -> None:
     click.echo(json_schema(), nl=False)
 
 
+@main.command("status-schema")
+def status_schema() -> None:
+    """Print the JSON schema of GET /status (docs/status.schema.json)."""
+    from anycast_lb.status import json_schema as status_json_schema
+
+    click.echo(status_json_schema(), nl=False)
+
+
 main.add_command(lab)

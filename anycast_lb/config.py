@@ -97,7 +97,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Protocol(str, Enum):
+class Transport(str, Enum):
+    """A service's layer-4 protocol (``services[].protocol``)."""
+
     TCP = "tcp"
     UDP = "udp"
 
@@ -243,7 +245,7 @@ class ServiceConfig(_Model):
     name: Name
     vip: IPAddress
     port: Port
-    protocol: Protocol = Protocol.TCP
+    protocol: Transport = Transport.TCP
     balance: Balance = Balance.MAGLEV
     hash_key: HashKey = HashKey.FIVE_TUPLE
     min_healthy: Annotated[StrictInt, Field(ge=1)] = 1
@@ -284,10 +286,10 @@ class ServiceConfig(_Model):
                 f"min_healthy ({self.min_healthy}) exceeds the number of backends "
                 f"({len(self.backends)})"
             )
-        if self.protocol is Protocol.TCP and self.max_flows_per_source is not None:
+        if self.protocol is Transport.TCP and self.max_flows_per_source is not None:
             raise ValueError("max_flows_per_source is for udp services "
                              "(tcp: forwarding.max_tcp_connections)")
-        if self.proxy_protocol and self.protocol is Protocol.UDP:
+        if self.proxy_protocol and self.protocol is Transport.UDP:
             raise ValueError("proxy_protocol is only supported for tcp services")
         seen: set[str] = set()
         for backend in self.backends:
@@ -300,7 +302,7 @@ class ServiceConfig(_Model):
     def effective_idle_timeout(self) -> float:
         if self.idle_timeout is not None:
             return self.idle_timeout
-        return 30.0 if self.protocol is Protocol.UDP else 300.0
+        return 30.0 if self.protocol is Transport.UDP else 300.0
 
     @property
     def prefix(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -545,7 +547,7 @@ class NodeConfig(_Model):
                     )
         if self.cluster is not None and self.cluster.flow_survival:
             for service in self.services:
-                if service.protocol is Protocol.TCP and service.vip.version != 4:
+                if service.protocol is Transport.TCP and service.vip.version != 4:
                     problems.append(
                         f"VIP {service.vip} (service {service.name!r}): flow survival "
                         "supports IPv4 VIPs only for now (set cluster.flow_survival: false)"

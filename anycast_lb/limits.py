@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from anycast_lb.config import Engine, HealthKind, NodeConfig
-from anycast_lb.config import Protocol as Transport
+from anycast_lb.config import Transport
 from anycast_lb.errors import ConfigError
 
 TCP_CONNECTION_FDS = 2
@@ -223,6 +223,8 @@ class Refusals:
     descriptors: int = 0
     accept_pauses: int = 0
     """Times the accept loop paused for want of descriptors or memory."""
+    evicted: int = 0
+    """UDP: quiet flows replaced by new ones in a full table (0 for TCP)."""
 
     def count(self, reason: str) -> None:
         """One refusal for ``cap``, ``source_cap`` or ``descriptors``. Raises

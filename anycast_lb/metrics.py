@@ -47,7 +47,9 @@ With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 ``cluster_stale_flows_aborted_total``,
 ``cluster_sync_datagrams_received_total`` (authenticated, not replayed),
 ``cluster_sync_datagrams_rejected_total{reason}`` (``unknown_peer``,
-``malformed``, ``bad_mac``, ``replay``) and ``cluster_key_file_error``
+``malformed``, ``bad_mac``, ``replay``), ``cluster_sync_datagrams_sent_total``,
+``cluster_sync_send_errors_total``, ``cluster_sync_published_total{kind}``
+(``delta``, ``snapshot``) and ``cluster_key_file_error``
 (1 while a changed key file is refused and the old keys stay in use).
 """
 

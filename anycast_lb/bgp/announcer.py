@@ -48,13 +48,13 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from anycast_lb import log
 from anycast_lb.bgp import render, wire
 from anycast_lb.bgp.policy import Prefix, Route
+from anycast_lb.clock import Clock, SystemClock, wait_event, wait_for
 from anycast_lb.errors import AnnouncerError
 
 CONNECT_BACKOFF_MIN = 0.05
@@ -81,6 +81,8 @@ class Announcer:
     """State and tasks of one announcer process.
 
     ``stdin``/``stdout`` are ExaBGP's side; tests may pass their own streams.
+    Every timeout (node silence, ExaBGP's answer, refresh, probe, back-off)
+    runs on ``clock`` (default: the system clock).
     """
 
     def __init__(
@@ -90,7 +92,9 @@ class Announcer:
         refresh: float,
         stdin: asyncio.StreamReader,
         stdout: asyncio.StreamWriter,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock: Clock = clock or SystemClock()
         self._socket_path = socket_path
         self._node_timeout = node_timeout
         self._refresh = refresh
@@ -138,7 +142,7 @@ class Announcer:
 
     async def _node_loop(self) -> None:
         backoff = CONNECT_BACKOFF_MIN
-        last_contact = time.monotonic()
+        last_contact = self._clock.monotonic()
         withdrawn = False
         while True:
             try:
@@ -146,10 +150,10 @@ class Announcer:
                     self._socket_path, limit=LINE_LIMIT
                 )
             except OSError as exc:
-                if not withdrawn and time.monotonic() - last_contact >= self._node_timeout:
+                if not withdrawn and self._clock.monotonic() - last_contact >= self._node_timeout:
                     self._withdraw_all(f"node unreachable: {exc.strerror or exc}")
                     withdrawn = True
-                await asyncio.sleep(backoff)
+                await self._clock.sleep(backoff)
                 backoff = min(backoff * 2, CONNECT_BACKOFF_MAX)
                 continue
             backoff = CONNECT_BACKOFF_MIN
@@ -162,13 +166,13 @@ class Announcer:
             try:
                 while True:
                     try:
-                        line = await asyncio.wait_for(reader.readline(), self._node_timeout)
+                        line = await wait_for(self._clock, reader.readline(), self._node_timeout)
                     except TimeoutError:
                         reason = f"no word from the node for {self._node_timeout} s"
                         break
                     if not line.endswith(b"\n"):
                         break
-                    last_contact = time.monotonic()
+                    last_contact = self._clock.monotonic()
                     withdrawn = False
                     self._on_routes(wire.decode_node_message(line))
             except AnnouncerError as exc:
@@ -182,8 +186,8 @@ class Announcer:
             log.warning("announcer.node_lost", reason=reason)
             self._withdraw_all(reason)
             withdrawn = True
-            last_contact = time.monotonic()
-            await asyncio.sleep(CONNECT_BACKOFF_MIN)  # no busy loop on accept-and-close
+            last_contact = self._clock.monotonic()
+            await self._clock.sleep(CONNECT_BACKOFF_MIN)  # no busy loop on accept-and-close
 
     # -- ExaBGP side -------------------------------------------------------
 
@@ -211,7 +215,7 @@ class Announcer:
                 log.event("announcer.exabgp_shutdown")
 
     def _relay_alive(self) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._node is not None and now - self._alive_sent >= ALIVE_MIN_GAP:
             self._alive_sent = now
             self._send_node(wire.encode_alive())
@@ -221,7 +225,7 @@ class Announcer:
         self._stdout.write(line.encode("ascii") + b"\n")
         await self._stdout.drain()
         try:
-            ok = await asyncio.wait_for(self._answers.get(), ACK_TIMEOUT)
+            ok = await wait_for(self._clock, self._answers.get(), ACK_TIMEOUT)
         except TimeoutError:
             self._stale_answers += 1
             log.warning("announcer.ack_timeout", line=line, timeout_s=ACK_TIMEOUT)
@@ -275,13 +279,13 @@ class Announcer:
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._refresh)
+            await self._clock.sleep(self._refresh)
             self._refresh_due = True
             self._dirty.set()
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(PROBE_INTERVAL)
+            await self._clock.sleep(PROBE_INTERVAL)
             self._probe_due = True
             self._dirty.set()
 
@@ -291,9 +295,7 @@ class Announcer:
         node_task.cancel()
         self._synced.clear()
         self._withdraw_all("stopping")
-        try:
-            await asyncio.wait_for(self._synced.wait(), STOP_TIMEOUT)
-        except TimeoutError:
+        if not await wait_event(self._clock, self._synced, STOP_TIMEOUT):
             log.warning("announcer.stop_timeout", timeout_s=STOP_TIMEOUT)
         raise _Exit("stopped")
 

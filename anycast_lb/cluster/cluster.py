@@ -34,7 +34,7 @@ import math
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -59,11 +59,9 @@ from anycast_lb.cluster.ownership import (
 from anycast_lb.cluster.routing import RoutingSettings
 from anycast_lb.cluster.sync import REJECT_REASONS, SyncEndpoint
 from anycast_lb.config import ClusterConfig, ServiceConfig
-from anycast_lb.config import Protocol as Transport
+from anycast_lb.config import Transport
 from anycast_lb.errors import ClusterError
-
-if TYPE_CHECKING:
-    from anycast_lb.forward import FlowKey
+from anycast_lb.flows import FlowKey
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 """Histogram buckets of the sync lag, seconds."""
@@ -629,8 +627,18 @@ class Cluster:
         key_errors = GaugeMetricFamily("anycast_lb_cluster_key_file_error",
                                        "1 while a changed key file is refused (old keys in use)")
         key_errors.add_metric([], 1.0 if self._key_error else 0.0)
+        sent = CounterMetricFamily("anycast_lb_cluster_sync_datagrams_sent",
+                                   "Sync datagrams sent to peers")
+        sent.add_metric([], float(self.endpoint.sent))
+        send_errors = CounterMetricFamily("anycast_lb_cluster_sync_send_errors",
+                                          "Sync datagrams the kernel refused to send")
+        send_errors.add_metric([], float(self.endpoint.send_errors))
+        published = CounterMetricFamily("anycast_lb_cluster_sync_published",
+                                        "Flow-table messages published, by kind", labels=["kind"])
+        published.add_metric(["delta"], float(self.deltas_sent))
+        published.add_metric(["snapshot"], float(self.snapshots_sent))
         yield from (mode, live, up, flows, owned, size, packets, lag, p99, gaps, failures, aborted,
-                    received, rejected, key_errors)
+                    received, rejected, key_errors, sent, send_errors, published)
 
 
 class _Stopped(Exception):

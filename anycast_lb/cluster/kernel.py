@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from anycast_lb import log
 from anycast_lb.cluster import nft, routing
 from anycast_lb.errors import ClusterError
+from anycast_lb.flows import FlowKey
 
 if TYPE_CHECKING:
     from anycast_lb.cluster.ownership import MapPlan
-    from anycast_lb.forward import FlowKey
 
 
 async def run(argv: Sequence[str], stdin: str | None = None) -> str:

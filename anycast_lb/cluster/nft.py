@@ -39,9 +39,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from anycast_lb.flows import FlowKey
+
 if TYPE_CHECKING:
     from anycast_lb.cluster.ownership import MapPlan
-    from anycast_lb.forward import FlowKey
 
 TUPLE = "ip saddr . tcp sport . ip daddr . tcp dport"
 KEY_TYPE = "ipv4_addr . inet_service . ipv4_addr . inet_service"

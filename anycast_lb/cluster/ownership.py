@@ -36,10 +36,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from anycast_lb.forward import FlowKey
+from anycast_lb.flows import FlowKey
 
 # How many applied deltas a peer keeps, to apply again on top of a snapshot
 # that was taken before them.

@@ -51,10 +51,10 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from anycast_lb.errors import ClusterAuthError, ClusterWireError
+from anycast_lb.flows import FlowKey
 
 if TYPE_CHECKING:
     from anycast_lb.cluster.keys import KeyRing
-    from anycast_lb.forward import FlowKey
 
 MAGIC = b"ALBC"
 VERSION = 2

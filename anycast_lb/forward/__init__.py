@@ -17,46 +17,28 @@ the one a service needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Protocol
 
-from anycast_lb.config import Protocol as Transport
-from anycast_lb.config import ServiceConfig
-
-FlowKey = tuple[str, int, str, int]
-"""A TCP flow as its owner publishes it: (client address, client port, VIP,
-VIP port), addresses as text."""
-FlowHook = Callable[[bool, FlowKey], None]
-"""Called with (True, key) when a client connection is accepted and
-(False, key) when it closes; the relay engine calls it on its own thread."""
-
-from anycast_lb.forward.relay import RelayForwarder, RelayLoop  # noqa: E402
-from anycast_lb.forward.tcp import TcpForwarder  # noqa: E402
-from anycast_lb.forward.udp import UdpForwarder  # noqa: E402
-from anycast_lb.limits import Slots  # noqa: E402
-from anycast_lb.pool import Pool  # noqa: E402
+from anycast_lb.config import ServiceConfig, Transport
+from anycast_lb.flows import FlowHook, FlowKey
+from anycast_lb.forward.relay import RelayForwarder, RelayLoop
+from anycast_lb.forward.tcp import TcpForwarder
+from anycast_lb.forward.udp import UdpForwarder
+from anycast_lb.limits import Refusals, Slots
+from anycast_lb.pool import Pool
 
 __all__ = [
-    "FlowHook", "FlowKey", "Forwarder", "RelayForwarder", "RelayLoop", "TcpForwarder",
-    "UdpForwarder", "forwarder_for",
+    "DataPath", "Forwarder", "RelayForwarder", "RelayLoop", "TcpForwarder", "UdpForwarder", "forwarder_for",
 ]
 
 
-class Forwarder(Protocol):
-    """What the node (start, drain, announce gating) needs of a forwarder."""
-
-    @property
-    def listening(self) -> bool:
-        """Bound and taking new connections or flows (gates the announcement)."""
-        ...
+class DataPath(Protocol):
+    """What a graceful stop needs of a forwarder, or of the relay workers as one."""
 
     @property
     def active(self) -> int:
         """Connections (TCP) or flows (UDP) in progress."""
-        ...
-
-    async def start(self) -> tuple[str, int]:
-        """Bind; returns the bound (address, port). Raises BindError."""
         ...
 
     def stop_accepting(self) -> None:
@@ -69,6 +51,34 @@ class Forwarder(Protocol):
 
     def abort_all(self) -> None:
         """End every connection or flow now."""
+        ...
+
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Reset the client connections with these flow keys (a live peer
+        owns the 4-tuples: our sockets are stale). Thread-safe; how many of
+        them this forwarder holds (0 where no flow keys are published)."""
+        ...
+
+
+class Forwarder(DataPath, Protocol):
+    """What the node (start, drain, announce gating, shedding counters)
+    needs of one service's forwarder."""
+
+    refusals: Refusals
+    """Shed-load counters (refusals by reason, accept pauses, UDP evictions)."""
+
+    @property
+    def listening(self) -> bool:
+        """Bound and taking new connections or flows (gates the announcement)."""
+        ...
+
+    async def start(self) -> tuple[str, int]:
+        """Bind; returns the bound (address, port). Raises BindError."""
+        ...
+
+    def refused(self) -> dict[str, int]:
+        """New connections or flows refused so far, by reason
+        (``limits.REFUSAL_REASONS``)."""
         ...
 
 

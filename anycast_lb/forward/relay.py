@@ -78,11 +78,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from anycast_lb import log
 from anycast_lb.config import ForwardingConfig, ServiceConfig, format_host_port
 from anycast_lb.errors import BindError
+from anycast_lb.flows import FlowHook, FlowKey
 from anycast_lb.forward.proxy_protocol import v2_header
 from anycast_lb.forward.tcp import (
     ACCEPT_BACKOFF_MAX_S,
@@ -95,8 +95,6 @@ from anycast_lb.forward.tcp import (
 from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
 
-if TYPE_CHECKING:
-    from anycast_lb.forward import FlowHook, FlowKey
 
 START_TIMEOUT = 10.0
 """Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""

@@ -55,11 +55,13 @@ import errno
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 from typing import cast
 
 from anycast_lb import log
 from anycast_lb.config import ServiceConfig, format_host_port
 from anycast_lb.errors import BindError, ConnectionStateError
+from anycast_lb.flows import FlowKey
 from anycast_lb.forward.connection import (
     ABORT,
     BACKEND_CLOSED,
@@ -319,6 +321,11 @@ class TcpForwarder:
         """Reset every connection (both sides) and cancel pending connects."""
         for relay in list(self._relays):
             relay.shutdown()
+
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Flow survival needs the relay engine (``forwarder_for`` refuses a
+        flow hook here), so this engine publishes no flow keys: 0."""
+        return 0
 
     # -- used by _Relay ------------------------------------------------------
 

@@ -52,11 +52,13 @@ import asyncio
 import ipaddress
 import socket
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from anycast_lb import log
 from anycast_lb.config import ServiceConfig, format_host_port
 from anycast_lb.errors import BindError
+from anycast_lb.flows import FlowKey
 from anycast_lb.limits import SOURCE_SHARE, Refusals, SourceCounts, source_key
 from anycast_lb.pool import Backend, Pool
 
@@ -133,10 +135,14 @@ class UdpForwarder:
         self._prefix_v6 = service.source_prefix_v6
         self.flows_total = 0
         self.rejected = 0
-        self.evicted = 0
         self.dropped = 0
         self.refusals = Refusals()
         self._shed_log = log.RateLimitedLog(1.0)
+
+    @property
+    def evicted(self) -> int:
+        """Quiet flows replaced by new ones in a full table."""
+        return self.refusals.evicted
 
     @property
     def max_flows_per_source(self) -> int:
@@ -235,6 +241,10 @@ class UdpForwarder:
         for flow in list(self._flows.values()):
             self._close_flow(flow)
 
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """UDP flows are not TCP flow keys: none to abort; 0."""
+        return 0
+
     # -- data path ----------------------------------------------------------
 
     def _from_client(self, data: bytes, addr: ClientAddr) -> None:
@@ -299,7 +309,7 @@ class UdpForwarder:
                 self._refuse("cap")
                 return None
             self._close_flow(oldest)
-            self.evicted += 1
+            self.refusals.evicted += 1
         loop = asyncio.get_running_loop()
         for backend in candidates:
             family = (

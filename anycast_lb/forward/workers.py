@@ -69,16 +69,16 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 from anycast_lb import log
-from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig
-from anycast_lb.config import Protocol as Transport
+from anycast_lb.clock import Clock, SystemClock, wait_event, wait_for
+from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig, Transport
 from anycast_lb.errors import BindError, WorkerProtocolError
+from anycast_lb.flows import FlowKey
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.pool import Backend, Pool
 
@@ -502,7 +502,11 @@ class WorkerGroup:
         start_timeout: float = START_TIMEOUT_S,
         max_tcp_connections: int | None = None,
         max_pipes: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock: Clock = clock or SystemClock()
+        """Times the node side reads (exit grace, respawn back-off, stability);
+        the workers' own loops run on real time in their processes."""
         self.services = [s for s in services if s.protocol is Transport.TCP]
         self.forwarding = forwarding
         self.pools = {s.name: pools[s.name] for s in self.services}
@@ -545,8 +549,8 @@ class WorkerGroup:
             for worker in self.workers:
                 assert worker.ready is not None
                 try:
-                    async with asyncio.timeout(self.start_timeout):
-                        reason = await asyncio.shield(worker.ready)
+                    reason = await wait_for(self._clock, asyncio.shield(worker.ready),
+                                            self.start_timeout)
                 except TimeoutError:
                     reason = f"not listening after {self.start_timeout} s"
                 if reason is not None:
@@ -572,12 +576,11 @@ class WorkerGroup:
         live = [w for w in self.workers if w.alive]
         for worker in live:
             worker.send({"op": "drain", "timeout": timeout})
-        try:
-            async with asyncio.timeout(timeout + EXIT_GRACE_S):
-                for worker in live:
-                    await worker.exited.wait()
-        except TimeoutError:
-            return False
+        deadline = self._clock.monotonic() + timeout + EXIT_GRACE_S
+        for worker in live:
+            left = max(0.0, deadline - self._clock.monotonic())
+            if not await wait_event(self._clock, worker.exited, left):
+                return False
         return all(w.idle for w in live)
 
     def abort_all(self) -> None:
@@ -587,15 +590,19 @@ class WorkerGroup:
         for worker in self.workers:
             worker.send({"op": "stop"})
 
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Flow survival is refused with relay workers (config check), so
+        workers publish no flow keys: 0."""
+        return 0
+
     async def close(self) -> None:
         """Stop every worker (``stop``, SIGKILL after EXIT_GRACE_S) and reap it."""
         self.abort_all()
-        deadline = time.monotonic() + EXIT_GRACE_S
+        deadline = self._clock.monotonic() + EXIT_GRACE_S
         for worker in self.workers:
             if worker.alive:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        await worker.exited.wait()
+                await wait_event(self._clock, worker.exited,
+                                 max(0.0, deadline - self._clock.monotonic()))
             proc = worker.proc
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -667,7 +674,7 @@ class WorkerGroup:
         worker.idle = None
         worker.exited = asyncio.Event()
         worker.ready = asyncio.get_running_loop().create_future()
-        worker.started_at = time.monotonic()
+        worker.started_at = self._clock.monotonic()
         try:
             worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "anycast_lb.forward.workers", "--parent", str(os.getpid()),
@@ -702,9 +709,9 @@ class WorkerGroup:
                            if worker.proc is not None else "not started")
             if self._stopping or not self._accepting:
                 return  # stopping, or still starting: start() reports the failure
-            if time.monotonic() - worker.started_at >= STABLE_AFTER_S:
+            if self._clock.monotonic() - worker.started_at >= STABLE_AFTER_S:
                 backoff = RESPAWN_MIN_S
-            await asyncio.sleep(backoff)
+            await self._clock.sleep(backoff)
             backoff = min(backoff * 2, RESPAWN_MAX_S)
             if self._stopping:
                 return
@@ -756,6 +763,7 @@ async def start_workers(
     *,
     max_tcp_connections: int | None = None,
     max_pipes: int | None = None,
+    clock: Clock | None = None,
 ) -> WorkerGroup | None:
     """The node's ``forwarding.workers - 1`` worker processes, started and
     listening; None when there are none to run (workers: 1, no TCP service,
@@ -770,7 +778,8 @@ async def start_workers(
                     reason="the relay engine is not running", using=1)
         return None
     group = WorkerGroup(tcp, config.forwarding, pools, binds, extra,
-                        max_tcp_connections=max_tcp_connections, max_pipes=max_pipes)
+                        max_tcp_connections=max_tcp_connections, max_pipes=max_pipes,
+                        clock=clock)
     await group.start()
     log.event("forward.workers", processes=extra + 1,
               pids=",".join(str(w.pid) for w in group.workers))

@@ -17,6 +17,7 @@ import aiohttp
 
 from anycast_lb.config import parse_config
 from anycast_lb.node import Node
+from anycast_lb.status import Status
 from tests.waiting import wait_until
 
 
@@ -71,6 +72,7 @@ async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -
         await wait_until(lambda: a.cluster is not None and a.cluster.status()["live_peers"] == 1,
                          what="lb1 hears lb2")
         status = await get(a, "/status")
+        assert Status.model_validate(status).cluster is not None
         cluster = status["cluster"]
         assert cluster["flow_survival"] == "off"
         assert cluster["reason"] == "cluster.flow_survival is false"
@@ -78,6 +80,10 @@ async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -
         assert (peer["name"], peer["alive"], peer["steering_receiver"]) == ("lb2", True, False)
         metrics = await get(a, "/metrics")
         assert "anycast_lb_cluster_live_peers 1.0" in metrics
+        sent = next(line for line in metrics.splitlines()
+                    if line.startswith("anycast_lb_cluster_sync_datagrams_sent_total "))
+        assert float(sent.split()[1]) > 0  # lb2 heard lb1's heartbeats
+        assert 'anycast_lb_cluster_sync_published_total{kind="snapshot"}' in metrics
         assert "anycast_lb_cluster_flow_survival 0.0" in metrics
         assert cluster["sync"]["rejected"] == {"unknown_peer": 0, "malformed": 0, "bad_mac": 0,
                                                "replay": 0}

@@ -14,6 +14,7 @@ import pytest
 
 from anycast_lb.config import parse_config
 from anycast_lb.node import Node
+from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, UdpNameEcho, tcp_request, udp_request
 from tests.component.nodes import node_running
 from tests.waiting import wait_until
@@ -158,6 +159,7 @@ async def test_backend_failure_is_invisible_to_clients(token_file: Path) -> None
         assert set(answered[marked_down_at:]) == {"be2"}
 
         status, body = await rn.get("/status")
+        Status.model_validate(body)  # the published schema's models
         web = next(s for s in body["services"] if s["name"] == "web")
         states = {f"{b['address']}:{b['port']}": b["state"] for b in web["backends"]}
         assert states == {be1_key: "down", f"127.0.0.1:{ports[1]}": "up"}

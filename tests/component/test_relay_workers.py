@@ -35,6 +35,7 @@ from anycast_lb.forward.workers import (
     parse_report,
 )
 from anycast_lb.node import Node
+from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, tcp_request
 from tests.component.nodes import node_running
 from tests.waiting import wait_until
@@ -180,6 +181,7 @@ async def test_workers_share_connections_and_follow_health(tmp_path: Path) -> No
 
         # /status and /metrics add the workers' counters to the node's, once.
         status = await get_json(node, "/status")
+        assert Status.model_validate(status).workers is not None
         web = status["services"][0]
         assert sum(b["connections_total"] for b in web["backends"]) == 150
         assert sum(b["bytes_in"] for b in web["backends"]) == sum(len(f"r{i}\n") for i in range(150))

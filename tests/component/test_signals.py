@@ -28,6 +28,7 @@ from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.config import parse_config
 from anycast_lb.forward.udp import DRAIN_IDLE
 from anycast_lb.node import Node
+from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, UdpNameEcho, udp_request
 from tests.component.bgp_peer import BgpPeer
 from tests.component.nodes import node_running
@@ -168,6 +169,7 @@ async def test_group_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
         assert await node.ready()
         assert node.proc.poll() is None
         status = (await node.get("/status"))[1]
+        assert Status.model_validate(status).bgp is not None
         assert status["bgp"]["exabgp_pid"] == exabgp_pid and _alive(exabgp_pid)
         assert status["services"][0]["announcement"] == "announced"
         assert node.peer.sessions == 1 and len(node.peer.prefix_events(VIP_PREFIX)) == 1

@@ -1,0 +1,181 @@
+"""The node's data path as one part: a forwarder per service, the relay
+engine's loop (shared by the TCP services) and the relay worker processes.
+
+It starts them in order (relay loop, forwarders, workers), answers for them
+as a whole (counters summed over the node process and the workers,
+graceful-stop surface :class:`~anycast_lb.forward.DataPath`) and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+
+from anycast_lb import log
+from anycast_lb.clock import Clock
+from anycast_lb.config import Engine, NodeConfig, Transport, format_host_port
+from anycast_lb.flows import FlowHook, FlowKey
+from anycast_lb.forward import DataPath, Forwarder, RelayLoop, forwarder_for
+from anycast_lb.forward.relay import HAVE_EPOLL
+from anycast_lb.forward.workers import BackendCounters, WorkerGroup, start_workers
+from anycast_lb.limits import Budget, Slots, open_descriptors
+from anycast_lb.metrics import Shedding
+from anycast_lb.pool import Backend, Pool
+
+
+class DataPlane:
+    """Every forwarder of one node.
+
+    ``bind_overrides`` maps a service name to the (host, port) its forwarder
+    binds instead of the VIP:port (tests bind 127.0.0.1 port 0).
+    ``flow_hook`` (flow survival) is told of every TCP flow accepted and
+    closed, and makes TCP listeners bind the wildcard address; both need the
+    relay engine.
+    """
+
+    def __init__(self, config: NodeConfig, pools: Mapping[str, Pool], budget: Budget, *,
+                 bind_overrides: Mapping[str, tuple[str, int]] | None = None,
+                 flow_hook: FlowHook | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.pools = pools
+        self.budget = budget
+        self.flow_hook = flow_hook
+        self._bind_overrides = dict(bind_overrides or {})
+        self._tcp_slots = Slots(budget.tcp_connections)
+        """The asyncio engine's connection cap (the relay loop holds its own)."""
+        self.forwarders: dict[str, Forwarder] = {}
+        self.relay: RelayLoop | None = None
+        """The relay engine's loop (``forwarding.engine: relay``, Linux)."""
+        self.workers: WorkerGroup | None = None
+        """Relay worker processes (``forwarding.workers`` > 1)."""
+        self.addresses: dict[str, tuple[str, int]] = {}
+        """Service name -> the bound (address, port)."""
+
+    # ------------------------------------------------------------------ start
+
+    def _start_relay(self) -> None:
+        forwarding = self.config.forwarding
+        if forwarding.engine is not Engine.RELAY:
+            return
+        if not any(s.protocol is Transport.TCP for s in self.config.services):
+            return
+        if not HAVE_EPOLL:
+            log.warning("forward.engine_unavailable", engine="relay", reason="no epoll",
+                        using="asyncio")
+            return
+        self.relay = RelayLoop(forwarding, max_connections=self.budget.tcp_connections,
+                               max_pipes=self.budget.pipes or None)
+        self.relay.start()
+
+    async def start(self) -> None:
+        """Start the relay loop, bind every forwarder, start the workers.
+        Raises BindError (call :meth:`close` afterwards either way)."""
+        self._start_relay()
+        reuse_port = self.relay is not None and self.config.forwarding.workers > 1
+        for s in self.config.services:
+            host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
+            forwarder = forwarder_for(
+                s, self.pools[s.name], bind_host=host, bind_port=port, relay=self.relay,
+                wildcard=self.flow_hook is not None and self.relay is not None,
+                on_flow=self.flow_hook if self.relay is not None else None,
+                reuse_port=reuse_port, slots=self._tcp_slots,
+                max_flows=self.budget.udp_flows.get(s.name),
+                max_flows_per_source=self.budget.udp_flows_per_source.get(s.name),
+            )
+            self.addresses[s.name] = await forwarder.start()
+            self.forwarders[s.name] = forwarder
+            log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
+                      address=format_host_port(*self.addresses[s.name]))
+        self.workers = await start_workers(self.config, self.pools, self.addresses,
+                                           relay=self.relay is not None,
+                                           max_tcp_connections=self.budget.tcp_connections,
+                                           max_pipes=self.budget.pipes or None,
+                                           clock=self.clock)
+
+    # ------------------------------------------------------------------ state
+
+    def listening(self, service: str) -> bool:
+        forwarder = self.forwarders.get(service)
+        return forwarder is not None and forwarder.listening
+
+    def parts(self) -> list[DataPath]:
+        """Every forwarder, and the relay workers as one."""
+        return [*self.forwarders.values(), *([self.workers] if self.workers is not None else [])]
+
+    @property
+    def active(self) -> int:
+        return sum(p.active for p in self.parts())
+
+    def service_active(self, service: str) -> int:
+        """``service``'s connections or flows, node process and workers."""
+        forwarder = self.forwarders.get(service)
+        return ((forwarder.active if forwarder is not None else 0)
+                + (self.workers.service_active(service) if self.workers is not None else 0))
+
+    def backend_counters(self, service: str, backend: Backend) -> BackendCounters:
+        """The backend's counters in this process plus the relay workers'."""
+        if self.workers is None:
+            return BackendCounters.of(backend)
+        return self.workers.counters(service, backend)
+
+    def refused(self, service: str) -> tuple[dict[str, int], int, int]:
+        """``service``'s refusals by reason, accept pauses and UDP evictions,
+        in this process and the relay workers."""
+        forwarder = self.forwarders.get(service)
+        refused: dict[str, int] = {}
+        pauses = evicted = 0
+        if forwarder is not None:
+            refused = forwarder.refused()
+            pauses = forwarder.refusals.accept_pauses
+            evicted = forwarder.refusals.evicted
+        if self.workers is not None:
+            more, more_pauses = self.workers.refused(service)
+            refused = {k: refused.get(k, 0) + more.get(k, 0) for k in refused.keys() | more.keys()}
+            pauses += more_pauses
+        return refused, pauses, evicted
+
+    def shedding(self) -> Shedding:
+        """The descriptor budget and shedding counters for /metrics."""
+        budget = self.budget
+        refused: dict[str, dict[str, int]] = {}
+        pauses: dict[str, int] = {}
+        evicted: dict[str, int] = {}
+        for s in self.config.services:
+            refused[s.name], pauses[s.name], evicted_n = self.refused(s.name)
+            if s.protocol is Transport.UDP:
+                evicted[s.name] = evicted_n
+        return Shedding(limit=budget.limit, reserve=budget.reserve.total,
+                        open_descriptors=open_descriptors(),
+                        tcp_connection_cap=budget.tcp_connections,
+                        udp_flow_cap=budget.udp_flows,
+                        udp_flows_per_source_cap=budget.udp_flows_per_source,
+                        refused=refused, evicted=evicted, accept_pauses=pauses)
+
+    # ------------------------------------------------------------------ control
+
+    def abort_flows(self, keys: Iterable[FlowKey]) -> int:
+        """Reset our client connections for ``keys``: a live peer accepted
+        those 4-tuples after us, so our sockets are stale (FLOW-SURVIVAL
+        trap 1). Thread-safe; how many were found."""
+        wanted = list(keys)
+        return sum(f.abort_flows(wanted) for f in self.parts())
+
+    def stop_accepting(self) -> None:
+        for part in self.parts():
+            part.stop_accepting()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every part to go idle; True if all did."""
+        results = await asyncio.gather(*(p.wait_idle(timeout) for p in self.parts()))
+        return all(results)
+
+    async def close(self) -> None:
+        """Reset whatever is left, reap the workers, stop the relay loop."""
+        for part in self.parts():
+            part.stop_accepting()
+            part.abort_all()
+        if self.workers is not None:
+            await self.workers.close()
+        if self.relay is not None:
+            self.relay.stop()

@@ -1,0 +1,288 @@
+"""``GET /status`` as typed models, and its published JSON schema.
+
+The models are the single source of the document's shape: the node builds a
+:class:`Status` and the API serves ``Status.model_dump(mode="json")``;
+``docs/status.schema.json`` is generated from them (``anycast-lb
+status-schema``), and a test keeps the committed file current.
+
+Units are in the names: ``_ms`` milliseconds, ``_s`` seconds; times of day
+are ISO 8601 UTC strings (``2026-11-21T21:00:00.123Z``). Sections of parts a
+node does not run are ``null`` (``bgp`` without a ``bgp`` section,
+``cluster`` without a ``cluster`` section, ``workers`` with
+``forwarding.workers`` 1); so are a service's ``prefix``, ``announcement``
+and ``damping`` without a ``bgp`` section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from anycast_lb.bgp.liveness import UNCONFIRMED
+from anycast_lb.bgp.policy import Prefix
+from anycast_lb.config import ServiceConfig, format_host_port
+from anycast_lb.pool import Pool
+
+if TYPE_CHECKING:  # the schema needs none of the running parts
+    from anycast_lb.bgp.controller import RouteDecision
+    from anycast_lb.dataplane import DataPlane
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+DrainPhaseName = Literal["none", "graceful", "withdrawn"]
+AnnouncementName = Literal["announced", "withdrawn", "draining", "damped", "pending",
+                           "unconfirmed"]
+
+
+class NodeInfo(_Model):
+    name: str
+    draining: bool
+    drain_phase: DrainPhaseName
+    """What the route policy sees: ``none``, ``graceful`` (announced with
+    GRACEFUL_SHUTDOWN 65535:0, RFC 8326), ``withdrawn``."""
+    drain_state: Literal["serving", "graceful", "withdrawn", "drained"]
+    """The drain sequence (:mod:`anycast_lb.drain`): ``drained`` once the
+    data path went idle or ``drain.timeout`` passed."""
+    stopping: bool
+    """A graceful stop (SIGTERM) has begun: undrain is refused."""
+    pid: int
+
+
+class BackendStatus(_Model):
+    address: str
+    port: int
+    weight: int
+    state: Literal["up", "down"]
+    last_check: str | None
+    """ISO 8601 UTC time of the last health check."""
+    last_latency_ms: float | None
+    last_detail: str
+    active_connections: int
+    """Open connections (UDP: live flows), node process and relay workers."""
+    connections_total: int
+    connect_failures: int
+    bytes_in: int
+    """Bytes relayed client to backend."""
+    bytes_out: int
+
+
+class DampingStatus(_Model):
+    penalty: float
+    """Flap penalty decayed to now (RFC 2439 section 4.2)."""
+    suppressed: bool
+    reuse_in_s: float
+    """Seconds until the prefix is reused; 0.0 when not suppressed."""
+
+
+class ServiceStatus(_Model):
+    name: str
+    vip: str
+    port: int
+    protocol: Literal["tcp", "udp"]
+    balance: Literal["maglev", "round_robin", "least_conn"]
+    listen: str | None
+    """The bound address ``host:port`` (``[v6]:port``), None before it binds."""
+    listening: bool
+    healthy: bool
+    """At least ``min_healthy`` backends up."""
+    min_healthy: int
+    up_backends: int
+    active_connections: int
+    backends: list[BackendStatus]
+    refused: dict[str, int]
+    """New connections or flows refused, by reason (``cap``, ``source_cap``,
+    ``descriptors``, ``no_backend``, ``connect_failed``)."""
+    prefix: str | None = None
+    """The VIP prefix announced (bgp only)."""
+    announcement: AnnouncementName | None = None
+    """The route controller's decision once ExaBGP acknowledged it;
+    ``pending`` until it did, ``unconfirmed`` while ExaBGP does not answer
+    (bgp only)."""
+    damping: DampingStatus | None = None
+    """bgp only."""
+
+
+class BgpStatus(_Model):
+    confirmed: bool
+    """ExaBGP answered within ``confirm_deadline_s``."""
+    confirmed_age_s: float
+    confirm_deadline_s: float
+    peers: dict[str, Literal["up", "down", "connected", "unknown"]]
+    routes: dict[str, Literal["announced", "withdrawn", "pending", "unconfirmed"]]
+    exabgp_pid: int | None
+    exabgp_restarts: int
+    announcer_connected: bool
+    seq: int
+    """Sequence number of the current route set."""
+    exabgp_errors: int
+    """Route sets ExaBGP answered ``error`` to, or did not answer in time."""
+
+
+class ClusterPeerStatus(_Model):
+    address: str
+    port: int
+    name: str
+    alive: bool
+    steering_receiver: bool
+    in_sync: bool
+    flows: int
+    reported_flows: int | None
+    last_heard_ms_ago: float | None
+    gaps: int
+    snapshots: int
+    fwmark: int
+    key_id: int | None
+
+
+class ClusterSyncStatus(_Model):
+    datagrams_received: int
+    datagrams_sent: int
+    send_errors: int
+    rejected: dict[str, int]
+    """By reason: ``unknown_peer``, ``malformed``, ``bad_mac``, ``replay``."""
+    signing_key_id: int
+    accepted_key_ids: list[int]
+    key_file_error: str | None
+
+
+class ClusterStatus(_Model):
+    flow_survival: Literal["off", "starting", "active", "unavailable", "stopped"]
+    reason: str | None
+    address: str
+    interface: str | None
+    epoch: int
+    seq: int
+    live_peers: int
+    steering_peers: int
+    flows_owned: int
+    steering_map_size: int
+    sync_lag_p99_ms: float | None
+    packets: dict[str, int]
+    """Steered packets by verdict (nft counters)."""
+    stale_flows_aborted: int
+    sync: ClusterSyncStatus
+    peers: list[ClusterPeerStatus]
+
+
+class WorkerStatus(_Model):
+    worker: int
+    pid: int | None
+    alive: bool
+    listening: bool
+    restarts: int
+    accepted: int
+    active_connections: int
+
+
+class ReserveStatus(_Model):
+    base: int
+    listeners: int
+    health: int
+    api: int
+    bgp: int
+    cluster: int
+    workers: int
+    margin: int
+    total: int
+
+
+class LimitsStatus(_Model):
+    limit: int
+    """The soft RLIMIT_NOFILE planned for (descriptors)."""
+    reserve: ReserveStatus
+    pipes: int
+    tcp_connections: int
+    udp_flows: dict[str, int]
+    udp_flows_per_source: dict[str, int]
+    data: int
+    open_descriptors: int | None
+
+
+class Status(_Model):
+    """The whole ``GET /status`` document."""
+
+    node: NodeInfo
+    services: list[ServiceStatus]
+    bgp: BgpStatus | None = Field(description="null without a bgp section")
+    cluster: ClusterStatus | None = Field(description="null without a cluster section")
+    workers: list[WorkerStatus] | None = Field(
+        description="null without relay workers (forwarding.workers 1)")
+    limits: LimitsStatus
+
+
+def json_schema() -> str:
+    """The JSON schema of ``/status`` (docs/status.schema.json), as text."""
+    return json.dumps(Status.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------- building
+
+
+def iso_utc(wall: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with milliseconds, or None."""
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+def service_status(
+    service: ServiceConfig,
+    pool: Pool,
+    data: DataPlane,
+    *,
+    with_bgp: bool,
+    decision: RouteDecision | None,
+    acked: Mapping[str, str],
+    damping: Callable[[Prefix], Mapping[str, float | bool]] | None,
+) -> ServiceStatus:
+    """One service: its forwarder, pool, backends and (``with_bgp``) its
+    announcement as the route controller decided it and ExaBGP acked it."""
+    listen = data.addresses.get(service.name)
+    bgp_fields: dict[str, object] = {}
+    if with_bgp:
+        # The controller's intent once ExaBGP acked it; "pending" until it
+        # did, "unconfirmed" while ExaBGP does not answer.
+        reported = acked.get(str(service.prefix))
+        intent = decision.intent if decision is not None else {}
+        bgp_fields = {
+            "prefix": str(service.prefix),
+            "announcement": reported if reported in ("pending", UNCONFIRMED)
+            else intent.get(service.prefix, "withdrawn"),
+            "damping": damping(service.prefix) if damping is not None else None,
+        }
+    return ServiceStatus.model_validate({
+        "name": service.name,
+        "vip": str(service.vip),
+        "port": service.port,
+        "protocol": service.protocol.value,
+        "balance": service.balance.value,
+        "listen": format_host_port(*listen) if listen is not None else None,
+        "listening": data.listening(service.name),
+        "healthy": pool.healthy,
+        "min_healthy": service.min_healthy,
+        "up_backends": pool.up_count,
+        "active_connections": data.service_active(service.name),
+        "backends": [
+            {
+                "address": str(b.config.address),
+                "port": b.config.port,
+                "weight": b.config.weight,
+                "state": "up" if b.up else "down",
+                "last_check": iso_utc(b.last_check),
+                "last_latency_ms": None if b.last_latency_ms is None
+                else round(b.last_latency_ms, 3),
+                "last_detail": b.last_detail,
+                **data.backend_counters(service.name, b)._asdict(),
+            }
+            for b in pool.backends
+        ],
+        "refused": data.refused(service.name)[0],
+        **bgp_fields,
+    })
