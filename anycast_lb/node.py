@@ -111,8 +111,12 @@ class Node:
     ) -> None:
         self.config = config
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
-        self._tcp_slots = Slots(self.budget.tcp_connections)
-        """The asyncio engine's connection cap (the relay loop holds its own)."""
+        forwarding = config.forwarding
+        self._tcp_slots = Slots(self.budget.tcp_connections,
+                                self.budget.tcp_connections_per_source or None,
+                                prefix_v4=forwarding.tcp_source_prefix_v4,
+                                prefix_v6=forwarding.tcp_source_prefix_v6)
+        """The asyncio engine's connection caps (the relay loop holds its own)."""
         self.clock = clock or SystemClock()
         self.pools = {s.name: Pool(s) for s in config.services}
         self.forwarders: dict[str, Forwarder] = {}
@@ -252,6 +256,7 @@ class Node:
         return Shedding(limit=budget.limit, reserve=budget.reserve.total,
                         open_descriptors=open_descriptors(),
                         tcp_connection_cap=budget.tcp_connections,
+                        tcp_connections_per_source_cap=budget.tcp_connections_per_source,
                         udp_flow_cap=budget.udp_flows,
                         udp_flows_per_source_cap=budget.udp_flows_per_source,
                         refused=refused, evicted=evicted, accept_pauses=pauses)
@@ -393,8 +398,10 @@ class Node:
             log.warning("forward.engine_unavailable", engine="relay", reason="no epoll",
                         using="asyncio")
             return
-        self.relay = RelayLoop(forwarding, max_connections=self.budget.tcp_connections,
-                               max_pipes=self.budget.pipes or None)
+        self.relay = RelayLoop(
+            forwarding, max_connections=self.budget.tcp_connections,
+            max_connections_per_source=self.budget.tcp_connections_per_source or None,
+            max_pipes=self.budget.pipes or None)
         self.relay.start()
 
     async def _start_forwarders(self) -> None:
@@ -417,6 +424,8 @@ class Node:
         self.workers = await start_workers(self.config, self.pools, self.service_addresses,
                                            relay=self.relay is not None,
                                            max_tcp_connections=self.budget.tcp_connections,
+                                           max_tcp_connections_per_source=(
+                                               self.budget.tcp_connections_per_source or None),
                                            max_pipes=self.budget.pipes or None)
 
     async def _start_api(self) -> web.AppRunner:

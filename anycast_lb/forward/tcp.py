@@ -32,8 +32,10 @@ Accepting: the forwarder owns its listening socket and accepts in batches
 from a reader callback, then hands each socket to
 ``loop.connect_accepted_socket``. Past the process's connection cap
 (``slots``, shared by every service of the engine, from the descriptor
-budget: docs/limits.md) a new connection is reset at once (SO_LINGER 0) and
-counted as ``cap``. When accept() fails for want of descriptors or memory
+budget: docs/limits.md), or past its source's share of it, a new
+connection is reset at once (SO_LINGER 0) and counted as ``cap`` or
+``source_cap``; the slot and the source's count are given back when the
+connection's transports are all closed (``_unregister``). When accept() fails for want of descriptors or memory
 (``OUT_OF_RESOURCES``) the listener is paused (its reader removed, so the
 loop does not spin on a connection it cannot take) until one of its
 connections closes or a timer of ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S
@@ -129,8 +131,8 @@ class TcpForwarder:
     127.0.0.1 port 0); backend choice still hashes the service's VIP and port
     so every node picks the same backend for a flow.
 
-    ``slots`` caps the connections of every forwarder sharing it (None:
-    no cap).
+    ``slots`` caps the connections of every forwarder sharing it, in all
+    and per source (None: no cap).
 
     Counters (plain ints, read at scrape time): ``accepted``,
     ``rejected_no_backend`` (no backend up: the client is reset at once),
@@ -245,7 +247,7 @@ class TcpForwarder:
         assert sock is not None
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -254,11 +256,15 @@ class TcpForwarder:
                     return
                 continue  # ECONNABORTED and the like: that client is gone
             self._backoff = ACCEPT_BACKOFF_MIN_S
-            if not self.slots.take():
+            refusal = self.slots.admit(peer[0])
+            if refusal is not None:
                 _reset(conn)
-                self.refuse("cap")
+                self.refuse(refusal)
                 continue
             relay = _Relay(self)
+            # The slot is released with this address (_unregister), even if
+            # the transport never learns its peer name.
+            relay.peer = (str(peer[0]), int(peer[1]))
             self._spawn_adopt(relay, conn)
 
     def _pause(self, exc: OSError) -> None:
@@ -296,7 +302,7 @@ class TcpForwarder:
         except BaseException as exc:
             if relay.client is None:  # connection_made never ran: the slot is ours
                 conn.close()
-                self.slots.give()
+                self.slots.release(relay.peer[0])
             if not isinstance(exc, Exception):
                 raise
             log.debug("forward.accept_failed", service=self.service.name, error=_describe(exc))
@@ -332,8 +338,10 @@ class TcpForwarder:
             )
 
     def _unregister(self, relay: _Relay) -> None:
+        """``relay`` has finished (once per relay, from ``_maybe_finish``):
+        its slot and its source's count are given back."""
         self._relays.discard(relay)
-        self.slots.give()
+        self.slots.release(relay.peer[0])
         if self._paused:
             self._resume()  # a connection's descriptors were freed
         if not self._relays:
