@@ -35,11 +35,11 @@ from a reader callback, then hands each socket to
 budget: docs/limits.md), or past its source's share of it, a new
 connection is reset at once (SO_LINGER 0) and counted as ``cap`` or
 ``source_cap``; the slot and the source's count are given back when the
-connection's transports are all closed (``_unregister``). When accept() fails for want of descriptors or memory
-(``OUT_OF_RESOURCES``) the listener is paused (its reader removed, so the
-loop does not spin on a connection it cannot take) until one of its
-connections closes or a timer of ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S
-(doubling) fires; log lines are rate-limited (one per second per event, with
+connection's transports are all closed (``_unregister``). When accept()
+fails for want of descriptors or memory (``OUT_OF_RESOURCES``) the listener
+is paused (its reader removed, so the loop does not spin on a connection it
+cannot take) until one of its connections closes or a timer of
+ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S (doubling) fires; log lines are rate-limited (one per second per event, with
 a ``suppressed`` count). A backend socket that cannot be opened (EMFILE,
 ENFILE) resets the client at once, counted as ``descriptors``.
 

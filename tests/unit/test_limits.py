@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from anycast_lb.config import parse_config
 from anycast_lb.errors import ConfigError
@@ -164,9 +167,23 @@ def test_source_key(host: str, v4: int, v6: int, key: str) -> None:
     assert source_key(host, v4, v6) == key
 
 
-def test_source_key_refuses_a_name() -> None:
+@pytest.mark.parametrize("host", ["example.com", "", "1.2.3", "2001:db8::g", "1.2.3.4/24"])
+def test_source_key_refuses_what_is_no_address(host: str) -> None:
     with pytest.raises(ValueError):
-        source_key("example.com")
+        source_key(host)
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
+       st.integers(8, 32), st.integers(16, 128))
+def test_source_key_is_the_network_whatever_the_spelling(
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address, v4: int, v6: int) -> None:
+    prefix = v4 if address.version == 4 else v6
+    key = source_key(str(address), v4, v6)
+    assert key == source_key(address.exploded, v4, v6)
+    host, _, length = key.partition("/")
+    network = ipaddress.ip_network((address, prefix), strict=False)
+    assert ipaddress.ip_address(host) == network.network_address
+    assert length == ("" if prefix == address.max_prefixlen else str(prefix))
 
 
 def test_source_counts_hold_at_most_the_cap_per_key() -> None:
