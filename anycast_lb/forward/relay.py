@@ -44,16 +44,20 @@ the control plane (the GIL makes each read whole).
 
 Load shedding (docs/limits.md): the loop's ``slots`` cap the proxied
 connections of the process over all its services (``max_connections``,
-from the descriptor budget), and those of each client source (address or
-prefix: ``max_connections_per_source``, ``tcp_source_prefix_v4/v6``),
-counted at accept and released when the connection closes. Past a cap a
-new connection is accepted and reset at once (SO_LINGER 0) and counted
-(``cap``, ``source_cap``), rather than left in the listen
+from the descriptor budget). Past the cap a new connection is accepted and
+reset at once (SO_LINGER 0) and counted, rather than left in the listen
 backlog: the client learns at once instead of after its own timeout, no
 stale handshake is served late, and each refusal is counted. A backend
 socket that cannot be opened (EMFILE, ENFILE) resets the client at once,
 counted as ``descriptors``. Splice pipes are capped too (``max_pipes``);
 without one a direction copies through user space.
+
+Per source: each client source (address or prefix:
+``max_connections_per_source``, ``tcp_source_prefix_v4/v6``) may hold a
+share of the cap; past it a new connection is reset the same way, counted
+as ``source_cap``. The slot and the source's count are taken in
+``RelayForwarder.accept`` and given back once, in
+``RelayForwarder.closed`` (from ``_Conn.close``).
 
 Accept back-off: when accept() fails for want of descriptors or memory
 (EMFILE, ENFILE, ENOBUFS, ENOMEM) the listener is paused (its epoll

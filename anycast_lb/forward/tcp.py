@@ -32,16 +32,20 @@ Accepting: the forwarder owns its listening socket and accepts in batches
 from a reader callback, then hands each socket to
 ``loop.connect_accepted_socket``. Past the process's connection cap
 (``slots``, shared by every service of the engine, from the descriptor
-budget: docs/limits.md), or past its source's share of it, a new
-connection is reset at once (SO_LINGER 0) and counted as ``cap`` or
-``source_cap``; the slot and the source's count are given back when the
-connection's transports are all closed (``_unregister``). When accept()
-fails for want of descriptors or memory (``OUT_OF_RESOURCES``) the listener
-is paused (its reader removed, so the loop does not spin on a connection it
-cannot take) until one of its connections closes or a timer of
-ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S (doubling) fires; log lines are rate-limited (one per second per event, with
+budget: docs/limits.md) a new connection is reset at once (SO_LINGER 0) and
+counted as ``cap``. When accept() fails for want of descriptors or memory
+(``OUT_OF_RESOURCES``) the listener is paused (its reader removed, so the
+loop does not spin on a connection it cannot take) until one of its
+connections closes or a timer of ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S
+(doubling) fires; log lines are rate-limited (one per second per event, with
 a ``suppressed`` count). A backend socket that cannot be opened (EMFILE,
 ENFILE) resets the client at once, counted as ``descriptors``.
+
+Per source: past its source's share of the cap (``slots``' per-source
+count, ``forwarding.max_tcp_connections_per_source``) a new connection is
+reset the same way, counted as ``source_cap``. The slot and the source's
+count are taken at accept and given back once, when the connection's
+transports are all closed (``_unregister``).
 
 Idle timeout: one periodic sweep per forwarder (every idle_timeout/8 s, only
 while connections exist) feeds each relaying connection ``IdleSweep(traffic)``;
