@@ -20,6 +20,7 @@ import pytest
 from anycast_lb.config import ForwardingConfig, parse_config
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import TcpForwarder
+from anycast_lb.forward.workers import ServiceCounters
 from anycast_lb.limits import Slots
 from anycast_lb.node import Node
 from anycast_lb.pool import Pool
@@ -519,15 +520,27 @@ async def test_the_cap_still_bounds_many_sources(
     await wait_until(lambda: slots.used == 0, what="every slot given back")
 
 
-@pytest.mark.parametrize("engine", ["relay", "asyncio"])
-async def test_node_applies_the_per_source_share_and_shows_it(engine: str) -> None:
-    """The node's budget reaches the engine: 8 connections, a quarter (2)
-    per source by default, refusals and the cap in /metrics and /status."""
+async def first_line(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> bytes:
+    """The first line a connection receives; b"" when it was refused."""
+    if conn is None:
+        return b""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            return await conn[0].readline()
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.mark.parametrize(("engine", "workers"), [("relay", 1), ("asyncio", 1), ("relay", 2)])
+async def test_node_applies_the_per_source_share_and_shows_it(engine: str, workers: int) -> None:
+    """The node's budget reaches the engine (and each relay worker): 8
+    connections, a quarter (2) per source by default, per process;
+    refusals and the cap in /metrics and /status."""
     web = TcpNameEcho("web1")
     web_port = await web.start()
     config = parse_config({
         "api": {"listen": "127.0.0.1:0"},
-        "forwarding": {"engine": engine, "max_tcp_connections": 8},
+        "forwarding": {"engine": engine, "workers": workers, "max_tcp_connections": 8},
         "services": [
             {"name": "web", "vip": "127.0.0.1", "port": 1, "protocol": "tcp",
              "backends": [{"address": "127.0.0.1", "port": web_port}],
@@ -535,31 +548,45 @@ async def test_node_applies_the_per_source_share_and_shows_it(engine: str) -> No
     })
     node = Node(config, bind_overrides={"web": ("127.0.0.1", 0)}, api_listen=("127.0.0.1", 0),
                 check_jitter=False)
-    held: list[asyncio.StreamWriter] = []
+    # With 2 processes, 30 connections: SO_REUSEPORT hashes each 4-tuple,
+    # so each process gets at least its 2 (all but 62 in 2**30 spreads).
+    attempts = 6 if workers == 1 else 30
+    admitted = 2 * workers
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = []
     try:
         async with node_running(node):
             assert node.budget.tcp_connections_per_source == 2
             await wait_until(lambda: node.pools["web"].backends[0].up, what="web backend up")
             port = node.service_addresses["web"][1]
-            fwd = node.forwarders["web"]
-            for _ in range(6):
-                conn = await open_from(ATTACKER, ("127.0.0.1", port))
-                if conn is not None:
-                    held.append(conn[1])
-            await wait_until(lambda: fwd.refused()["source_cap"] == 4,  # type: ignore[attr-defined]
-                             what="4 refusals past the share")
+            group = node.workers
+            if workers > 1:  # each worker serves once it knows the backend is up
+                assert group is not None
+                await wait_until(lambda: all(
+                    w.services.get("web", ServiceCounters()).up_backends == 1
+                    for w in group.workers), what="the backend up in the worker")
+            conns = [await open_from(ATTACKER, ("127.0.0.1", port)) for _ in range(attempts)]
+            lines = [await first_line(c) for c in conns]
+            assert lines.count(b"web1\n") == admitted
             assert await tcp_request(port) == ("web1", b"ping\n")  # from 127.0.0.1
+            assert node.api_address is not None
+            base = f"http://127.0.0.1:{node.api_address[1]}"
+            expected = (f'anycast_lb_flows_refused_total{{reason="source_cap",service="web"}} '
+                        f"{float(attempts - admitted)}")
             async with aiohttp.ClientSession() as session:
-                assert node.api_address is not None
-                base = f"http://127.0.0.1:{node.api_address[1]}"
+                async def counted() -> bool:
+                    async with session.get(f"{base}/metrics") as response:
+                        return expected in await response.text()
+
+                # Relay workers report their counters to the node periodically.
+                await wait_until(counted, interval=0.1, what=expected)
                 async with session.get(f"{base}/metrics") as response:
                     metrics = await response.text()
                 async with session.get(f"{base}/status") as response:
                     status = await response.json()
-            assert 'anycast_lb_flows_refused_total{reason="source_cap",service="web"} 4.0' in metrics
             assert "anycast_lb_tcp_connections_per_source_cap 2.0" in metrics
             assert status["limits"]["tcp_connections_per_source"] == 2
     finally:
-        for writer in held:
-            writer.close()
+        for c in conns:
+            if c is not None:
+                c[1].close()
         await web.stop()
