@@ -96,6 +96,8 @@ def check_config(config: Path, nofile: int | None) -> None:
                     for name, cap in budget.udp_flows.items())
     click.echo(f"  descriptors: limit {budget.limit}, reserve {budget.reserve.total}, "
                f"tcp connections {budget.tcp_connections} per process"
+               + (f" (per source {budget.tcp_connections_per_source})"
+                  if budget.tcp_connections else "")
                + (f", udp flows {udp}" if udp else ""))
 
 

@@ -288,7 +288,7 @@ class ServiceConfig(_Model):
             )
         if self.protocol is Transport.TCP and self.max_flows_per_source is not None:
             raise ValueError("max_flows_per_source is for udp services "
-                             "(tcp: forwarding.max_tcp_connections)")
+                             "(tcp: forwarding.max_tcp_connections_per_source)")
         if self.proxy_protocol and self.protocol is Transport.UDP:
             raise ValueError("proxy_protocol is only supported for tcp services")
         seen: set[str] = set()
@@ -411,6 +411,18 @@ class ForwardingConfig(_Model):
     are reset at once and counted. Each costs two descriptors. Default: the
     TCP share of the open-file budget (docs/limits.md); when set, it must
     fit that budget."""
+    max_tcp_connections_per_source: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
+    """Most of those connections one source (an address, or a prefix, see
+    tcp_source_prefix_v4/v6) may hold at once in one process, over all TCP
+    services; past it its new connections are reset at once and counted
+    (``source_cap``), so one client's idle connections cannot take the
+    whole cap. Default: a quarter of the TCP cap; at most the cap."""
+    tcp_source_prefix_v4: Annotated[StrictInt, Field(ge=8, le=32)] = 32
+    """Prefix length grouping IPv4 clients for max_tcp_connections_per_source
+    (32: per address)."""
+    tcp_source_prefix_v6: Annotated[StrictInt, Field(ge=16, le=128)] = 64
+    """Prefix length grouping IPv6 clients for max_tcp_connections_per_source
+    (64: per subnet)."""
 
 
 _IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip

@@ -42,7 +42,12 @@ class DataPlane:
         self.budget = budget
         self.flow_hook = flow_hook
         self._bind_overrides = dict(bind_overrides or {})
-        self._tcp_slots = Slots(budget.tcp_connections)
+        forwarding = config.forwarding
+        self._tcp_slots = Slots(budget.tcp_connections,
+                                budget.tcp_connections_per_source or None,
+                                prefix_v4=forwarding.tcp_source_prefix_v4,
+                                prefix_v6=forwarding.tcp_source_prefix_v6)
+        """The asyncio engine's connection caps (the relay loop holds its own)."""
         """The asyncio engine's connection cap (the relay loop holds its own)."""
         self.forwarders: dict[str, Forwarder] = {}
         self.relay: RelayLoop | None = None
@@ -64,8 +69,10 @@ class DataPlane:
             log.warning("forward.engine_unavailable", engine="relay", reason="no epoll",
                         using="asyncio")
             return
-        self.relay = RelayLoop(forwarding, max_connections=self.budget.tcp_connections,
-                               max_pipes=self.budget.pipes or None)
+        self.relay = RelayLoop(
+            forwarding, max_connections=self.budget.tcp_connections,
+            max_connections_per_source=self.budget.tcp_connections_per_source or None,
+            max_pipes=self.budget.pipes or None)
         self.relay.start()
 
     async def start(self) -> None:
@@ -90,6 +97,8 @@ class DataPlane:
         self.workers = await start_workers(self.config, self.pools, self.addresses,
                                            relay=self.relay is not None,
                                            max_tcp_connections=self.budget.tcp_connections,
+                                           max_tcp_connections_per_source=(
+                                               self.budget.tcp_connections_per_source or None),
                                            max_pipes=self.budget.pipes or None,
                                            clock=self.clock)
 
@@ -148,6 +157,7 @@ class DataPlane:
         return Shedding(limit=budget.limit, reserve=budget.reserve.total,
                         open_descriptors=open_descriptors(),
                         tcp_connection_cap=budget.tcp_connections,
+                        tcp_connections_per_source_cap=budget.tcp_connections_per_source,
                         udp_flow_cap=budget.udp_flows,
                         udp_flows_per_source_cap=budget.udp_flows_per_source,
                         refused=refused, evicted=evicted, accept_pauses=pauses)

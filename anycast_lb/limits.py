@@ -32,9 +32,11 @@ its soft RLIMIT_NOFILE to the hard limit (:func:`raise_nofile`) and
                   together (one share: cap = share // 2) and each UDP service
                   without max_flows (cap = min(share, its max_flows default))
 
-Per-source UDP caps are ``max_flows_per_source`` or a quarter of the
-service's cap (at least 1). A relay worker process inherits the limit and
-applies the same TCP cap in its own descriptor table.
+Per-source caps are a quarter of the cap they share (at least 1) unless
+set: UDP ``max_flows_per_source`` per service, TCP
+``forwarding.max_tcp_connections_per_source`` per process over every TCP
+service, never above the cap. A relay worker process inherits the limit
+and applies the same TCP caps in its own descriptor table.
 
 :func:`plan` is pure (a limit and a config in, a :class:`Budget` out);
 :func:`raise_nofile` and :func:`open_descriptors` are the thin I/O.
@@ -42,9 +44,9 @@ applies the same TCP cap in its own descriptor table.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import resource
+import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,7 +77,8 @@ accept holds for an instant."""
 PIPE_SHARE = 8
 """Splice pipes may hold 1/PIPE_SHARE of the data descriptors."""
 SOURCE_SHARE = 4
-"""Default max_flows_per_source: the service's flow cap divided by this."""
+"""Default per-source caps: the cap shared (a UDP service's flows, a
+process's TCP connections) divided by this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,9 @@ class Budget:
     tcp_connections: int
     """Proxied TCP connections at once per process, all TCP services
     together; 0 without a TCP service."""
+    tcp_connections_per_source: int = 0
+    """Of those, what one source (address or prefix) may hold; 0 without a
+    TCP service."""
     udp_flows: dict[str, int] = field(default_factory=dict)
     """UDP service name -> flow cap."""
     udp_flows_per_source: dict[str, int] = field(default_factory=dict)
@@ -200,7 +206,13 @@ def plan(limit: int, config: NodeConfig, *, source: str = "<config>") -> Budget:
         else max(1, udp_caps[s.name] // SOURCE_SHARE)
         for s in udp
     }
+    tcp_per_source = 0
+    if tcp:
+        tcp_per_source = (min(forwarding.max_tcp_connections_per_source, tcp_cap)
+                          if forwarding.max_tcp_connections_per_source is not None
+                          else max(1, tcp_cap // SOURCE_SHARE))
     return Budget(limit=limit, reserve=reserve, pipes=pipes, tcp_connections=tcp_cap,
+                  tcp_connections_per_source=tcp_per_source,
                   udp_flows=udp_caps, udp_flows_per_source=per_source)
 
 
@@ -209,7 +221,7 @@ def plan(limit: int, config: NodeConfig, *, source: str = "<config>") -> Budget:
 REFUSAL_REASONS = ("cap", "source_cap", "descriptors", "no_backend", "connect_failed")
 """Why a forwarder refused a new connection or flow (the ``reason`` label
 of ``anycast_lb_flows_refused_total``): ``cap`` the process's TCP cap or
-the service's UDP flow cap, ``source_cap`` the UDP per-source cap,
+the service's UDP flow cap, ``source_cap`` a per-source cap (TCP or UDP),
 ``descriptors`` no socket could be opened (EMFILE, ENFILE), ``no_backend``
 no backend up, ``connect_failed`` every candidate failed (TCP)."""
 
@@ -238,18 +250,33 @@ class Refusals:
 
 
 class Slots:
-    """Held slots against a cap: the TCP connections of one process.
+    """Held slots against a cap: the TCP connections of one process, and
+    with ``per_source`` each source's share of them.
 
     ``take()`` is False (nothing taken) at the cap; ``give()`` returns one.
-    ``cap`` None means no cap. Not thread-safe: one owner (the relay loop
-    thread, or the event loop of the asyncio engine).
+    ``admit(host)`` and ``release(host)`` do the same for a connection from
+    client address ``host``, also counting it against its source group
+    (``source_key`` with ``prefix_v4``/``prefix_v6``): one dict lookup each.
+    A connection admitted with ``admit(host)`` must be released exactly
+    once with ``release(host)`` and the same address. ``cap`` None means
+    no cap; ``per_source`` None no per-source cap. Not thread-safe: one
+    owner (the relay loop thread, or the event loop of the asyncio engine).
     """
 
-    __slots__ = ("cap", "used")
+    __slots__ = ("cap", "used", "sources", "_v4", "_v6")
 
-    def __init__(self, cap: int | None = None) -> None:
+    def __init__(self, cap: int | None = None, per_source: int | None = None, *,
+                 prefix_v4: int = 32, prefix_v6: int = 64) -> None:
         self.cap = cap
         self.used = 0
+        self.sources = SourceCounts(per_source) if per_source is not None else None
+        """Connections held per source group (None: not counted)."""
+        self._v4 = prefix_v4
+        self._v6 = prefix_v6
+
+    @property
+    def per_source(self) -> int | None:
+        return self.sources.cap if self.sources is not None else None
 
     def take(self) -> bool:
         if self.cap is not None and self.used >= self.cap:
@@ -260,18 +287,61 @@ class Slots:
     def give(self) -> None:
         self.used -= 1
 
+    def source(self, host: str) -> str:
+        """``host``'s source group. Raises ValueError for a string that is
+        not an IP address."""
+        if self._v4 == 32 and ":" not in host:
+            return host  # the common case, without parsing the address
+        return source_key(host, self._v4, self._v6)
+
+    def admit(self, host: str) -> str | None:
+        """Take a slot for a new connection from client address ``host``.
+
+        Returns None when taken, else the refusal reason and nothing is
+        taken: ``"source_cap"`` when ``host``'s group holds ``per_source``
+        (checked first, so a flood's excess is named as its own even when
+        the cap is full too), ``"cap"`` at the cap.
+        """
+        sources = self.sources
+        if sources is None:
+            return None if self.take() else "cap"
+        key = self.source(host)
+        if not sources.take(key):
+            return "source_cap"
+        if not self.take():
+            sources.give(key)
+            return "cap"
+        return None
+
+    def release(self, host: str) -> None:
+        """Give back the slot ``admit(host)`` took."""
+        self.used -= 1
+        if self.sources is not None:
+            self.sources.give(self.source(host))
+
 
 def source_key(host: str, prefix_v4: int = 32, prefix_v6: int = 64) -> str:
     """The group a client address counts in for per-source caps: the
-    address itself, or its /prefix network (``198.51.100.0/24``).
+    address itself, or its /prefix network (``198.51.100.0/24``), in the
+    canonical text form (RFC 5952 for IPv6), so any spelling of an address
+    gives the same key. About 1 us (inet_pton, a mask, inet_ntop): it runs
+    for every new TCP connection and UDP flow when grouping by prefix.
 
     Raises ValueError for a string that is not an IP address.
     """
-    address = ipaddress.ip_address(host)
-    prefix = prefix_v4 if address.version == 4 else prefix_v6
-    if prefix == address.max_prefixlen:
-        return str(address)
-    return str(ipaddress.ip_network((address, prefix), strict=False))
+    if "%" in host:
+        host = host.partition("%")[0]  # an IPv6 zone: the address is what counts
+    family, bits, prefix = ((socket.AF_INET6, 128, prefix_v6) if ":" in host
+                            else (socket.AF_INET, 32, prefix_v4))
+    try:
+        packed = socket.inet_pton(family, host)
+    except OSError as exc:
+        raise ValueError(f"not an IP address: {host!r}") from exc
+    if prefix >= bits:
+        return socket.inet_ntop(family, packed)
+    shift = bits - prefix
+    network = (int.from_bytes(packed, "big") >> shift) << shift
+    return f"{socket.inet_ntop(family, network.to_bytes(bits // 8, 'big'))}/{prefix}"
 
 
 class SourceCounts:

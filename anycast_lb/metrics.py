@@ -36,6 +36,7 @@ names and labels are stable:
   ``descriptor_reserve`` gauge: descriptors the data path never takes;
   ``descriptors_open`` gauge: open in the node process now
 - ``tcp_connection_cap`` gauge: proxied TCP connections per process;
+  ``tcp_connections_per_source_cap`` gauge: of those, per source;
   ``udp_flow_cap{service}`` and ``udp_flows_per_source_cap{service}`` gauges
 
 With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
@@ -146,6 +147,7 @@ class Shedding:
     reserve: int
     open_descriptors: int | None
     tcp_connection_cap: int
+    tcp_connections_per_source_cap: int = 0
     udp_flow_cap: Mapping[str, int] = field(default_factory=dict)
     udp_flows_per_source_cap: Mapping[str, int] = field(default_factory=dict)
     refused: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -180,6 +182,10 @@ def shedding_families(s: Shedding) -> Iterator[Metric]:
     tcp_cap = GaugeMetricFamily("anycast_lb_tcp_connection_cap",
                                 "Proxied TCP connections at once per process")
     tcp_cap.add_metric([], float(s.tcp_connection_cap))
+    tcp_source_cap = GaugeMetricFamily("anycast_lb_tcp_connections_per_source_cap",
+                                       "Proxied TCP connections one source address or prefix "
+                                       "may hold at once per process")
+    tcp_source_cap.add_metric([], float(s.tcp_connections_per_source_cap))
     udp_cap = GaugeMetricFamily("anycast_lb_udp_flow_cap", "UDP flows at once",
                                 labels=["service"])
     for service, cap in s.udp_flow_cap.items():
@@ -189,7 +195,8 @@ def shedding_families(s: Shedding) -> Iterator[Metric]:
                                    labels=["service"])
     for service, cap in s.udp_flows_per_source_cap.items():
         source_cap.add_metric([service], float(cap))
-    yield from (refused, evicted, pauses, limit, reserve, tcp_cap, udp_cap, source_cap)
+    yield from (refused, evicted, pauses, limit, reserve, tcp_cap, tcp_source_cap, udp_cap,
+                source_cap)
     if s.open_descriptors is not None:
         opened = GaugeMetricFamily("anycast_lb_descriptors_open",
                                    "Descriptors open in the node process")

@@ -199,6 +199,9 @@ class LimitsStatus(_Model):
     reserve: ReserveStatus
     pipes: int
     tcp_connections: int
+    """Proxied TCP connections at once per process, all TCP services together."""
+    tcp_connections_per_source: int
+    """Of those, what one source (address or prefix) may hold."""
     udp_flows: dict[str, int]
     udp_flows_per_source: dict[str, int]
     data: int

@@ -52,6 +52,13 @@ socket that cannot be opened (EMFILE, ENFILE) resets the client at once,
 counted as ``descriptors``. Splice pipes are capped too (``max_pipes``);
 without one a direction copies through user space.
 
+Per source: each client source (address or prefix:
+``max_connections_per_source``, ``tcp_source_prefix_v4/v6``) may hold a
+share of the cap; past it a new connection is reset the same way, counted
+as ``source_cap``. The slot and the source's count are taken in
+``RelayForwarder.accept`` and given back once, in
+``RelayForwarder.closed`` (from ``_Conn.close``).
+
 Accept back-off: when accept() fails for want of descriptors or memory
 (EMFILE, ENFILE, ENOBUFS, ENOMEM) the listener is paused (its epoll
 interest cleared, so the level-triggered loop does not spin) until a
@@ -156,12 +163,17 @@ class RelayLoop:
     """
 
     def __init__(self, settings: ForwardingConfig | None = None, *,
-                 max_connections: int | None = None, max_pipes: int | None = None) -> None:
+                 max_connections: int | None = None,
+                 max_connections_per_source: int | None = None,
+                 max_pipes: int | None = None) -> None:
         settings = settings or ForwardingConfig()
         self.buffer_size = settings.buffer_size
         self.splice = settings.splice and HAVE_SPLICE
-        self.slots = Slots(max_connections)
-        """Proxied connections of every service on this loop, against the cap."""
+        self.slots = Slots(max_connections, max_connections_per_source,
+                           prefix_v4=settings.tcp_source_prefix_v4,
+                           prefix_v6=settings.tcp_source_prefix_v6)
+        """Proxied connections of every service on this loop, against the
+        cap and each source's share (None: not capped)."""
         self.max_pipes = max_pipes
         self.pipes_open = 0
         """Pipes in existence (pooled or in use); at most ``max_pipes``."""
@@ -1105,18 +1117,19 @@ class RelayForwarder:
             _linger_reset(sock)
             loop.doom(sock)
             return
-        if not loop.slots.take():
-            # At the cap: reset now. Never registered with epoll, so closing
+        refusal = loop.slots.admit(peer[0])
+        if refusal is not None:
+            # At a cap: reset now. Never registered with epoll, so closing
             # at once cannot confuse this batch's events (see doom).
             _linger_reset(sock)
             sock.close()
-            self.refuse("cap")
+            self.refuse(refusal)
             return
         self.accepted += 1
         conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
-            loop.slots.give()
+            loop.slots.release(peer[0])
             self.rejected_no_backend += 1
             log.debug("forward.no_backend", service=self.name, client=conn.client_name)
             _linger_reset(sock)
@@ -1132,8 +1145,11 @@ class RelayForwarder:
         conn.connect_next()
 
     def closed(self, conn: _Conn) -> None:
+        """Loop thread: ``conn`` has closed (called once per connection
+        admitted, from ``_Conn.close``): its slot and its source's count
+        are given back."""
         loop = self.loop
-        loop.slots.give()
+        loop.slots.release(conn.peer[0])
         if loop.paused:
             loop.resume_listeners()
         self._conns.discard(conn)

@@ -41,6 +41,12 @@ connections closes or a timer of ACCEPT_BACKOFF_MIN_S to ACCEPT_BACKOFF_MAX_S
 a ``suppressed`` count). A backend socket that cannot be opened (EMFILE,
 ENFILE) resets the client at once, counted as ``descriptors``.
 
+Per source: past its source's share of the cap (``slots``' per-source
+count, ``forwarding.max_tcp_connections_per_source``) a new connection is
+reset the same way, counted as ``source_cap``. The slot and the source's
+count are taken at accept and given back once, when the connection's
+transports are all closed (``_unregister``).
+
 Idle timeout: one periodic sweep per forwarder (every idle_timeout/8 s, only
 while connections exist) feeds each relaying connection ``IdleSweep(traffic)``;
 a read in either direction sets ``traffic``, so the data path pays one
@@ -131,8 +137,8 @@ class TcpForwarder:
     127.0.0.1 port 0); backend choice still hashes the service's VIP and port
     so every node picks the same backend for a flow.
 
-    ``slots`` caps the connections of every forwarder sharing it (None:
-    no cap).
+    ``slots`` caps the connections of every forwarder sharing it, in all
+    and per source (None: no cap).
 
     Counters (plain ints, read at scrape time): ``accepted``,
     ``rejected_no_backend`` (no backend up: the client is reset at once),
@@ -247,7 +253,7 @@ class TcpForwarder:
         assert sock is not None
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -256,11 +262,15 @@ class TcpForwarder:
                     return
                 continue  # ECONNABORTED and the like: that client is gone
             self._backoff = ACCEPT_BACKOFF_MIN_S
-            if not self.slots.take():
+            refusal = self.slots.admit(peer[0])
+            if refusal is not None:
                 _reset(conn)
-                self.refuse("cap")
+                self.refuse(refusal)
                 continue
             relay = _Relay(self)
+            # The slot is released with this address (_unregister), even if
+            # the transport never learns its peer name.
+            relay.peer = (str(peer[0]), int(peer[1]))
             self._spawn_adopt(relay, conn)
 
     def _pause(self, exc: OSError) -> None:
@@ -298,7 +308,7 @@ class TcpForwarder:
         except BaseException as exc:
             if relay.client is None:  # connection_made never ran: the slot is ours
                 conn.close()
-                self.slots.give()
+                self.slots.release(relay.peer[0])
             if not isinstance(exc, Exception):
                 raise
             log.debug("forward.accept_failed", service=self.service.name, error=_describe(exc))
@@ -339,8 +349,10 @@ class TcpForwarder:
             )
 
     def _unregister(self, relay: _Relay) -> None:
+        """``relay`` has finished (once per relay, from ``_maybe_finish``):
+        its slot and its source's count are given back."""
         self._relays.discard(relay)
-        self.slots.give()
+        self.slots.release(relay.peer[0])
         if self._paused:
             self._resume()  # a connection's descriptors were freed
         if not self._relays:

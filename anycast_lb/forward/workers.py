@@ -148,6 +148,8 @@ class WorkerSpec(BaseModel):
     own listener (so a port 0 in tests is the same port everywhere)."""
     max_tcp_connections: int | None = None
     """The process's connection cap (the node's, from its descriptor budget)."""
+    max_tcp_connections_per_source: int | None = None
+    """Of those, what one source may hold (the node's figure)."""
     max_pipes: int | None = None
     """Splice pipes the worker's relay loop may hold."""
 
@@ -296,6 +298,7 @@ class _Worker:
         self.spec = spec
         self.reader = reader
         self.relay = RelayLoop(spec.forwarding, max_connections=spec.max_tcp_connections,
+                               max_connections_per_source=spec.max_tcp_connections_per_source,
                                max_pipes=spec.max_pipes)
         self.pools = {s.name: Pool(s) for s in spec.services}
         self.forwarders: dict[str, RelayForwarder] = {}
@@ -501,6 +504,7 @@ class WorkerGroup:
         *,
         start_timeout: float = START_TIMEOUT_S,
         max_tcp_connections: int | None = None,
+        max_tcp_connections_per_source: int | None = None,
         max_pipes: int | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -514,6 +518,7 @@ class WorkerGroup:
         self.workers = [WorkerProcess(i + 1) for i in range(count)]
         self.start_timeout = start_timeout
         self.max_tcp_connections = max_tcp_connections
+        self.max_tcp_connections_per_source = max_tcp_connections_per_source
         self.max_pipes = max_pipes
         self._retired: dict[str, ServiceCounters] = {}
         """Cumulative counters of worker processes that exited."""
@@ -687,7 +692,9 @@ class WorkerGroup:
             return
         spec = WorkerSpec(index=worker.index, log_level=self._log_level, forwarding=self.forwarding,
                           services=self.services, binds=self.binds,
-                          max_tcp_connections=self.max_tcp_connections, max_pipes=self.max_pipes)
+                          max_tcp_connections=self.max_tcp_connections,
+                          max_tcp_connections_per_source=self.max_tcp_connections_per_source,
+                          max_pipes=self.max_pipes)
         assert worker.proc.stdin is not None
         worker.proc.stdin.write(spec.model_dump_json().encode() + b"\n")
         worker.proc.stdin.write(encode(state_message(self.pools)))
@@ -762,6 +769,7 @@ async def start_workers(
     relay: bool,
     *,
     max_tcp_connections: int | None = None,
+    max_tcp_connections_per_source: int | None = None,
     max_pipes: int | None = None,
     clock: Clock | None = None,
 ) -> WorkerGroup | None:
@@ -778,8 +786,9 @@ async def start_workers(
                     reason="the relay engine is not running", using=1)
         return None
     group = WorkerGroup(tcp, config.forwarding, pools, binds, extra,
-                        max_tcp_connections=max_tcp_connections, max_pipes=max_pipes,
-                        clock=clock)
+                        max_tcp_connections=max_tcp_connections,
+                        max_tcp_connections_per_source=max_tcp_connections_per_source,
+                        max_pipes=max_pipes, clock=clock)
     await group.start()
     log.event("forward.workers", processes=extra + 1,
               pids=",".join(str(w.pid) for w in group.workers))

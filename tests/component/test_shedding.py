@@ -20,6 +20,7 @@ import pytest
 from anycast_lb.config import ForwardingConfig, parse_config
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import TcpForwarder
+from anycast_lb.forward.workers import ServiceCounters
 from anycast_lb.limits import Slots
 from anycast_lb.node import Node
 from anycast_lb.pool import Pool
@@ -381,3 +382,211 @@ async def test_no_leak_when_the_backend_socket_cannot_be_opened(child: Child) ->
         writer.close()
     await child.close()
     assert child.lines("forward.refused") == 1
+
+
+# -- per-source TCP cap ----------------------------------------------------------
+
+TCP_CAP = 20
+TCP_PER_SOURCE = TCP_CAP // 4
+ATTACKER, LEGIT = "127.0.0.2", "127.0.0.3"
+
+
+@pytest.fixture(params=["asyncio", "relay", "relay-copy"])
+async def per_source(request: pytest.FixtureRequest
+                     ) -> AsyncIterator[tuple[TcpForwarder | RelayForwarder, Slots,
+                                              tuple[str, int]]]:
+    """A forwarder capped at 20 connections, 5 per source, before a line echo."""
+    backend = LineBackend("b1")
+    pool = Pool(service_for([await backend.start()]))
+    for b in pool.backends:
+        pool.set_up(b.key, True)
+    relay = None
+    fwd: TcpForwarder | RelayForwarder
+    if request.param.startswith("relay"):
+        relay = RelayLoop(ForwardingConfig(splice=request.param == "relay"),
+                          max_connections=TCP_CAP, max_connections_per_source=TCP_PER_SOURCE)
+        relay.start()
+        fwd = RelayForwarder(pool.service, pool, relay, "127.0.0.1", 0)
+        slots = relay.slots
+    else:
+        slots = Slots(TCP_CAP, TCP_PER_SOURCE)
+        fwd = TcpForwarder(pool.service, pool, "127.0.0.1", 0, slots=slots)
+    address = await fwd.start()
+    try:
+        yield fwd, slots, address
+    finally:
+        fwd.stop_accepting()
+        fwd.abort_all()
+        await fwd.wait_idle(DEADLINE)
+        await backend.close()
+        if relay is not None:
+            relay.stop()
+
+
+async def open_from(host: str, address: tuple[str, int]
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A client connection from ``host``, or None when the forwarder's reset
+    came before the client saw its handshake complete."""
+    try:
+        return await asyncio.open_connection(*address, local_addr=(host, 0))
+    except ConnectionResetError:
+        return None
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes) -> bytes:
+    """The line the backend sends back for ``text``; b"" when reset."""
+    writer.write(text + b"\n")
+    try:
+        async with asyncio.timeout(DEADLINE):
+            return await reader.readline()
+    except ConnectionResetError:
+        return b""
+
+
+async def test_one_source_holds_its_share_and_others_still_connect(
+        per_source: tuple[TcpForwarder | RelayForwarder, Slots, tuple[str, int]]) -> None:
+    fwd, slots, address = per_source
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    legit_served = 0
+    try:
+        # The attacker opens idle connections up to twice the cap; after
+        # every 8th, the legitimate client makes a fresh connection and
+        # gets its echo.
+        for i in range(2 * TCP_CAP):
+            conn = await open_from(ATTACKER, address)
+            if conn is not None:
+                flood.append(conn)
+            if i % 8 == 7:
+                legit = await open_from(LEGIT, address)
+                assert legit is not None, "the legitimate client was reset"
+                reader, writer = legit
+                try:
+                    assert await echo(reader, writer, b"legit %d" % i) == b"b1:legit %d\n" % i
+                    legit_served += 1
+                finally:
+                    writer.close()
+        refused_excess = 2 * TCP_CAP - TCP_PER_SOURCE
+        await wait_until(lambda: fwd.refused()["source_cap"] == refused_excess,
+                         what=f"{refused_excess} refusals past the source's share")
+        assert legit_served == 5
+        # The attacker's share is relayed; its excess was reset at once.
+        answers = [await echo(r, w, b"flood") for r, w in flood]
+        assert answers.count(b"b1:flood\n") == TCP_PER_SOURCE
+        assert set(answers) <= {b"b1:flood\n", b""}
+        assert fwd.refused() == {"cap": 0, "source_cap": refused_excess, "descriptors": 0,
+                                 "no_backend": 0, "connect_failed": 0}
+        assert fwd.accepted == TCP_PER_SOURCE + legit_served
+        assert slots.sources is not None and slots.sources.held(ATTACKER) == TCP_PER_SOURCE
+    finally:
+        for _, writer in flood:
+            writer.close()
+    # Every connection ended: each released exactly once.
+    await wait_until(lambda: fwd.active == 0, what="every connection to close")
+    await wait_until(lambda: slots.used == 0, what="every slot given back")
+    assert slots.sources is not None and len(slots.sources) == 0
+    # The same source may connect again, up to its share.
+    again = [await open_from(ATTACKER, address) for _ in range(TCP_PER_SOURCE + 1)]
+    try:
+        answers = [await echo(*c, b"again") if c is not None else b"" for c in again]
+        assert answers.count(b"b1:again\n") == TCP_PER_SOURCE
+        await wait_until(lambda: fwd.refused()["source_cap"] == 2 * TCP_CAP - TCP_PER_SOURCE + 1,
+                         what="one more refusal past the share")
+    finally:
+        for c in again:
+            if c is not None:
+                c[1].close()
+    await wait_until(lambda: slots.used == 0, what="every slot given back")
+    assert len(slots.sources) == 0
+
+
+async def test_the_cap_still_bounds_many_sources(
+        per_source: tuple[TcpForwarder | RelayForwarder, Slots, tuple[str, int]]) -> None:
+    """Four sources at their share fill the cap; a fifth is refused as ``cap``."""
+    fwd, slots, address = per_source
+    conns = [await open_from(f"127.0.0.{10 + i // TCP_PER_SOURCE}", address)
+             for i in range(TCP_CAP)]
+    late = await open_from("127.0.0.20", address)
+    try:
+        assert all(c is not None for c in conns)
+        await wait_until(lambda: fwd.refused()["cap"] == 1, what="the fifth source refused")
+        assert fwd.accepted == TCP_CAP and fwd.refused()["source_cap"] == 0
+        if late is not None:
+            assert await echo(*late, b"late") == b""
+        assert slots.sources is not None and slots.sources.held("127.0.0.20") == 0
+    finally:
+        for c in [*conns, late]:
+            if c is not None:
+                c[1].close()
+    await wait_until(lambda: slots.used == 0, what="every slot given back")
+
+
+async def first_line(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> bytes:
+    """The first line a connection receives; b"" when it was refused."""
+    if conn is None:
+        return b""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            return await conn[0].readline()
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.mark.parametrize(("engine", "workers"), [("relay", 1), ("asyncio", 1), ("relay", 2)])
+async def test_node_applies_the_per_source_share_and_shows_it(engine: str, workers: int) -> None:
+    """The node's budget reaches the engine (and each relay worker): 8
+    connections, a quarter (2) per source by default, per process;
+    refusals and the cap in /metrics and /status."""
+    web = TcpNameEcho("web1")
+    web_port = await web.start()
+    config = parse_config({
+        "api": {"listen": "127.0.0.1:0"},
+        "forwarding": {"engine": engine, "workers": workers, "max_tcp_connections": 8},
+        "services": [
+            {"name": "web", "vip": "127.0.0.1", "port": 1, "protocol": "tcp",
+             "backends": [{"address": "127.0.0.1", "port": web_port}],
+             "health": {"kind": "none", "rise": 1}}],
+    })
+    node = Node(config, bind_overrides={"web": ("127.0.0.1", 0)}, api_listen=("127.0.0.1", 0),
+                check_jitter=False)
+    # With 2 processes, 30 connections: SO_REUSEPORT hashes each 4-tuple,
+    # so each process gets at least its 2 (all but 62 in 2**30 spreads).
+    attempts = 6 if workers == 1 else 30
+    admitted = 2 * workers
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = []
+    try:
+        async with node_running(node):
+            assert node.budget.tcp_connections_per_source == 2
+            await wait_until(lambda: node.pools["web"].backends[0].up, what="web backend up")
+            port = node.service_addresses["web"][1]
+            group = node.workers
+            if workers > 1:  # each worker serves once it knows the backend is up
+                assert group is not None
+                await wait_until(lambda: all(
+                    w.services.get("web", ServiceCounters()).up_backends == 1
+                    for w in group.workers), what="the backend up in the worker")
+            conns = [await open_from(ATTACKER, ("127.0.0.1", port)) for _ in range(attempts)]
+            lines = [await first_line(c) for c in conns]
+            assert lines.count(b"web1\n") == admitted
+            assert await tcp_request(port) == ("web1", b"ping\n")  # from 127.0.0.1
+            assert node.api_address is not None
+            base = f"http://127.0.0.1:{node.api_address[1]}"
+            expected = (f'anycast_lb_flows_refused_total{{reason="source_cap",service="web"}} '
+                        f"{float(attempts - admitted)}")
+            async with aiohttp.ClientSession() as session:
+                async def counted() -> bool:
+                    async with session.get(f"{base}/metrics") as response:
+                        return expected in await response.text()
+
+                # Relay workers report their counters to the node periodically.
+                await wait_until(counted, interval=0.1, what=expected)
+                async with session.get(f"{base}/metrics") as response:
+                    metrics = await response.text()
+                async with session.get(f"{base}/status") as response:
+                    status = await response.json()
+            assert "anycast_lb_tcp_connections_per_source_cap 2.0" in metrics
+            assert status["limits"]["tcp_connections_per_source"] == 2
+    finally:
+        for c in conns:
+            if c is not None:
+                c[1].close()
+        await web.stop()

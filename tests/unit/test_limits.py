@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from anycast_lb.config import parse_config
 from anycast_lb.errors import ConfigError
@@ -87,6 +90,32 @@ def test_plan(limit: int, cfg: Any, reserve: int, pipes: int, tcp_cap: int,
     assert used <= budget.data
 
 
+@pytest.mark.parametrize(
+    ("limit", "forwarding", "tcp_cap", "per_source"),
+    [
+        # Default: a quarter of the TCP cap.
+        (1024, {}, 300, 75),
+        (20000, {"max_tcp_connections": 1000}, 1000, 250),
+        # A tiny cap still lets each source hold one.
+        (20000, {"max_tcp_connections": 3}, 3, 1),
+        # Set: kept as set, never above the cap.
+        (20000, {"max_tcp_connections": 1000, "max_tcp_connections_per_source": 10}, 1000, 10),
+        (20000, {"max_tcp_connections": 10, "max_tcp_connections_per_source": 50}, 10, 10),
+    ],
+)
+def test_tcp_per_source_cap(limit: int, forwarding: dict[str, Any], tcp_cap: int,
+                            per_source: int) -> None:
+    budget = plan(limit, config(tcp(), forwarding=forwarding))
+    assert budget.tcp_connections == tcp_cap
+    assert budget.tcp_connections_per_source == per_source
+    assert budget.as_dict()["tcp_connections_per_source"] == per_source
+
+
+def test_no_tcp_per_source_cap_without_a_tcp_service() -> None:
+    budget = plan(1024, config(udp(), forwarding={"max_tcp_connections_per_source": 5}))
+    assert budget.tcp_connections == budget.tcp_connections_per_source == 0
+
+
 def test_two_udp_services_split_the_udp_part() -> None:
     second = udp("ntp") | {"port": 123}
     budget = plan(10000, config(udp(), second))
@@ -139,9 +168,23 @@ def test_source_key(host: str, v4: int, v6: int, key: str) -> None:
     assert source_key(host, v4, v6) == key
 
 
-def test_source_key_refuses_a_name() -> None:
+@pytest.mark.parametrize("host", ["example.com", "", "1.2.3", "2001:db8::g", "1.2.3.4/24"])
+def test_source_key_refuses_what_is_no_address(host: str) -> None:
     with pytest.raises(ValueError):
-        source_key("example.com")
+        source_key(host)
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
+       st.integers(8, 32), st.integers(16, 128))
+def test_source_key_is_the_network_whatever_the_spelling(
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address, v4: int, v6: int) -> None:
+    prefix = v4 if address.version == 4 else v6
+    key = source_key(str(address), v4, v6)
+    assert key == source_key(address.exploded, v4, v6)
+    host, _, length = key.partition("/")
+    network = ipaddress.ip_network((address, prefix), strict=False)
+    assert ipaddress.ip_address(host) == network.network_address
+    assert length == ("" if prefix == address.max_prefixlen else str(prefix))
 
 
 def test_source_counts_hold_at_most_the_cap_per_key() -> None:
@@ -163,6 +206,63 @@ def test_slots() -> None:
     assert slots.take()
     unlimited = Slots(None)
     assert all(unlimited.take() for _ in range(10_000))
+
+
+def test_slots_admit_per_source_then_the_cap() -> None:
+    slots = Slots(5, 2)
+    assert slots.admit("192.0.2.1") is None and slots.admit("192.0.2.1") is None
+    assert slots.admit("192.0.2.1") == "source_cap"  # its share, not the cap
+    assert slots.admit("192.0.2.2") is None and slots.admit("192.0.2.2") is None
+    assert slots.admit("192.0.2.3") is None
+    assert slots.used == 5
+    assert slots.admit("192.0.2.4") == "cap"
+    assert slots.admit("192.0.2.1") == "source_cap"  # both full: named as the source's
+    # A refusal takes nothing: the cap's refusal gave the source's count back.
+    assert slots.used == 5 and slots.sources is not None and len(slots.sources) == 3
+    slots.release("192.0.2.3")
+    assert slots.admit("192.0.2.4") is None
+
+
+def test_slots_counts_return_to_zero_and_the_source_connects_again() -> None:
+    slots = Slots(100, 4)
+    for _ in range(3):  # three rounds of filling a source's share and closing it all
+        assert all(slots.admit("2001:db8::7") is None for _ in range(4))
+        assert slots.admit("2001:db8::7") == "source_cap"
+        for _ in range(4):
+            slots.release("2001:db8::7")
+        assert slots.used == 0
+        assert slots.sources is not None and len(slots.sources) == 0
+
+
+@pytest.mark.parametrize(
+    ("v4", "v6", "same", "other"),
+    [
+        # Per address (v4 default); a /64 per subnet (v6 default).
+        (32, 64, [], "198.51.100.8"),
+        (32, 64, ["2001:db8:0:1::99", "2001:DB8:0:1:0:0:0:5"], "2001:db8:0:2::1"),
+        (24, 64, ["198.51.100.200"], "198.51.101.7"),
+        (32, 128, ["2001:0db8:0:1:0:0:0:1"], "2001:db8:0:1::2"),
+    ],
+)
+def test_slots_group_sources_by_prefix(v4: int, v6: int, same: list[str], other: str) -> None:
+    first = "2001:db8:0:1::1" if ":" in other else "198.51.100.7"
+    slots = Slots(None, 1 + len(same), prefix_v4=v4, prefix_v6=v6)
+    assert slots.admit(first) is None
+    assert all(slots.admit(host) is None for host in same)
+    assert slots.admit(first) == "source_cap"  # the group's share is held
+    assert slots.admit(other) is None  # another group
+    for host in [first, *same]:  # released by any spelling of a member
+        slots.release(host)
+    assert slots.sources is not None and slots.sources.held(slots.source(first)) == 0
+    assert slots.admit(first) is None
+
+
+def test_slots_without_per_source_count_only_the_cap() -> None:
+    slots = Slots(2)
+    assert slots.admit("192.0.2.1") is None and slots.admit("192.0.2.1") is None
+    assert slots.admit("192.0.2.1") == "cap" and slots.per_source is None
+    slots.release("192.0.2.1")
+    assert slots.used == 1
 
 
 def test_refusals_by_reason() -> None:

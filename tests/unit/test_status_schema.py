@@ -44,7 +44,7 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
         "limits": {"limit": 1024, "reserve": {"base": 16, "listeners": 1, "health": 1, "api": 257,
                                               "bgp": 0, "cluster": 0, "workers": 0, "margin": 64,
                                               "total": 339},
-                   "pipes": 85, "tcp_connections": 300, "udp_flows": {},
+                   "pipes": 85, "tcp_connections": 300, "tcp_connections_per_source": 75, "udp_flows": {},
                    "udp_flows_per_source": {}, "data": 685, "open_descriptors": 12},
     }
     status = Status.model_validate(doc)
