@@ -262,8 +262,8 @@ def _cap(run: Run, protocol: str) -> tuple[int, str]:
     """The smallest flow cap the nodes export for ``protocol``, else their
     open-file limit; with where it came from."""
     services = UDP_SERVICES if protocol == "udp" else TCP_SERVICES
-    caps = [R.metric_min(s, R.CAP_NAME, {"protocol": [protocol]})
-            or R.metric_min(s, R.CAP_NAME, {"service": services})
+    caps = [R.metric_min(s, R.UDP_CAP_NAME, {"service": services}) if protocol == "udp"
+            else R.metric_min(s, R.TCP_CAP_NAME)
             for s in run.handles["metrics_before"].values() if s is not None]
     known = [int(c) for c in caps if c]
     if known:

@@ -26,11 +26,10 @@ _TS = re.compile(r'^ts=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)')
 _EVENT = re.compile(r'\bevent=(\S+)')
 _STATE = re.compile(r'\bstate=(\S+)')
 
-CAP_NAME = re.compile(r"^(?!\w*(source|client|prefix))"
-                      r"(anycast_lb_\w*(flow|conn)\w*(cap|limit|max)\w*"
-                      r"|anycast_lb_\w*max_flows\w*)$")
-"""Gauges that state a node's flow or connection cap, whatever a build names
-them (per-source shares left out: the floods are sized on the node's cap)."""
+TCP_CAP_NAME = re.compile(r"^anycast_lb_tcp_connection_cap$")
+"""The node's TCP connection cap per process (docs/limits.md)."""
+UDP_CAP_NAME = re.compile(r"^anycast_lb_udp_flow_cap$")
+"""A UDP service's flow cap (label ``service``)."""
 REFUSED_NAME = re.compile(r"^anycast_lb_\w*(refused|shed|evicted|dropped)\w*(_total)?$")
 REJECTED_SYNC_NAME = re.compile(
     r"^anycast_lb_cluster_\w*(reject|unauth|bad_mac|invalid|dropped)\w*$")

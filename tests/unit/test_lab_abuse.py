@@ -23,9 +23,9 @@ anycast_lb_backend_up{service="echo",backend="198.51.100.193:9000"} 1.0
 anycast_lb_flows_refused_total{service="echo-udp",reason="cap"} 7.0
 anycast_lb_flows_refused_total{service="echo",reason="cap"} 3.0
 anycast_lb_flows_refused_created{service="echo",reason="cap"} 1.7e9
-anycast_lb_flow_cap{service="echo-udp",protocol="udp"} 812.0
-anycast_lb_flow_cap{service="echo",protocol="tcp"} 400.0
-anycast_lb_udp_flows_per_source_limit{service="echo-udp",protocol="udp"} 50.0
+anycast_lb_udp_flow_cap{service="echo-udp"} 812.0
+anycast_lb_tcp_connection_cap 400.0
+anycast_lb_udp_flows_per_source_cap{service="echo-udp"} 50.0
 anycast_lb_node_draining 0.0
 """
 
@@ -34,8 +34,8 @@ def test_metrics_are_read_when_present_and_none_when_absent() -> None:
     samples = R.parse_metrics(METRICS)
     assert R.metric_sum(samples, R.REFUSED_NAME) == 10.0          # _created left out
     assert R.metric_sum(samples, R.REFUSED_NAME, {"service": ["echo-udp"]}) == 7.0
-    assert R.metric_min(samples, R.CAP_NAME, {"protocol": ["udp"]}) == 812.0
-    assert R.metric_min(samples, R.CAP_NAME, {"protocol": ["tcp"]}) == 400.0
+    assert R.metric_min(samples, R.UDP_CAP_NAME, {"service": ["echo-udp"]}) == 812.0
+    assert R.metric_min(samples, R.TCP_CAP_NAME) == 400.0
     assert R.metric_sum(samples, R.REJECTED_SYNC_NAME) is None
     assert R.metric_sum(samples, R.HEALTH_FAILED_NAME) is None
     assert R.delta(None, 5.0) == 5.0 and R.delta(2.0, 5.0) == 3.0 and R.delta(2.0, None) is None
