@@ -20,6 +20,10 @@ Rules this module keeps:
   instead of staying silent; the watch then re-watches from the last
   revision seen + 1 and yields no event twice. A compacted start revision
   raises :class:`ConsensusCompacted`.
+- The gRPC channel's reconnect back-off is capped at 1 s (gRPC's default
+  grows to 120 s), so a node notices within about a second that etcd is
+  back. While the channel is down a call fails at once (UNAVAILABLE), not at
+  its deadline.
 - Lease TTLs are whole seconds in etcd's API: a TTL in seconds is rounded up,
   and etcd may raise it to its own minimum (1.5 x election timeout, so 2 s
   with the defaults); :attr:`Lease.ttl` is what etcd granted.
@@ -198,7 +202,15 @@ class Store:
 
     def connect(self) -> None:
         """Open the gRPC channel (lazy: nothing is sent until the first call)."""
-        self._channel = ConnectionManager(self._targets).get_channel()
+        manager = ConnectionManager(self._targets)
+        # gRPC's default reconnect back-off grows to 120 s: a node would stay
+        # cut off for minutes after etcd came back. Cap it near the lease TTL.
+        manager.grpc_options += [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channel = manager.get_channel()
         self._kv = KVService(self._channel)
         self._lease = LeaseService(self._channel)
         self._watch = pb.WatchStub(self._channel)
