@@ -36,7 +36,6 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
@@ -47,6 +46,7 @@ from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
 from anycast_lb.clock import Clock, SystemClock
+from anycast_lb.consensus.keys import client_target
 from anycast_lb.errors import (
     ConsensusCompacted,
     ConsensusConflict,
@@ -126,16 +126,6 @@ class Delete:
 
 Compare = ModRevisionIs
 Op = Put | Delete
-
-
-def client_target(url: str) -> str:
-    """``http://127.0.0.1:2379`` -> ``127.0.0.1:2379``. ValueError otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r}: expected http://IPV4:PORT")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{url!r}: expected http://IPV4:PORT, nothing after the port")
-    return f"{parts.hostname}:{parts.port}"
 
 
 def _kv(raw: object) -> KeyValue:
