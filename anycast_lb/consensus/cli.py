@@ -25,18 +25,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
 from anycast_lb.config import load_config
 from anycast_lb.consensus import document
-from anycast_lb.consensus.history import ConfigHistory, Revision, render
 from anycast_lb.consensus.keys import Layout, client_target
-from anycast_lb.consensus.members import read_view
-from anycast_lb.consensus.store import Store
 from anycast_lb.errors import ConfigError, ConsensusConflict, ConsensusError
 from anycast_lb.yamlload import load_yaml
+
+if TYPE_CHECKING:
+    # The gRPC client costs ~0.2 s to import: only `cluster` commands pay it.
+    from anycast_lb.consensus.history import ConfigHistory, Revision
+    from anycast_lb.consensus.members import ClusterView
+    from anycast_lb.consensus.store import Store
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -83,6 +86,9 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _run(ctx: click.Context, body: Callable[[ConfigHistory, Store, Layout], Awaitable[T]]) -> T:
+    from anycast_lb.consensus.history import ConfigHistory
+    from anycast_lb.consensus.store import Store
+
     target = _target(ctx)
     layout = Layout(target.cluster)
 
@@ -156,6 +162,8 @@ def show(ctx: click.Context, rev: int | None) -> None:
     if found is None:
         _fail("nothing pushed yet", EXIT_ERROR)
     click.echo(f"# revision {found.number} by {found.author} at {_when(found.time)}: {found.message}")
+    from anycast_lb.consensus.history import render
+
     click.echo(render(found.shared), nl=False)
 
 
@@ -197,7 +205,12 @@ def rollback(ctx: click.Context, rev: int, message: str, author: str | None) -> 
 @click.pass_context
 def members(ctx: click.Context, as_json: bool) -> None:
     """Live members (nodes keeping their lease), read at one etcd revision."""
-    view = _run(ctx, lambda _h, s, layout: read_view(s, layout))
+    from anycast_lb.consensus.members import read_view
+
+    async def body(_h: ConfigHistory, s: Store, layout: Layout) -> ClusterView:
+        return await read_view(s, layout)
+
+    view = _run(ctx, body)
     rows = [m.__dict__ for _, m in sorted(view.members.items())]
     if as_json:
         click.echo(json.dumps({"revision": view.revision, "members": rows}, indent=2))
