@@ -10,6 +10,7 @@
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
     anycast-lb lab up|status|run|down|demo
+    anycast-lb cluster push|show|history|diff|rollback|members
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import click
 
 from anycast_lb import __version__, log
+from anycast_lb.consensus.cli import cluster
 from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab
@@ -267,3 +269,4 @@ def status_schema() -> None:
 
 
 main.add_command(lab)
+main.add_command(cluster)

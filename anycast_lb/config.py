@@ -47,6 +47,7 @@ from pydantic import (
 )
 
 from anycast_lb import rules
+from anycast_lb.consensus.keys import client_target
 from anycast_lb.errors import ConfigError
 from anycast_lb.yamlload import field_path, load_yaml
 
@@ -189,12 +190,46 @@ class ApiConfig(_Model):
         return parse_host_port(self.listen)
 
 
+def _etcd_url(value: str) -> str:
+    client_target(value)
+    return value
+
+
 class DrainConfig(_Model):
     timeout: Annotated[StrictFloat, Field(ge=0, le=86400)] = 30.0
     """Seconds established connections may keep running after a drain starts."""
     announce_grace: Annotated[StrictFloat, Field(ge=0, le=3600)] = 2.0
     """Seconds the GRACEFUL_SHUTDOWN announcement (RFC 8326) stays up before
     the withdraw, so routers move traffic away first."""
+    max_concurrent: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    """With consensus: nodes of the cluster that may drain at once."""
+    slot_timeout: Annotated[StrictFloat, Field(ge=0, le=3600)] = 10.0
+    """With consensus: seconds SIGTERM waits for a drain slot before it
+    drains anyway (shutdown never hangs on etcd)."""
+
+
+class ConsensusConfig(_Model):
+    """Optional: agreed config, membership and backend health on an etcd
+    cluster (docs/consensus.md). Absent: the node runs standalone."""
+
+    endpoints: list[Annotated[str, AfterValidator(_etcd_url)]] = Field(min_length=1, max_length=15)
+    """etcd client URLs, ``http://IPV4:PORT``, used round-robin."""
+    cluster: Name
+    """Keys live under ``/anycast-lb/<cluster>/``."""
+    lease_ttl: Annotated[StrictFloat, Field(ge=1, le=60)] = 2.0
+    """Seconds the member key and health votes outlive the node's last
+    keepalive (etcd rounds up to whole seconds)."""
+    request_timeout: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.5
+    """Seconds any one etcd call may take before etcd counts as unreachable."""
+
+    @model_validator(mode="after")
+    def _keepalive_fits(self) -> ConsensusConfig:
+        # A keepalive goes out every lease_ttl/3 s; each must be able to fail
+        # by its deadline before the next is due.
+        if self.request_timeout * 3 > self.lease_ttl:
+            raise ValueError(f"request_timeout ({self.request_timeout} s) must be at most "
+                             f"lease_ttl / 3 ({self.lease_ttl / 3:.3g} s)")
+        return self
 
 
 class BackendConfig(_Model):
@@ -532,6 +567,8 @@ class NodeConfig(_Model):
     bgp: BgpConfig | None = None
     cluster: ClusterConfig | None = None
     """Optional: flow survival across drains and ECMP changes (docs/cluster.md)."""
+    consensus: ConsensusConfig | None = None
+    """Optional: agreed state on etcd (docs/consensus.md); absent = standalone."""
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:

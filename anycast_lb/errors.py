@@ -15,6 +15,14 @@
     +-- ClusterError           the flow-survival cluster cannot run its part
     |   +-- ClusterWireError   a sync datagram is malformed
     |       +-- ClusterAuthError   its MAC is wrong or its key unknown
+    +-- ConsensusError         the etcd cluster cannot answer as asked
+    |   +-- ConsensusUnavailable   no answer within request_timeout (etcd down,
+    |   |                          unreachable, or without quorum)
+    |   +-- ConsensusConflict      a compare-and-swap lost: the key moved on
+    |   +-- ConsensusCompacted     the revision asked for was compacted away
+    |   +-- LeaseLost              the lease expired or was revoked
+    |   +-- ConsensusDataError     a stored document is not what the key
+    |                              layout says (bad JSON, unknown revision)
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -85,6 +93,37 @@ class ClusterWireError(ClusterError):
 class ClusterAuthError(ClusterWireError):
     """A sync datagram fails authentication: bad MAC or unknown key id
     (dropped and counted, never fatal)."""
+
+
+class ConsensusError(AnycastLBError):
+    """The etcd cluster cannot answer as asked (``anycast_lb.consensus``).
+
+    Raised only by ``consensus.store``, which maps the client library's
+    errors once, with ``raise ... from exc``."""
+
+
+class ConsensusUnavailable(ConsensusError):
+    """No answer within the request timeout: etcd is down, unreachable or
+    has lost quorum. Never a reason to withdraw a VIP (fail-static)."""
+
+
+class ConsensusConflict(ConsensusError):
+    """A compare-and-swap lost: the key changed since the revision it was
+    based on (a concurrent ``cluster push``, a drain slot taken)."""
+
+
+class ConsensusCompacted(ConsensusError):
+    """The etcd revision asked for was compacted away; re-read at the
+    current revision."""
+
+
+class LeaseLost(ConsensusError):
+    """The lease expired or was revoked: the keys under it are gone."""
+
+
+class ConsensusDataError(ConsensusError):
+    """A stored document is not what the key layout says (bad JSON, a
+    config revision that does not exist)."""
 
 
 class LabError(AnycastLBError):
