@@ -124,7 +124,7 @@ class Node:
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self.data.backend_counters,
-                                   shedding=self.data.shedding)
+                                   shedding=self.data.shedding, traffic=self.data.traffic)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
