@@ -118,12 +118,25 @@ def _use_uvloop() -> None:
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="Directory for ExaBGP's config and the announcer socket (default: a new temp dir).")
 @click.option("--no-uvloop", is_flag=True, help="Use the standard asyncio loop.")
-def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> None:
+@click.option("--ephemeral-ports", is_flag=True,
+              help="For tests and labs: bind the API and every service listener on port 0 "
+                   "of its configured address; the bound addresses are logged "
+                   "(api.listening, forwarder.listening).")
+def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
+        ephemeral_ports: bool) -> None:
     """Run a node: forwarders, health checks, HTTP API and (with a bgp section) ExaBGP.
 
     SIGTERM or SIGINT (to the node alone or to its whole process group)
     drains and stops gracefully (exit 0); a second one exits at once (exit
     1). SIGHUP is logged and ignored: there is no live reload yet.
+
+    ``--ephemeral-ports`` (tests and labs, never production: routers send
+    traffic to the VIP's configured port) lets the kernel pick each port,
+    so no caller has to pick a free one beforehand (and race others for
+    it); read the bound addresses from the ``api.listening`` and
+    ``forwarder.listening`` log lines. ``anycast-lb drain``, ``undrain``
+    and ``status`` read ``api.listen`` from the config file, so they cannot
+    reach such a node.
     """
     cfg = _load(config)
     log.setup(log_level)
@@ -137,17 +150,24 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> 
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run_node(cfg, run_dir, budget))
+        asyncio.run(_run_node(cfg, run_dir, budget, ephemeral_ports))
     except AnycastLBError as exc:
         log.error("node.failed", error=str(exc))
         click.echo(f"anycast-lb: {exc}", err=True)
         sys.exit(EXIT_ERROR)
 
 
-async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget) -> None:
+async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
+                    ephemeral_ports: bool = False) -> None:
     from anycast_lb.node import Node  # deferred: keeps check-config light
 
-    node = Node(cfg, run_dir=run_dir, budget=budget)
+    bind_overrides: dict[str, tuple[str, int]] | None = None
+    api_listen: tuple[str, int] | None = None
+    if ephemeral_ports:
+        bind_overrides = {s.name: (str(s.vip), 0) for s in cfg.services}
+        api_listen = (str(cfg.api.host_port[0]), 0)
+    node = Node(cfg, run_dir=run_dir, budget=budget, bind_overrides=bind_overrides,
+                api_listen=api_listen)
     loop = asyncio.get_running_loop()
     signals = 0
 

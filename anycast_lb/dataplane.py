@@ -15,11 +15,19 @@ from anycast_lb import log
 from anycast_lb.clock import Clock
 from anycast_lb.config import Engine, NodeConfig, Transport, format_host_port
 from anycast_lb.flows import FlowHook, FlowKey
-from anycast_lb.forward import DataPath, Forwarder, RelayLoop, forwarder_for
+from anycast_lb.forward import (
+    DataPath,
+    Forwarder,
+    RelayForwarder,
+    RelayLoop,
+    TcpForwarder,
+    UdpForwarder,
+    forwarder_for,
+)
 from anycast_lb.forward.relay import HAVE_EPOLL
 from anycast_lb.forward.workers import BackendCounters, WorkerGroup, start_workers
 from anycast_lb.limits import Budget, Slots, open_descriptors
-from anycast_lb.metrics import Shedding
+from anycast_lb.metrics import Shedding, Traffic
 from anycast_lb.pool import Backend, Pool
 
 
@@ -161,6 +169,25 @@ class DataPlane:
                         udp_flow_cap=budget.udp_flows,
                         udp_flows_per_source_cap=budget.udp_flows_per_source,
                         refused=refused, evicted=evicted, accept_pauses=pauses)
+
+    def traffic(self) -> Traffic:
+        """Per-service traffic counters for /metrics: TCP connections
+        accepted (node process and relay workers), UDP flows started and
+        datagrams dropped (UDP runs in the node process only)."""
+        accepted: dict[str, int] = {}
+        udp_flows: dict[str, int] = {}
+        udp_dropped: dict[str, int] = {}
+        for s in self.config.services:
+            forwarder = self.forwarders.get(s.name)
+            if isinstance(forwarder, UdpForwarder):
+                udp_flows[s.name] = forwarder.flows_total
+                udp_dropped[s.name] = forwarder.dropped
+            elif s.protocol is Transport.TCP:
+                n = forwarder.accepted if isinstance(forwarder, TcpForwarder | RelayForwarder) else 0
+                if self.workers is not None:
+                    n += self.workers.accepted(s.name)
+                accepted[s.name] = n
+        return Traffic(accepted=accepted, udp_flows=udp_flows, udp_dropped=udp_dropped)
 
     # ------------------------------------------------------------------ control
 

@@ -39,6 +39,17 @@ names and labels are stable:
   ``tcp_connections_per_source_cap`` gauge: of those, per source;
   ``udp_flow_cap{service}`` and ``udp_flows_per_source_cap{service}`` gauges
 
+Per-service traffic (node process and relay workers):
+
+- ``connections_accepted_total{service}`` counter: TCP connections taken
+  from the listener past the caps (then proxied, or reset for want of a
+  backend: ``flows_refused_total`` reasons ``no_backend``, ``connect_failed``)
+- ``udp_flows_total{service}`` counter: UDP flows started (one per new
+  client address:port given a backend)
+- ``udp_datagrams_dropped_total{service}`` counter: UDP datagrams lost to
+  a full socket buffer, an ICMP error, or arriving for a new flow after the
+  listener stopped accepting
+
 With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 ``cluster_flow_survival``, ``cluster_live_peers``, ``cluster_peer_up{peer}``,
 ``cluster_peer_flows{peer}``, ``cluster_flows_owned``,
@@ -204,11 +215,40 @@ def shedding_families(s: Shedding) -> Iterator[Metric]:
         yield opened
 
 
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Per-service traffic counters, read by the node at scrape time
+    (service -> count, summed over the node process and relay workers)."""
+
+    accepted: Mapping[str, int] = field(default_factory=dict)
+    """TCP services: connections accepted."""
+    udp_flows: Mapping[str, int] = field(default_factory=dict)
+    """UDP services: flows started."""
+    udp_dropped: Mapping[str, int] = field(default_factory=dict)
+    """UDP services: datagrams dropped."""
+
+
+def traffic_families(t: Traffic) -> Iterator[Metric]:
+    """The per-service traffic families (module docstring)."""
+    for name, doc, values in (
+        ("anycast_lb_connections_accepted", "TCP connections accepted past the caps", t.accepted),
+        ("anycast_lb_udp_flows", "UDP flows started", t.udp_flows),
+        ("anycast_lb_udp_datagrams_dropped",
+         "UDP datagrams dropped (full buffer, ICMP error, new flow while not accepting)",
+         t.udp_dropped),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["service"])
+        for service, count in values.items():
+            family.add_metric([service], float(count))
+        yield family
+
+
 class NodeMetrics:
     """The metrics registry of one node (not the process-global registry, so
     tests can run several nodes in one process). ``counters`` adds the
     relay workers' backend counters (``BackendCounterSource``);
-    ``shedding`` gives the descriptor budget and shedding counters."""
+    ``shedding`` gives the descriptor budget and shedding counters;
+    ``traffic`` the per-service traffic counters."""
 
     def __init__(
         self,
@@ -217,17 +257,21 @@ class NodeMetrics:
         extra: Callable[[], Iterator[Metric]] | None = None,
         counters: BackendCounterSource | None = None,
         shedding: Callable[[], Shedding] | None = None,
+        traffic: Callable[[], Traffic] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        if shedding is not None:
+        if shedding is not None or traffic is not None:
             more = extra
 
-            def extra_and_shedding() -> Iterator[Metric]:
+            def extra_shedding_traffic() -> Iterator[Metric]:
                 if more is not None:
                     yield from more()
-                yield from shedding_families(shedding())
+                if shedding is not None:
+                    yield from shedding_families(shedding())
+                if traffic is not None:
+                    yield from traffic_families(traffic())
 
-            extra = extra_and_shedding
+            extra = extra_shedding_traffic
         self.registry.register(_PoolCollector(pools, draining, extra, counters))
         self.check_duration = Histogram(
             "anycast_lb_health_check_duration_seconds",

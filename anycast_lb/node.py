@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -73,7 +74,10 @@ class Node:
 
     ``bind_overrides`` maps a service name to the (host, port) its forwarder
     binds instead of the VIP:port (tests bind 127.0.0.1 port 0);
-    ``api_listen`` overrides ``api.listen`` the same way. ``budget`` is
+    ``api_listen`` overrides ``api.listen`` the same way; ``cluster_sock``
+    is an already bound UDP socket for the cluster's sync endpoint (tests
+    bind port 0 and name the port read back in the peers' configs).
+    ``budget`` is
     the descriptor budget (the CLI plans it after raising the limit); by
     default it is planned for the current soft limit, raising ConfigError
     when the config's caps cannot fit it.
@@ -87,6 +91,7 @@ class Node:
         run_dir: Path | None = None,
         bind_overrides: Mapping[str, tuple[str, int]] | None = None,
         api_listen: tuple[str, int] | None = None,
+        cluster_sock: socket.socket | None = None,
         check_jitter: bool = True,
         budget: Budget | None = None,
     ) -> None:
@@ -99,7 +104,8 @@ class Node:
         self.cluster: Cluster | None = None
         if config.cluster is not None:
             self.cluster = Cluster(config.cluster, config.services, name=config.node.name,
-                                   clock=self.clock, abort=self.data.abort_flows)
+                                   clock=self.clock, abort=self.data.abort_flows,
+                                   sock=cluster_sock)
             if config.cluster.flow_survival:
                 self.data.flow_hook = self.cluster.on_flow
         self.speaker: BgpSpeaker | None = None
@@ -118,7 +124,7 @@ class Node:
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self.data.backend_counters,
-                                   shedding=self.data.shedding)
+                                   shedding=self.data.shedding, traffic=self.data.traffic)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,

@@ -11,7 +11,11 @@ async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01,
     what: str = "condition",
 ) -> None:
-    """Poll ``predicate`` every ``interval`` s until true; AssertionError after ``timeout`` s."""
+    """Poll ``predicate`` (a function, or a coroutine function) every
+    ``interval`` s until true; AssertionError naming ``what`` after
+    ``timeout`` s. The one waiting helper of the tests: never sleep for
+    readiness. ``interval=0`` yields one event loop turn between polls: for
+    tests on a FakeClock that wait for a task to act while time stands still."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

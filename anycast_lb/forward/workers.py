@@ -640,6 +640,13 @@ class WorkerGroup:
                 total = total.plus(counters.backends[backend.key])
         return total
 
+    def accepted(self, service: str) -> int:
+        """``service``'s connections accepted in every worker (live ones as
+        of their last report, and those that exited)."""
+        retired = self._retired.get(service)
+        return ((retired.accepted if retired is not None else 0)
+                + sum(w.accepted(service) for w in self.workers))
+
     def refused(self, service: str) -> tuple[dict[str, int], int]:
         """``service``'s refusals by reason and accept pauses in every worker
         (live ones as of their last report, and those that exited)."""

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 
 class TcpNameEcho:
     """Sends ``NAME\\n`` on connect, then echoes. ``stop()`` closes the
-    listener and every connection, like a crashed backend."""
+    listener and every connection, like a crashed backend.
 
-    def __init__(self, name: str, port: int = 0) -> None:
+    Its port is held from the first ``start`` until ``stop(release=True)``
+    by a second socket bound to it with SO_REUSEPORT that never listens:
+    while stopped, connects are refused, and ``start`` again listens on the
+    same port (no one else can have taken it meanwhile)."""
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.port = port
+        self.port = 0
+        self._hold: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self._hold is None:
+            self._hold = socket.socket()
+            self._hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._hold.bind(("127.0.0.1", 0))
+            self.port = self._hold.getsockname()[1]
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                  reuse_address=True, reuse_port=True)
         return self.port
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -35,12 +47,17 @@ class TcpNameEcho:
             self._writers.discard(writer)
             writer.close()
 
-    async def stop(self) -> None:
+    async def stop(self, release: bool = True) -> None:
+        """Close the listener and every connection; ``release=False`` keeps
+        the port for a later ``start``."""
         assert self._server is not None
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
         await self._server.wait_closed()
+        if release and self._hold is not None:
+            self._hold.close()
+            self._hold = None
 
 
 class UdpNameEcho(asyncio.DatagramProtocol):

@@ -1,12 +1,16 @@
-"""Running a whole node inside a test."""
+"""Running a whole node inside a test, or finding where a child node bound."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
 
+from anycast_lb.config import format_host_port
 from anycast_lb.node import Node
+from tests.waiting import wait_until
 
 
 @contextlib.asynccontextmanager
@@ -26,3 +30,50 @@ async def node_running(node: Node) -> AsyncIterator[asyncio.Task[None]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+_LISTENING = re.compile(r" event=(api|forwarder)\.listening (?:.*?service=(\S+) )?.*?address=(\S+)")
+
+
+@dataclass(frozen=True)
+class BoundAddresses:
+    """Where an ``anycast-lb run --ephemeral-ports`` child bound, from its log."""
+
+    api: tuple[str, int]
+    services: dict[str, tuple[str, int]]
+
+    @property
+    def api_url(self) -> str:
+        host, port = self.api
+        return f"http://{format_host_port(host, port)}"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def listening(log_text: str) -> dict[str, tuple[str, int]]:
+    """``api`` and each service name -> the address logged as bound."""
+    found: dict[str, tuple[str, int]] = {}
+    for kind, service, address in _LISTENING.findall(log_text):
+        found["api" if kind == "api" else service] = _split(address)
+    return found
+
+
+async def wait_bound(read_log: Callable[[], str], services: Collection[str], *,
+                     alive: Callable[[], bool] = lambda: True,
+                     timeout: float = 20.0) -> BoundAddresses:
+    """Wait (deadline ``timeout`` s) until the child's log, as ``read_log()``
+    returns it, names the API's and every one of ``services``' bound address.
+    Fails at once if ``alive()`` turns false (the child exited)."""
+    found: dict[str, tuple[str, int]] = {}
+
+    def complete() -> bool:
+        text = read_log()
+        assert alive(), f"the node exited before binding: {text[-2000:]}"
+        found.update(listening(text))
+        return "api" in found and all(s in found for s in services)
+
+    await wait_until(complete, timeout=timeout, interval=0.02, what="the node's bound addresses")
+    return BoundAddresses(found["api"], {s: found[s] for s in services})

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.component.backends import TcpNameEcho, tcp_request
+from tests.component.nodes import BoundAddresses, wait_bound
 from tests.waiting import wait_until
 
 ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
@@ -26,16 +27,18 @@ def write(tmp_path: Path, data: object, name: str = "node.yaml") -> Path:
     return path
 
 
-def minimal(port: int, api_port: int = 0, listen_port: int = 1) -> dict[str, object]:
+def minimal(port: int) -> dict[str, object]:
+    """A one-service node; ``run --ephemeral-ports`` binds its API and its
+    listener on port 0 of 127.0.0.1 (the configured port 1 is never bound)."""
     return {
         "node": {"name": "cli-node"},
-        "api": {"listen": f"127.0.0.1:{api_port}"},
+        "api": {"listen": "127.0.0.1:0"},
         "drain": {"timeout": 2},
         "services": [
             {
                 "name": "web",
                 "vip": "127.0.0.1",
-                "port": listen_port,
+                "port": 1,
                 "backends": [{"address": "127.0.0.1", "port": port}],
                 "health": {"kind": "tcp", "interval": 0.2, "fast_interval": 0.05, "timeout": 0.2, "rise": 1},
             }
@@ -106,44 +109,49 @@ def test_schema_matches_docs() -> None:
     assert json.loads(result.stdout) == json.loads(published.read_text())
 
 
-async def wait_ready(proc: subprocess.Popen[str], api_port: int) -> None:
-    """Wait until the node in ``proc`` answers 200 on /readyz (deadline 15 s)."""
+async def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> BoundAddresses:
+    """Wait until the ``--ephemeral-ports`` node in ``proc`` (stderr to
+    ``log``) logged its bound addresses and answers 200 on /readyz
+    (deadline 15 s each); its bound addresses."""
+    bound = await wait_bound(lambda: log.read_text(errors="replace"), ["web"],
+                             alive=lambda: proc.poll() is None, timeout=15)
 
     async def ready() -> bool:
         assert proc.poll() is None, "node exited"
         try:
             async with aiohttp.ClientSession() as session, session.get(
-                f"http://127.0.0.1:{api_port}/readyz"
+                f"{bound.api_url}/readyz"
             ) as response:
                 return response.status == 200
         except aiohttp.ClientError:
             return False
 
     await wait_until(ready, timeout=15, interval=0.05, what="node ready")
+    return bound
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_node(path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``anycast-lb run --ephemeral-ports`` on ``path``, stderr to ``log``."""
+    with open(log, "wb") as err:
+        return subprocess.Popen([*ANYCAST_LB, "run", "--config", str(path), "--ephemeral-ports"],
+                                stdout=subprocess.PIPE, stderr=err)
 
 
 async def test_run_serves_then_exits_0_on_sigterm(tmp_path: Path) -> None:
     backend = TcpNameEcho("be")
     await backend.start()
-    api_port, listen_port = _free_port(), _free_port()
-    path = write(tmp_path, minimal(backend.port, api_port, listen_port))
-    proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = write(tmp_path, minimal(backend.port))
+    log = tmp_path / "node.log"
+    proc = start_node(path, log)
     try:
-        await wait_ready(proc, api_port)
-        assert (await tcp_request(listen_port))[0] == "be"
+        bound = await wait_ready(proc, log)
+        assert bound.services["web"][0] == "127.0.0.1"
+        assert (await tcp_request(bound.services["web"][1]))[0] == "be"
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        out, _ = proc.communicate(timeout=15)
+        err = log.read_text()
         assert proc.returncode == 0, err
-        assert out == ""  # stdout stays clean: logs go to stderr
+        assert out == b""  # stdout stays clean: logs go to stderr
         assert "event=node.started" in err and "event=node.stopped" in err
     finally:
         if proc.poll() is None:
@@ -171,19 +179,18 @@ def test_run_reports_a_missing_exabgp_in_one_line(tmp_path: Path) -> None:
 async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     backend = TcpNameEcho("be")
     await backend.start()
-    api_port, listen_port = _free_port(), _free_port()
-    data = minimal(backend.port, api_port, listen_port)
+    data = minimal(backend.port)
     data["drain"] = {"timeout": 60}
-    proc = subprocess.Popen([*ANYCAST_LB, "run", "--config", str(write(tmp_path, data))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "node.log"
+    proc = start_node(write(tmp_path, data), log)
     try:
-        await wait_ready(proc, api_port)
+        bound = await wait_ready(proc, log)
         # An open connection keeps the graceful stop waiting (drain timeout 60 s).
-        reader, writer = await asyncio.open_connection("127.0.0.1", listen_port)
+        reader, writer = await asyncio.open_connection(*bound.services["web"])
         assert await reader.readline() == b"be\n"
         proc.send_signal(signal.SIGTERM)
-        await wait_until(lambda: "event=node.stopping" in _read_available(proc), timeout=10,
-                         what="graceful stop begun")
+        await wait_until(lambda: "event=node.stopping" in log.read_text(errors="replace"),
+                         timeout=10, what="graceful stop begun")
         assert proc.poll() is None  # still draining
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=5)
@@ -193,27 +200,9 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
         await backend.stop()
-
-
-_seen: dict[int, str] = {}
-
-
-def _read_available(proc: subprocess.Popen[str]) -> str:
-    """All of ``proc``'s stderr so far, without blocking."""
-    import fcntl
-
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    try:
-        chunk = os.read(fd, 65536)
-    except BlockingIOError:
-        chunk = b""
-    _seen[proc.pid] = _seen.get(proc.pid, "") + chunk.decode(errors="replace")
-    return _seen[proc.pid]
 
 
 def test_check_config_refuses_a_cluster_key_file_the_node_would_refuse(tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ from anycast_lb.status import Status
 from tests.waiting import wait_until
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def bound_udp_socket() -> socket.socket:
+    """A UDP socket on 127.0.0.1, port 0: a node's sync endpoint, held from
+    before the configs that name its port are written."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def key_file(tmp_path: Path) -> Path:
@@ -57,12 +59,13 @@ async def get(node: Node, path: str) -> Any:
 
 
 async def test_nodes_see_each_other_and_a_stopping_node_leaves(tmp_path: Path) -> None:
-    pa, pb = free_udp_port(), free_udp_port()
+    sa, sb = bound_udp_socket(), bound_udp_socket()
+    pa, pb = sa.getsockname()[1], sb.getsockname()[1]
     key = key_file(tmp_path)
     a = Node(parse_config(config("lb1", pa, pb, key)), bind_overrides={"web": ("127.0.0.1", 0)},
-             check_jitter=False)
+             cluster_sock=sa, check_jitter=False)
     b = Node(parse_config(config("lb2", pb, pa, key)), bind_overrides={"web": ("127.0.0.1", 0)},
-             check_jitter=False)
+             cluster_sock=sb, check_jitter=False)
     tasks = []
     for node in (a, b):
         started = asyncio.Event()

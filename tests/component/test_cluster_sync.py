@@ -198,7 +198,9 @@ async def test_a_newer_claim_by_a_peer_aborts_our_stale_socket(key_file: Path) -
         await wait_until(lambda: kb.live == (0,), what="b steers to a")
         b.on_flow(True, KEY)  # b's old connection for this 4-tuple
         await wait_until(lambda: b.status()["flows_owned"] == 1, what="b owns it")
-        await asyncio.sleep(0.002)  # a's accept is strictly later (ms timestamps)
+        b_ms = int(b.clock.wall() * 1000)  # a's accept must be strictly later (ms timestamps)
+        await wait_until(lambda: int(a.clock.wall() * 1000) > b_ms, interval=0.001,
+                         what="the next millisecond")
         a.on_flow(True, KEY)
         await wait_until(lambda: bool(aborted), what="b aborts its stale socket")
         assert aborted[0] == [KEY]
@@ -219,7 +221,10 @@ async def test_without_its_data_path_a_node_runs_and_is_never_steered_to(key_fil
         assert status["flow_survival"] == "unavailable"
         assert status["reason"] == "nft not found in PATH"
         a.on_flow(True, KEY)
-        await asyncio.sleep(0.1)  # let a publish if it (wrongly) would
+        # Two more heartbeats from a: a publish (which it must not make) would
+        # have come first.
+        heard = b.endpoint.received
+        await wait_until(lambda: b.endpoint.received >= heard + 2, what="two more heartbeats")
         assert KEY not in kb.owner and kb.live == ()
         assert not b.status()["peers"][0]["steering_receiver"]
     finally:
@@ -303,11 +308,12 @@ async def test_a_restarted_peer_is_accepted_and_its_old_epoch_is_not(key_file: P
         a.on_flow(True, KEY)
         await wait_until(lambda: kb.owner.get(KEY) == 0, what="b holds a's flow")
         old_epoch, port = a.epoch, a.config.port
-        assert b.endpoint.address is not None
+        assert b.endpoint.address is not None and a.endpoint._transport is not None
+        # The restarted peer comes back on a's port: a copy of a's socket
+        # holds it meanwhile (closing and binding it again could lose it).
+        sock = a.endpoint._transport.get_extra_info("socket").dup()
         a.stop()
         await wait_until(lambda: kb.live == (), what="a left")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", port))
         again = Cluster(_config(key_file, port, [b.config.port]), [SERVICE], name="a2",
                         datapath=FakeKernel(), sock=sock)
         assert again.epoch > old_epoch

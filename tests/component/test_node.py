@@ -144,7 +144,7 @@ async def test_backend_failure_is_invisible_to_clients(token_file: Path) -> None
         client_task = asyncio.create_task(client())
         try:
             await wait_until(lambda: len(answered) >= 20, what="client running")
-            await be1.stop()
+            await be1.stop(release=False)  # its port stays held for its return
             be1_key = f"127.0.0.1:{ports[0]}"
             await wait_until(lambda: not rn.node.pools["web"].get(be1_key).up, timeout=3,
                              what="be1 down")
@@ -173,11 +173,67 @@ async def test_backend_failure_is_invisible_to_clients(token_file: Path) -> None
         assert "anycast_lb_health_check_duration_seconds_bucket" in metrics
 
         # be1 comes back on the same port and rises again.
-        be1_again = TcpNameEcho("be1", port=ports[0])
-        await be1_again.start()
+        assert await be1.start() == ports[0]
         await wait_until(lambda: rn.node.pools["web"].get(be1_key).up, timeout=3, what="be1 up again")
-        await be1_again.stop()
+        await be1.stop()
     await be2.stop()
+    u1.stop()
+
+
+def sample(metrics: str, name: str, service: str) -> float:
+    """The value of ``name{service="..."}`` in a text exposition."""
+    prefix = f'{name}{{service="{service}"}} '
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, (prefix, metrics)
+    return float(lines[0][len(prefix):])
+
+
+async def test_traffic_counters_reach_metrics() -> None:
+    """Connections accepted (TCP), flows started and datagrams dropped (UDP)
+    are counted by the forwarders and exported per service."""
+    be = TcpNameEcho("be")
+    u1 = UdpNameEcho("u1")
+    await be.start()
+    await u1.start()
+    async with running(node_config([be.port], [u1.port], None)) as rn:
+        await wait_until(lambda: all(p.up_count == len(p.backends) and p.table_ready
+                                     for p in rn.node.pools.values()), what="pools up")
+        for i in range(5):
+            assert (await tcp_request(rn.tcp_port, f"hi {i}\n".encode()))[0] == "be"
+        for i in range(3):  # three client sockets: three flows
+            assert (await udp_request(rn.udp_port, b"q%d" % i))[0] == b"u1:q%d" % i
+        # One flow stays open; then a new client's datagram after the
+        # listener stopped accepting is dropped (it is still bound for the
+        # open flow).
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                replies.put_nowait(data)
+
+        kept, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", rn.udp_port))
+        late, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", rn.udp_port))
+        try:
+            kept.sendto(b"kept")
+            assert await asyncio.wait_for(replies.get(), 2) == b"u1:kept"
+            udp = rn.node.forwarders["dns"]
+            udp.stop_accepting()
+            late.sendto(b"late")
+            kept.sendto(b"again")  # sent after the late one, answered: the late one was handled
+            assert await asyncio.wait_for(replies.get(), 2) == b"u1:again"
+            assert replies.empty()
+            _, metrics = await rn.get("/metrics")
+        finally:
+            kept.close()
+            late.close()
+        assert sample(metrics, "anycast_lb_connections_accepted_total", "web") == 5.0
+        assert sample(metrics, "anycast_lb_udp_flows_total", "dns") == 4.0
+        assert sample(metrics, "anycast_lb_udp_datagrams_dropped_total", "dns") == 1.0
+        # Per service and protocol: no UDP family for a TCP service, nor the reverse.
+        assert 'anycast_lb_connections_accepted_total{service="dns"}' not in metrics
+        assert 'anycast_lb_udp_flows_total{service="web"}' not in metrics
+    await be.stop()
     u1.stop()
 
 

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from ipaddress import ip_address
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,15 +24,9 @@ from anycast_lb.health import (
     make_probe,
     make_session,
 )
+from tests.waiting import wait_until
 
 LOCAL = "127.0.0.1"
-
-
-async def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``cond`` on the event loop until it holds; fail after ``timeout`` s."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -289,14 +283,14 @@ async def test_exec_timeout_kills_the_command_and_its_children(tmp_path: Path) -
     assert 0.45 <= elapsed < 3.0
     shell_pid, sleep_pid = (int(p) for p in pids.read_text().split())
     assert not _alive(shell_pid)  # killed and reaped by the probe
-    await _wait_for(lambda: not _alive(sleep_pid))  # killed with its process group
+    await wait_until(lambda: not _alive(sleep_pid), what="the probe's child gone")  # killed with its process group
 
 
 async def test_exec_cancel_kills_the_command(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     script = f'echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; exec sleep 30'
     task = asyncio.ensure_future(ExecProbe(["/bin/sh", "-c", script], LOCAL, 80, 20.0).check())
-    await _wait_for(pidfile.exists)
+    await wait_until(pidfile.exists, what="the pid file")
     pid = int(pidfile.read_text())
     assert _alive(pid)
     task.cancel()

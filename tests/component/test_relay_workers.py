@@ -190,6 +190,7 @@ async def test_workers_share_connections_and_follow_health(tmp_path: Path) -> No
         totals = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("anycast_lb_backend_connections_total{")]
         assert sum(totals) == 150
+        assert 'anycast_lb_connections_accepted_total{service="web"} 150.0' in metrics
 
         # be1 is marked down in the node while it still answers: no process
         # may send it a new connection.
@@ -232,6 +233,9 @@ async def test_crashed_worker_is_replaced_and_its_counts_kept(tmp_path: Path) ->
         await many(port, 60)
         await wait_until(lambda: node.status()["services"][0]["backends"][0]["connections_total"] == 120,
                          what="totals after the restart")
+        # So do its accepted connections, in /metrics.
+        metrics = await get_json(node, "/metrics")
+        assert 'anycast_lb_connections_accepted_total{service="web"} 120.0' in metrics
 
         # A worker whose stdin closes exits on its own (the node is gone).
         second, proc = worker.pid, worker.proc

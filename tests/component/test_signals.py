@@ -31,20 +31,12 @@ from anycast_lb.node import Node
 from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, UdpNameEcho, udp_request
 from tests.component.bgp_peer import BgpPeer
-from tests.component.nodes import node_running
+from tests.component.nodes import node_running, wait_bound
 from tests.waiting import wait_until
 
 VIP_PREFIX = "127.0.0.1/32"
 GRACEFUL_SHUTDOWN = "65535:0"
 ANNOUNCE_GRACE = 0.5
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -75,13 +67,12 @@ async def bgp_node(tmp_path: Path) -> AsyncIterator[BgpNode]:
     await backend.start()
     peer = BgpPeer()
     await peer.start()
-    api_port = _free_port()
-    config = {
+    config = {  # run with --ephemeral-ports: the API and "web" bind port 0
         "node": {"name": "sig"},
-        "api": {"listen": f"127.0.0.1:{api_port}"},
+        "api": {"listen": "127.0.0.1:0"},
         "drain": {"timeout": 5, "announce_grace": ANNOUNCE_GRACE},
         "services": [{
-            "name": "web", "vip": "127.0.0.1", "port": _free_port(),
+            "name": "web", "vip": "127.0.0.1", "port": 80,
             "backends": [{"address": "127.0.0.1", "port": backend.port}],
             "health": {"kind": "tcp", "interval": 0.2, "fast_interval": 0.05, "timeout": 0.2,
                        "rise": 1},
@@ -100,12 +91,13 @@ async def bgp_node(tmp_path: Path) -> AsyncIterator[BgpNode]:
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "anycast_lb", "run", "--config", str(path),
-             "--run-dir", str(tmp_path / "run")],
+             "--run-dir", str(tmp_path / "run"), "--ephemeral-ports"],
             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True,
         )
-    node = BgpNode(proc, peer, f"http://127.0.0.1:{api_port}", log)
+    node = BgpNode(proc, peer, "", log)
     exabgp_pid: int | None = None
     try:
+        node.api = (await wait_bound(node.text, ["web"], alive=lambda: proc.poll() is None)).api_url
         await wait_until(node.ready, timeout=20, interval=0.05, what="node ready")
         await wait_until(lambda: bool(peer.prefix_events(VIP_PREFIX)), timeout=20,
                          what="the peer to receive the announce")

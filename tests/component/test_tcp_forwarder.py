@@ -22,17 +22,9 @@ from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
 from anycast_lb.pool import Pool
+from tests.waiting import wait_until
 
 DEADLINE = 5.0
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    """Wait until ``predicate()`` holds; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 class LineBackend:
@@ -318,16 +310,16 @@ async def test_slow_client_pauses_the_backend_not_memory(rig: Rig) -> None:
         # The client reads nothing: kernel buffers fill, the forwarder's
         # client-side buffer passes its high-water mark, it stops reading from
         # the backend, and the backend's own writes block.
-        await eventually(lambda: bool(flooders) and flooders[0].paused.is_set())
+        await wait_until(lambda: bool(flooders) and flooders[0].paused.is_set())
         if isinstance(fwd, TcpForwarder):
             (relay,) = fwd._relays
             assert relay.client is not None and relay.upstream is not None
-            await eventually(lambda: not relay.upstream.is_reading())  # type: ignore[union-attr]
+            await wait_until(lambda: not relay.upstream.is_reading())  # type: ignore[union-attr]
             assert relay.client.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
         else:
             (conn,) = fwd._conns
             # The backend is no longer read; what is held is one read.
-            await eventually(lambda: conn.down is not None and conn.down.pending > 0
+            await wait_until(lambda: conn.down is not None and conn.down.pending > 0
                              and not conn.bmask & select.EPOLLIN)
             assert conn.down is not None and conn.down.pending <= fwd.loop.buffer_size
         assert flooders[0].written < total // 2
@@ -361,12 +353,12 @@ async def test_slow_backend_pauses_the_client(rig: Rig) -> None:
         fwd, pool, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
         flooder = FloodingBackend(256 * 1024 * 1024)  # plays the client here
         await loop.create_connection(lambda: flooder, *address)
-        await eventually(lambda: fwd.active == 1)
+        await wait_until(lambda: fwd.active == 1)
         if isinstance(fwd, TcpForwarder):
             (relay,) = fwd._relays
             # Connected, and then the backend's buffer passed its mark: the
             # forwarder stopped reading the client, whose own writes block.
-            await eventually(
+            await wait_until(
                 lambda: relay.upstream is not None
                 and relay.upstream.get_write_buffer_size() > 0
                 and not relay.client.is_reading()  # type: ignore[union-attr]
@@ -379,7 +371,7 @@ async def test_slow_backend_pauses_the_client(rig: Rig) -> None:
             (conn,) = fwd._conns
             # The kernel completes the handshake and takes bytes before the
             # sink's server accepts: wait for the sink too, so it is closed.
-            await eventually(lambda: conn.up is not None and conn.up.pending > 0
+            await wait_until(lambda: conn.up is not None and conn.up.pending > 0
                              and not conn.cmask & select.EPOLLIN and flooder.paused.is_set()
                              and len(sinks) == 1)
             assert conn.up is not None and conn.up.pending <= fwd.loop.buffer_size
@@ -459,8 +451,8 @@ async def test_backend_reset_before_answering_is_redispatched(rig: Rig) -> None:
     fwd, pool, address = await rig.forwarder([dying.getsockname(), live], balance="least_conn")
     reader, writer = await asyncio.open_connection(*address)
     writer.write(b"first\n")
-    await eventually(lambda: pool.backends[0].connections_total == 1)
-    await eventually(lambda: fwd.active == 1)
+    await wait_until(lambda: pool.backends[0].connections_total == 1)
+    await wait_until(lambda: fwd.active == 1)
     dying.close()  # resets the queued, never accepted connection
     writer.write(b"second\n")
     assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:first\n"
@@ -630,12 +622,6 @@ async def relay_rig() -> AsyncIterator[Rig]:
     await rig.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_wildcard_listener_dispatches_by_vip_and_refuses_other_addresses(
     relay_rig: Rig,
 ) -> None:
@@ -644,15 +630,20 @@ async def test_wildcard_listener_dispatches_by_vip_and_refuses_other_addresses(
     that is no VIP is reset."""
     rig = relay_rig
     a, b = await rig.backend("a"), await rig.backend("b")
-    port = free_port()
     forwarders = []
+    # The first service binds the wildcard address on port 0; the second
+    # joins that listener on the port read back (binding it anew would fail:
+    # no SO_REUSEPORT), so no port is picked beforehand.
+    port = 0
     for name, vip, backend in (("web-a", "127.0.0.10", a), ("web-b", "127.0.0.20", b)):
         pool = Pool(ServiceConfig.model_validate({
-            "name": name, "vip": vip, "port": port,
+            "name": name, "vip": vip, "port": 80,
             "backends": [{"address": backend[0], "port": backend[1]}]}))
         pool.set_up(pool.backends[0].key, True)
-        fwd = rig.make(pool, bind_host=None, bind_port=None, wildcard=True)
-        assert await fwd.start() == ("0.0.0.0", port)
+        fwd = rig.make(pool, bind_host=None, bind_port=port, wildcard=True)
+        host, bound = await fwd.start()
+        assert host == "0.0.0.0" and bound != 0 and port in (0, bound)
+        port = bound
         forwarders.append(fwd)
     for vip, tag in (("127.0.0.10", b"a"), ("127.0.0.20", b"b")):
         reader, writer = await asyncio.open_connection(vip, port)
@@ -689,7 +680,7 @@ async def test_flow_hook_sees_open_and_close_and_abort_flows_resets(relay_rig: R
     assert fwd.abort_flows([key]) == 1
     assert await closed_by_peer(reader)
     writer.close()
-    await eventually(lambda: events == [(True, key), (False, key)])
+    await wait_until(lambda: events == [(True, key), (False, key)])
     assert await fwd.wait_idle(DEADLINE)
 
 
@@ -835,9 +826,9 @@ async def test_two_backends_resetting_in_a_row_are_both_redispatched(rig: Rig) -
         [dying[0].getsockname(), dying[1].getsockname(), live], balance="least_conn")
     reader, writer = await asyncio.open_connection(*address)
     writer.write(b"first\n")
-    await eventually(lambda: pool.backends[0].connections_total == 1)
+    await wait_until(lambda: pool.backends[0].connections_total == 1)
     dying[0].close()  # resets the queued connection: redispatch to backend 1
-    await eventually(lambda: pool.backends[1].connections_total == 1)
+    await wait_until(lambda: pool.backends[1].connections_total == 1)
     dying[1].close()  # resets again: redispatch to live, with the same replay
     assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:first\n"
     assert pool.backends[0].connect_failures == 1

@@ -277,10 +277,8 @@ async def test_no_backend_up_drops_the_datagram(rig: Rig) -> None:
     fwd, pool, address = await rig.forwarder([b1], up=False)
     client = await rig.client()
     client.send(b"x", address)
-    deadline = time.monotonic() + DEADLINE
-    while fwd.rejected == 0:
-        assert time.monotonic() < deadline, "datagram never reached the forwarder"
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: fwd.rejected != 0, timeout=DEADLINE,
+                     what="the datagram to reach the forwarder")
     assert fwd.active == 0 and echo.senders == []
     pool.set_up(pool.backends[0].key, True)
     client.send(b"y", address)
@@ -307,15 +305,15 @@ async def test_stop_accepting_keeps_existing_flows(rig: Rig) -> None:
     assert fwd.active == 0
     # The listening socket closes with the last flow: the port becomes free
     # (the transport closes its socket on the next loop iteration).
-    deadline = time.monotonic() + DEADLINE
-    while True:
+    def port_free() -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             try:
-                sock.bind(address)
-                break
+                sock.bind(address)  # a probe of the closed listener, not a port to reuse
             except OSError:
-                assert time.monotonic() < deadline, "listening socket never closed"
-        await asyncio.sleep(0.005)
+                return False
+            return True
+
+    await wait_until(port_free, timeout=DEADLINE, what="the listening socket to close")
 
 
 async def test_bind_error_names_the_address(rig: Rig) -> None:

@@ -21,6 +21,7 @@ from anycast_lb.drain import (
     Undrain,
 )
 from anycast_lb.drainer import Drainer
+from tests.waiting import wait_until
 
 GRACE = 2.0
 T0 = 100.0
@@ -141,11 +142,7 @@ def test_timed_out_is_recorded_and_cleared_by_undrain() -> None:
 
 async def armed(clock: FakeClock) -> None:
     """Let the timer task run (the clock stays put) until it sleeps."""
-    for _ in range(100):
-        if clock.sleepers:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the grace timer was not armed")
+    await wait_until(lambda: clock.sleepers > 0, interval=0, what="the grace timer armed")
 
 
 async def test_drainer_withdraws_after_the_grace_on_the_injected_clock() -> None:

@@ -10,6 +10,7 @@ from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.policy import GRACEFUL_SHUTDOWN, DrainPhase, NodeView, Prefix, Route, ServiceView
 from anycast_lb.clock import FakeClock
 from anycast_lb.config import BgpConfig
+from tests.waiting import wait_until
 
 VIP = ipaddress.ip_network("198.51.100.10/32")
 HALF_LIFE = 10.0
@@ -59,11 +60,8 @@ def test_decision_is_published_and_sent() -> None:
 
 async def caught_up(rc: RouteController, world: World) -> None:
     """Let the loop run (no clock moves) until its decision saw ``world``."""
-    for _ in range(100):
-        if rc.decision is not None and rc.decision.view == world.view():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the route loop did not evaluate the change")
+    await wait_until(lambda: rc.decision is not None and rc.decision.view == world.view(),
+                     interval=0, what="the route loop to evaluate the change")
 
 
 async def test_damped_prefix_comes_back_when_the_damper_releases_it() -> None:
@@ -85,18 +83,14 @@ async def test_damped_prefix_comes_back_when_the_damper_releases_it() -> None:
         assert isinstance(reuse_in, float) and 0 < reuse_in <= 60.0
         # Nothing else changes: the loop wakes by itself at the reuse time,
         # on the fake clock (no real waiting), once it armed that timer.
-        for _ in range(100):
-            if clock.sleepers:
-                break
-            await asyncio.sleep(0)
+        await wait_until(lambda: clock.sleepers > 0, interval=0, what="the reuse timer armed")
         assert clock.sleepers == 1
         await clock.advance(reuse_in - 0.5)
         assert rc.decision.intent == {VIP: "damped"}
         await clock.advance(1.0)
-        for _ in range(100):  # the woken loop runs; the clock stays put
-            if rc.decision.intent != {VIP: "damped"}:
-                break
-            await asyncio.sleep(0)
+        # The woken loop runs; the clock stays put.
+        await wait_until(lambda: rc.decision is not None and rc.decision.intent != {VIP: "damped"},
+                         interval=0, what="the released prefix")
         assert rc.decision.intent == {VIP: "announced"} and set(sink.sets[-1]) == {VIP}
     finally:
         task.cancel()
