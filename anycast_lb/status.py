@@ -266,8 +266,7 @@ class Status(_Model):
     workers: list[WorkerStatus] | None = Field(
         description="null without relay workers (forwarding.workers 1)")
     limits: LimitsStatus
-    consensus: ConsensusStatus | None = Field(
-        default=None, description="null without a consensus section")
+    consensus: ConsensusStatus | None = Field(description="null without a consensus section")
 
 
 def json_schema() -> str:
