@@ -23,7 +23,7 @@ Log events: ``node.drain`` (reason), ``node.drain_withdraw``,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from anycast_lb import log
@@ -31,14 +31,17 @@ from anycast_lb.clock import Clock, wait_for
 from anycast_lb.drain import (
     Drain,
     DrainMachine,
+    FlowsIdle,
     DrainState,
     Event,
     GraceElapsed,
     Outcome,
     Phase,
     Stop,
+    TimedOut,
     Undrain,
 )
+from anycast_lb.errors import ConsensusError
 
 
 class DrainSlots(Protocol):
@@ -66,13 +69,17 @@ class Drainer:
 
     def __init__(self, machine: DrainMachine, clock: Clock,
                  on_change: Callable[[Outcome], None] | None = None,
-                 slots: DrainSlots | None = None) -> None:
+                 slots: DrainSlots | None = None,
+                 wait_idle: Callable[[float], Awaitable[bool]] | None = None,
+                 drain_timeout: float = 0.0) -> None:
         self._machine = machine
         self._clock = clock
         self._on_change = on_change
         self._rearm = asyncio.Event()
         self._moved = asyncio.Event()
         self._slots = slots
+        self._wait_idle = wait_idle
+        self._drain_timeout = drain_timeout
         self._pending: str | None = None
         self._holding = False
         self._slot_wake = asyncio.Event()
@@ -92,22 +99,28 @@ class Drainer:
         (standalone) or already draining, at once. ``wait`` True queues the
         request (False returned, the drain starts when a slot frees);
         ``wait`` False tries once and returns False if every slot is held.
+        Either way one attempt is made at once, so a free slot drains now.
         Raises ConsensusError (``wait`` False) when etcd cannot say."""
         if self._slots is None or self.state.draining or self._holding:
             self.submit(Drain(reason))
             return True
-        if wait:
-            if self._pending is None:
-                log.event("drain.slot_wait", reason=reason)
-            self._pending = reason
-            self._slot_wake.set()
+        if self._pending is None and not self._slot_lock.locked():
+            async with self._slot_lock:
+                try:
+                    self._holding = self._holding or await self._slots.try_acquire()
+                except ConsensusError:
+                    if not wait:
+                        raise
+            if self._holding:
+                self.submit(Drain(reason))
+                return True
+        if not wait:
             return False
-        async with self._slot_lock:
-            if not self._holding and not await self._slots.try_acquire():
-                return False
-            self._holding = True
-        self.submit(Drain(reason))
-        return True
+        if self._pending is None:
+            log.event("drain.slot_wait", reason=reason)
+        self._pending = reason
+        self._slot_wake.set()
+        return False
 
     async def stop(self, slot_timeout: float) -> Outcome:
         """Feed ``Stop`` (SIGTERM): with slots, after taking one or after
@@ -170,6 +183,23 @@ class Drainer:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._grace_timer())
             tg.create_task(self._slot_loop())
+            if self._wait_idle is not None:
+                tg.create_task(self._complete_loop())
+
+    async def _complete_loop(self) -> None:
+        """With slots, a drain ends (DRAINED) once the data path is idle or
+        ``drain_timeout`` s passed, so its slot frees for the next node.
+        A stop is completed by the node itself."""
+        assert self._wait_idle is not None
+        while True:
+            state = await self.wait_past(Phase.GRACEFUL)
+            if state.phase is not Phase.WITHDRAWN or state.stopping:
+                await self._moved.wait()
+                continue
+            idle = await self._wait_idle(self._drain_timeout)
+            now = self.state
+            if now.phase is Phase.WITHDRAWN and now.since == state.since and not now.stopping:
+                self.submit(FlowsIdle() if idle else TimedOut())
 
     async def _slot_loop(self) -> None:
         """Take a slot for a queued drain, then drain; give the slot back

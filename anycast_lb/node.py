@@ -130,7 +130,8 @@ class Node:
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=self.consensus)
+                               slots=self.consensus, wait_idle=self.data.wait_idle,
+                               drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self.data.backend_counters,
