@@ -110,7 +110,8 @@ def view_changes(before: ClusterView, after: ClusterView) -> dict[str, list[str]
         changes["joined"] = joined
     if left:
         changes["left"] = left
-    votes = sorted(f"{s}/{b}/{n}={'up' if after.votes.get((s, b, n)) else 'down' if (s, b, n) in after.votes else 'gone'}"
+    words = {True: "up", False: "down", None: "gone"}
+    votes = sorted(f"{s}/{b}/{n}={words[after.votes.get((s, b, n))]}"
                    for (s, b, n) in before.votes.keys() | after.votes.keys()
                    if before.votes.get((s, b, n)) != after.votes.get((s, b, n)))
     if votes:
