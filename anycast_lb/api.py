@@ -9,7 +9,11 @@
                          cluster (flow survival: peers, flows owned, map size)
 ``GET /metrics``         Prometheus text exposition
 ``POST /drain``          admin: start a drain (RFC 8326 GRACEFUL_SHUTDOWN,
-                         then withdraw); ``Authorization: Bearer TOKEN``
+                         then withdraw); ``Authorization: Bearer TOKEN``.
+                         With consensus, once a drain slot is held: 202
+                         ``{"draining": false, "waiting": true, "holders"}``
+                         while queued for one; ``?no_wait=1``: 409 naming the
+                         holders instead of queueing, 503 if etcd cannot say
 ``POST /undrain``        admin: end a drain and announce again
 =======================  =====================================================
 
@@ -62,7 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from anycast_lb import log
 from anycast_lb.config import ApiConfig, format_host_port
-from anycast_lb.errors import BindError, ConfigError
+from anycast_lb.errors import BindError, ConfigError, ConsensusError
 from anycast_lb.metrics import CONTENT_TYPE
 
 LINGER_S = 1.0
@@ -82,6 +86,16 @@ _FULL = (
 )
 
 
+@dataclass(frozen=True)
+class DrainAnswer:
+    """What ``POST /drain`` did: ``draining`` now, or ``waiting`` (queued)
+    for a drain slot held by ``holders``, or neither (refused, no wait)."""
+
+    draining: bool
+    waiting: bool = False
+    holders: tuple[str, ...] = ()
+
+
 class NodeControl(Protocol):
     """What the API needs from a node."""
 
@@ -93,7 +107,10 @@ class NodeControl(Protocol):
 
     def metrics_exposition(self) -> bytes: ...
 
-    async def drain(self, reason: str) -> None: ...
+    async def drain(self, reason: str) -> DrainAnswer | None:
+        """None or ``draining``: the node drains. A node with drain slots
+        also takes ``wait=False`` (``?no_wait=1``)."""
+        ...
 
     async def undrain(self) -> bool:
         """False when refused (the node is stopping)."""
@@ -457,8 +474,21 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
     async def drain(request: web.Request) -> web.Response:
         if (denied := authorize(request)) is not None:
             return denied
-        await node.drain("api")
-        return web.json_response({"draining": True})
+        if request.query.get("no_wait", "") in ("1", "true"):
+            try:
+                answer = await cast(Any, node).drain("api", wait=False)
+            except ConsensusError as exc:
+                return _error(503, f"cannot take a drain slot: {exc}")
+        else:
+            answer = await node.drain("api")
+        if answer is None or answer.draining:
+            return web.json_response({"draining": True})
+        body = {"draining": False, "waiting": answer.waiting, "holders": list(answer.holders)}
+        if answer.waiting:
+            return web.json_response(body, status=202)
+        holders = ", ".join(answer.holders) or "other nodes"
+        return web.json_response({**body, "error": f"every drain slot is held (by {holders})"},
+                                 status=409)
 
     async def undrain(request: web.Request) -> web.Response:
         if (denied := authorize(request)) is not None:

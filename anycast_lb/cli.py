@@ -19,6 +19,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -220,16 +221,19 @@ def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None)
         sys.exit(EXIT_ERROR)
 
 
+def _token(cfg: NodeConfig) -> str | None:
+    if cfg.api.admin_token_file is None:
+        return None
+    try:
+        return cfg.api.admin_token_file.read_text().strip()
+    except OSError as exc:
+        click.echo(f"anycast-lb: cannot read {cfg.api.admin_token_file}: {exc.strerror}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
 def _admin(config: Path, path: str) -> None:
     cfg = _load(config)
-    token = None
-    if cfg.api.admin_token_file is not None:
-        try:
-            token = cfg.api.admin_token_file.read_text().strip()
-        except OSError as exc:
-            click.echo(f"anycast-lb: cannot read {cfg.api.admin_token_file}: {exc.strerror}", err=True)
-            sys.exit(EXIT_ERROR)
-    status, body = _api_call(cfg, "POST", path, token)
+    status, body = _api_call(cfg, "POST", path, _token(cfg))
     click.echo(json.dumps(body))
     if status != 200:
         sys.exit(EXIT_ERROR)
@@ -237,9 +241,34 @@ def _admin(config: Path, path: str) -> None:
 
 @main.command()
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
-def drain(config: Path) -> None:
-    """Drain the running node: GRACEFUL_SHUTDOWN (RFC 8326), then withdraw."""
-    _admin(config, "/drain")
+@click.option("--no-wait", is_flag=True,
+              help="With consensus: exit 1 naming the holders when every drain slot is held.")
+def drain(config: Path, no_wait: bool) -> None:
+    """Drain the running node: GRACEFUL_SHUTDOWN (RFC 8326), then withdraw.
+    With consensus the node first takes a drain slot (``drain.max_concurrent``
+    cluster-wide); while every slot is held this waits, saying who holds
+    them, until the node drains."""
+    if no_wait:
+        _admin(config, "/drain?no_wait=1")
+        return
+    cfg = _load(config)
+    status, body = _api_call(cfg, "POST", "/drain", _token(cfg))
+    if status == 202:
+        holders = ", ".join(body.get("holders") or []) or "another node"
+        click.echo(f"waiting for a drain slot, held by {holders}", err=True)
+        while True:
+            time.sleep(0.5)
+            code, st = _api_call(cfg, "GET", "/status")
+            node = st.get("node", {}) if code == 200 else {}
+            if node.get("draining"):
+                body = {"draining": True}
+                break
+            if not node.get("drain_waiting"):
+                click.echo("anycast-lb: the drain request was withdrawn (undrain?)", err=True)
+                sys.exit(EXIT_ERROR)
+    click.echo(json.dumps(body))
+    if status not in (200, 202):
+        sys.exit(EXIT_ERROR)
 
 
 @main.command()

@@ -13,6 +13,9 @@ It constructs the parts, connects them and runs them in one
   child plus this project's announcer) when the config has a ``bgp``
   section;
 - :class:`~anycast_lb.cluster.Cluster`: flow survival (``cluster`` section);
+- :class:`~anycast_lb.consensus.agent.ConsensusAgent` (``consensus``
+  section): membership, agreed backend health (the pools' up sets), pushed
+  config and the drain slots on etcd;
 - the HTTP API, whose ``/status`` is :class:`~anycast_lb.status.Status`.
 
 Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): announce with the
@@ -47,7 +50,7 @@ from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
 from anycast_lb.config import NodeConfig, format_host_port
 from anycast_lb.dataplane import DataPlane
-from anycast_lb.drain import Drain, DrainMachine, FlowsIdle, Outcome, Phase, Stop, TimedOut, Undrain
+from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
 from anycast_lb.drainer import Drainer
 from anycast_lb.errors import AnycastLBError, BindError
 from anycast_lb.forward import Forwarder
@@ -61,6 +64,7 @@ from anycast_lb.status import BgpStatus, NodeInfo, Status, service_status
 
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
+    from anycast_lb.consensus.agent import ApplyConfig, ConsensusAgent
 
 
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
@@ -80,7 +84,8 @@ class Node:
     ``budget`` is
     the descriptor budget (the CLI plans it after raising the limit); by
     default it is planned for the current soft limit, raising ConfigError
-    when the config's caps cannot fit it.
+    when the config's caps cannot fit it. ``apply`` runs a config pushed
+    through consensus (default: log that it waits for a restart).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class Node:
         cluster_sock: socket.socket | None = None,
         check_jitter: bool = True,
         budget: Budget | None = None,
+        apply: ApplyConfig | None = None,
     ) -> None:
         self.config = config
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
@@ -118,9 +124,20 @@ class Node:
             self.speaker = BgpSpeaker(config.bgp, config.node.name, self._run_dir, self.clock,
                                       log_file=self._run_dir / "exabgp.log")
             self.routes = RouteController(config.bgp, self.view, self.speaker, self.clock)
+        self.consensus: ConsensusAgent | None = None
+        if config.consensus is not None:
+            from anycast_lb.consensus.agent import ConsensusAgent, restart_needed
+
+            self.consensus = ConsensusAgent(
+                config.consensus, config, running=lambda: self.config, pools=lambda: self.pools,
+                on_pool_change=self._on_backend_change, apply=apply or restart_needed,
+                api=lambda: format_host_port(*self.api_address) if self.api_address else "",
+                clock=self.clock)
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
-                               self.clock, on_change=self._on_drain_change)
+                               self.clock, on_change=self._on_drain_change,
+                               slots=self.consensus, wait_idle=self.data.wait_idle,
+                               drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
                                    counters=self.data.backend_counters,
@@ -129,9 +146,11 @@ class Node:
             config.services,
             self.pools,
             self.clock,
-            on_change=self._on_backend_change,
+            on_change=(self.consensus.local_changed if self.consensus is not None
+                       else self._on_backend_change),
             on_check=self._on_check,
             max_jitter=1.0 if check_jitter else 0.0,
+            update_pools=self.consensus is None,
         )
         self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
         self._api_listen = api_listen
@@ -176,13 +195,20 @@ class Node:
         return NodeView(
             drain=self.drainer.state.phase.route_phase,
             services=tuple(
-                ServiceView(name=s.name, prefix=s.prefix, healthy=self.pools[s.name].healthy,
+                ServiceView(name=s.name, prefix=s.prefix, healthy=self._healthy(s.name),
                             listening=self.data.listening(s.name))
                 for s in self.config.services
             ),
         )
 
+    def _healthy(self, service: str) -> bool:
+        if self.consensus is not None:
+            return self.consensus.announce_healthy(service)
+        return self.pools[service].healthy
+
     def _metric_families(self) -> Iterator[Metric]:
+        if self.consensus is not None:
+            yield from self.consensus.metric_families()
         if self.cluster is not None:
             yield from self.cluster.metric_families()
         if self.speaker is not None:
@@ -211,9 +237,15 @@ class Node:
 
     # ------------------------------------------------------------------ drain
 
-    async def drain(self, reason: str) -> None:
-        """Start a drain (idempotent)."""
-        self.drainer.submit(Drain(reason))
+    async def drain(self, reason: str, wait: bool = True) -> api.DrainAnswer:
+        """Start a drain (idempotent). With consensus, once this node holds a
+        drain slot: ``wait`` queues the drain until one frees, otherwise it
+        is refused when every slot is held. Raises ConsensusError (``wait``
+        False) when etcd cannot say."""
+        draining = await self.drainer.request_drain(reason, wait=wait)
+        holders = tuple(self.consensus.slot_holders) if self.consensus is not None else ()
+        return api.DrainAnswer(draining=draining, waiting=self.drainer.waiting_for_slot,
+                               holders=() if draining else holders)
 
     async def undrain(self) -> bool:
         """End a drain. False (and nothing changes) while the node stops."""
@@ -235,19 +267,22 @@ class Node:
             "node": NodeInfo(name=self.config.node.name, draining=drain.draining,
                              drain_phase=drain.phase.route_phase.value,
                              drain_state=drain.phase.value, stopping=drain.stopping,
-                             pid=os.getpid()),
+                             pid=os.getpid(), drain_waiting=self.drainer.waiting_for_slot),
             "services": [
                 service_status(s, self.pools[s.name], self.data,
                                with_bgp=bgp is not None,
                                decision=routes.decision if routes is not None else None,
                                acked=bgp.routes if bgp is not None else {},
-                               damping=routes.damping_status if routes is not None else None)
+                               damping=routes.damping_status if routes is not None else None,
+                               table_revision=(self.consensus.table_revision(s.name)
+                                               if self.consensus is not None else None))
                 for s in self.config.services
             ],
             "bgp": bgp,
             "cluster": self.cluster.status() if self.cluster is not None else None,
             "workers": self.data.workers.status() if self.data.workers is not None else None,
             "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
+            "consensus": self.consensus.status() if self.consensus is not None else None,
         })
 
     def status(self) -> dict[str, Any]:
@@ -289,6 +324,9 @@ class Node:
                 monitor_started = asyncio.Event()
                 tg.create_task(self._monitor.run(monitor_started))
                 await monitor_started.wait()
+                if self.consensus is not None:
+                    # Never waits for etcd: a node serves without it (fail-static).
+                    tg.create_task(self.consensus.run())
                 tg.create_task(self.drainer.run())
                 if self.speaker is not None and self.routes is not None:
                     speaker_started = asyncio.Event()
@@ -316,7 +354,7 @@ class Node:
         log.event("node.stopping", drain_timeout=self.config.drain.timeout)
         if self.speaker is not None:
             self.speaker.begin_stop()  # an ExaBGP that exits now stays down
-        self.drainer.submit(Stop())
+        await self.drainer.stop(self.config.drain.slot_timeout)
         if self.speaker is not None:
             await self.drainer.wait_past(Phase.GRACEFUL)
             try:

@@ -31,13 +31,14 @@ build), the pool holds no sockets and reads no clock.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from anycast_lb import log, maglev
@@ -102,12 +103,13 @@ class _Table:
     indexes into ``backends``; ``ready`` is set at the same time.
     """
 
-    __slots__ = ("backends", "table", "ready")
+    __slots__ = ("backends", "table", "ready", "digest")
 
     def __init__(self, backends: tuple[Backend, ...], table: array[int] | None = None) -> None:
         self.backends = backends
         self.table = table
         self.ready = threading.Event()
+        self.digest: str | None = None
         if table is not None:
             self.ready.set()
 
@@ -197,6 +199,49 @@ class Pool:
                 return False
             if self._selection is selection:
                 return True
+
+    def table_digest(self) -> str | None:
+        """A short hash (12 hex digits) of the current selection: the up
+        backends' names and weights in table order and the Maglev table
+        itself (for round robin and least connections, the up set only).
+        Two nodes with equal digests send every flow hash to the same
+        backend. None while the table for the current up set is being built.
+        Computed once per table (sha256 of ~0.5 MB at 65537 slots, ~1 ms)."""
+        table = self._selection.table
+        if table.digest is not None:
+            return table.digest
+        built = table.table
+        if built is None:
+            return None
+        h = hashlib.sha256()
+        for b in table.backends:
+            h.update(f"{b.key}*{b.config.weight};".encode())
+        h.update(self.service.balance.value.encode())
+        h.update(built.tobytes())
+        table.digest = h.hexdigest()[:12]
+        return table.digest
+
+    def set_up_set(self, keys: Collection[str]) -> list[Backend]:
+        """Make exactly ``keys`` the up backends, published as one selection
+        (no intermediate up set is ever visible: with consensus the agreed
+        set replaces the local health view whole). Returns the backends
+        whose state changed; keys not in the pool are ignored. Builds follow
+        the rule of :meth:`set_up`."""
+        wanted = frozenset(keys)
+        changed = [b for b in self.backends if b.up != (b.key in wanted)]
+        if not changed:
+            return []
+        with self._write_lock:
+            for b in changed:
+                b.up = not b.up
+            old = self._selection
+            now_up = tuple(b for b in self.backends if b.up)
+            table = _Table(now_up, self._known_table(now_up))
+            fallback = old.table if old.table.table is not None else old.fallback
+            self._selection = _selection(now_up, table, fallback, old.generation + 1)
+        if table.table is None:
+            self._request_build()
+        return changed
 
     def set_up(self, key: str, up: bool) -> bool:
         """Mark a backend up or down. Returns True if anything changed.

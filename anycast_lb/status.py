@@ -53,6 +53,9 @@ class NodeInfo(_Model):
     stopping: bool
     """A graceful stop (SIGTERM) has begun: undrain is refused."""
     pid: int
+    drain_waiting: bool = False
+    """With consensus: a drain was requested and waits for a drain slot
+    (``consensus.drain_slot_holders`` names the holders)."""
 
 
 class BackendStatus(_Model):
@@ -107,6 +110,13 @@ class ServiceStatus(_Model):
     (bgp only)."""
     damping: DampingStatus | None = None
     """bgp only."""
+    table_digest: str | None = None
+    """Short hash of the backend selection (Maglev table and its up set,
+    :meth:`anycast_lb.pool.Pool.table_digest`): equal digests, equal
+    tables. None while the table is being built."""
+    table_revision: int | None = None
+    """With consensus: the etcd revision of the view whose agreed set the
+    table holds (None standalone)."""
 
 
 class BgpStatus(_Model):
@@ -208,6 +218,44 @@ class LimitsStatus(_Model):
     open_descriptors: int | None
 
 
+class MemberStatus(_Model):
+    name: str
+    api: str
+    lan: str
+    version: str
+    started: float
+    """Wall clock s since the epoch."""
+
+
+class ConsensusStatus(_Model):
+    """The node's view of the cluster on etcd (docs/consensus.md)."""
+
+    cluster: str
+    state: Literal["starting", "synced", "isolated"]
+    """``isolated``: etcd (a quorum) unreachable; the last agreed state is
+    frozen and the node serves on its own health."""
+    since: float
+    """Wall clock s since the epoch when the state began."""
+    since_s: float
+    """Seconds in the state."""
+    reason: str
+    revision: int
+    """etcd revision of the cluster view applied."""
+    config_revision: int
+    """Config revision applied or refused last (0: the node's own file)."""
+    lease_silent_s: float | None
+    """Seconds since the last acknowledged lease keepalive."""
+    watch_lag_s: float
+    members: list[MemberStatus]
+    pushes_applied: int
+    pushes_refused: int
+    drain_slot: int | None
+    """The drain slot this node holds."""
+    drain_slot_holders: list[str]
+    disagreement: dict[str, list[str]]
+    """Per service, backends whose own health here differs from the agreed one."""
+
+
 class Status(_Model):
     """The whole ``GET /status`` document."""
 
@@ -218,6 +266,7 @@ class Status(_Model):
     workers: list[WorkerStatus] | None = Field(
         description="null without relay workers (forwarding.workers 1)")
     limits: LimitsStatus
+    consensus: ConsensusStatus | None = Field(description="null without a consensus section")
 
 
 def json_schema() -> str:
@@ -244,6 +293,7 @@ def service_status(
     decision: RouteDecision | None,
     acked: Mapping[str, str],
     damping: Callable[[Prefix], Mapping[str, float | bool]] | None,
+    table_revision: int | None = None,
 ) -> ServiceStatus:
     """One service: its forwarder, pool, backends and (``with_bgp``) its
     announcement as the route controller decided it and ExaBGP acked it."""
@@ -287,5 +337,7 @@ def service_status(
             for b in pool.backends
         ],
         "refused": data.refused(service.name)[0],
+        "table_digest": pool.table_digest(),
+        "table_revision": table_revision,
         **bgp_fields,
     })

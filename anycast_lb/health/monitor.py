@@ -61,12 +61,16 @@ class HealthMonitor:
         *,
         probe_factory: ProbeFactory = make_probe,
         max_jitter: float = 1.0,
+        update_pools: bool = True,
     ) -> None:
         """``pools`` is keyed by service name and must hold every service.
 
         ``random`` draws the start-up splay (default: a fresh unseeded
         generator); ``max_jitter`` caps it, in seconds (0 disables it).
         ``probe_factory`` builds each backend's probe (tests pass fakes).
+        ``update_pools`` False: transitions are only reported (``on_change``),
+        the pools are left alone and every machine starts down (with
+        consensus the pools hold the agreed set, not this node's view).
         Raises KeyError if a service has no pool.
         """
         self._services = list(services)
@@ -80,6 +84,7 @@ class HealthMonitor:
         self._random = random if random is not None else _random.Random()
         self._probe_factory = probe_factory
         self._max_jitter = max(0.0, max_jitter)
+        self._update_pools = update_pools
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Check all backends until cancelled; set ``started`` once every loop runs.
@@ -114,7 +119,7 @@ class HealthMonitor:
     async def _loop(self, members: list[_Member], probe: Probe) -> None:
         service, _, backend = members[0]
         health = service.health
-        up = all(b.up for _, _, b in members)
+        up = self._update_pools and all(b.up for _, _, b in members)
         machine = Hysteresis(health.rise, health.fall, State.UP if up else State.DOWN)
         jitter = self._random.uniform(0.0, min(health.interval, self._max_jitter))
         deadline = self._clock.monotonic() + jitter
@@ -170,7 +175,8 @@ class HealthMonitor:
         if new_state is None:
             return
         up = new_state is State.UP
-        pool.set_up(backend.key, up)
+        if self._update_pools:
+            pool.set_up(backend.key, up)
         name, key, state, detail = service.name, backend.key, new_state.value, result.detail
         log.event("health.transition", service=name, backend=key, state=state, detail=detail)
         if up:

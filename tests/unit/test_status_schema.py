@@ -20,14 +20,16 @@ def test_published_status_schema_is_current() -> None:
 
 def test_schema_names_every_section() -> None:
     schema = json.loads(json_schema())
-    assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits"}
+    assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits",
+                                        "consensus"}
     assert schema["additionalProperties"] is False
 
 
 def test_documented_example_validates_and_unknown_fields_do_not() -> None:
     doc = {
         "node": {"name": "lb1", "draining": False, "drain_phase": "none",
-                 "drain_state": "serving", "stopping": False, "pid": 4242},
+                 "drain_state": "serving", "stopping": False, "pid": 4242,
+                 "drain_waiting": False},
         "services": [{
             "name": "web", "vip": "198.51.100.10", "port": 80, "protocol": "tcp",
             "balance": "maglev", "listen": "198.51.100.10:80", "listening": True,
@@ -39,6 +41,7 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                           "last_detail": "status 200", "active_connections": 2,
                           "connections_total": 120, "connect_failures": 0,
                           "bytes_in": 5120, "bytes_out": 81920}],
+            "table_digest": "3f2a9c0d41be", "table_revision": 57,
         }],
         "bgp": None, "cluster": None, "workers": None,
         "limits": {"limit": 1024, "reserve": {"base": 16, "listeners": 1, "health": 1, "api": 257,
@@ -46,6 +49,13 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                                               "total": 339},
                    "pipes": 85, "tcp_connections": 300, "tcp_connections_per_source": 75, "udp_flows": {},
                    "udp_flows_per_source": {}, "data": 685, "open_descriptors": 12},
+        "consensus": {"cluster": "prod-eu1", "state": "synced", "since": 1795813200.5,
+                      "since_s": 12.5, "reason": "", "revision": 57, "config_revision": 3,
+                      "lease_silent_s": 0.2, "watch_lag_s": 0.004,
+                      "members": [{"name": "lb1", "api": "127.0.0.1:9180", "lan": "",
+                                   "version": "0.1.0", "started": 1795813188.0}],
+                      "pushes_applied": 2, "pushes_refused": 0, "drain_slot": None,
+                      "drain_slot_holders": [], "disagreement": {}},
     }
     status = Status.model_validate(doc)
     assert status.model_dump(mode="json") == doc
