@@ -5,7 +5,7 @@
 
     anycast-lb check-config node.yaml
     anycast-lb run --config node.yaml
-    anycast-lb drain|undrain --config node.yaml
+    anycast-lb drain|undrain|reload --config node.yaml
     anycast-lb status --config node.yaml
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
@@ -35,7 +35,6 @@ from anycast_lb.limits import Budget, hard_nofile, plan, raise_nofile
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-HANGUP_REASON = "no live reload yet: restart the node to apply a changed config"
 
 
 def _load(path: Path) -> NodeConfig:
@@ -123,7 +122,9 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> 
 
     SIGTERM or SIGINT (to the node alone or to its whole process group)
     drains and stops gracefully (exit 0); a second one exits at once (exit
-    1). SIGHUP is logged and ignored: there is no live reload yet.
+    1). SIGHUP re-reads CONFIG and applies it live (docs/config.md, "Live
+    reload"); a file that fails validation or needs a restart is refused and
+    logged (config.refused), and the node keeps running on the last good one.
     """
     cfg = _load(config)
     log.setup(log_level)
@@ -137,17 +138,18 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool) -> 
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run_node(cfg, run_dir, budget))
+        asyncio.run(_run_node(cfg, run_dir, budget, config.resolve()))
     except AnycastLBError as exc:
         log.error("node.failed", error=str(exc))
         click.echo(f"anycast-lb: {exc}", err=True)
         sys.exit(EXIT_ERROR)
 
 
-async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget) -> None:
+async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
+                    config_path: Path | None = None) -> None:
     from anycast_lb.node import Node  # deferred: keeps check-config light
 
-    node = Node(cfg, run_dir=run_dir, budget=budget)
+    node = Node(cfg, run_dir=run_dir, budget=budget, config_path=config_path)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -165,10 +167,21 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget) -> No
 
             os._exit(EXIT_ERROR)
 
+    reloads: set[asyncio.Task[object]] = set()
+
+    async def reload() -> None:
+        try:
+            await node.reload()  # logs config.applied or config.refused itself
+        except Exception as exc:  # a bug: log it, never let a reload take the node down
+            log.error("config.reload_failed", error=f"{type(exc).__name__}: {exc}")
+
     def on_hangup() -> None:
         # The default action of SIGHUP is to terminate: a reload sent by an
         # operator (or a closed terminal) must never take the VIPs down.
-        log.event("node.signal", signal="SIGHUP", action="ignored", reason=HANGUP_REASON)
+        log.event("node.signal", signal="SIGHUP", action="reload")
+        task: asyncio.Task[object] = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -200,16 +213,19 @@ def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None)
         sys.exit(EXIT_ERROR)
 
 
+def _token(cfg: NodeConfig) -> str | None:
+    if cfg.api.admin_token_file is None:
+        return None
+    try:
+        return cfg.api.admin_token_file.read_text().strip()
+    except OSError as exc:
+        click.echo(f"anycast-lb: cannot read {cfg.api.admin_token_file}: {exc.strerror}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
 def _admin(config: Path, path: str) -> None:
     cfg = _load(config)
-    token = None
-    if cfg.api.admin_token_file is not None:
-        try:
-            token = cfg.api.admin_token_file.read_text().strip()
-        except OSError as exc:
-            click.echo(f"anycast-lb: cannot read {cfg.api.admin_token_file}: {exc.strerror}", err=True)
-            sys.exit(EXIT_ERROR)
-    status, body = _api_call(cfg, "POST", path, token)
+    status, body = _api_call(cfg, "POST", path, _token(cfg))
     click.echo(json.dumps(body))
     if status != 200:
         sys.exit(EXIT_ERROR)
@@ -227,6 +243,30 @@ def drain(config: Path) -> None:
 def undrain(config: Path) -> None:
     """End a drain: announce again where healthy."""
     _admin(config, "/undrain")
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def reload(config: Path) -> None:
+    """Make the running node re-read its config file and apply it live.
+
+    Prints ``applied`` (generation, digest, actions) or ``refused`` with the
+    reason (exit 1). CONFIG gives the API address and token; the node
+    re-reads the file it was started with.
+    """
+    cfg = _load(config)
+    status, body = _api_call(cfg, "POST", "/reload", _token(cfg))
+    if isinstance(body, dict) and body.get("result") in ("applied", "refused"):
+        if body["result"] == "applied":
+            actions = "; ".join(body.get("actions") or []) or "nothing changed"
+            click.echo(f"applied: generation {body['generation']} digest {body['digest']}: "
+                       f"{actions}")
+        else:
+            click.echo(f"refused: {body['reason']} (still generation {body['generation']})")
+    else:
+        click.echo(json.dumps(body))
+    if status != 200:
+        sys.exit(EXIT_ERROR)
 
 
 @main.command()

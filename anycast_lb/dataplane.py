@@ -137,6 +137,11 @@ class DataPlane:
             self._retiring.add(forwarder)
         return forwarder
 
+    @property
+    def retiring(self) -> int:
+        """Forwarders of removed services still waiting for their connections."""
+        return len(self._retiring)
+
     def retired(self, forwarder: Forwarder) -> None:
         """``forwarder``'s connections have ended: forget it."""
         self._retiring.discard(forwarder)

@@ -106,6 +106,14 @@ class Node:
         self.config_path = config_path
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._apply_lock = asyncio.Lock()
+        self.generation = 1
+        """The config generation in effect (``liveapply.ApplyResult``)."""
+        self.digest = liveapply.digest(config)
+        self._applied_at = self.clock.wall()
+        self._applies = {"applied": 0, "refused": 0}
+        self._last_refusal: tuple[float, str] | None = None
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
                               clock=self.clock)
@@ -144,14 +152,6 @@ class Node:
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
-        self._apply_lock = asyncio.Lock()
-        self.generation = 1
-        """The config generation in effect (``liveapply.ApplyResult``)."""
-        self.digest = liveapply.digest(config)
-        self._applied_at = self.clock.wall()
-        self._applies = {"applied": 0, "refused": 0}
-        self._last_refusal: tuple[float, str] | None = None
 
     # ------------------------------------------------------------------ parts
 
@@ -260,7 +260,8 @@ class Node:
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
-            return self._refuse(f"invalid config {exc}", ())
+            return self._refuse(f"invalid config {exc.source}: {'; '.join(exc.problems)}", (),
+                                str(self.config_path))
         return await self.apply_config(new, source=str(self.config_path))
 
     async def apply_config(self, new: NodeConfig, *, source: str = "") -> ApplyResult:
@@ -292,7 +293,7 @@ class Node:
                 try:
                     budget = plan(self.budget.limit, new, source=source or "<config>")
                 except ConfigError as exc:
-                    reason = f"descriptor budget: {exc}"
+                    reason = f"descriptor budget: {'; '.join(exc.problems)}"
             if reason is not None:
                 return self._refuse(reason, described, source)
             if not actions:
