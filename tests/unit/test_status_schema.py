@@ -20,7 +20,8 @@ def test_published_status_schema_is_current() -> None:
 
 def test_schema_names_every_section() -> None:
     schema = json.loads(json_schema())
-    assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits"}
+    assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits",
+                                        "config"}
     assert schema["additionalProperties"] is False
 
 
@@ -46,6 +47,10 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                                               "total": 339},
                    "pipes": 85, "tcp_connections": 300, "tcp_connections_per_source": 75, "udp_flows": {},
                    "udp_flows_per_source": {}, "data": 685, "open_descriptors": 12},
+        "config": {"generation": 2, "digest": "0123456789abcdef",
+                   "applied_at": "2026-11-21T21:00:00.123Z", "source": "/etc/anycast-lb/node.yaml",
+                   "applies": 1, "refusals": 1, "last_refusal": "restart needed: api changed",
+                   "last_refusal_at": "2026-11-21T20:59:00.000Z"},
     }
     status = Status.model_validate(doc)
     assert status.model_dump(mode="json") == doc
