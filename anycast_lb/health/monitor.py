@@ -15,6 +15,10 @@ every service sees the same verdict at the same instant (so a VIP carried by
 several services is withdrawn at one probe's fall, not at the latest of
 several unaligned ones).
 
+``update`` changes the services checked while the monitor runs (live
+apply): loops of targets gone stop, new targets start, and a backend that
+joins a running target takes its state.
+
 After each check the backend's ``last_check`` (wall-clock s),
 ``last_latency_ms`` and ``last_detail`` are updated and ``on_check`` is
 called; on a transition the pool is updated (``Pool.set_up``), the events
