@@ -15,6 +15,8 @@
                          while queued for one; ``?no_wait=1``: 409 naming the
                          holders instead of queueing, 503 if etcd cannot say
 ``POST /undrain``        admin: end a drain and announce again
+``POST /reload``         admin: re-read the node's config file and apply it
+                         live; 200 applied, 409 refused (with the reason)
 =======================  =====================================================
 
 Every ``GET`` route also answers ``HEAD``. ``docs/openapi.yaml`` is the
@@ -67,6 +69,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from anycast_lb import log
 from anycast_lb.config import ApiConfig, format_host_port
 from anycast_lb.errors import BindError, ConfigError, ConsensusError
+from anycast_lb.liveapply import ApplyResult
 from anycast_lb.metrics import CONTENT_TYPE
 
 LINGER_S = 1.0
@@ -114,6 +117,10 @@ class NodeControl(Protocol):
 
     async def undrain(self) -> bool:
         """False when refused (the node is stopping)."""
+        ...
+
+    async def reload(self) -> ApplyResult:
+        """Re-read the node's config file and apply it live."""
         ...
 
 
@@ -497,6 +504,12 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
             return _error(409, "the node is stopping; it cannot be undrained")
         return web.json_response({"draining": False})
 
+    async def reload(request: web.Request) -> web.Response:
+        if (denied := authorize(request)) is not None:
+            return denied
+        result = await node.reload()
+        return web.json_response(result.as_dict(), status=200 if result.applied else 409)
+
     app = web.Application(middlewares=[_json_errors, limits],
                           client_max_size=config.max_body_size)
     app.router.add_get("/healthz", healthz)
@@ -505,4 +518,5 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/drain", drain)
     app.router.add_post("/undrain", undrain)
+    app.router.add_post("/reload", reload)
     return app

@@ -5,7 +5,7 @@
 
     anycast-lb check-config node.yaml
     anycast-lb run --config node.yaml
-    anycast-lb drain|undrain --config node.yaml
+    anycast-lb drain|undrain|reload --config node.yaml
     anycast-lb status --config node.yaml
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
@@ -36,7 +36,6 @@ from anycast_lb.limits import Budget, hard_nofile, plan, raise_nofile
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-HANGUP_REASON = "no live reload yet: restart the node to apply a changed config"
 
 
 def _load(path: Path) -> NodeConfig:
@@ -129,7 +128,9 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
 
     SIGTERM or SIGINT (to the node alone or to its whole process group)
     drains and stops gracefully (exit 0); a second one exits at once (exit
-    1). SIGHUP is logged and ignored: there is no live reload yet.
+    1). SIGHUP re-reads CONFIG and applies it live (docs/config.md, "Live
+    reload"); a file that fails validation or needs a restart is refused and
+    logged (config.refused), and the node keeps running on the last good one.
 
     ``--ephemeral-ports`` (tests and labs, never production: routers send
     traffic to the VIP's configured port) lets the kernel pick each port,
@@ -151,7 +152,7 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run_node(cfg, run_dir, budget, ephemeral_ports))
+        asyncio.run(_run_node(cfg, run_dir, budget, ephemeral_ports, config.resolve()))
     except AnycastLBError as exc:
         log.error("node.failed", error=str(exc))
         click.echo(f"anycast-lb: {exc}", err=True)
@@ -159,7 +160,7 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
 
 
 async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
-                    ephemeral_ports: bool = False) -> None:
+                    ephemeral_ports: bool = False, config_path: Path | None = None) -> None:
     from anycast_lb.node import Node  # deferred: keeps check-config light
 
     bind_overrides: dict[str, tuple[str, int]] | None = None
@@ -168,7 +169,7 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
         bind_overrides = {s.name: (str(s.vip), 0) for s in cfg.services}
         api_listen = (str(cfg.api.host_port[0]), 0)
     node = Node(cfg, run_dir=run_dir, budget=budget, bind_overrides=bind_overrides,
-                api_listen=api_listen)
+                api_listen=api_listen, config_path=config_path)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -186,10 +187,21 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
 
             os._exit(EXIT_ERROR)
 
+    reloads: set[asyncio.Task[object]] = set()
+
+    async def reload() -> None:
+        try:
+            await node.reload()  # logs config.applied or config.refused itself
+        except Exception as exc:  # a bug: log it, never let a reload take the node down
+            log.error("config.reload_failed", error=f"{type(exc).__name__}: {exc}")
+
     def on_hangup() -> None:
         # The default action of SIGHUP is to terminate: a reload sent by an
         # operator (or a closed terminal) must never take the VIPs down.
-        log.event("node.signal", signal="SIGHUP", action="ignored", reason=HANGUP_REASON)
+        log.event("node.signal", signal="SIGHUP", action="reload")
+        task: asyncio.Task[object] = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -276,6 +288,30 @@ def drain(config: Path, no_wait: bool) -> None:
 def undrain(config: Path) -> None:
     """End a drain: announce again where healthy."""
     _admin(config, "/undrain")
+
+
+@main.command()
+@click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
+def reload(config: Path) -> None:
+    """Make the running node re-read its config file and apply it live.
+
+    Prints ``applied`` (generation, digest, actions) or ``refused`` with the
+    reason (exit 1). CONFIG gives the API address and token; the node
+    re-reads the file it was started with.
+    """
+    cfg = _load(config)
+    status, body = _api_call(cfg, "POST", "/reload", _token(cfg))
+    if isinstance(body, dict) and body.get("result") in ("applied", "refused"):
+        if body["result"] == "applied":
+            actions = "; ".join(body.get("actions") or []) or "nothing changed"
+            click.echo(f"applied: generation {body['generation']} digest {body['digest']}: "
+                       f"{actions}")
+        else:
+            click.echo(f"refused: {body['reason']} (still generation {body['generation']})")
+    else:
+        click.echo(json.dumps(body))
+    if status != 200:
+        sys.exit(EXIT_ERROR)
 
 
 @main.command()

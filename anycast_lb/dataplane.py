@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from anycast_lb import log
 from anycast_lb.clock import Clock
-from anycast_lb.config import Engine, NodeConfig, Transport, format_host_port
+from anycast_lb.config import Engine, NodeConfig, ServiceConfig, Transport, format_host_port
 from anycast_lb.flows import FlowHook, FlowKey
 from anycast_lb.forward import (
     DataPath,
@@ -64,6 +64,8 @@ class DataPlane:
         """Relay worker processes (``forwarding.workers`` > 1)."""
         self.addresses: dict[str, tuple[str, int]] = {}
         """Service name -> the bound (address, port)."""
+        self._retiring: set[Forwarder] = set()
+        """Forwarders of services removed live, until their connections end."""
 
     # ------------------------------------------------------------------ start
 
@@ -83,21 +85,24 @@ class DataPlane:
             max_pipes=self.budget.pipes or None)
         self.relay.start()
 
+    def _forwarder(self, s: ServiceConfig, pool: Pool, budget: Budget) -> Forwarder:
+        host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
+        return forwarder_for(
+            s, pool, bind_host=host, bind_port=port, relay=self.relay,
+            wildcard=self.flow_hook is not None and self.relay is not None,
+            on_flow=self.flow_hook if self.relay is not None else None,
+            reuse_port=self.relay is not None and self.config.forwarding.workers > 1,
+            slots=self._tcp_slots,
+            max_flows=budget.udp_flows.get(s.name),
+            max_flows_per_source=budget.udp_flows_per_source.get(s.name),
+        )
+
     async def start(self) -> None:
         """Start the relay loop, bind every forwarder, start the workers.
         Raises BindError (call :meth:`close` afterwards either way)."""
         self._start_relay()
-        reuse_port = self.relay is not None and self.config.forwarding.workers > 1
         for s in self.config.services:
-            host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
-            forwarder = forwarder_for(
-                s, self.pools[s.name], bind_host=host, bind_port=port, relay=self.relay,
-                wildcard=self.flow_hook is not None and self.relay is not None,
-                on_flow=self.flow_hook if self.relay is not None else None,
-                reuse_port=reuse_port, slots=self._tcp_slots,
-                max_flows=self.budget.udp_flows.get(s.name),
-                max_flows_per_source=self.budget.udp_flows_per_source.get(s.name),
-            )
+            forwarder = self._forwarder(s, self.pools[s.name], self.budget)
             self.addresses[s.name] = await forwarder.start()
             self.forwarders[s.name] = forwarder
             log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
@@ -110,6 +115,45 @@ class DataPlane:
                                            max_pipes=self.budget.pipes or None,
                                            clock=self.clock)
 
+    # ------------------------------------------------------------------ live apply
+
+    async def open(self, config: NodeConfig, service: ServiceConfig, pool: Pool,
+                   budget: Budget) -> tuple[Forwarder, tuple[str, int]]:
+        """Bind a forwarder for ``service``, added live (``config`` is the
+        config it belongs to; ``budget`` gives its UDP flow caps); it takes
+        connections at once but is not part of the data plane until
+        :meth:`install`. Raises BindError."""
+        if self.relay is None and service.protocol is Transport.TCP:
+            self.config = config  # the relay engine starts with its first TCP service
+            self._start_relay()
+        forwarder = self._forwarder(service, pool, budget)
+        return forwarder, await forwarder.start()
+
+    def install(self, name: str, forwarder: Forwarder, address: tuple[str, int]) -> None:
+        """Make an :meth:`open`-ed forwarder the one of service ``name``."""
+        self.forwarders[name] = forwarder
+        self.addresses[name] = address
+        log.event("forwarder.listening", service=name, address=format_host_port(*address))
+
+    def retire(self, name: str) -> Forwarder | None:
+        """Take service ``name``'s forwarder out of the data plane (removed
+        live); it is still stopped, waited for and closed with the others
+        until :meth:`retired`."""
+        forwarder = self.forwarders.pop(name, None)
+        self.addresses.pop(name, None)
+        if forwarder is not None:
+            self._retiring.add(forwarder)
+        return forwarder
+
+    @property
+    def retiring(self) -> int:
+        """Forwarders of removed services still waiting for their connections."""
+        return len(self._retiring)
+
+    def retired(self, forwarder: Forwarder) -> None:
+        """``forwarder``'s connections have ended: forget it."""
+        self._retiring.discard(forwarder)
+
     # ------------------------------------------------------------------ state
 
     def listening(self, service: str) -> bool:
@@ -118,7 +162,8 @@ class DataPlane:
 
     def parts(self) -> list[DataPath]:
         """Every forwarder, and the relay workers as one."""
-        return [*self.forwarders.values(), *([self.workers] if self.workers is not None else [])]
+        return [*self.forwarders.values(), *self._retiring,
+                *([self.workers] if self.workers is not None else [])]
 
     @property
     def active(self) -> int:

@@ -25,14 +25,28 @@ and a VIP moving between services keeps a listener:
 8. ``RemoveService``       withdraw, stop listening, drain
 9. ``NodeLocalChange``     sections live apply does not cover (node, api,
                            bgp session, forwarding, cluster, consensus,
-                           drain): logged, applied at the next restart
+                           drain): a plan holding it is refused whole
+                           (:func:`refusal`); they need a restart
+
+Carrying a plan out is the node's (``Node.apply_config``); this module also
+decides, purely, whether a plan can be carried out at all (:func:`refusal`)
+and names the config applied (:func:`digest`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from anycast_lb.config import AnnounceConfig, BackendConfig, HealthConfig, NodeConfig, ServiceConfig
+from anycast_lb.config import (
+    AnnounceConfig,
+    BackendConfig,
+    HealthConfig,
+    NodeConfig,
+    ServiceConfig,
+    Transport,
+)
 
 
 @dataclass(frozen=True)
@@ -148,3 +162,108 @@ def plan(old: NodeConfig, new: NodeConfig) -> list[Action]:
     tail: list[Action] = [NodeLocalChange(tuple(sorted(local)))] if local else []
     return [*adds, *backends_added, *reweights, *health, *settings, *announce,
             *backends_removed, *removes, *tail]
+
+
+LIVE_SERVICE_FIELDS = frozenset({"balance", "hash_key", "min_healthy", "maglev_table_size",
+                                 "connect_timeout", "proxy_protocol"})
+"""Service settings a running service takes live (new flows use them). The
+others (``idle_timeout``, the UDP flow caps and source prefixes) are fixed
+when the listener starts: change them with a restart, or under a new service
+name (add one, remove the other)."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one apply (push, SIGHUP, ``anycast-lb reload``) did."""
+
+    applied: bool
+    """False: refused whole, nothing changed."""
+    generation: int
+    """The config generation in effect afterwards: 1 for the config the
+    node started with, +1 per applied config that changed something."""
+    digest: str
+    """:func:`digest` of the config in effect afterwards."""
+    actions: tuple[str, ...] = ()
+    """:func:`describe` of each action carried out (or, refused, planned)."""
+    reason: str = ""
+    """Why it was refused ("" when applied)."""
+    source: str = field(default="", compare=False)
+    """Where the config came from (a file path, ``push``)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"result": "applied" if self.applied else "refused", "generation": self.generation,
+                "digest": self.digest, "actions": list(self.actions), "reason": self.reason}
+
+
+def digest(config: NodeConfig) -> str:
+    """The first 16 hex digits of SHA-256 over the config's canonical JSON
+    (the validated model, so formatting and comments of the file do not
+    count)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def describe(action: Action) -> str:
+    """One line naming the action, for logs and the API's answer."""
+    match action:
+        case AddService(service=s):
+            return f"add service {s.name}"
+        case AddBackend(service=name, backend=b):
+            return f"add backend {b.key} to {name}"
+        case Reweight(service=name, backend=key, old=was, new=now):
+            return f"reweight {key} of {name} {was}->{now}"
+        case ChangeHealth(service=name):
+            return f"change health checks of {name}"
+        case ChangeServiceSettings(service=s, fields=names):
+            return f"change {', '.join(names)} of {s.name}"
+        case ChangeAnnounce():
+            return "change announce attributes"
+        case RemoveBackend(service=name, backend=key):
+            return f"remove backend {key} from {name}"
+        case RemoveService(name=name):
+            return f"remove service {name}"
+        case NodeLocalChange(sections=sections):
+            return f"restart needed: {', '.join(sections)} changed"
+    raise AssertionError(action)  # pragma: no cover
+
+
+def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False,
+            cluster: bool = False) -> str | None:
+    """Why ``actions`` (``plan(old, ...)``) cannot be applied live, or None.
+
+    ``workers``: relay worker processes run (``forwarding.workers`` > 1);
+    they build their TCP pools once, from the config they started with, so
+    backend and service changes of TCP services are refused while they run.
+    ``cluster``: flow survival runs; its steering is built for the services
+    the node started with, so services cannot be added or removed.
+    """
+    reasons: list[str] = []
+    tcp = {s.name for s in old.services if s.protocol is Transport.TCP}
+    for action in actions:
+        match action:
+            case NodeLocalChange(sections=sections):
+                reasons.append(f"restart needed: {', '.join(sections)} changed (node-local "
+                               "sections are read at start only)")
+            case ChangeServiceSettings(service=s, fields=names):
+                fixed = [n for n in names if n not in LIVE_SERVICE_FIELDS]
+                if fixed:
+                    reasons.append(f"restart needed: service {s.name}: {', '.join(fixed)} "
+                                   "cannot change on a running listener (or rename the service)")
+                elif workers and s.name in tcp:
+                    reasons.append(f"service {s.name}: settings of a TCP service cannot change "
+                                   "live with relay workers (forwarding.workers > 1)")
+            case AddService() | RemoveService() if cluster:
+                name = action.service.name if isinstance(action, AddService) else action.name
+                reasons.append(f"service {name}: services cannot be added or removed live with "
+                               "flow survival (cluster section): restart needed")
+            case AddService(service=s) if workers and s.protocol is Transport.TCP:
+                reasons.append(f"service {s.name}: TCP services cannot be added live with relay "
+                               "workers (forwarding.workers > 1): restart needed")
+            case RemoveService(name=name) if workers and name in tcp:
+                reasons.append(f"service {name}: TCP services cannot be removed live with relay "
+                               "workers (forwarding.workers > 1): restart needed")
+            case AddBackend(service=name) | Reweight(service=name) | RemoveBackend(service=name) \
+                    if workers and name in tcp:
+                reasons.append(f"service {name}: TCP backends cannot change live with relay "
+                               "workers (forwarding.workers > 1): restart needed")
+    unique = list(dict.fromkeys(reasons))
+    return "; ".join(unique) if unique else None

@@ -25,6 +25,12 @@ seconds, withdraw, keep serving established connections for up to
 :data:`~anycast_lb.forward.udp.DRAIN_IDLE` s); on SIGTERM, then stop
 ExaBGP, last (it is never restarted once the stop has begun), then stop.
 
+Live apply (:meth:`Node.apply_config`; SIGHUP and ``POST /reload`` re-read
+the node's file): the pure :func:`~anycast_lb.liveapply.plan` and
+:func:`~anycast_lb.liveapply.refusal` decide; this module carries the plan
+out in one step between awaits (new listeners are bound first, the only part
+that can fail), then drains what was removed in the background.
+
 What ``/status``, ``/readyz`` and ``/metrics`` say about BGP is what ExaBGP
 confirmed within :data:`~anycast_lb.bgp.liveness.CONFIRM_DEADLINE` s; past
 that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
@@ -40,27 +46,28 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from anycast_lb import api, log
+from anycast_lb import api, liveapply, log
 from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.bgp.policy import NodeView, ServiceView
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
-from anycast_lb.config import NodeConfig, format_host_port
+from anycast_lb.config import NodeConfig, ServiceConfig, format_host_port, load_config
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
 from anycast_lb.drainer import Drainer
-from anycast_lb.errors import AnycastLBError, BindError
-from anycast_lb.forward import Forwarder
+from anycast_lb.errors import AnycastLBError, BindError, ConfigError
+from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
+from anycast_lb.liveapply import ApplyResult
 from anycast_lb.metrics import NodeMetrics
 from anycast_lb.pool import Backend, Pool
-from anycast_lb.status import BgpStatus, NodeInfo, Status, service_status
+from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
 
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
@@ -70,6 +77,9 @@ if TYPE_CHECKING:
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
 # already in flight towards this node while routers converge still succeed.
 _WITHDRAW_SETTLE = 1.0
+# Seconds between looks at a removed backend's connection count (a plain int
+# kept by the data path: there is no event to wait on).
+_BACKEND_DRAIN_POLL = 0.1
 
 
 class Node:
@@ -81,7 +91,8 @@ class Node:
     ``api_listen`` overrides ``api.listen`` the same way; ``cluster_sock``
     is an already bound UDP socket for the cluster's sync endpoint (tests
     bind port 0 and name the port read back in the peers' configs).
-    ``budget`` is
+    ``config_path`` is the file :meth:`reload` re-reads (SIGHUP, ``POST
+    /reload``). ``budget`` is
     the descriptor budget (the CLI plans it after raising the limit); by
     default it is planned for the current soft limit, raising ConfigError
     when the config's caps cannot fit it. ``apply`` runs a config pushed
@@ -100,10 +111,20 @@ class Node:
         check_jitter: bool = True,
         budget: Budget | None = None,
         apply: ApplyConfig | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._apply_lock = asyncio.Lock()
+        self.generation = 1
+        """The config generation in effect (``liveapply.ApplyResult``)."""
+        self.digest = liveapply.digest(config)
+        self._applied_at = self.clock.wall()
+        self._applies = {"applied": 0, "refused": 0}
+        self._last_refusal: tuple[float, str] | None = None
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
                               clock=self.clock)
@@ -126,11 +147,11 @@ class Node:
             self.routes = RouteController(config.bgp, self.view, self.speaker, self.clock)
         self.consensus: ConsensusAgent | None = None
         if config.consensus is not None:
-            from anycast_lb.consensus.agent import ConsensusAgent, restart_needed
+            from anycast_lb.consensus.agent import ConsensusAgent
 
             self.consensus = ConsensusAgent(
                 config.consensus, config, running=lambda: self.config, pools=lambda: self.pools,
-                on_pool_change=self._on_backend_change, apply=apply or restart_needed,
+                on_pool_change=self._on_backend_change, apply=apply or self._apply_pushed,
                 api=lambda: format_host_port(*self.api_address) if self.api_address else "",
                 clock=self.clock)
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
@@ -209,6 +230,15 @@ class Node:
     def _metric_families(self) -> Iterator[Metric]:
         if self.consensus is not None:
             yield from self.consensus.metric_families()
+        applies = CounterMetricFamily("anycast_lb_config_applies",
+                                      "Configs offered to live apply, by result", labels=["result"])
+        for result, count in self._applies.items():
+            applies.add_metric([result], count)
+        yield applies
+        generation = GaugeMetricFamily("anycast_lb_config_generation",
+                                       "Generation of the config in effect (1: as started)")
+        generation.add_metric([], self.generation)
+        yield generation
         if self.cluster is not None:
             yield from self.cluster.metric_families()
         if self.speaker is not None:
@@ -221,7 +251,7 @@ class Node:
         if self.data.workers is not None:
             self.data.workers.backend_changed(service, backend.key, up)
         healthy = self.pools[service].healthy
-        if healthy != self._service_healthy[service]:
+        if healthy != self._service_healthy.get(service):
             self._service_healthy[service] = healthy
             log.event("service.healthy" if healthy else "service.unhealthy", service=service,
                       up_backends=self.pools[service].up_count)
@@ -256,6 +286,175 @@ class Node:
         for up to ``drain.timeout`` s, then make ``run`` return."""
         self._stop.set()
 
+
+    # ------------------------------------------------------------------ live apply
+
+    async def reload(self) -> ApplyResult:
+        """Re-read ``config_path`` and :meth:`apply_config` it (SIGHUP,
+        ``POST /reload``). A file that cannot be read or fails validation is
+        refused (``config.refused``, counted), never raised."""
+        if self.config_path is None:
+            return self._refuse("this node was not started from a file", ())
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            return self._refuse(f"invalid config {exc.source}: {'; '.join(exc.problems)}", (),
+                                str(self.config_path))
+        return await self.apply_config(new, source=str(self.config_path))
+
+    async def _apply_pushed(self, new: NodeConfig) -> bool:
+        """A pushed revision, merged with this node's file, through live apply
+        (the consensus agent's ``ApplyConfig``): True once in effect, False
+        when it needs a restart; raises ConfigError when refused otherwise."""
+        result = await self.apply_config(new, source="consensus")
+        if result.applied:
+            return True
+        if result.reason.startswith("restart needed"):
+            return False
+        raise ConfigError("pushed config", [result.reason])
+
+    async def apply_config(self, new: NodeConfig, *, source: str = "") -> ApplyResult:
+        """Take ``new`` (already validated) without a restart, or refuse it whole.
+
+        The plan (:func:`~anycast_lb.liveapply.plan`) is refused when
+        :func:`~anycast_lb.liveapply.refusal` says so (node-local sections
+        changed, settings fixed at start, relay workers, flow survival), when
+        its caps do not fit the descriptor budget, when a new listener cannot
+        bind, or when the node is not running or stopping; then nothing
+        changes. Otherwise new listeners are bound, then in one step pools,
+        health checks, listeners and route attributes change; a removed
+        backend gets no new flows at once and its connections are reset
+        after ``drain.timeout`` s if still open; a removed service is
+        withdrawn, stops listening after the withdraw settles and is reset
+        after ``drain.timeout`` s. Applies are serialized. Never raises for a
+        config it refuses; logs ``config.applied`` or ``config.refused``.
+        """
+        async with self._apply_lock:
+            old = self.config
+            actions = liveapply.plan(old, new)
+            described = tuple(liveapply.describe(a) for a in actions)
+            reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
+                                       cluster=self.cluster is not None)
+            if reason is None and (self._tasks is None or self.drainer.state.stopping):
+                reason = "the node is not running, or is stopping"
+            budget = self.budget
+            if reason is None:
+                try:
+                    budget = plan(self.budget.limit, new, source=source or "<config>")
+                except ConfigError as exc:
+                    reason = f"descriptor budget: {'; '.join(exc.problems)}"
+            if reason is not None:
+                return self._refuse(reason, described, source)
+            if not actions:
+                self.config = self.data.config = new
+                return self._applied(new, (), source)
+            opened: dict[str, tuple[Forwarder, tuple[str, int]]] = {}
+            new_pools = {a.service.name: Pool(a.service) for a in actions
+                         if isinstance(a, liveapply.AddService)}
+            try:
+                for a in actions:
+                    if isinstance(a, liveapply.AddService):
+                        opened[a.service.name] = await self.data.open(
+                            new, a.service, new_pools[a.service.name], budget)
+            except BindError as exc:
+                for forwarder, _ in opened.values():
+                    forwarder.stop_accepting()
+                    forwarder.abort_all()
+                self.data.config = old
+                return self._refuse(str(exc), described, source)
+            self._commit(old, new, actions, new_pools, opened)
+            return self._applied(new, described, source)
+
+    def _commit(self, old: NodeConfig, new: NodeConfig, actions: list[liveapply.Action],
+                new_pools: dict[str, Pool], opened: dict[str, tuple[Forwarder, tuple[str, int]]]
+                ) -> None:
+        """Carry out an accepted plan: no await, so no check, flow or route
+        evaluation sees half of it."""
+        assert self._tasks is not None
+        retiring: list[tuple[str, Forwarder]] = []
+        for a in actions:
+            if isinstance(a, liveapply.RemoveService):
+                forwarder = self.data.retire(a.name)
+                del self.pools[a.name]
+                self._service_healthy.pop(a.name, None)
+                if forwarder is not None:
+                    retiring.append((a.name, forwarder))
+        gone: list[tuple[str, Backend]] = []
+        new_by_name = {s.name: s for s in new.services}
+        for name, pool in self.pools.items():
+            service = new_by_name[name]
+            if pool.service != service:
+                _, removed = pool.update(service)
+                gone += [(name, b) for b in removed]
+                _retune(self.data.forwarders.get(name), service)
+        for name, pool in new_pools.items():
+            self.pools[name] = pool
+            self._service_healthy[name] = False
+            forwarder, address = opened[name]
+            self.data.install(name, forwarder, address)
+        # Keep the configuration order of the file in /status and /metrics.
+        ordered = {s.name: self.pools[s.name] for s in new.services}
+        self.pools.clear()
+        self.pools.update(ordered)
+        self.config = self.data.config = new
+        self._monitor.update(new.services, self.pools)
+        if self.routes is not None and new.bgp is not None:
+            self.routes.set_bgp(new.bgp)  # also evaluates the new view: withdraws removed VIPs
+        for name, backend in gone:
+            self._tasks.create_task(self._drain_backend(name, backend))
+        for name, forwarder in retiring:
+            self._tasks.create_task(self._drain_service(name, forwarder))
+
+    async def _drain_backend(self, service: str, backend: Backend) -> None:
+        """A backend removed live: wait up to ``drain.timeout`` s for its
+        connections to end, then reset what is left."""
+        deadline = self.clock.monotonic() + self.config.drain.timeout
+        while backend.active_connections > 0 and self.clock.monotonic() < deadline:
+            await self.clock.sleep(_BACKEND_DRAIN_POLL)
+        forwarder = self.data.forwarders.get(service)
+        reset = forwarder.abort_backend(backend) if forwarder is not None else 0
+        log.event("backend.removed", service=service, backend=backend.key, reset=reset)
+
+    async def _drain_service(self, name: str, forwarder: Forwarder) -> None:
+        """A service removed live, already out of the route view: let the
+        withdraw settle, stop listening, wait up to ``drain.timeout`` s for
+        its connections, reset what is left."""
+        if self.speaker is not None:
+            try:
+                async with asyncio.timeout(_WITHDRAW_SETTLE):
+                    await self.speaker.wait_synced()
+            except TimeoutError:
+                log.warning("route.withdraw_unacked", service=name)
+            await self.clock.sleep(_WITHDRAW_SETTLE)
+        forwarder.stop_accepting()
+        idle = await forwarder.wait_idle(self.config.drain.timeout)
+        if not idle:
+            forwarder.abort_all()
+        self.data.retired(forwarder)
+        log.event("service.removed", service=name, drained=idle)
+
+    def _result(self, applied: bool, actions: tuple[str, ...], source: str,
+                reason: str = "") -> ApplyResult:
+        return ApplyResult(applied=applied, generation=self.generation, digest=self.digest,
+                           actions=actions, reason=reason, source=source)
+
+    def _applied(self, new: NodeConfig, actions: tuple[str, ...], source: str) -> ApplyResult:
+        self._applies["applied"] += 1
+        digest = liveapply.digest(new)
+        if digest != self.digest:
+            self.generation += 1
+            self.digest = digest
+            self._applied_at = self.clock.wall()
+        log.event("config.applied", generation=self.generation, digest=self.digest,
+                  source=source, actions="; ".join(actions) or "none")
+        return self._result(True, actions, source)
+
+    def _refuse(self, reason: str, actions: tuple[str, ...], source: str = "") -> ApplyResult:
+        self._applies["refused"] += 1
+        self._last_refusal = (self.clock.wall(), reason)
+        log.warning("config.refused", reason=reason, source=source, generation=self.generation)
+        return self._result(False, actions, source, reason)
+
     # ------------------------------------------------------------------ status
 
     def status_model(self) -> Status:
@@ -283,6 +482,13 @@ class Node:
             "workers": self.data.workers.status() if self.data.workers is not None else None,
             "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
             "consensus": self.consensus.status() if self.consensus is not None else None,
+            "config": ConfigStatus(
+                generation=self.generation, digest=self.digest,
+                applied_at=iso_utc(self._applied_at) or "",
+                source=str(self.config_path) if self.config_path is not None else None,
+                applies=self._applies["applied"], refusals=self._applies["refused"],
+                last_refusal=self._last_refusal[1] if self._last_refusal else None,
+                last_refusal_at=iso_utc(self._last_refusal[0]) if self._last_refusal else None),
         })
 
     def status(self) -> dict[str, Any]:
@@ -316,6 +522,7 @@ class Node:
             await self.data.start()
             runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 if self.cluster is not None:
                     # Steering is up before any route is announced.
                     cluster_started = asyncio.Event()
@@ -345,6 +552,7 @@ class Node:
         except* AnycastLBError as group:
             raise _first_leaf(group) from None
         finally:
+            self._tasks = None
             await self.data.close()
             if runner is not None:
                 await runner.cleanup()
@@ -380,6 +588,18 @@ class Node:
             # Last: the routes are withdrawn, so closing the sessions changes
             # nothing the routers still use.
             await self.speaker.stop_exabgp()
+
+
+def _retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
+    """Give a running forwarder the live settings of ``service``
+    (``liveapply.LIVE_SERVICE_FIELDS``: the pool holds the others); new
+    connections use them."""
+    if isinstance(forwarder, TcpForwarder | UdpForwarder):
+        forwarder.service = service
+    elif isinstance(forwarder, RelayForwarder):
+        forwarder.service = service
+        forwarder.connect_timeout = service.connect_timeout
+        forwarder.proxy_protocol = service.proxy_protocol
 
 
 def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:

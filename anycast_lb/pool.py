@@ -266,6 +266,47 @@ class Pool:
             self._request_build()
         return True
 
+    def update(self, service: ServiceConfig) -> tuple[list[Backend], list[Backend]]:
+        """Take ``service`` (same name) as the pool's new configuration, live:
+        backends new to the pool are added down (health checks raise them),
+        backends gone from it are removed, and every other backend keeps its
+        state and counters and takes its new weight. A new selection (and,
+        for Maglev, a new table, built as in ``set_up``) is published by one
+        assignment, so ``candidates`` never returns a removed backend after
+        this returns; connections already on it keep their ``Backend``.
+
+        Returns ``(added, removed)``. Raises ValueError for another service's
+        config.
+        """
+        if service.name != self.service.name:
+            raise ValueError(f"pool of {self.service.name!r} cannot take {service.name!r}")
+        with self._write_lock:
+            kept: list[Backend] = []
+            added: list[Backend] = []
+            wanted = {b.key for b in service.backends}
+            for config in service.backends:
+                backend = self._by_key.get(config.key)
+                if backend is None:
+                    backend = Backend(config)
+                    added.append(backend)
+                else:
+                    backend.config = config  # same key: new weight
+                kept.append(backend)
+            removed = [b for b in self.backends if b.key not in wanted]
+            self.service = service
+            self.backends = kept
+            self._by_key = {b.key: b for b in kept}
+            old = self._selection
+            now_up = tuple(b for b in kept if b.up)
+            table = _Table(now_up, self._known_table(now_up))
+            # A removed backend is not in the new up set, so the fallback
+            # rule of ``candidates`` never picks it from the old table.
+            fallback = old.table if old.table.table is not None else old.fallback
+            self._selection = _selection(now_up, table, fallback, old.generation + 1)
+        if table.table is None:
+            self._request_build()
+        return added, removed
+
     def _known_table(self, up: tuple[Backend, ...]) -> array[int] | None:
         """A table for ``up`` that costs nothing now: none needed, trivial, or cached."""
         if self.service.balance is not Balance.MAGLEV or not up:

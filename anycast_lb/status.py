@@ -256,6 +256,27 @@ class ConsensusStatus(_Model):
     """Per service, backends whose own health here differs from the agreed one."""
 
 
+class ConfigStatus(_Model):
+    """The config in effect and the live applies offered to the node
+    (SIGHUP, ``POST /reload``, pushed revisions)."""
+
+    generation: int
+    """1 for the config the node started with, +1 per applied change."""
+    digest: str
+    """First 16 hex digits of SHA-256 over the validated config's JSON."""
+    applied_at: str
+    """When this generation took effect (ISO 8601 UTC)."""
+    source: str | None
+    """The file SIGHUP and ``POST /reload`` re-read (null: none)."""
+    applies: int
+    """Configs applied since start (including ones that changed nothing)."""
+    refusals: int
+    """Configs refused since start."""
+    last_refusal: str | None
+    """Why the last refused config was refused (null: none yet)."""
+    last_refusal_at: str | None
+
+
 class Status(_Model):
     """The whole ``GET /status`` document."""
 
@@ -267,6 +288,7 @@ class Status(_Model):
         description="null without relay workers (forwarding.workers 1)")
     limits: LimitsStatus
     consensus: ConsensusStatus | None = Field(description="null without a consensus section")
+    config: ConfigStatus
 
 
 def json_schema() -> str:

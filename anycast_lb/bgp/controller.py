@@ -80,6 +80,13 @@ class RouteController:
         """Something the policy reads changed: evaluate again soon."""
         self._changed.set()
 
+    def set_bgp(self, bgp: BgpConfig) -> None:
+        """Take new announce attributes (live apply): the routes are rendered
+        again at the next evaluation, which this schedules. The session
+        settings of ``bgp`` are the speaker's and are not read here."""
+        self._bgp = bgp
+        self.poke()
+
     def evaluate(self) -> RouteDecision:
         """Evaluate now, send the routes to the sink and publish the decision."""
         now = self._clock.monotonic()

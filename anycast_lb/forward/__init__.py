@@ -26,7 +26,7 @@ from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import TcpForwarder
 from anycast_lb.forward.udp import UdpForwarder
 from anycast_lb.limits import Refusals, Slots
-from anycast_lb.pool import Pool
+from anycast_lb.pool import Backend, Pool
 
 __all__ = [
     "DataPath", "Forwarder", "RelayForwarder", "RelayLoop", "TcpForwarder", "UdpForwarder", "forwarder_for",
@@ -79,6 +79,11 @@ class Forwarder(DataPath, Protocol):
     def refused(self) -> dict[str, int]:
         """New connections or flows refused so far, by reason
         (``limits.REFUSAL_REASONS``)."""
+        ...
+
+    def abort_backend(self, backend: Backend) -> int:
+        """Reset the connections or flows relayed to ``backend`` (a backend
+        removed by live apply); how many there were."""
         ...
 
 

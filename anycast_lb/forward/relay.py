@@ -1098,6 +1098,19 @@ class RelayForwarder:
             self.loop.call_soon(lambda: self._abort_flows(keys))
         return found
 
+    def abort_backend(self, backend: Backend) -> int:
+        """Reset the connections relayed to ``backend`` (removed by live
+        apply, past ``drain.timeout``). Thread-safe; how many it holds now."""
+        found = sum(1 for c in list(self._conns) if c.backend is backend)
+        if found:
+            self.loop.call_soon(lambda: self._abort_backend(backend))
+        return found
+
+    def _abort_backend(self, backend: Backend) -> None:
+        for conn in list(self._conns):
+            if conn.backend is backend:
+                conn.close(reset=True)
+
     def _abort_flows(self, keys: list[FlowKey]) -> None:
         for key in keys:
             conn = self._by_flow.get(key)

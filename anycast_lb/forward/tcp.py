@@ -337,6 +337,14 @@ class TcpForwarder:
         flow hook here), so this engine publishes no flow keys: 0."""
         return 0
 
+    def abort_backend(self, backend: Backend) -> int:
+        """Reset the connections relayed to ``backend`` (a backend removed by
+        live apply, past ``drain.timeout``); how many there were."""
+        doomed = [r for r in self._relays if r.backend is backend]
+        for relay in doomed:
+            relay.shutdown()
+        return len(doomed)
+
     # -- used by _Relay ------------------------------------------------------
 
     def _register(self, relay: _Relay) -> None:

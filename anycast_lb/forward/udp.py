@@ -241,6 +241,14 @@ class UdpForwarder:
         for flow in list(self._flows.values()):
             self._close_flow(flow)
 
+    def abort_backend(self, backend: Backend) -> int:
+        """End the flows towards ``backend`` (a backend removed by live
+        apply, past ``drain.timeout``); how many there were."""
+        doomed = [f for f in self._flows.values() if f.backend is backend]
+        for flow in doomed:
+            self._close_flow(flow)
+        return len(doomed)
+
     def abort_flows(self, keys: Iterable[FlowKey]) -> int:
         """UDP flows are not TCP flow keys: none to abort; 0."""
         return 0

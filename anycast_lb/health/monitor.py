@@ -15,6 +15,10 @@ every service sees the same verdict at the same instant (so a VIP carried by
 several services is withdrawn at one probe's fall, not at the latest of
 several unaligned ones).
 
+``update`` changes the services checked while the monitor runs (live
+apply): loops of targets gone stop, new targets start, and a backend that
+joins a running target takes its state.
+
 After each check the backend's ``last_check`` (wall-clock s),
 ``last_latency_ms`` and ``last_detail`` are updated and ``on_check`` is
 called; on a transition the pool is updated (``Pool.set_up``), the events
@@ -26,7 +30,6 @@ and an exception in one stops the monitor (it is a bug, not a health result).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random as _random
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +48,19 @@ OnChange = Callable[[str, Backend, bool], None]
 OnCheck = Callable[[str, Backend, ProbeResult], None]
 """``(service_name, backend, result)``, called after every check."""
 _Member = tuple[ServiceConfig, Pool, Backend]
+_TargetKey = tuple[str, str, int]
+"""(health settings as JSON, address, probe port): one check loop each."""
+
+
+class _Target:
+    """One health target: its members (service, pool, backend) and rise/fall machine."""
+
+    __slots__ = ("members", "machine", "task")
+
+    def __init__(self, members: list[_Member], machine: Hysteresis) -> None:
+        self.members = members
+        self.machine = machine
+        self.task: asyncio.Task[None] | None = None
 
 
 class HealthMonitor:
@@ -85,6 +101,12 @@ class HealthMonitor:
         self._probe_factory = probe_factory
         self._max_jitter = max(0.0, max_jitter)
         self._update_pools = update_pools
+        self._local: dict[tuple[str, str], bool] = {}
+        """(service, backend key) -> up as this node's checks last decided;
+        what ``_seen_up`` answers when the pools are not ours to update."""
+        self._targets: dict[_TargetKey, _Target] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """Check all backends until cancelled; set ``started`` once every loop runs.
@@ -93,34 +115,85 @@ class HealthMonitor:
         ExceptionGroup, from the TaskGroup); probe failures are health
         results, not errors.
         """
-        needs_http = any(s.health.kind is HealthKind.HTTP for s in self._services)
-        async with contextlib.AsyncExitStack() as stack:
-            session: aiohttp.ClientSession | None = None
-            if needs_http:
-                session = await stack.enter_async_context(make_session())
-            targets: dict[tuple[str, str, int], list[_Member]] = {}
-            for service in self._services:
-                pool = self._pools[service.name]
-                for backend in pool.backends:
-                    port = service.health.port or backend.config.port
-                    key = (service.health.model_dump_json(), str(backend.config.address), port)
-                    targets.setdefault(key, []).append((service, pool, backend))
+        try:
             async with asyncio.TaskGroup() as tasks:
-                for members in targets.values():
-                    service, _, backend = members[0]
-                    probe = self._probe_factory(service.health, backend.config, session)
-                    tasks.create_task(
-                        self._loop(members, probe),
-                        name=f"health {service.name} {backend.key}",
-                    )
+                self._tasks = tasks
+                self._sync()
                 if started is not None:
                     started.set()
+                await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._tasks = None
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
 
-    async def _loop(self, members: list[_Member], probe: Probe) -> None:
-        service, _, backend = members[0]
+    def update(self, services: Sequence[ServiceConfig], pools: Mapping[str, Pool]) -> None:
+        """Check ``services`` from now on (live apply). Synchronous: call it
+        in the same step that changed the pools, so no loop probes a backend
+        its pool no longer holds.
+
+        Targets no longer wanted stop; new targets (a new backend, or new
+        health settings, which key the target) start, their machine starting
+        from the members' current states, so a settings change keeps every
+        backend's state until the new checks decide otherwise; a backend that
+        joins a running target takes that target's state at once. Raises
+        KeyError if a service has no pool.
+        """
+        for service in services:
+            if service.name not in pools:
+                raise KeyError(f"no pool for service {service.name!r}")
+        self._services = list(services)
+        self._pools = pools
+        if self._tasks is not None:
+            self._sync()
+
+    def _wanted(self) -> dict[_TargetKey, list[_Member]]:
+        targets: dict[_TargetKey, list[_Member]] = {}
+        for service in self._services:
+            pool = self._pools[service.name]
+            for backend in pool.backends:
+                port = service.health.port or backend.config.port
+                key = (service.health.model_dump_json(), str(backend.config.address), port)
+                targets.setdefault(key, []).append((service, pool, backend))
+        return targets
+
+    def _sync(self) -> None:
+        """Start, stop and re-member the check loops to match ``_services``."""
+        assert self._tasks is not None
+        wanted = self._wanted()
+        for key in list(self._targets):
+            if key not in wanted:
+                target = self._targets.pop(key)
+                if target.task is not None:
+                    target.task.cancel()
+        for key, members in wanted.items():
+            running = self._targets.get(key)
+            if running is None:
+                service, _, backend = members[0]
+                up = all(self._seen_up(svc, b) for svc, _, b in members)
+                target = _Target(members, Hysteresis(service.health.rise, service.health.fall,
+                                                     State.UP if up else State.DOWN))
+                if service.health.kind is HealthKind.HTTP and self._session is None:
+                    # One session for every HTTP probe, opened when the first
+                    # one starts (at start or by a live update).
+                    self._session = make_session()
+                probe = self._probe_factory(service.health, backend.config, self._session)
+                target.task = self._tasks.create_task(
+                    self._loop(target, probe), name=f"health {service.name} {backend.key}")
+                self._targets[key] = target
+                continue
+            joined = [m for m in members if not any(m[2] is b for _, _, b in running.members)]
+            running.members = members
+            for service, pool, backend in joined:
+                if self._seen_up(service, backend) != running.machine.up:
+                    self._transition(service, pool, backend, running.machine.state,
+                                     "joined a running check of the same target")
+
+    async def _loop(self, target: _Target, probe: Probe) -> None:
+        service, _, backend = target.members[0]
         health = service.health
-        up = self._update_pools and all(b.up for _, _, b in members)
-        machine = Hysteresis(health.rise, health.fall, State.UP if up else State.DOWN)
+        machine = target.machine
         jitter = self._random.uniform(0.0, min(health.interval, self._max_jitter))
         deadline = self._clock.monotonic() + jitter
         while True:
@@ -129,8 +202,15 @@ class HealthMonitor:
                 await self._clock.sleep(delay)
             result = await self._check(service, backend, probe)
             new_state = machine.observe(result.ok)
-            for member_service, pool, member in members:
+            for member_service, pool, member in target.members:
                 self._record(member_service, pool, member, new_state, result)
+            if new_state is None and not machine.settling:
+                # Members that started a live-applied target in another state
+                # take its confirmed verdict.
+                for member_service, pool, member in target.members:
+                    if self._seen_up(member_service, member) != machine.up:
+                        self._transition(member_service, pool, member, machine.state,
+                                         result.detail)
 
             step = health.fast_interval if machine.settling else health.interval
             deadline += step
@@ -174,10 +254,23 @@ class HealthMonitor:
             self._on_check(service.name, backend, result)
         if new_state is None:
             return
+        self._transition(service, pool, backend, new_state, result.detail)
+
+    def _seen_up(self, service: ServiceConfig, backend: Backend) -> bool:
+        """Whether this node's checks last saw ``backend`` up: the pool's
+        flag when the monitor updates the pools; otherwise (consensus: the
+        pools hold the agreed set) its own record, down until a check says up."""
+        if self._update_pools:
+            return backend.up
+        return self._local.get((service.name, backend.key), False)
+
+    def _transition(self, service: ServiceConfig, pool: Pool, backend: Backend,
+                    new_state: State, detail: str) -> None:
         up = new_state is State.UP
+        self._local[service.name, backend.key] = up
         if self._update_pools:
             pool.set_up(backend.key, up)
-        name, key, state, detail = service.name, backend.key, new_state.value, result.detail
+        name, key, state = service.name, backend.key, new_state.value
         log.event("health.transition", service=name, backend=key, state=state, detail=detail)
         if up:
             log.event("backend.up", service=name, backend=key, detail=detail)

@@ -22,6 +22,7 @@ import yaml
 from anycast_lb.api import ApiServer, read_token_file
 from anycast_lb.config import ApiConfig, parse_config
 from anycast_lb.errors import ConfigError
+from anycast_lb.liveapply import ApplyResult
 from anycast_lb.node import Node
 from tests.component.nodes import node_running
 from tests.waiting import wait_until
@@ -37,6 +38,7 @@ class FakeNode:
         self.draining = False
         self.drain_entered = asyncio.Event()
         self.drain_release: asyncio.Event | None = None
+        self.reloads = 0
 
     def status(self) -> dict[str, Any]:
         return {"node": {"name": "fake", "draining": self.draining}}
@@ -56,6 +58,12 @@ class FakeNode:
     async def undrain(self) -> bool:
         self.draining = False
         return True
+
+    async def reload(self) -> ApplyResult:
+        self.reloads += 1
+        if self.reloads % 2:
+            return ApplyResult(True, 2, "0123456789abcdef", ("add service api",))
+        return ApplyResult(False, 2, "0123456789abcdef", (), "restart needed: api changed")
 
 
 @pytest.fixture
@@ -253,7 +261,8 @@ async def test_every_route_answers_405_with_allow() -> None:
             info = resource.get_info()
             if "path" in info:
                 routes[info["path"]] = {route.method for route in resource}
-        assert set(routes) == {"/healthz", "/readyz", "/status", "/metrics", "/drain", "/undrain"}
+        assert set(routes) == {"/healthz", "/readyz", "/status", "/metrics", "/drain", "/undrain",
+                               "/reload"}
         async with aiohttp.ClientSession() as session:
             for path, allowed in routes.items():
                 for method in {"GET", "POST", "PUT", "DELETE", "PATCH"} - allowed:
@@ -309,6 +318,26 @@ async def test_admin_requests_check_the_token_in_full(token_file: Path) -> None:
             async with session.post(url, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
                 assert r.status == 200
             assert node.draining
+
+
+async def test_reload_needs_the_token_and_answers_applied_or_refused(token_file: Path) -> None:
+    node = FakeNode()
+    async with serving(node, admin_token_file=token_file) as (_, port):
+        url = f"http://127.0.0.1:{port}/reload"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url) as r:
+                assert r.status == 401 and node.reloads == 0
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with session.post(url, headers=auth) as r:
+                assert r.status == 200
+                assert await r.json() == {"result": "applied", "generation": 2,
+                                          "digest": "0123456789abcdef",
+                                          "actions": ["add service api"], "reason": ""}
+            async with session.post(url, headers=auth) as r:
+                assert r.status == 409
+                body = await r.json()
+                assert body["result"] == "refused"
+                assert body["reason"] == "restart needed: api changed"
 
 
 def _node_config(token_file: Path) -> dict[str, Any]:

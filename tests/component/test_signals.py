@@ -151,13 +151,14 @@ async def test_group_sigterm_drains_withdraws_then_stops_exabgp(tmp_path: Path) 
         assert stopped_in < 10, stopped_in
 
 
-async def test_group_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
+async def test_group_sighup_reloads_and_disturbs_nothing(tmp_path: Path) -> None:
     async with bgp_node(tmp_path) as node:
         exabgp_pid = (await node.get("/status"))[1]["bgp"]["exabgp_pid"]
         os.killpg(node.proc.pid, signal.SIGHUP)
-        await wait_until(lambda: "event=node.signal signal=SIGHUP action=ignored" in node.text(),
-                         timeout=5, what="the SIGHUP log line")
-        assert "reason=" in node.text().split("signal=SIGHUP", 1)[1].splitlines()[0]
+        await wait_until(lambda: "event=config.applied" in node.text(),
+                         timeout=5, what="the reload's log line")
+        assert "event=node.signal signal=SIGHUP action=reload" in node.text()
+        assert "actions=none" in node.text().split("event=config.applied", 1)[1].splitlines()[0]
         assert await node.ready()
         assert node.proc.poll() is None
         status = (await node.get("/status"))[1]

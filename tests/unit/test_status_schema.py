@@ -21,7 +21,7 @@ def test_published_status_schema_is_current() -> None:
 def test_schema_names_every_section() -> None:
     schema = json.loads(json_schema())
     assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits",
-                                        "consensus"}
+                                        "consensus", "config"}
     assert schema["additionalProperties"] is False
 
 
@@ -56,6 +56,10 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                                    "version": "0.1.0", "started": 1795813188.0}],
                       "pushes_applied": 2, "pushes_refused": 0, "drain_slot": None,
                       "drain_slot_holders": [], "disagreement": {}},
+        "config": {"generation": 2, "digest": "0123456789abcdef",
+                   "applied_at": "2026-11-21T21:00:00.123Z", "source": "/etc/anycast-lb/node.yaml",
+                   "applies": 1, "refusals": 1, "last_refusal": "restart needed: api changed",
+                   "last_refusal_at": "2026-11-21T20:59:00.000Z"},
     }
     status = Status.model_validate(doc)
     assert status.model_dump(mode="json") == doc
