@@ -191,7 +191,9 @@ class Node:
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy[service]:
             self._service_healthy[service] = healthy
-            log.event("service.healthy" if healthy else "service.unhealthy", service=service,
+            # Unhealthy withdraws the VIP (with a bgp section): a warning.
+            log.event("service.healthy" if healthy else "service.unhealthy",
+                      log.INFO if healthy else log.WARNING, service=service,
                       up_backends=self.pools[service].up_count)
         self._routes_changed()
 

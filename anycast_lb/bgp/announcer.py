@@ -208,7 +208,8 @@ class Announcer:
                 else:
                     self._answers.put_nowait(item.ok)
             elif isinstance(item, wire.PeerMessage):
-                log.event("bgp.peer", address=item.address, state=item.state)
+                log.event("bgp.peer", log.INFO if item.state == "up" else log.WARNING,
+                          address=item.address, state=item.state)
                 self._peers[item.address] = item.state
                 self._send_node(wire.encode_peer(item.address, item.state))
             elif isinstance(item, wire.ExaShutdown):
@@ -236,7 +237,8 @@ class Announcer:
         if line == CLEAR_ALL:
             event = "route.clear"
         if ok:
-            log.event(event, line=line)
+            # A withdraw (or clearing every route) is a warning, an announce info.
+            log.event(event, log.INFO if event == "route.announce" else log.WARNING, line=line)
         else:
             log.error("announcer.command_error", line=line)
         return ok

@@ -8,8 +8,8 @@ snapshot (:class:`~anycast_lb.bgp.policy.NodeView`), lets the flap damper
 (:class:`RouteSink`) and publishes the whole :class:`RouteDecision`, which
 ``/status`` reads as it is (it never recomputes the policy).
 
-Log events: ``route.announce`` (prefix, med, communities) and
-``route.withdraw`` (prefix), once per change of the decision.
+Log events: ``route.announce`` (info: prefix, med, communities) and
+``route.withdraw`` (warning: prefix), once per change of the decision.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class RouteController:
         before = self.decision.routes if self.decision is not None else {}
         if routes != before:
             for prefix in before.keys() - routes.keys():
-                log.event("route.withdraw", prefix=str(prefix))
+                log.warning("route.withdraw", prefix=str(prefix))
             for prefix, route in routes.items():
                 if before.get(prefix) != route:
                     log.event("route.announce", prefix=str(prefix), med=route.med,

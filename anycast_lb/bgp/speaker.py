@@ -329,7 +329,8 @@ class BgpSpeaker:
                     self._confirm()
                 elif isinstance(message, wire.PeerMessage):
                     if self._peers.get(message.address) != message.state:
-                        log.event("bgp.peer", address=message.address, state=message.state)
+                        log.event("bgp.peer", log.INFO if message.state == "up" else log.WARNING,
+                                  address=message.address, state=message.state)
                     self._peers[message.address] = message.state
                 else:
                     conn.acked = self._history.get(message.seq, conn.acked)
