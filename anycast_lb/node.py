@@ -54,7 +54,7 @@ from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
-from anycast_lb.metrics import NodeMetrics
+from anycast_lb.metrics import NodeMetrics, vip_families
 from anycast_lb.pool import Backend, Pool
 from anycast_lb.status import BgpStatus, NodeInfo, Status, service_status
 
@@ -181,6 +181,8 @@ class Node:
             yield from self.cluster.metric_families()
         if self.speaker is not None:
             yield from self.speaker.metric_families()
+        if self.routes is not None:
+            yield from vip_families(self.status_model().services, self.routes.changed_at)
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
