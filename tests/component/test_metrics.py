@@ -72,6 +72,7 @@ async def test_live_bgp_node_metrics_pass_promtool_and_say_what_happened(tmp_pat
     assert checked.returncode == 0 and not checked.stdout.strip() \
         and not checked.stderr.strip(), (checked.stdout, checked.stderr)
 
+    assert not undocumented(exposition)
     found = samples(exposition)
     assert value(found, "anycast_lb_build_info", version=__version__,
                  python=platform.python_version(), exabgp=exabgp_version()) == 1
@@ -103,3 +104,28 @@ async def test_live_bgp_node_metrics_pass_promtool_and_say_what_happened(tmp_pat
     assert events["bgp.peer"]["state"] == "up" and events["bgp.peer"]["level"] == "info"
     assert events["node.started"]["bgp"] is True
     assert events["node.started"]["services"] == 1
+
+
+def test_every_family_a_live_node_serves_is_documented() -> None:
+    """docs/metrics.md names every family of the exposition dumped by the
+    test above's kind of node (checked on an in-process node's full
+    registry here: pools, shedding, API, build, process)."""
+    from anycast_lb.config import parse_config
+    from anycast_lb.node import Node
+
+    node = Node(parse_config({
+        "node": {"name": "doc"},
+        "services": [{"name": "web", "vip": "127.0.0.1", "port": 1,
+                      "backends": [{"address": "127.0.0.1", "port": 2}]}],
+    }))
+    exposition = node.metrics_exposition().decode()
+    assert "anycast_lb_build_info 1.0" not in exposition  # it has labels
+    assert "process_open_fds" in exposition
+    assert not undocumented(exposition)
+
+
+def undocumented(exposition: str) -> set[str]:
+    """Families of ``exposition`` that docs/metrics.md does not name."""
+    doc = (Path(__file__).resolve().parents[2] / "docs/metrics.md").read_text()
+    names = {f.name for f in text_string_to_metric_families(exposition)}
+    return {n for n in names if f"`{n}" not in doc and not n.endswith("_created")}
