@@ -193,10 +193,11 @@ class Node:
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy[service]:
             self._service_healthy[service] = healthy
-            # Unhealthy withdraws the VIP (with a bgp section): a warning.
-            log.event("service.healthy" if healthy else "service.unhealthy",
-                      log.INFO if healthy else log.WARNING, service=service,
-                      up_backends=self.pools[service].up_count)
+            up_backends = self.pools[service].up_count
+            if healthy:
+                log.event("service.healthy", service=service, up_backends=up_backends)
+            else:  # withdraws the VIP (with a bgp section): a warning
+                log.warning("service.unhealthy", service=service, up_backends=up_backends)
         self._routes_changed()
 
     def _on_drain_change(self, outcome: Outcome) -> None:

@@ -233,12 +233,14 @@ class Announcer:
             return False
         if line == PROBE_LINE:
             return ok
-        event = "route.withdraw" if line.startswith("withdraw") else "route.announce"
-        if line == CLEAR_ALL:
-            event = "route.clear"
         if ok:
             # A withdraw (or clearing every route) is a warning, an announce info.
-            log.event(event, log.INFO if event == "route.announce" else log.WARNING, line=line)
+            if line == CLEAR_ALL:
+                log.warning("route.clear", line=line)
+            elif line.startswith("withdraw"):
+                log.warning("route.withdraw", line=line)
+            else:
+                log.event("route.announce", line=line)
         else:
             log.error("announcer.command_error", line=line)
         return ok
