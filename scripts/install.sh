@@ -4,6 +4,8 @@
 #     FRR's own service is never started, the lab runs its daemons in namespaces);
 #   - as root: Debian's etcd-server and etcd-client (the consensus tests and the
 #     lab start their own members; the packaged etcd service is never started);
+#   - as root: Debian's prometheus package for promtool (CI checks /metrics and
+#     the alert rules in deploy/ with it; its service is never started);
 #   - a virtual environment in .venv with anycast-lb, its lab and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
