@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -115,6 +116,8 @@ def _use_uvloop() -> None:
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path),
               help="Node config file (YAML).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="kv", type=click.Choice(log.FORMATS),
+              help="kv: key=value lines; json: one JSON object per line (docs/logging.md).")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="Directory for ExaBGP's config and the announcer socket (default: a new temp dir).")
 @click.option("--no-uvloop", is_flag=True, help="Use the standard asyncio loop.")
@@ -122,8 +125,8 @@ def _use_uvloop() -> None:
               help="For tests and labs: bind the API and every service listener on port 0 "
                    "of its configured address; the bound addresses are logged "
                    "(api.listening, forwarder.listening).")
-def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
-        ephemeral_ports: bool) -> None:
+def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path | None,
+        no_uvloop: bool, ephemeral_ports: bool) -> None:
     """Run a node: forwarders, health checks, HTTP API and (with a bgp section) ExaBGP.
 
     SIGTERM or SIGINT (to the node alone or to its whole process group)
@@ -141,7 +144,8 @@ def run(config: Path, log_level: str, run_dir: Path | None, no_uvloop: bool,
     reach such a node.
     """
     cfg = _load(config)
-    log.setup(log_level)
+    os.environ[log.FORMAT_ENV] = log_format  # relay workers and the announcer log alike
+    log.setup(log_level, log_format)
     soft, hard = raise_nofile()
     budget = _plan(cfg, config, soft)
     log.event("node.descriptors", limit=soft, hard=hard, reserve=budget.reserve.total,

@@ -239,6 +239,6 @@ def _log(outcome: Outcome) -> None:
     elif after.phase is Phase.SERVING:
         log.event("node.undrain")
     elif after.phase is Phase.WITHDRAWN:
-        log.event("node.drain_withdraw")
+        log.warning("node.drain_withdraw")
     elif after.phase is Phase.DRAINED:
         log.event("node.drained", timed_out=after.timed_out)

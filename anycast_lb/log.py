@@ -1,9 +1,25 @@
 """Structured logs to stderr (never stdout: ExaBGP reads an API process's stdout).
 
-Each record is one line: ``ts=... level=info event=health.transition
-service=web backend=203.0.113.130:8080 state=up``. Event names are stable
-(``health.transition``, ``backend.down``, ``route.announce``,
-``route.withdraw``, ``node.drain``...) so operators can alert on them.
+Each record is one line, in one of two formats (``anycast-lb run
+--log-format``):
+
+- ``kv`` (default): ``ts=2026-11-21T21:00:00.123Z level=info
+  event=health.transition service=web backend=203.0.113.130:8080 state=up``;
+- ``json``: one JSON object per line with the same keys, ``{"ts": "...",
+  "level": "info", "event": "health.transition", "service": "web", ...}``
+  (rendered by structlog's ``ProcessorFormatter`` and ``JSONRenderer``;
+  numbers and booleans stay JSON numbers and booleans, anything else is its
+  ``str()``).
+
+Event names are stable (``health.transition``, ``backend.down``,
+``route.announce``, ``route.withdraw``, ``node.drain``...) so operators can
+alert on them; docs/logging.md lists every one with its level and fields.
+Levels: anything that withdraws a VIP (or stops serving one) is a
+``warning``; a fault of the node itself is an ``error``.
+
+Child processes (relay workers, the announcer ExaBGP runs) inherit the
+format through the ``ANYCAST_LB_LOG_FORMAT`` environment variable, which
+:func:`setup` reads when no format is given.
 
 Errors that can repeat thousands of times a second (an accept loop out of
 descriptors, a flood refused) go through :class:`RateLimitedLog`: one line
@@ -13,12 +29,37 @@ per interval with a ``suppressed`` count.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import Any, Literal
+
+import structlog
 
 _LOGGER = logging.getLogger("anycast_lb")
+
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+
+LogFormat = Literal["kv", "json"]
+FORMATS: tuple[LogFormat, ...] = ("kv", "json")
+FORMAT_ENV = "ANYCAST_LB_LOG_FORMAT"
+"""Environment variable naming the format (``kv`` or ``json``) for
+:func:`setup` calls that give none (child processes)."""
+RESERVED = ("ts", "level", "event")
+"""Keys every line carries; a field of the same name is renamed
+``field_<name>`` so it never hides them."""
+
+
+def _timestamp(created: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with milliseconds."""
+    ms = int(created % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = getattr(record, "kv", {})
+    return {f"field_{k}" if k in RESERVED else k: v for k, v in fields.items()}
 
 
 def _quote(value: Any) -> str:
@@ -32,18 +73,64 @@ class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         ms = int(record.msecs)
-        fields: dict[str, Any] = getattr(record, "kv", {})
         parts = [f"ts={ts}.{ms:03d}Z", f"level={record.levelname.lower()}", f"event={record.getMessage()}"]
-        parts += [f"{k}={_quote(v)}" for k, v in fields.items()]
+        parts += [f"{k}={_quote(v)}" for k, v in _fields(record).items()]
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
         return " ".join(parts)
 
 
-def setup(level: str = "info") -> None:
-    """Send this package's logs to stderr as key=value lines."""
+def _record_fields(_logger: Any, _name: str,
+                   event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the record's time, level, event name and fields,
+    in that order (the order of the kv format)."""
+    record: logging.LogRecord = event_dict["_record"]
+    out: dict[str, Any] = {
+        "ts": _timestamp(record.created),
+        "level": record.levelname.lower(),
+        "event": event_dict["event"],
+        **_fields(record),
+    }
+    if "exc_info" in event_dict:  # taken off the record by ProcessorFormatter
+        out["exc_info"] = event_dict["exc_info"]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON fallback: an address, path or enum is its ``str()``."""
+    return str(value)
+
+
+def json_formatter() -> logging.Formatter:
+    """The ``json`` format: one JSON object per record (structlog)."""
+    return structlog.stdlib.ProcessorFormatter(
+        processors=[
+            _record_fields,
+            structlog.processors.format_exc_info,  # exc_info -> "exception": traceback text
+            structlog.processors.JSONRenderer(default=_plain),
+        ],
+        foreign_pre_chain=[],
+    )
+
+
+def formatter(fmt: LogFormat) -> logging.Formatter:
+    """The formatter of ``fmt`` (``kv`` or ``json``)."""
+    return json_formatter() if fmt == "json" else _KeyValueFormatter()
+
+
+def setup(level: str = "info", fmt: LogFormat | None = None) -> None:
+    """Send this package's logs to stderr, one line per event, as ``fmt``
+    (``kv`` or ``json``; None: ``$ANYCAST_LB_LOG_FORMAT``, else ``kv``).
+    Raises ValueError for an unknown format."""
+    if fmt is None:
+        env = os.environ.get(FORMAT_ENV, "kv") or "kv"
+        if env not in FORMATS:
+            raise ValueError(f"{FORMAT_ENV}={env!r}: expected one of {', '.join(FORMATS)}")
+        fmt = "json" if env == "json" else "kv"
+    elif fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter())
+    handler.setFormatter(formatter(fmt))
     _LOGGER.handlers[:] = [handler]
     _LOGGER.setLevel(level.upper())
     _LOGGER.propagate = False

@@ -63,18 +63,45 @@ With a ``cluster`` section (flow survival, :mod:`anycast_lb.cluster`):
 ``cluster_sync_send_errors_total``, ``cluster_sync_published_total{kind}``
 (``delta``, ``snapshot``) and ``cluster_key_file_error``
 (1 while a changed key file is refused and the old keys stay in use).
+
+With a ``bgp`` section (:mod:`anycast_lb.bgp.speaker`, per BGP peer and per
+VIP; what ExaBGP confirmed within the confirm deadline):
+``bgp_confirmed``, ``bgp_confirmed_age_seconds``, ``bgp_peer_up{peer}``,
+``bgp_peer_state{peer,state}``, ``bgp_peer_uptime_seconds{peer}``,
+``bgp_peer_updates_sent_total{peer}``, ``bgp_route_announced{prefix}``,
+``bgp_exabgp_running``, ``bgp_exabgp_restarts_total``,
+``bgp_exabgp_errors_total``, ``bgp_announcer_connected``,
+``bgp_announce_ack_seconds`` (histogram), and from :func:`vip_families`
+``vip_state{service,prefix,state}``, ``vip_damping_penalty{service,prefix}``,
+``vip_damping_reuse_seconds{service,prefix}``,
+``vip_last_change_timestamp_seconds{service,prefix}``.
+
+Always: ``build_info{version,python,exabgp}`` and prometheus_client's
+process (``process_*``) and platform (``python_info``) collectors.
+docs/metrics.md lists every family with its labels and meaning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import importlib.metadata
+import platform
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from anycast_lb import __version__
+from anycast_lb.bgp.policy import Prefix
 from anycast_lb.pool import Backend, Pool
+from anycast_lb.status import AnnouncementName, ServiceStatus
 
 BackendCounterSource = Callable[[str, Backend], tuple[int, int, int, int, int]]
 """(service, backend) -> (active_connections, connections_total,
@@ -243,6 +270,69 @@ def traffic_families(t: Traffic) -> Iterator[Metric]:
         yield family
 
 
+VIP_STATES: tuple[AnnouncementName, ...] = (
+    "announced", "draining", "damped", "withdrawn", "pending", "unconfirmed")
+"""Values of the ``state`` label of ``anycast_lb_vip_state`` (``/status``'s
+``announcement``)."""
+
+
+def vip_families(services: Iterable[ServiceStatus],
+                 changed_at: Mapping[Prefix, float]) -> Iterator[Metric]:
+    """Per VIP (service with a ``bgp`` section): its announcement state
+    one-hot, flap damping penalty and time to reuse (s, RFC 2439 section
+    4.2), and the epoch s the route controller's decision last changed
+    (``changed_at``, keyed by prefix). Services without a prefix (no ``bgp``
+    section) are skipped."""
+    labels = ["service", "prefix"]
+    state = GaugeMetricFamily(
+        "anycast_lb_vip_state",
+        "1 for the VIP's announcement state (announced, draining, damped, withdrawn, pending, "
+        "unconfirmed)", labels=[*labels, "state"])
+    penalty = GaugeMetricFamily("anycast_lb_vip_damping_penalty",
+                                "Flap damping penalty of the VIP prefix, decayed to now",
+                                labels=labels)
+    reuse = GaugeMetricFamily("anycast_lb_vip_damping_reuse_seconds",
+                              "Seconds until a damped VIP prefix is announced again (0: not damped)",
+                              labels=labels)
+    changed = GaugeMetricFamily("anycast_lb_vip_last_change_timestamp_seconds",
+                                "Epoch seconds the VIP's announcement decision last changed",
+                                labels=labels)
+    by_prefix = {str(p): at for p, at in changed_at.items()}
+    for s in services:
+        if s.prefix is None:
+            continue
+        lv = [s.name, s.prefix]
+        for name in VIP_STATES:
+            state.add_metric([*lv, name], 1.0 if s.announcement == name else 0.0)
+        damping = s.damping
+        penalty.add_metric(lv, damping.penalty if damping is not None else 0.0)
+        reuse.add_metric(lv, damping.reuse_in_s if damping is not None else 0.0)
+        if s.prefix in by_prefix:
+            changed.add_metric(lv, by_prefix[s.prefix])
+    yield from (state, penalty, reuse, changed)
+
+
+def exabgp_version() -> str:
+    """Version of the ExaBGP distribution installed beside anycast-lb (the
+    one ``bgp.exabgp`` runs by default), "" when none is."""
+    try:
+        return importlib.metadata.version("exabgp")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+class _BuildInfo(Collector):
+    def __init__(self) -> None:
+        self._labels = [__version__, platform.python_version(), exabgp_version()]
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("anycast_lb_build_info",
+                                 "Always 1; the versions of anycast-lb, Python and ExaBGP",
+                                 labels=["version", "python", "exabgp"])
+        info.add_metric(self._labels, 1.0)
+        yield info
+
+
 class NodeMetrics:
     """The metrics registry of one node (not the process-global registry, so
     tests can run several nodes in one process). ``counters`` adds the
@@ -273,6 +363,10 @@ class NodeMetrics:
 
             extra = extra_shedding_traffic
         self.registry.register(_PoolCollector(pools, draining, extra, counters))
+        self.registry.register(_BuildInfo())
+        # The process-global collectors' own kind, in this node's registry.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.check_duration = Histogram(
             "anycast_lb_health_check_duration_seconds",
             "Duration of backend health checks (s)",

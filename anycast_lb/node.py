@@ -65,7 +65,7 @@ from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
-from anycast_lb.metrics import NodeMetrics
+from anycast_lb.metrics import NodeMetrics, vip_families
 from anycast_lb.pool import Backend, Pool
 from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
 
@@ -243,6 +243,8 @@ class Node:
             yield from self.cluster.metric_families()
         if self.speaker is not None:
             yield from self.speaker.metric_families()
+        if self.routes is not None:
+            yield from vip_families(self.status_model().services, self.routes.changed_at)
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
@@ -253,8 +255,11 @@ class Node:
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy.get(service):
             self._service_healthy[service] = healthy
-            log.event("service.healthy" if healthy else "service.unhealthy", service=service,
-                      up_backends=self.pools[service].up_count)
+            up_backends = self.pools[service].up_count
+            if healthy:
+                log.event("service.healthy", service=service, up_backends=up_backends)
+            else:  # withdraws the VIP (with a bgp section): a warning
+                log.warning("service.unhealthy", service=service, up_backends=up_backends)
         self._routes_changed()
 
     def _on_drain_change(self, outcome: Outcome) -> None:

@@ -4,12 +4,14 @@
 #     FRR's own service is never started, the lab runs its daemons in namespaces);
 #   - as root: Debian's etcd-server and etcd-client (the consensus tests and the
 #     lab start their own members; the packaged etcd service is never started);
+#   - as root: Debian's prometheus package for promtool (CI checks /metrics and
+#     the alert rules in deploy/ with it; its service is never started);
 #   - a virtual environment in .venv with anycast-lb, its lab and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    bash scripts/apt-install.sh frr nftables iproute2 procps etcd-server etcd-client
+    bash scripts/apt-install.sh frr nftables iproute2 procps etcd-server etcd-client prometheus
 elif [ "$(id -u)" != 0 ]; then
     echo "install: not root: skipping apt packages (frr, nftables, etcd); the lab and its tests need root" >&2
 fi

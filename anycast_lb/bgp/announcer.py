@@ -208,7 +208,8 @@ class Announcer:
                 else:
                     self._answers.put_nowait(item.ok)
             elif isinstance(item, wire.PeerMessage):
-                log.event("bgp.peer", address=item.address, state=item.state)
+                log.event("bgp.peer", log.INFO if item.state == "up" else log.WARNING,
+                          address=item.address, state=item.state)
                 self._peers[item.address] = item.state
                 self._send_node(wire.encode_peer(item.address, item.state))
             elif isinstance(item, wire.ExaShutdown):
@@ -232,11 +233,14 @@ class Announcer:
             return False
         if line == PROBE_LINE:
             return ok
-        event = "route.withdraw" if line.startswith("withdraw") else "route.announce"
-        if line == CLEAR_ALL:
-            event = "route.clear"
         if ok:
-            log.event(event, line=line)
+            # A withdraw (or clearing every route) is a warning, an announce info.
+            if line == CLEAR_ALL:
+                log.warning("route.clear", line=line)
+            elif line.startswith("withdraw"):
+                log.warning("route.withdraw", line=line)
+            else:
+                log.event("route.announce", line=line)
         else:
             log.error("announcer.command_error", line=line)
         return ok

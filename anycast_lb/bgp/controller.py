@@ -8,8 +8,8 @@ snapshot (:class:`~anycast_lb.bgp.policy.NodeView`), lets the flap damper
 (:class:`RouteSink`) and publishes the whole :class:`RouteDecision`, which
 ``/status`` reads as it is (it never recomputes the policy).
 
-Log events: ``route.announce`` (prefix, med, communities) and
-``route.withdraw`` (prefix), once per change of the decision.
+Log events: ``route.announce`` (info: prefix, med, communities) and
+``route.withdraw`` (warning: prefix), once per change of the decision.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class RouteController:
         self._changed = asyncio.Event()
         self.decision: RouteDecision | None = None
         """The last decision (None before the first)."""
+        self.changed_at: dict[Prefix, float] = {}
+        """Wall-clock s (epoch) each prefix's intent (``RouteDecision.intent``)
+        last changed; set by the first decision too."""
 
     def poke(self) -> None:
         """Something the policy reads changed: evaluate again soon."""
@@ -98,13 +101,17 @@ class RouteController:
         before = self.decision.routes if self.decision is not None else {}
         if routes != before:
             for prefix in before.keys() - routes.keys():
-                log.event("route.withdraw", prefix=str(prefix))
+                log.warning("route.withdraw", prefix=str(prefix))
             for prefix, route in routes.items():
                 if before.get(prefix) != route:
                     log.event("route.announce", prefix=str(prefix), med=route.med,
                               communities=",".join(route.communities))
-        self.decision = RouteDecision(at=now, view=view, routes=routes,
-                                      intent=announcement_state(view, self._bgp, suppressed),
+        intent = announcement_state(view, self._bgp, suppressed)
+        before_intent = self.decision.intent if self.decision is not None else {}
+        for prefix, state in intent.items():
+            if before_intent.get(prefix) != state:
+                self.changed_at[prefix] = self._clock.wall()
+        self.decision = RouteDecision(at=now, view=view, routes=routes, intent=intent,
                                       suppressed=suppressed)
         self._sink.set_routes(routes)
         return self.decision

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from anycast_lb import log
@@ -60,6 +61,11 @@ HEARTBEAT = 0.2
 MAX_BUFFERED = 1024 * 1024
 """Bytes queued towards an announcer that does not read before it is dropped."""
 _HISTORY = 1024
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Buckets (s) of ``anycast_lb_bgp_announce_ack_seconds``; the announcer
+gives ExaBGP 5 s per line (``ACK_TIMEOUT``)."""
+PEER_STATES = ("up", "down", "connected", "unknown")
+"""Values of the ``state`` label of ``anycast_lb_bgp_peer_state``."""
 
 
 def resolve_exabgp(exe: str) -> str:
@@ -119,6 +125,15 @@ class BgpSpeaker:
         self._waiting_since = clock.monotonic()
         self._stopping = False
         self._was_confirmed = False
+        self._peer_up_since: dict[str, float] = {}
+        """Monotonic s each peer's session was last reported up (up peers only)."""
+        self._peer_updates: dict[str, int] = {a: 0 for a in self._peers}
+        self._sent_at: dict[int, float] = {}
+        """Monotonic s each route set (seq) was first sent, until it is acked."""
+        self.ack_latency = Histogram(
+            "anycast_lb_bgp_announce_ack_seconds",
+            "Seconds from sending a route set to the announcer to ExaBGP's ack of every line",
+            buckets=ACK_BUCKETS, registry=None)
 
     @property
     def socket_path(self) -> Path:
@@ -231,6 +246,66 @@ class BgpSpeaker:
             "Route sets ExaBGP answered error to, or did not answer in time")
         errors.add_metric([], float(self._exabgp_errors))
         yield from (confirmed, age, peer_up, announced, restarts, errors)
+        yield from self._more_families(fresh.confirmed)
+
+    def _more_families(self, confirmed: bool) -> Iterator[Metric]:
+        states = peer_states(self._peers, confirmed)
+        state = GaugeMetricFamily(
+            "anycast_lb_bgp_peer_state",
+            "1 for the session state ExaBGP confirms (unknown while unconfirmed)",
+            labels=["peer", "state"])
+        uptime = GaugeMetricFamily(
+            "anycast_lb_bgp_peer_uptime_seconds",
+            "Seconds since the session was reported up (0 while it is not confirmed up)",
+            labels=["peer"])
+        updates = CounterMetricFamily(
+            "anycast_lb_bgp_peer_updates_sent",
+            "Prefix announcements and withdrawals ExaBGP acked while the session was up",
+            labels=["peer"])
+        now = self._clock.monotonic()
+        for address, current in states.items():
+            for name in PEER_STATES:
+                state.add_metric([address, name], 1.0 if current == name else 0.0)
+            since = self._peer_up_since.get(address)
+            up_for = now - since if current == "up" and since is not None else 0.0
+            uptime.add_metric([address], max(up_for, 0.0))
+            updates.add_metric([address], float(self._peer_updates.get(address, 0)))
+        running = GaugeMetricFamily(
+            "anycast_lb_bgp_exabgp_running", "1 while the ExaBGP child process runs")
+        running.add_metric([], 1.0 if self._supervisor is not None
+                           and self._supervisor.pid is not None else 0.0)
+        connected = GaugeMetricFamily(
+            "anycast_lb_bgp_announcer_connected",
+            "1 while ExaBGP's API process (the announcer) is connected to the node")
+        connected.add_metric([], 1.0 if self._conns else 0.0)
+        yield from (state, uptime, updates, running, connected)
+        yield from self.ack_latency.collect()
+
+    def _set_peer(self, address: str, state: str) -> None:
+        if state == "up" and self._peers.get(address) != "up":
+            self._peer_up_since[address] = self._clock.monotonic()
+        elif state != "up":
+            self._peer_up_since.pop(address, None)
+        self._peers[address] = state
+        self._peer_updates.setdefault(address, 0)
+
+    def _on_ack(self, seq: int, before: Mapping[Prefix, Route] | None,
+                after: Mapping[Prefix, Route] | None, ok: bool) -> None:
+        """Account one ack: its latency, and the route changes it carried to
+        every peer up now (what ExaBGP sent them in UPDATE messages)."""
+        sent = self._sent_at.pop(seq, None)
+        for superseded in [s for s in self._sent_at if s < seq]:  # never acked on their own
+            del self._sent_at[superseded]
+        if sent is not None:
+            self.ack_latency.observe(max(self._clock.monotonic() - sent, 0.0))
+        if not ok or after is None:
+            return
+        old = before or {}
+        changes = sum(1 for p in old.keys() | after.keys() if old.get(p) != after.get(p))
+        if changes:
+            for address, state in self._peers.items():
+                if state == "up":
+                    self._peer_updates[address] = self._peer_updates.get(address, 0) + changes
 
     def _acked_routes(self) -> dict[str, str]:
         conn = self._conns[-1] if self._conns else None
@@ -272,6 +347,9 @@ class BgpSpeaker:
             conn.writer.close()
             return
         if not conn.writer.is_closing():
+            self._sent_at.setdefault(self._seq, self._clock.monotonic())
+            for old in [s for s in self._sent_at if s < self._seq - _HISTORY]:
+                del self._sent_at[old]
             conn.writer.write(data)
 
     async def _heartbeat(self) -> None:
@@ -286,6 +364,7 @@ class BgpSpeaker:
             if pid != self._last_pid:  # a new ExaBGP knows no session yet
                 self._last_pid = pid
                 self._peers = {a: "down" for a in self._peers}
+                self._peer_up_since.clear()
                 # ... and has confirmed nothing: the old one's answers say
                 # nothing about it.
                 self._confirmed_at = None
@@ -329,10 +408,13 @@ class BgpSpeaker:
                     self._confirm()
                 elif isinstance(message, wire.PeerMessage):
                     if self._peers.get(message.address) != message.state:
-                        log.event("bgp.peer", address=message.address, state=message.state)
-                    self._peers[message.address] = message.state
+                        log.event("bgp.peer", log.INFO if message.state == "up" else log.WARNING,
+                                  address=message.address, state=message.state)
+                    self._set_peer(message.address, message.state)
                 else:
+                    before = conn.acked
                     conn.acked = self._history.get(message.seq, conn.acked)
+                    self._on_ack(message.seq, before, conn.acked, message.ok)
                     if message.ok:
                         self._confirm()
                     else:

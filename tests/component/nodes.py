@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
@@ -54,10 +55,22 @@ def _split(address: str) -> tuple[str, int]:
 
 
 def listening(log_text: str) -> dict[str, tuple[str, int]]:
-    """``api`` and each service name -> the address logged as bound."""
+    """``api`` and each service name -> the address logged as bound, from
+    ``kv`` or ``json`` log lines (``--log-format``)."""
     found: dict[str, tuple[str, int]] = {}
     for kind, service, address in _LISTENING.findall(log_text):
         found["api" if kind == "api" else service] = _split(address)
+    for line in log_text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if record.get("event") == "api.listening":
+            found["api"] = _split(record["address"])
+        elif record.get("event") == "forwarder.listening":
+            found[record["service"]] = _split(record["address"])
     return found
 
 

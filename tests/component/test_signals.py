@@ -62,7 +62,8 @@ class BgpNode:
 
 
 @contextlib.asynccontextmanager
-async def bgp_node(tmp_path: Path) -> AsyncIterator[BgpNode]:
+async def bgp_node(tmp_path: Path, *args: str) -> AsyncIterator[BgpNode]:
+    """A node run as ``anycast-lb run ... *args``, its peer up, its VIP announced."""
     backend = TcpNameEcho("be")
     await backend.start()
     peer = BgpPeer()
@@ -91,7 +92,7 @@ async def bgp_node(tmp_path: Path) -> AsyncIterator[BgpNode]:
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "anycast_lb", "run", "--config", str(path),
-             "--run-dir", str(tmp_path / "run"), "--ephemeral-ports"],
+             "--run-dir", str(tmp_path / "run"), "--ephemeral-ports", *args],
             stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True,
         )
     node = BgpNode(proc, peer, "", log)
