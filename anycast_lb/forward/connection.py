@@ -76,6 +76,7 @@ forwarder's ``rejected_*`` counters and the pool's ``Backend`` counters
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -87,6 +88,10 @@ REPLAY_LIMIT = 64 * 1024
 """Bytes kept for a replay until the backend's first byte (see replay)."""
 SWEEPS_PER_IDLE_TIMEOUT = 8
 """Idle sweeps per idle_timeout (see Idle timeout)."""
+RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+"""Errors of a connected backend socket that the engines feed as
+``BackendReset`` (a redispatch before its first byte); any other error is
+``BackendError``."""
 
 B = TypeVar("B")
 """The backend type (``pool.Backend`` in the engines; anything in tests)."""
