@@ -123,7 +123,7 @@ class Reject(str, Enum):
 # -- events -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Accepted(Generic[B]):
     """The client connection is accepted; ``candidates`` in order of preference
     (``Pool.candidates``), possibly empty."""
@@ -131,24 +131,24 @@ class Accepted(Generic[B]):
     candidates: Sequence[B]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connected:
     """The current attempt's connect completed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectFailed:
     """The current attempt failed (refused, unreachable...); ``reason`` for logs."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectTimeout:
     """The current attempt did not complete within ``connect_timeout`` s."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientData:
     """Client bytes read while the machine keeps a copy (``replaying``), or
     before the backend is connected. Not fed per chunk once replay is off."""
@@ -156,50 +156,50 @@ class ClientData:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendFirstByte:
     """The backend sent its first byte (fed once)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientEof:
     """The client half-closed, and every byte it sent before was written to
     the backend (or kept, while connecting)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendEof:
     """The backend half-closed, and every byte it sent before was written to
     the client."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientReset:
     """The client socket failed (reset or any other error)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendReset:
     """The connected backend reset the connection (ECONNRESET, EPIPE,
     ECONNABORTED, ETIMEDOUT): a redispatch if nothing came back yet."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendError:
     """The connected backend socket failed with an error other than a reset."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientClosed:
     """The client socket went away without an error, and not by ``Close``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendClosed:
     """The backend socket went away without an error, and not by ``Close``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IdleSweep:
     """One idle sweep passed; ``traffic``: a byte or EOF moved either way
     since the previous one."""
@@ -207,7 +207,7 @@ class IdleSweep:
     traffic: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Abort:
     """Reset the connection now (abort_all, a stale flow, shutdown)."""
 
@@ -221,7 +221,7 @@ Event = (
 # -- actions ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectTo(Generic[B]):
     """Open a backend socket and connect it to ``backend`` within ``timeout`` s;
     report ``Connected``, ``ConnectFailed`` or ``ConnectTimeout``."""
@@ -230,12 +230,12 @@ class ConnectTo(Generic[B]):
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendProxyHeader:
     """Write the PROXY v2 header to the backend, before any other byte."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Replay:
     """Write ``data`` (client bytes kept from before) to the backend, before
     anything read from the client from now on."""
@@ -243,7 +243,7 @@ class Replay:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartPump:
     """Relay bytes both ways; read the client only if ``read_client`` (False
     once the client sent its EOF)."""
@@ -251,25 +251,25 @@ class StartPump:
     read_client: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StopPump:
     """Stop reading the client until the next ``StartPump`` (reconnecting)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StopReplay:
     """No more ``ClientData``: the copy is dropped, client bytes may take the
     zero-copy path."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShutdownWrite:
     """Half-close: send FIN to ``side`` once every byte handed to it is written."""
 
     side: Side
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close ``side``: ``reset`` sends RST and drops buffered bytes (SO_LINGER
     0, ``abort()``); otherwise buffered bytes are flushed and FIN sent. For
@@ -279,12 +279,12 @@ class Close:
     reset: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CountReject:
     reason: Reject
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CountFailure(Generic[B]):
     """``backend.connect_failures += 1`` (a failed attempt, or a reset before
     the first byte)."""
@@ -292,14 +292,14 @@ class CountFailure(Generic[B]):
     backend: B
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CountConnected(Generic[B]):
     """``backend.connections_total += 1`` and ``backend.active_connections += 1``."""
 
     backend: B
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CountReleased(Generic[B]):
     """``backend.active_connections -= 1``."""
 
@@ -331,6 +331,11 @@ _PUMP_BOTH = StartPump(read_client=True)
 _PUMP_BACKEND_ONLY = StartPump(read_client=False)
 _SHUT_BACKEND = ShutdownWrite(Side.BACKEND)
 _SHUT_CLIENT = ShutdownWrite(Side.CLIENT)
+# Shared results of the common transitions (no tuple built per connection).
+_ONLY_SHUT_BACKEND = (_SHUT_BACKEND,)
+_ONLY_SHUT_CLIENT = (_SHUT_CLIENT,)
+_ONLY_STOP_REPLAY = (STOP_REPLAY,)
+_STOP_REPLAY_SHUT_CLIENT = (STOP_REPLAY, _SHUT_CLIENT)
 _CLOSE = {
     (side, reset): Close(side, reset) for side in Side for reset in (False, True)
 }
@@ -408,7 +413,7 @@ class Connection(Generic[B]):
                 self.client_eof = True
                 if self.backend_eof:
                     return self._close(reset=False)
-                return (_SHUT_BACKEND,)
+                return _ONLY_SHUT_BACKEND
             if kind is BackendEof:
                 if self.backend_eof:
                     raise self._bad(event)
@@ -416,7 +421,7 @@ class Connection(Generic[B]):
                 stop = self._stop_replay()
                 if self.client_eof:
                     return stop + self._close(reset=False)
-                return (*stop, _SHUT_CLIENT)
+                return _STOP_REPLAY_SHUT_CLIENT if stop else _ONLY_SHUT_CLIENT
             if kind is BackendReset:
                 return self._redispatch()
             if kind is IdleSweep:
@@ -483,6 +488,8 @@ class Connection(Generic[B]):
         assert backend is not None
         self.phase = Phase.RELAYING
         self.quiet = 0
+        if not (self.proxy_protocol or self.kept or self.client_eof):
+            return (CountConnected(backend), _PUMP_BOTH)  # the common case
         actions: list[Action[B]] = [CountConnected(backend)]
         if self.proxy_protocol:
             actions.append(SEND_PROXY_HEADER)
@@ -515,7 +522,7 @@ class Connection(Generic[B]):
         self.replaying = False
         self.kept = []
         self.kept_len = 0
-        return (STOP_REPLAY,)
+        return _ONLY_STOP_REPLAY
 
     def _redispatch(self) -> tuple[Action[B], ...]:
         """The backend reset the connection: connect to the next candidate and

@@ -91,7 +91,6 @@ from anycast_lb.forward.connection import (
     RESET_ERRNOS,
     SWEEPS_PER_IDLE_TIMEOUT,
     Accepted,
-    Action,
     ClientData,
     Close,
     ConnectFailed,
@@ -345,65 +344,66 @@ class _Conn(Pump):
             log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
             self._teardown()
             return
+        # The actions are carried out inline (no call per action): this runs
+        # about six times per short connection.
         for action in actions:
-            self._do(action)
+            if isinstance(action, Close):
+                if action.side is Side.CLIENT:
+                    self._close_client(action.reset)
+                else:
+                    self._close_backend(action.reset)
+            elif isinstance(action, ConnectTo):
+                self._connect(action.backend, action.timeout)
+            elif isinstance(action, CountConnected):
+                action.backend.active_connections += 1
+                action.backend.connections_total += 1
+            elif isinstance(action, StartPump):
+                self._start_pump()
+            elif isinstance(action, StopReplay):
+                up, down = self.up, self.down
+                if up is not None:
+                    up.tap = False
+                    up.copy = not self.loop.splice
+                if down is not None:
+                    down.tap = False
+            elif isinstance(action, ShutdownWrite):
+                d = self.up if action.side is Side.BACKEND else self.down
+                if d is not None:
+                    d.eof = d.fin = True
+                    if not d.pending:
+                        _shut(d)
+            elif isinstance(action, CountReleased):
+                action.backend.active_connections -= 1
+            elif isinstance(action, CountFailure):
+                action.backend.connect_failures += 1
+            elif isinstance(action, SendProxyHeader):
+                assert self.up is not None
+                self.queue(self.up, v2_header(self.peer, self.local, "tcp"))
+            elif isinstance(action, Replay):
+                backend = machine.backend
+                assert self.up is not None and backend is not None
+                self.queue(self.up, action.data)
+                backend.bytes_in += len(action.data)
+            elif isinstance(action, StopPump):
+                if self.creg and self.cmask:
+                    self.cmask = 0
+                    self.loop.modify(self.cfd, 0)
+            elif isinstance(action, CountReject):
+                self._count_reject(action.reason)
             if self.fed != mark:
                 break  # a nested event (a write failed) changed the attempt
         if machine.phase is Phase.CLOSED and not self.closed:
             self.closed = True
             self.fwd.closed(self)
 
-    def _do(self, action: Action[Backend]) -> None:
-        if isinstance(action, Close):
-            if action.side is Side.CLIENT:
-                self._close_client(action.reset)
-            else:
-                self._close_backend(action.reset)
-        elif isinstance(action, ShutdownWrite):
-            d = self.up if action.side is Side.BACKEND else self.down
-            if d is not None:
-                d.eof = d.fin = True
-                if not d.pending:
-                    _shut(d)
-        elif isinstance(action, StartPump):
-            self._start_pump()
-        elif isinstance(action, StopReplay):
-            up, down = self.up, self.down
-            if up is not None:
-                up.tap = False
-                up.copy = not self.loop.splice
-            if down is not None:
-                down.tap = False
-        elif isinstance(action, ConnectTo):
-            self._connect(action.backend, action.timeout)
-        elif isinstance(action, CountConnected):
-            action.backend.active_connections += 1
-            action.backend.connections_total += 1
-        elif isinstance(action, CountReleased):
-            action.backend.active_connections -= 1
-        elif isinstance(action, CountFailure):
-            action.backend.connect_failures += 1
-        elif isinstance(action, SendProxyHeader):
-            assert self.up is not None
-            self.queue(self.up, v2_header(self.peer, self.local, "tcp"))
-        elif isinstance(action, Replay):
-            backend = self.machine.backend
-            assert self.up is not None and backend is not None
-            self.queue(self.up, action.data)
-            backend.bytes_in += len(action.data)
-        elif isinstance(action, StopPump):
-            if self.creg and self.cmask:
-                self.cmask = 0
-                self.loop.modify(self.cfd, 0)
-        elif isinstance(action, CountReject):
-            fwd = self.fwd
-            if action.reason is Reject.NO_BACKEND:
-                fwd.rejected_no_backend += 1
-                log.debug("forward.no_backend", service=fwd.name, client=self.client_name)
-            else:
-                fwd.rejected_connect_failed += 1
-                log.debug("forward.all_backends_failed", service=fwd.name,
-                          client=self.client_name)
+    def _count_reject(self, reason: Reject) -> None:
+        fwd = self.fwd
+        if reason is Reject.NO_BACKEND:
+            fwd.rejected_no_backend += 1
+            log.debug("forward.no_backend", service=fwd.name, client=self.client_name)
+        else:
+            fwd.rejected_connect_failed += 1
+            log.debug("forward.all_backends_failed", service=fwd.name, client=self.client_name)
 
     def abort(self) -> None:
         """Reset both sides now (abort_all, a stale flow)."""
@@ -586,7 +586,8 @@ class _Conn(Pump):
     # -- teardown -----------------------------------------------------------
 
     def _close_client(self, reset: bool) -> None:
-        self.drop()
+        if self.up is not None:
+            self.drop()
         loop = self.loop
         loop.forget(self.cfd)
         if reset:
@@ -596,7 +597,8 @@ class _Conn(Pump):
     def _close_backend(self, reset: bool) -> None:
         """End the current attempt or connection (``Close(BACKEND)``, a failed attempt)."""
         self.fwd.connecting.pop(self, None)
-        self.drop()
+        if self.up is not None:
+            self.drop()
         sock, bfd = self.bsock, self.bfd
         if sock is not None:
             self.bsock, self.bfd, self.bmask = None, -1, 0
