@@ -342,6 +342,13 @@ _CLOSE = {
 _NO_BACKEND = CountReject(Reject.NO_BACKEND)
 _CONNECT_FAILED = CountReject(Reject.CONNECT_FAILED)
 _NOTHING: tuple[()] = ()
+_CLOSE_BOTH = {
+    reset: (_CLOSE[Side.CLIENT, reset], _CLOSE[Side.BACKEND, reset]) for reset in (False, True)
+}
+# Enum members as module constants: reading a member through its class
+# costs about 70 ns on CPython 3.11, and the machine runs per connection.
+_NEW, _CONNECTING, _RELAYING, _CLOSED = Phase.NEW, Phase.CONNECTING, Phase.RELAYING, Phase.CLOSED
+_CLIENT_RESET_ONLY = (_CLOSE[Side.CLIENT, True],)
 
 
 class Connection(Generic[B]):
@@ -374,7 +381,7 @@ class Connection(Generic[B]):
         self.proxy_protocol = proxy_protocol
         self.replay_limit = replay_limit
         self.idle_sweeps = idle_sweeps
-        self.phase = Phase.NEW
+        self.phase = _NEW
         self.backend: B | None = None
         """The backend of the current attempt or connection."""
         self.remaining: list[B] = []
@@ -393,15 +400,15 @@ class Connection(Generic[B]):
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.phase is _CLOSED
 
     def handle(self, event: Event[B]) -> tuple[Action[B], ...]:
         """Apply ``event``; the actions to carry out, in order."""
         phase = self.phase
-        if phase is Phase.CLOSED:
+        if phase is _CLOSED:
             return _NOTHING
         kind = type(event)
-        if phase is Phase.RELAYING:
+        if phase is _RELAYING:
             if kind is ClientData:
                 assert isinstance(event, ClientData)
                 return self._keep(event.data)
@@ -435,7 +442,7 @@ class Connection(Generic[B]):
             if kind is ClientReset or kind is BackendError or kind is Abort:
                 return self._close(reset=True)
             raise self._bad(event)
-        if phase is Phase.CONNECTING:
+        if phase is _CONNECTING:
             if kind is Connected:
                 return self._connected()
             if kind is ConnectFailed or kind is ConnectTimeout:
@@ -468,8 +475,8 @@ class Connection(Generic[B]):
             assert isinstance(event, Accepted)
             self.remaining = list(event.candidates)
             if not self.remaining:
-                self.phase = Phase.CLOSED
-                return (_NO_BACKEND, _CLOSE[Side.CLIENT, True])
+                self.phase = _CLOSED
+                return (_NO_BACKEND, *_CLIENT_RESET_ONLY)
             return self._connect_next()
         raise self._bad(event)
 
@@ -477,16 +484,16 @@ class Connection(Generic[B]):
 
     def _connect_next(self) -> tuple[Action[B], ...]:
         if not self.remaining:
-            self.phase = Phase.CLOSED
-            return (_CONNECT_FAILED, _CLOSE[Side.CLIENT, True])
+            self.phase = _CLOSED
+            return (_CONNECT_FAILED, *_CLIENT_RESET_ONLY)
         self.backend = backend = self.remaining.pop(0)
-        self.phase = Phase.CONNECTING
+        self.phase = _CONNECTING
         return (ConnectTo(backend, self.connect_timeout),)
 
     def _connected(self) -> tuple[Action[B], ...]:
         backend = self.backend
         assert backend is not None
-        self.phase = Phase.RELAYING
+        self.phase = _RELAYING
         self.quiet = 0
         if not (self.proxy_protocol or self.kept or self.client_eof):
             return (CountConnected(backend), _PUMP_BOTH)  # the common case
@@ -540,14 +547,15 @@ class Connection(Generic[B]):
     def _close(self, reset: bool) -> tuple[Action[B], ...]:
         """Close both sides (and abandon a connect attempt)."""
         was, backend = self.phase, self.backend
-        self.phase = Phase.CLOSED
-        self.kept = []
-        self.kept_len = 0
-        client = _CLOSE[Side.CLIENT, reset]
+        self.phase = _CLOSED
+        if self.kept:
+            self.kept = []
+            self.kept_len = 0
         assert backend is not None  # CONNECTING and RELAYING always have one
-        if was is Phase.RELAYING:
-            return (CountReleased(backend), client, _CLOSE[Side.BACKEND, reset])
-        return (client, _CLOSE[Side.BACKEND, reset])
+        both = _CLOSE_BOTH[reset]
+        if was is _RELAYING:
+            return (CountReleased(backend), *both)
+        return both
 
     def _bad(self, event: Event[B]) -> ConnectionStateError:
         return ConnectionStateError(

@@ -151,6 +151,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
+# Enum members as module constants: reading one through its class costs
+# about 70 ns on CPython 3.11, several times per connection.
+_CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
+_CONNECTING, _RELAYING, _CLOSED = Phase.CONNECTING, Phase.RELAYING, Phase.CLOSED
 Sock = _socket.socket
 """Connection sockets are the C ``_socket.socket`` objects: the
 ``socket.socket`` subclass adds Python-level wrappers (an enum conversion
@@ -348,7 +352,7 @@ class _Conn(Pump):
         # about six times per short connection.
         for action in actions:
             if isinstance(action, Close):
-                if action.side is Side.CLIENT:
+                if action.side is _CLIENT:
                     self._close_client(action.reset)
                 else:
                     self._close_backend(action.reset)
@@ -367,7 +371,7 @@ class _Conn(Pump):
                 if down is not None:
                     down.tap = False
             elif isinstance(action, ShutdownWrite):
-                d = self.up if action.side is Side.BACKEND else self.down
+                d = self.up if action.side is _BACKEND else self.down
                 if d is not None:
                     d.eof = d.fin = True
                     if not d.pending:
@@ -392,7 +396,7 @@ class _Conn(Pump):
                 self._count_reject(action.reason)
             if self.fed != mark:
                 break  # a nested event (a write failed) changed the attempt
-        if machine.phase is Phase.CLOSED and not self.closed:
+        if machine.phase is _CLOSED and not self.closed:
             self.closed = True
             self.fwd.closed(self)
 
@@ -579,7 +583,7 @@ class _Conn(Pump):
         else:
             backend = self.machine.backend
             self.feed(BACKEND_RESET)
-            if self.machine.phase is Phase.CONNECTING and backend is not None:
+            if self.machine.phase is _CONNECTING and backend is not None:
                 log.debug("forward.redispatch", service=self.fwd.name, backend=backend.key,
                           client=self.client_name)
 
@@ -949,7 +953,7 @@ class RelayForwarder:
     def _sweep(self) -> None:
         self._sweep_timer = None
         for conn in list(self._conns):
-            if conn.machine.phase is not Phase.RELAYING:
+            if conn.machine.phase is not _RELAYING:
                 continue  # connecting: bounded by connect_timeout per candidate
             traffic, conn.traffic = conn.traffic, False
             conn.feed(_SWEPT_BUSY if traffic else _SWEPT_QUIET)
