@@ -425,7 +425,7 @@ class Connection(Generic[B]):
                 if self.backend_eof:
                     raise self._bad(event)
                 self.backend_eof = True
-                stop = self._stop_replay()
+                stop = self._stop_replay() if self.replaying else _NOTHING
                 if self.client_eof:
                     return stop + self._close(reset=False)
                 return _STOP_REPLAY_SHUT_CLIENT if stop else _ONLY_SHUT_CLIENT
@@ -552,10 +552,9 @@ class Connection(Generic[B]):
             self.kept = []
             self.kept_len = 0
         assert backend is not None  # CONNECTING and RELAYING always have one
-        both = _CLOSE_BOTH[reset]
         if was is _RELAYING:
-            return (CountReleased(backend), *both)
-        return both
+            return (CountReleased(backend), *_CLOSE_BOTH[reset])
+        return _CLOSE_BOTH[reset]
 
     def _bad(self, event: Event[B]) -> ConnectionStateError:
         return ConnectionStateError(
