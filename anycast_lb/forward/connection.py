@@ -413,7 +413,7 @@ class Connection(Generic[B]):
                 assert isinstance(event, ClientData)
                 return self._keep(event.data)
             if kind is BackendFirstByte:
-                return self._stop_replay()
+                return self._stop_replay() if self.replaying else _NOTHING
             if kind is ClientEof:
                 if self.client_eof:
                     raise self._bad(event)

@@ -600,7 +600,7 @@ class _Conn(Pump):
 
     def _close_client(self, reset: bool) -> None:
         if self.up is not None:
-            self.drop()
+            self.drop()  # release the pipes
         loop = self.loop
         loop.forget(self.cfd)
         if reset:
