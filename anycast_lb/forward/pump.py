@@ -133,6 +133,7 @@ class Pump:
         up to BURST * buffer_size bytes per wake-up instead of one read."""
         loop = self.loop
         size = loop.buffer_size
+        copy_size = size if size < COPY_READ else COPY_READ
         for _ in range(BURST):
             copy = d.copy
             if not copy and d.pipe is None:
@@ -141,7 +142,7 @@ class Pump:
             data = None
             try:
                 if copy:
-                    data = d.src.recv(min(size, COPY_READ))
+                    data = d.src.recv(copy_size)
                     n = len(data)
                     if n:
                         d.buf = memoryview(data)
@@ -174,7 +175,7 @@ class Pump:
                 if not d.live:
                     return
             self.flush(d)
-            if d.pending or not d.live or n < (size if not copy else min(size, COPY_READ)):
+            if d.pending or not d.live or n < (copy_size if copy else size):
                 return
 
     def flush(self, d: Direction) -> None:

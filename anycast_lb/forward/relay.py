@@ -305,9 +305,7 @@ class _Conn(Pump):
                  peer: tuple[str, int], local: tuple[str, int]) -> None:
         Pump.__init__(self, loop)
         self.fwd = fwd
-        self.machine: Connection[Backend] = Connection(
-            fwd.connect_timeout, proxy_protocol=fwd.proxy_protocol
-        )
+        self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
         self.client = client
         self.cfd = client.fileno()
         self.peer = peer
