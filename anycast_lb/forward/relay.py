@@ -2,14 +2,27 @@
 
 asyncio's per-connection machinery (transports, protocols, futures, a task
 for the connect phase) costs more CPU per short connection than the bytes
-do. This engine moves bytes with plain non-blocking sockets on one
-``select.epoll`` loop, beside the node's asyncio control plane, and with
-zero-copy ``os.splice`` through a pipe where the platform has it (Linux):
-the bytes never enter user space. One ``RelayLoop`` serves every TCP service
-of a node; each service gets a ``RelayForwarder`` facade with the surface of
-``anycast_lb.forward.Forwarder``.
+do. This engine moves bytes with plain non-blocking sockets on one epoll
+loop (``reactor.Reactor``), beside the node's asyncio control plane, and
+with zero-copy ``os.splice`` through a pipe where the platform has it
+(Linux): the bytes never enter user space (``pump``). One ``RelayLoop``
+serves every TCP service of a node; each service gets a ``RelayForwarder``
+facade with the surface of ``anycast_lb.forward.Forwarder``.
 
-Life of a connection (the same rules as ``tcp.TcpForwarder``)::
+Layout: ``reactor`` (the epoll loop, timers, the pipe pool), ``pump`` (the
+byte pump of one connection), this module (listeners, the forwarder, and
+``_Conn``, which drives one ``connection.Connection`` machine per client
+connection). The rules of a connection (connect retry over the candidates,
+redispatch with replay before the backend's first byte, half-close order,
+reset versus FIN, idle timeout, counters) are the machine's, shared with
+``tcp.TcpForwarder``; ``_Conn`` feeds it the state changes its sockets
+report (connected, failures, the first byte, EOFs, resets, idle sweeps,
+abort) and carries out its actions. Bytes do not go through the machine:
+only while it keeps a replay copy (until the backend's first byte, at most
+``REPLAY_LIMIT`` bytes) are client reads fed to it, through user space;
+after that the client direction switches to splice.
+
+Life of a connection::
 
     accept -> pool.candidates(...) -> non-blocking connect to the first,
         each candidate within service.connect_timeout s, a refusal or timeout
@@ -19,28 +32,14 @@ Life of a connection (the same rules as ``tcp.TcpForwarder``)::
         written (half-close); both directions done -> both sockets closed
     reset or error on either side -> both sides reset (SO_LINGER 0)
 
-Redispatch: until the backend's first byte, client bytes are copied through
-user space and kept (at most ``REPLAY_LIMIT`` bytes); if the backend resets
-the connection before answering, the relay connects to the next candidate
-and replays them. After that first byte the client direction switches to
-splice.
-
-Backpressure: each direction moves at most ``buffer_size`` bytes at a time;
-while they cannot all be written, the relay stops reading the source (its
-epoll interest drops EPOLLIN and waits EPOLLOUT on the destination). Per
-direction at most one pipe (or one user buffer) of ``buffer_size`` bytes is
-held; the rest of a backlog stays in the kernel's socket buffers and the
-sender's TCP window. An idle connection holds no pipe: pipes come from a
-small pool and return to it once empty.
-
-Timeouts: ``connect_timeout`` per candidate; an idle sweep per service every
-idle_timeout/8 s aborts connections without a byte either way for
-idle_timeout to idle_timeout * 9/8 s.
+Timeouts: ``connect_timeout`` per candidate (swept every CONNECT_SWEEP_S);
+an idle sweep per service every idle_timeout/8 s aborts connections without
+a byte either way for idle_timeout to idle_timeout * 9/8 s.
 
 Threading: the loop thread owns every socket and every ``_Conn``. Other
-threads talk to it only through ``RelayLoop.call_soon`` (a deque and an
-eventfd). Counters are plain ints written by the loop thread and read by
-the control plane (the GIL makes each read whole).
+threads talk to it only through ``RelayLoop.call_soon``. Counters are plain
+ints written by the loop thread and read by the control plane (the GIL
+makes each read whole).
 
 Load shedding (docs/limits.md): the loop's ``slots`` cap the proxied
 connections of the process over all its services (``max_connections``,
@@ -76,28 +75,63 @@ from __future__ import annotations
 import _socket
 import asyncio
 import errno
-import heapq
 import os
-import select
 import socket
 import struct
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from anycast_lb import log
 from anycast_lb.config import ForwardingConfig, ServiceConfig, format_host_port
-from anycast_lb.errors import BindError
+from anycast_lb.errors import BindError, ConnectionStateError
 from anycast_lb.flows import FlowHook, FlowKey
+from anycast_lb.forward.connection import (
+    ABORT,
+    BACKEND_EOF,
+    BACKEND_ERROR,
+    BACKEND_FIRST_BYTE,
+    BACKEND_RESET,
+    CLIENT_EOF,
+    CLIENT_RESET,
+    CONNECT_TIMEOUT,
+    CONNECTED,
+    RESET_ERRNOS,
+    SWEEPS_PER_IDLE_TIMEOUT,
+    Accepted,
+    ClientData,
+    Close,
+    ConnectFailed,
+    Connection,
+    ConnectTo,
+    CountConnected,
+    CountFailure,
+    CountReject,
+    CountReleased,
+    Event,
+    IdleSweep,
+    Phase,
+    Reject,
+    Replay,
+    SendProxyHeader,
+    ShutdownWrite,
+    Side,
+    StartPump,
+    StopPump,
+    StopReplay,
+)
 from anycast_lb.forward.proxy_protocol import v2_header
+from anycast_lb.forward.pump import Direction, Pump
+from anycast_lb.forward.reactor import ERR as _ERR
+from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
+from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
+from anycast_lb.forward.reactor import IN as _IN
+from anycast_lb.forward.reactor import OUT as _OUT
+from anycast_lb.forward.reactor import Reactor, Timer
 from anycast_lb.forward.tcp import (
     ACCEPT_BACKOFF_MAX_S,
     ACCEPT_BACKOFF_MIN_S,
     BACKLOG,
     OUT_OF_RESOURCES,
-    REPLAY_LIMIT,
-    SWEEPS_PER_IDLE_TIMEOUT,
 )
 from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
@@ -107,13 +141,6 @@ START_TIMEOUT = 10.0
 """Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""
 ACCEPT_BATCH = 64
 """Connections accepted per listener wake-up before other sockets get a turn."""
-PIPE_POOL = 256
-"""Empty pipes kept for reuse (2 fds each)."""
-BURST = 8
-"""Reads per direction per wake-up while each fills the buffer."""
-COPY_READ = 65536
-"""Largest read through user space (bytes): bigger recv() buffers go to
-mmap and back on every call."""
 CONNECT_SWEEP_S = 0.02
 """Resolution of connect timeouts (s): an attempt fails 0-20 ms after its
 connect_timeout."""
@@ -125,37 +152,25 @@ USER_TIMEOUT_MS = 30_000
 resets the connection (a client that vanished; flow survival's stale-socket
 trap)."""
 
-HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_MOVE")
-HAVE_EPOLL = hasattr(select, "epoll")
-
-_IN = select.EPOLLIN if HAVE_EPOLL else 1
-_OUT = select.EPOLLOUT if HAVE_EPOLL else 4
-_ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
-_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
-_F_SETPIPE_SZ = 1031
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_SWEPT_BUSY = IdleSweep(traffic=True)
+_SWEPT_QUIET = IdleSweep(traffic=False)
+# Enum members as module constants: reading one through its class costs
+# about 70 ns on CPython 3.11, several times per connection.
+_CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
+_CONNECTING, _RELAYING, _CLOSED = Phase.CONNECTING, Phase.RELAYING, Phase.CLOSED
 Sock = _socket.socket
 """Connection sockets are the C ``_socket.socket`` objects: the
 ``socket.socket`` subclass adds Python-level wrappers (an enum conversion
 at accept, ``close``) that cost about 5 % of the relay's time on short
 connections (py-spy)."""
-_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
 
-class _Timer:
-    __slots__ = ("when", "fn")
-
-    def __init__(self, when: float, fn: Callable[[], None]) -> None:
-        self.when = when
-        self.fn = fn
-
-    def __lt__(self, other: _Timer) -> bool:
-        return self.when < other.when
-
-
-class RelayLoop:
-    """One epoll loop in a daemon thread, shared by a node's relay services.
+class RelayLoop(Reactor):
+    """The reactor (``reactor.Reactor``: one epoll loop in a daemon thread)
+    with what a node's relay services share on it: the connection slots,
+    the wildcard listeners, the paused listeners and the shed log.
 
     ``start()`` starts the thread; ``stop()`` resets every connection, closes
     every socket and joins it. Raises OSError (no epoll) from the
@@ -167,228 +182,23 @@ class RelayLoop:
                  max_connections_per_source: int | None = None,
                  max_pipes: int | None = None) -> None:
         settings = settings or ForwardingConfig()
-        self.buffer_size = settings.buffer_size
-        self.splice = settings.splice and HAVE_SPLICE
+        super().__init__(settings.buffer_size, settings.splice, max_pipes)
         self.slots = Slots(max_connections, max_connections_per_source,
                            prefix_v4=settings.tcp_source_prefix_v4,
                            prefix_v6=settings.tcp_source_prefix_v6)
         """Proxied connections of every service on this loop, against the
         cap and each source's share (None: not capped)."""
-        self.max_pipes = max_pipes
-        self.pipes_open = 0
-        """Pipes in existence (pooled or in use); at most ``max_pipes``."""
         self.paused: list[_Listener] = []
         """Listeners paused by an accept error, resumed when a connection closes."""
         self.shed_log = log.RateLimitedLog(1.0, time.monotonic)
-        self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
-        self._epoll.register(self._wake, _IN)
-        self._calls: deque[Callable[[], None]] = deque()
-        self._timers: list[_Timer] = []
-        self._pipes: list[tuple[int, int]] = []
-        self._doomed: list[Sock] = []
         self.listeners: dict[tuple[str, int], _Listener] = {}
         """Wildcard listeners by bound (address, port), shared by services."""
-        self._thread: threading.Thread | None = None
-        self._running = False
-        self._closed = False
-        # One lock covers "closed?", enqueue, wake-up and the close of the
-        # eventfd: without it a caller could queue, lose the CPU, and write
-        # to an eventfd number that the loop thread closed (and the kernel
-        # reused) meanwhile.
-        self._wake_lock = threading.Lock()
-        self.now = time.monotonic()
-
-    # -- any thread ----------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the loop thread. Raises RuntimeError if already started."""
-        if self._thread is not None:
-            raise RuntimeError("relay loop already started")
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="anycast-lb-relay", daemon=True)
-        self._thread.start()
-
-    @property
-    def closed(self) -> bool:
-        """True once ``stop()`` has closed the loop's descriptors."""
-        return self._closed
-
-    def call_soon(self, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` on the loop thread, soon. Safe from any thread.
-
-        Returns False, and drops ``fn``, once the loop is closed.
-        """
-        with self._wake_lock:
-            if self._closed:
-                return False
-            self._calls.append(fn)
-            try:
-                os.eventfd_write(self._wake, 1)
-            except BlockingIOError:
-                pass  # the counter is saturated: a wake-up is pending anyway
-            return True
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop thread (resetting every connection, closing every
-        socket), join it, then close the epoll and eventfd descriptors.
-
-        The descriptors are closed here, by the caller, only after the loop
-        thread has returned, so no thread can poll or wake a closed (and
-        perhaps reused) descriptor number. If the thread does not stop
-        within ``timeout`` s (a handler stuck in a system call) they are left
-        open: a leak at shutdown beats a write into another file. Idempotent.
-        """
-        thread = self._thread
-        if thread is not None:
-            self.call_soon(self._halt)
-            thread.join(timeout)
-            if thread.is_alive():
-                log.error("forward.relay_stop_timeout", timeout=timeout)
-                return
-            self._thread = None
-        self._close_fds()
-
-    # -- loop thread ---------------------------------------------------------
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
-        timer = _Timer(self.now + delay, fn)
-        heapq.heappush(self._timers, timer)
-        return timer
-
-    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
-        self._handlers[fd] = handler
-        self._epoll.register(fd, mask)
-
-    def modify(self, fd: int, mask: int) -> None:
-        self._epoll.modify(fd, mask)
-
-    def forget(self, fd: int) -> None:
-        """Drop ``fd``'s handler; the caller closes the fd (which removes it
-        from the epoll set)."""
-        self._handlers.pop(fd, None)
-
-    def acquire_pipe(self) -> tuple[int, int] | None:
-        """A pipe from the pool or a new one; None at ``max_pipes`` or when
-        the process is out of descriptors (the caller copies instead)."""
-        if self._pipes:
-            return self._pipes.pop()
-        if self.max_pipes is not None and self.pipes_open >= self.max_pipes:
-            return None
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in OUT_OF_RESOURCES:
-                return None
-            raise
-        self.pipes_open += 1
-        if self.buffer_size != 65536:
-            import fcntl
-
-            try:
-                fcntl.fcntl(w, _F_SETPIPE_SZ, self.buffer_size)
-            except OSError:
-                pass  # above fs.pipe-max-size: the default size still works
-        return r, w
-
-    def release_pipe(self, pipe: tuple[int, int], empty: bool) -> None:
-        """Return a pipe; one holding bytes (a connection reset mid-copy) is
-        closed, never reused, so no byte crosses to another connection."""
-        if empty and len(self._pipes) < PIPE_POOL:
-            self._pipes.append(pipe)
-            return
-        os.close(pipe[0])
-        os.close(pipe[1])
-        self.pipes_open -= 1
 
     def resume_listeners(self) -> None:
         """Descriptors were freed: let paused listeners accept again."""
         paused, self.paused = self.paused, []
         for listener in paused:
             listener.resume()
-
-    def _run(self) -> None:
-        poll = self._epoll.poll
-        handlers = self._handlers
-        timers = self._timers
-        calls = self._calls
-        while self._running:
-            if calls:
-                timeout = 0.0
-            elif timers:
-                timeout = max(0.0, timers[0].when - time.monotonic())
-            else:
-                timeout = 1.0
-            try:
-                events = poll(timeout)
-            except InterruptedError:
-                continue
-            self.now = now = time.monotonic()
-            for fd, ev in events:
-                handler = handlers.get(fd)
-                if handler is not None:
-                    try:
-                        handler(ev)
-                    except Exception as exc:  # a bug must not stop every connection
-                        log.error("forward.relay_error", error=repr(exc), where=_where(exc))
-            while calls:
-                fn = calls.popleft()
-                try:
-                    fn()
-                except Exception as exc:
-                    log.error("forward.relay_error", error=repr(exc), where=_where(exc))
-            while timers and timers[0].when <= now:
-                timer = heapq.heappop(timers)
-                try:
-                    timer.fn()
-                except Exception as exc:
-                    log.error("forward.relay_error", error=repr(exc), where=_where(exc))
-            if self._doomed:
-                self._close_doomed()
-        # The thread that calls stop() closes the descriptors once this
-        # thread has returned.
-
-    def doom(self, sock: Sock) -> None:
-        """Close ``sock`` after this batch of events: closing it now would
-        free its fd number for a socket accepted later in the same batch,
-        which would then receive the stale events meant for this one."""
-        self._doomed.append(sock)
-
-    def _close_doomed(self) -> None:
-        doomed, self._doomed = self._doomed, []
-        for sock in doomed:
-            sock.close()
-
-    def _drain_wake(self, ev: int) -> None:
-        try:
-            os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
-
-    def _halt(self) -> None:
-        for handler in list(self._handlers.values()):
-            owner = getattr(handler, "__self__", None)
-            if isinstance(owner, _Conn):
-                owner.close(reset=True)
-            elif isinstance(owner, _Listener):
-                owner.close()
-        self._running = False
-
-    def _close_fds(self) -> None:
-        """Close what the loop held; only with the loop thread stopped."""
-        with self._wake_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._calls.clear()
-            os.close(self._wake)
-        for r, w in self._pipes:
-            os.close(r)
-            os.close(w)
-        self._pipes.clear()
-        self._close_doomed()
-        self._epoll.close()
 
 
 class _Listener:
@@ -481,333 +291,269 @@ class _Listener:
         self.loop.forget(self.fd)
         self.loop.doom(self.sock)
 
-
-class _Dir:
-    """One direction of a connection: bytes from ``src`` to ``dst``."""
-
-    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "pending", "buf", "eof", "shut", "copy")
-
-    def __init__(self, src: Sock, dst: Sock, copy: bool) -> None:
-        self.src = src
-        self.dst = dst
-        self.sfd = src.fileno()
-        self.dfd = dst.fileno()
-        self.pipe: tuple[int, int] | None = None
-        self.pending = 0
-        """Bytes read from src and not yet written to dst."""
-        self.buf: memoryview | None = None
-        """Copy mode: the unwritten bytes."""
-        self.eof = False
-        self.shut = False
-        self.copy = copy
+    def halt(self) -> None:
+        """The loop is stopping (``reactor.Owner``)."""
+        if not self.closed:
+            self.close()
 
 
-class _Conn:
-    """One proxied connection, owned by the loop thread."""
+class _Conn(Pump):
+    """One proxied connection, owned by the loop thread: carries out the
+    actions of its ``Connection`` machine; ``Pump`` moves the bytes.
+
+    ``up`` / ``down`` are None while connecting (and reconnecting after a
+    redispatch); ``cmask`` / ``bmask`` are the client's and backend's epoll
+    interest.
+    """
 
     __slots__ = (
-        "loop", "fwd", "client", "cfd", "peer", "local", "key", "backend", "bsock", "bfd",
-        "candidates", "up", "down", "replay", "replay_len", "answered", "closed",
-        "cmask", "bmask", "idle", "pre", "creg",
+        "fwd", "machine", "client", "cfd", "peer", "local", "key", "bsock", "bfd", "cmask",
+        "bmask", "creg", "fed", "closed",
     )
 
-    def __init__(self, loop: RelayLoop, fwd: RelayForwarder, client: Sock,
+    def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock,
                  peer: tuple[str, int], local: tuple[str, int]) -> None:
-        self.loop = loop
+        Pump.__init__(self, loop)
         self.fwd = fwd
+        self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
         self.client = client
         self.cfd = client.fileno()
         self.peer = peer
         self.local = local
         self.key: FlowKey = (peer[0], peer[1], local[0], local[1])
-        self.backend: Backend | None = None
         self.bsock: Sock | None = None
+        """The current attempt's or connection's backend socket."""
         self.bfd = -1
-        self.candidates: list[Backend] = []
-        self.up: _Dir | None = None
-        """Client to backend."""
-        self.down: _Dir | None = None
-        """Backend to client."""
-        self.replay: list[bytes] | None = []
-        self.replay_len = 0
-        self.answered = False
-        self.closed = False
         self.cmask = 0
         self.bmask = 0
         self.creg = False
-        self.idle = 0
-        self.pre = b""
-        """Bytes to send the backend before the client's (PROXY header, replay)."""
+        """The client socket is registered with the loop."""
+        self.fed = 0
+        """Events fed so far: a change while carrying out one event's actions
+        means a nested event (a failed write) made the rest of them stale."""
+        self.closed = False
+        """The machine closed and the forwarder was told."""
+
+    @property
+    def client_name(self) -> str:
+        return format_host_port(*self.peer)
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.machine.backend
+
+    # -- the machine ---------------------------------------------------------
+
+    def feed(self, event: Event[Backend]) -> None:
+        """Feed ``event`` to the machine and carry out its actions."""
+        if self.closed:
+            return
+        self.fed = mark = self.fed + 1
+        machine = self.machine
+        try:
+            actions = machine.handle(event)
+        except ConnectionStateError as exc:  # a bug must not leave a half-open connection
+            log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
+            self._teardown()
+            return
+        # The actions are carried out inline (no call per action), matched
+        # by exact type: this runs about six times per short connection, and
+        # a failing isinstance() costs several times an identity test.
+        for action in actions:
+            kind = type(action)
+            if kind is Close:
+                assert isinstance(action, Close)
+                if action.side is _CLIENT:
+                    self._close_client(action.reset)
+                else:
+                    self._close_backend(action.reset)
+            elif kind is ConnectTo:
+                assert isinstance(action, ConnectTo)
+                self._connect(action.backend, action.timeout)
+            elif kind is CountConnected:
+                assert isinstance(action, CountConnected)
+                action.backend.active_connections += 1
+                action.backend.connections_total += 1
+            elif kind is StartPump:
+                self._start_pump()
+            elif kind is StopReplay:
+                up, down = self.up, self.down
+                if up is not None:
+                    up.tap = False
+                    up.copy = not self.loop.splice
+                if down is not None:
+                    down.tap = False
+            elif kind is ShutdownWrite:
+                assert isinstance(action, ShutdownWrite)
+                d = self.up if action.side is _BACKEND else self.down
+                if d is not None:
+                    d.eof = d.fin = True
+                    if not d.pending:
+                        _shut(d)
+            elif kind is CountReleased:
+                assert isinstance(action, CountReleased)
+                action.backend.active_connections -= 1
+            elif kind is CountFailure:
+                assert isinstance(action, CountFailure)
+                action.backend.connect_failures += 1
+            elif kind is SendProxyHeader:
+                assert self.up is not None
+                self.queue(self.up, v2_header(self.peer, self.local, "tcp"))
+            elif kind is Replay:
+                backend = machine.backend
+                assert isinstance(action, Replay) and self.up is not None and backend is not None
+                self.queue(self.up, action.data)
+                backend.bytes_in += len(action.data)
+            elif kind is StopPump:
+                if self.creg and self.cmask:
+                    self.cmask = 0
+                    self.loop.modify(self.cfd, 0)
+            elif kind is CountReject:
+                assert isinstance(action, CountReject)
+                self._count_reject(action.reason)
+            if self.fed != mark:
+                break  # a nested event (a write failed) changed the attempt
+        if machine.phase is _CLOSED and not self.closed:
+            self.closed = True
+            self.fwd.closed(self)
+
+    def _count_reject(self, reason: Reject) -> None:
+        fwd = self.fwd
+        if reason is Reject.NO_BACKEND:
+            fwd.rejected_no_backend += 1
+            log.debug("forward.no_backend", service=fwd.name, client=self.client_name)
+        else:
+            fwd.rejected_connect_failed += 1
+            log.debug("forward.all_backends_failed", service=fwd.name, client=self.client_name)
+
+    def abort(self) -> None:
+        """Reset both sides now (abort_all, a stale flow)."""
+        self.feed(ABORT)
+
+    def halt(self) -> None:
+        """The loop is stopping (``reactor.Owner``): reset both sides."""
+        self.feed(ABORT)
 
     # -- connect phase ------------------------------------------------------
 
-    def connect_next(self) -> None:
+    def _connect(self, backend: Backend, timeout: float) -> None:
+        """``ConnectTo``: a non-blocking connect; EPOLLOUT (or an error) ends it."""
         fwd = self.fwd
-        while self.candidates:
-            backend = self.candidates.pop(0)
-            family, address = fwd.sockaddr(backend)
-            try:
-                sock = Sock(family, _STREAM_NONBLOCK)
-            except OSError as exc:
-                # Out of descriptors: no other candidate would fare better,
-                # and the client must not wait for an idle sweep.
-                fwd.refuse("descriptors", exc.strerror or repr(exc))
-                self.close(reset=True)
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(address)
-            if err not in (0, errno.EINPROGRESS):
-                self.loop.doom(sock)
-                backend.connect_failures += 1
-                log.debug("forward.connect_failed", service=fwd.name, backend=backend.key,
-                          error=os.strerror(err))
-                continue
-            self.bsock = sock
-            self.bfd = sock.fileno()
-            self.backend = backend
-            self.bmask = _OUT
-            self.loop.register(self.bfd, _OUT, self.backend_event)
-            fwd.connecting[self] = self.loop.now + fwd.connect_timeout
+        family, address = fwd.sockaddr(backend)
+        try:
+            sock = Sock(family, _STREAM_NONBLOCK)
+        except OSError as exc:
+            # Out of descriptors: no other candidate would fare better, and
+            # the client must not wait for an idle sweep.
+            fwd.refuse("descriptors", exc.strerror or repr(exc))
+            self.feed(ABORT)
             return
-        fwd.rejected_connect_failed += 1
-        log.debug("forward.all_backends_failed", service=fwd.name, client=self.client_name)
-        self.close(reset=True)
-
-    def connect_timeout(self) -> None:
-        if self.up is not None or self.closed:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            self.loop.doom(sock)
+            log.debug("forward.connect_failed", service=fwd.name, backend=backend.key,
+                      error=os.strerror(err))
+            self.feed(ConnectFailed(os.strerror(err)))
             return
-        self._connect_failed("timeout")
+        self.bsock = sock
+        self.bfd = sock.fileno()
+        self.bmask = _OUT
+        self.loop.register(self.bfd, _OUT, self.backend_event, self)
+        fwd.connecting[self] = self.loop.now + timeout
 
-    def _connect_failed(self, reason: str) -> None:
-        backend, sock = self.backend, self.bsock
-        assert backend is not None and sock is not None
-        backend.connect_failures += 1
+    def timed_out(self) -> None:
+        """The connect sweep found the attempt past its deadline."""
+        if self.up is None and not self.closed:
+            self._attempt_failed("timeout", timeout=True)
+
+    def _attempt_failed(self, reason: str, timeout: bool = False) -> None:
+        """The attempt failed: drop its socket, tell the machine."""
+        backend = self.machine.backend
+        assert backend is not None
         log.debug("forward.connect_failed", service=self.fwd.name, backend=backend.key,
                   error=reason)
-        self.loop.forget(self.bfd)
-        self.loop.doom(sock)
-        self.bsock, self.bfd, self.backend = None, -1, None
-        self.fwd.connecting.pop(self, None)
-        self.connect_next()
+        self._close_backend(reset=False)
+        self.feed(CONNECT_TIMEOUT if timeout else ConnectFailed(reason))
 
-    def connected(self) -> None:
-        backend, bsock = self.backend, self.bsock
+    def _connected(self) -> None:
+        backend, bsock, machine = self.machine.backend, self.bsock, self.machine
         assert backend is not None and bsock is not None
         del self.fwd.connecting[self]
-        backend.active_connections += 1
-        backend.connections_total += 1
+        # Client bytes go through user space while the machine keeps a copy
+        # for a redispatch; the backend's always splice.
+        replaying = machine.replaying
         splice = self.loop.splice
-        # Client bytes go through user space until the backend answers (a
-        # copy is kept for a redispatch); the backend's always splice.
-        self.up = _Dir(self.client, bsock, copy=True)
-        self.down = _Dir(bsock, self.client, copy=not splice)
-        if self.fwd.proxy_protocol and not self.pre:
-            self.pre = v2_header(self.peer, self.local, "tcp")  # first attempt
+        self.up = Direction(self.client, bsock, True, backend,
+                            copy=replaying or not splice, tap=replaying)
+        self.down = Direction(bsock, self.client, False, backend,
+                              copy=not splice, tap=replaying)
+        self.feed(CONNECTED)
+
+    def _start_pump(self) -> None:
+        """``StartPump``: write what was queued (PROXY header, replay), then
+        read the client (unless it ended: ``up.eof``)."""
         up = self.up
-        if self.pre:
-            up.buf = memoryview(self.pre)
-            up.pending = len(self.pre)
-            self.pre = b""
+        assert up is not None
+        if up.pending:
             self.flush(up)
-            if self.closed or self.up is not up:
+            if not up.live:
                 return  # reset (closed, or redispatched to the next candidate)
         if not self.creg:
             self.creg = True
-            self.cmask = _IN
-            self.loop.register(self.cfd, _IN, self.client_event)
-        if not up.pending:
+            self.cmask = _IN if not up.eof and not up.pending else 0
+            self.loop.register(self.cfd, self.cmask, self.client_event, self)
+        if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
             self.pump(up)
-            if self.closed or self.up is not up:
+            if not up.live:
                 return
         self.update()
 
-    # -- events -------------------------------------------------------------
+    # -- socket events --------------------------------------------------------
 
     def client_event(self, ev: int) -> None:
-        if self.up is not None and self.down is not None:
-            self._serve(ev, writes=self.down, reads=self.up)
+        up, down = self.up, self.down
+        if up is not None and down is not None:
+            self._serve(ev, down, up, client=True)
+        elif ev & _ERR:
+            # Reconnecting (not reading the client): it went away meanwhile.
+            self.feed(CLIENT_RESET)
 
     def backend_event(self, ev: int) -> None:
-        if self.up is None or self.down is None:
-            # Connecting: EPOLLOUT (or an error) ends the attempt.
-            # Linux reports a failed connect as EPOLLERR (with EPOLLOUT);
-            # SO_ERROR is read only then.
+        up, down = self.up, self.down
+        if up is None or down is None:
+            # Connecting: EPOLLOUT (or an error) ends the attempt. Linux
+            # reports a failed connect as EPOLLERR (with EPOLLOUT); SO_ERROR
+            # is read only then.
             sock = self.bsock
             assert sock is not None
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ev & _ERR else 0
             if err or ev & _ERR:
-                self._connect_failed(os.strerror(err) if err else "hang-up")
+                self._attempt_failed(os.strerror(err) if err else "hang-up")
             else:
-                self.connected()
+                self._connected()
             return
-        self._serve(ev, writes=self.up, reads=self.down)
+        self._serve(ev, up, down, client=False)
 
-    def _serve(self, ev: int, writes: _Dir, reads: _Dir) -> None:
+    def _serve(self, ev: int, writes: Direction, reads: Direction, client: bool) -> None:
         """One socket's epoll event: ``writes`` is the direction whose
         destination the socket is, ``reads`` the one it is the source of."""
-        up = self.up
         if ev & _OUT or (ev & _ERR and writes.pending):
             self.flush(writes)
-            if self.closed or self.up is not up:
+            if not writes.live:
                 return  # reset, or redispatched: the old directions are gone
         if ev & (_IN | _ERR) and not reads.eof and not reads.pending:
             self.pump(reads)
-            if self.closed or self.up is not up:
+            if not reads.live:
                 return
         if ev & _ERR and not ev & (_IN | _OUT):
             # An error or hang-up with nothing left to read or write (level-
-            # triggered epoll would report it forever): the socket is dead;
-            # reset the other.
-            self.close(reset=True)
+            # triggered epoll would report it forever): the socket is dead.
+            self.feed(CLIENT_RESET if client else BACKEND_ERROR)
         else:
             self.update()
-
-    # -- moving bytes -------------------------------------------------------
-
-    def pump(self, d: _Dir) -> None:
-        """Read from d.src and write to d.dst, while reads fill the buffer
-        and writes complete, at most ``BURST`` reads: a bulk transfer moves
-        up to BURST * buffer_size bytes per wake-up instead of one read."""
-        size = self.loop.buffer_size
-        for _ in range(BURST):
-            copy = d.copy
-            if not copy and d.pipe is None:
-                d.pipe = self.loop.acquire_pipe()
-                copy = d.pipe is None  # no pipe to spare: copy this read
-            try:
-                if copy:
-                    data = d.src.recv(min(size, COPY_READ))
-                    n = len(data)
-                    if n:
-                        d.buf = memoryview(data)
-                        if d is self.up and self.replay is not None:
-                            self.replay.append(data)
-                            self.replay_len += n
-                            if self.replay_len > REPLAY_LIMIT:
-                                # Past the limit there is no redispatch: no
-                                # reason to keep copying (a client that
-                                # uploads while the backend stays silent).
-                                self.replay = None
-                                d.copy = not self.loop.splice
-                else:
-                    assert d.pipe is not None
-                    n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                if d.pipe is not None and not d.pending:
-                    self.loop.release_pipe(d.pipe, True)
-                    d.pipe = None
-                return
-            except OSError as exc:
-                self.fail(d, exc)
-                return
-            self.idle = 0
-            if n == 0:
-                d.eof = True
-                if d.pipe is not None:
-                    self.loop.release_pipe(d.pipe, True)
-                    d.pipe = None
-                self.finish_dir(d)
-                return
-            d.pending = n
-            backend = self.backend
-            assert backend is not None
-            if d is self.up:
-                backend.bytes_in += n
-            else:
-                backend.bytes_out += n
-                if not self.answered:
-                    self.answered = True
-                    self.replay = None
-                    if self.loop.splice:
-                        self.up.copy = False  # type: ignore[union-attr]
-            self.flush(d)
-            if (d.pending or self.closed or (d is not self.up and d is not self.down)
-                    or n < (size if not copy else min(size, COPY_READ))):
-                return
-
-    def flush(self, d: _Dir) -> None:
-        try:
-            while d.pending:
-                if d.buf is not None:
-                    n = d.dst.send(d.buf)
-                    d.buf = d.buf[n:] if n < len(d.buf) else None
-                else:
-                    assert d.pipe is not None
-                    n = os.splice(d.pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)
-                d.pending -= n
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.fail(d, exc, writing=True)
-            return
-        if d.pipe is not None:
-            self.loop.release_pipe(d.pipe, True)
-            d.pipe = None
-        if d.eof:
-            self.finish_dir(d)
-
-    def finish_dir(self, d: _Dir) -> None:
-        """Source said EOF and everything is written: half-close the other side."""
-        if d.shut or d.pending:
-            return
-        d.shut = True
-        other = self.down if d is self.up else self.up
-        if other is not None and other.shut:
-            # Both directions done: close() sends the FIN; a shutdown first
-            # would be one more system call per connection.
-            self.close(reset=False)
-            return
-        try:
-            d.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # already gone: the other direction reports it
-        if d is self.down and not self.answered:
-            self.answered = True
-            self.replay = None
-        up, down = self.up, self.down
-        if up is not None and down is not None and up.shut and down.shut:
-            self.close(reset=False)
-
-    def fail(self, d: _Dir, exc: OSError, writing: bool = False) -> None:
-        """A socket error: redispatch (backend reset before answering) or reset both."""
-        backend_side = (d is self.up) == writing
-        if (backend_side and exc.errno in _RESET_ERRNOS and self.replay is not None
-                and not self.answered and self.candidates and not self.closed):
-            self.redispatch()
-            return
-        if exc.errno not in _RESET_ERRNOS:
-            log.debug("forward.socket_error", service=self.fwd.name, client=self.client_name,
-                      error=exc.strerror or repr(exc))
-        self.close(reset=True)
-
-    def redispatch(self) -> None:
-        backend, bsock = self.backend, self.bsock
-        assert backend is not None and bsock is not None and self.replay is not None
-        backend.connect_failures += 1
-        backend.active_connections -= 1
-        log.debug("forward.redispatch", service=self.fwd.name, backend=backend.key,
-                  client=self.client_name)
-        for d in (self.up, self.down):
-            if d is not None and d.pipe is not None:
-                self.loop.release_pipe(d.pipe, d.pending == 0)
-                d.pipe = None
-        # The copy holds every client byte read so far, sent or not. It stays
-        # the copy: the next backend may reset before answering too.
-        replay = b"".join(self.replay)
-        self.replay = [replay] if replay else []
-        header = v2_header(self.peer, self.local, "tcp") if self.fwd.proxy_protocol else b""
-        self.pre = header + replay
-        self.loop.forget(self.bfd)
-        self.loop.doom(bsock)
-        self.bsock, self.bfd, self.backend = None, -1, None
-        self.up = self.down = None
-        # Stop reading the client until the next backend is connected.
-        if self.creg and self.cmask:
-            self.cmask = 0
-            self.loop.modify(self.cfd, 0)
-        self.connect_next()
 
     def update(self) -> None:
         """Set each socket's epoll interest from the directions' state."""
@@ -823,43 +569,81 @@ class _Conn:
             self.bmask = bmask
             self.loop.modify(self.bfd, bmask)
 
+    # -- pump hooks ----------------------------------------------------------
+
+    def tapped(self, d: Direction, data: bytes | None) -> None:
+        if d.upstream:
+            assert data is not None  # the client direction copies while tapped
+            self.feed(ClientData(data))  # kept for a redispatch
+        else:
+            d.tap = False
+            self.feed(BACKEND_FIRST_BYTE)
+
+    def drained(self, d: Direction) -> None:
+        if d.shut:
+            return
+        if d.fin:
+            _shut(d)  # ordered (ShutdownWrite) while bytes were pending
+            return
+        d.fin = True
+        self.feed(CLIENT_EOF if d.upstream else BACKEND_EOF)
+
+    def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
+        reset = exc.errno in RESET_ERRNOS
+        if not reset:
+            log.debug("forward.socket_error", service=self.fwd.name, client=self.client_name,
+                      error=exc.strerror or repr(exc))
+        if d.upstream != writing:
+            self.feed(CLIENT_RESET)
+        elif not reset:
+            self.feed(BACKEND_ERROR)
+        else:
+            backend = self.machine.backend
+            self.feed(BACKEND_RESET)
+            if self.machine.phase is _CONNECTING and backend is not None:
+                log.debug("forward.redispatch", service=self.fwd.name, backend=backend.key,
+                          client=self.client_name)
+
     # -- teardown -----------------------------------------------------------
 
-    @property
-    def client_name(self) -> str:
-        return format_host_port(*self.peer)
-
-    def close(self, reset: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _close_client(self, reset: bool) -> None:
+        if self.up is not None:
+            self.drop()  # release the pipes
         loop = self.loop
-        if self.up is None:
-            self.fwd.connecting.pop(self, None)
-        for d in (self.up, self.down):
-            if d is not None and d.pipe is not None:
-                loop.release_pipe(d.pipe, d.pending == 0)
-                d.pipe = None
         loop.forget(self.cfd)
         if reset:
             _linger_reset(self.client)
         loop.doom(self.client)
-        if self.bsock is not None:
-            loop.forget(self.bfd)
+
+    def _close_backend(self, reset: bool) -> None:
+        """End the current attempt or connection (``Close(BACKEND)``, a failed attempt)."""
+        self.fwd.connecting.pop(self, None)
+        if self.up is not None:
+            self.drop()
+        sock, bfd = self.bsock, self.bfd
+        if sock is not None:
+            self.bsock, self.bfd, self.bmask = None, -1, 0
+            self.loop.forget(bfd)
             if reset:
-                _linger_reset(self.bsock)
-            loop.doom(self.bsock)
-            if self.up is not None and self.backend is not None:
-                self.backend.active_connections -= 1
-        self.fwd.closed(self)
+                _linger_reset(sock)
+            self.loop.doom(sock)
+
+    def _teardown(self) -> None:
+        """Reset both sides without the machine (it refused an event: a bug)."""
+        self._close_backend(reset=True)
+        self._close_client(reset=True)
+        if not self.closed:
+            self.closed = True
+            self.fwd.closed(self)
 
 
-def _where(exc: BaseException) -> str:
-    """file:line of the innermost frame of ``exc``, for a bug report."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+def _shut(d: Direction) -> None:
+    """Send the FIN of direction ``d`` (shutdown(SHUT_WR) on its destination)."""
+    d.shut = True
+    try:
+        d.dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # already gone: the other direction reports it
 
 
 def _linger_reset(sock: Sock) -> None:
@@ -922,12 +706,12 @@ class RelayForwarder:
         self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._sweep_interval = service.effective_idle_timeout / SWEEPS_PER_IDLE_TIMEOUT
-        self._sweep_timer: _Timer | None = None
+        self._sweep_timer: Timer | None = None
         self.connecting: dict[_Conn, float] = {}
         """Connections waiting for their backend, and the monotonic deadline
         (s) of the attempt: swept every CONNECT_SWEEP_S (no timer per
         connection)."""
-        self._connect_sweep: _Timer | None = None
+        self._connect_sweep: Timer | None = None
         self._sockaddrs: dict[int, tuple[socket.AddressFamily, tuple[str, int]]] = {}
         self.accepted = 0
         self.rejected_no_backend = 0
@@ -1022,7 +806,7 @@ class RelayForwarder:
             ) from exc
         listener = _Listener(loop, sock, self.wildcard)
         listener.add(self)
-        loop.register(listener.fd, _IN, listener.on_event)
+        loop.register(listener.fd, _IN, listener.on_event, listener)
         self._listener = listener
         if self.wildcard:
             loop.listeners[(host, sock.getsockname()[1])] = listener
@@ -1086,7 +870,7 @@ class RelayForwarder:
 
     def _abort_all(self) -> None:
         for conn in list(self._conns):
-            conn.close(reset=True)
+            conn.abort()
 
     def abort_flows(self, keys: Iterable[FlowKey]) -> int:
         """Reset the client connections with these flow keys (flows known to
@@ -1109,14 +893,14 @@ class RelayForwarder:
     def _abort_backend(self, backend: Backend) -> None:
         for conn in list(self._conns):
             if conn.backend is backend:
-                conn.close(reset=True)
+                conn.abort()
 
     def _abort_flows(self, keys: list[FlowKey]) -> None:
         for key in keys:
             conn = self._by_flow.get(key)
             if conn is not None:
                 log.debug("forward.stale_flow_reset", service=self.name, client=conn.client_name)
-                conn.close(reset=True)
+                conn.abort()
 
     # -- loop thread ---------------------------------------------------------
 
@@ -1142,11 +926,7 @@ class RelayForwarder:
         conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
-            loop.slots.release(peer[0])
-            self.rejected_no_backend += 1
-            log.debug("forward.no_backend", service=self.name, client=conn.client_name)
-            _linger_reset(sock)
-            loop.doom(sock)
+            conn.feed(Accepted(candidates))  # refused (no_backend): reset at once
             return
         if not self._conns:
             self._became_busy()
@@ -1154,8 +934,7 @@ class RelayForwarder:
         if self.on_flow is not None:
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
-        conn.candidates = candidates
-        conn.connect_next()
+        conn.feed(Accepted(candidates))
 
     def closed(self, conn: _Conn) -> None:
         """Loop thread: ``conn`` has closed (called once per connection
@@ -1192,7 +971,7 @@ class RelayForwarder:
         now = self.loop.now
         for conn, deadline in list(self.connecting.items()):
             if deadline <= now:
-                conn.connect_timeout()
+                conn.timed_out()
         if self._conns:
             self._connect_sweep = self.loop.call_later(CONNECT_SWEEP_S, self._sweep_connects)
 
@@ -1207,14 +986,13 @@ class RelayForwarder:
 
     def _sweep(self) -> None:
         self._sweep_timer = None
-        limit = SWEEPS_PER_IDLE_TIMEOUT
         for conn in list(self._conns):
-            if conn.up is None:
+            if conn.machine.phase is not _RELAYING:
                 continue  # connecting: bounded by connect_timeout per candidate
-            conn.idle += 1
-            if conn.idle > limit:
+            traffic, conn.traffic = conn.traffic, False
+            conn.feed(_SWEPT_BUSY if traffic else _SWEPT_QUIET)
+            if conn.closed:
                 log.debug("forward.idle_timeout", service=self.name, client=conn.client_name)
-                conn.close(reset=True)
         if self._conns:
             self._sweep_timer = self.loop.call_later(self._sweep_interval, self._sweep)
 

@@ -17,8 +17,8 @@ is fed to the machine as ``ClientData`` and sent on connect).
 Redispatch: a backend killed between two health checks still completes
 handshakes from its listen backlog, then resets them when the process dies.
 Until the backend's first byte the machine keeps a copy of what the client
-sent (at most ``REPLAY_LIMIT`` bytes); if the backend resets the connection
-(``RESET_ERRNOS``) before answering, the relay connects to the next candidate
+sent (at most ``connection.REPLAY_LIMIT`` bytes); if the backend resets the connection
+(``connection.RESET_ERRNOS``) before answering, the relay connects to the next candidate
 and replays the copy, so the client never notices.
 
 Backpressure: each transport's write buffer has a high-water mark of
@@ -80,6 +80,8 @@ from anycast_lb.forward.connection import (
     CLIENT_RESET,
     CONNECT_TIMEOUT,
     CONNECTED,
+    RESET_ERRNOS,
+    SWEEPS_PER_IDLE_TIMEOUT,
     Accepted,
     Action,
     ClientData,
@@ -102,8 +104,6 @@ from anycast_lb.forward.connection import (
     StartPump,
     StopPump,
 )
-from anycast_lb.forward.connection import REPLAY_LIMIT as REPLAY_LIMIT
-from anycast_lb.forward.connection import SWEEPS_PER_IDLE_TIMEOUT as SWEEPS_PER_IDLE_TIMEOUT
 from anycast_lb.forward.proxy_protocol import v2_header
 from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
@@ -738,9 +738,6 @@ class _Upstream(asyncio.Protocol):
 
 
 _LIVE = frozenset({Phase.CONNECTING, Phase.RELAYING})
-RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
-"""Backend socket errors that count as a reset (a redispatch before its first
-byte); any other error resets the client."""
 
 
 def _close(transport: asyncio.Transport | None, reset: bool) -> None:

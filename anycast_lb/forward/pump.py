@@ -1,0 +1,222 @@
+"""The relay engine's byte pump: bytes from one socket to the other, no rules.
+
+A proxied connection has two ``Direction``s: client to backend (``up``) and
+backend to client (``down``). ``Pump.pump(d)`` reads ``d.src`` and writes
+``d.dst``; ``Pump.flush(d)`` writes what is pending. Zero-copy where it can:
+``os.splice`` through a pipe from the reactor's pool, so the bytes never
+enter user space; a direction with ``copy`` set (or no pipe to spare) reads
+through user space instead, at most ``COPY_READ`` bytes at a time.
+
+Backpressure: a direction holds at most one read (``buffer_size`` bytes, one
+pipe or one user buffer); while it cannot all be written the owner stops
+reading the source (its epoll interest drops EPOLLIN and waits EPOLLOUT on
+the destination). The rest of a backlog stays in the kernel's socket
+buffers and the sender's TCP window. An idle direction holds no pipe.
+
+The connection's rules live elsewhere (``connection.Connection``, driven by
+``relay._Conn``): the pump calls its owner's hooks only on state changes,
+and per chunk only while a direction is ``tap``ped:
+
+- ``tapped(d, data)``: a read on a tapped direction (``data``: the bytes in
+  copy mode, None when spliced), before they are written.
+- ``drained(d)``: ``d.eof`` is set and every byte is written.
+- ``failed(d, exc, writing)``: an OSError reading ``d.src`` (``writing``
+  False) or writing ``d.dst``.
+
+After a hook the pump leaves a direction whose ``live`` turned False (the
+connection closed, or dropped its directions to reconnect) at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from anycast_lb.forward.reactor import HAVE_SPLICE, Reactor
+
+BURST = 8
+"""Reads per direction per wake-up while each fills the buffer."""
+COPY_READ = 65536
+"""Largest read through user space (bytes): bigger recv() buffers go to
+mmap and back on every call."""
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
+
+
+class Counters(Protocol):
+    """Byte counters of a backend (``pool.Backend``)."""
+
+    bytes_in: int
+    bytes_out: int
+
+
+class Socket(Protocol):
+    """What the pump needs of a connected, non-blocking socket."""
+
+    def recv(self, size: int, /) -> bytes: ...
+    def send(self, data: memoryview, /) -> int: ...
+    def fileno(self) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
+
+
+class Direction:
+    """One direction of a connection: bytes from ``src`` to ``dst``.
+
+    ``upstream``: client to backend (bytes count in ``counters.bytes_in``),
+    else backend to client (``bytes_out``).
+    """
+
+    __slots__ = (
+        "src", "dst", "sfd", "dfd", "pipe", "pending", "buf", "eof", "fin", "shut", "copy",
+        "tap", "live", "upstream", "counters",
+    )
+
+    def __init__(self, src: Socket, dst: Socket, upstream: bool, counters: Counters, *,
+                 copy: bool, tap: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
+        self.upstream = upstream
+        self.counters = counters
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0
+        """Bytes read from src (or queued) and not yet written to dst."""
+        self.buf: memoryview | None = None
+        """Copy mode: the unwritten bytes."""
+        self.eof = False
+        """No more reads: src ended, or the owner ended this direction."""
+        self.fin = False
+        """The owner knows of the end: it shuts dst once pending is written."""
+        self.shut = False
+        """dst was shut down for writing (FIN sent)."""
+        self.copy = copy
+        """Read through user space (else splice)."""
+        self.tap = tap
+        """Call the owner's ``tapped`` on every read."""
+        self.live = True
+        """False once the owner dropped this direction."""
+
+
+class Pump:
+    """Moves one connection's bytes on ``loop`` (see the module docstring).
+
+    Subclasses set ``up`` and ``down`` and supply the hooks.
+    """
+
+    __slots__ = ("loop", "up", "down", "traffic")
+
+    def __init__(self, loop: Reactor) -> None:
+        self.loop = loop
+        self.up: Direction | None = None
+        """Client to backend (None while connecting)."""
+        self.down: Direction | None = None
+        """Backend to client (None while connecting)."""
+        self.traffic = False
+        """A byte or EOF was read either way (the owner clears it)."""
+
+    # -- hooks ---------------------------------------------------------------
+
+    def tapped(self, d: Direction, data: bytes | None) -> None:
+        raise NotImplementedError
+
+    def drained(self, d: Direction) -> None:
+        raise NotImplementedError
+
+    def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
+        raise NotImplementedError
+
+    # -- moving bytes --------------------------------------------------------
+
+    def pump(self, d: Direction) -> None:
+        """Read from d.src and write to d.dst, while reads fill the buffer
+        and writes complete, at most ``BURST`` reads: a bulk transfer moves
+        up to BURST * buffer_size bytes per wake-up instead of one read."""
+        loop = self.loop
+        size = loop.buffer_size
+        copy_size = size if size < COPY_READ else COPY_READ
+        for _ in range(BURST):
+            copy = d.copy
+            if not copy and d.pipe is None:
+                d.pipe = loop.acquire_pipe()
+                copy = d.pipe is None  # no pipe to spare: copy this read
+            data = None
+            try:
+                if copy:
+                    data = d.src.recv(copy_size)
+                    n = len(data)
+                    if n:
+                        d.buf = memoryview(data)
+                else:
+                    assert d.pipe is not None
+                    n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if d.pipe is not None and not d.pending:
+                    loop.release_pipe(d.pipe, True)
+                    d.pipe = None
+                return
+            except OSError as exc:
+                self.failed(d, exc, False)
+                return
+            self.traffic = True
+            if n == 0:
+                d.eof = True
+                if d.pipe is not None:
+                    loop.release_pipe(d.pipe, True)
+                    d.pipe = None
+                self.drained(d)
+                return
+            d.pending = n
+            if d.upstream:
+                d.counters.bytes_in += n
+            else:
+                d.counters.bytes_out += n
+            if d.tap:
+                self.tapped(d, data)
+                if not d.live:
+                    return
+            self.flush(d)
+            if d.pending or not d.live or n < (copy_size if copy else size):
+                return
+
+    def flush(self, d: Direction) -> None:
+        """Write d's pending bytes; calls ``drained`` once they are all
+        written after the source's end."""
+        try:
+            while d.pending:
+                buf = d.buf
+                if buf is not None:
+                    n = d.dst.send(buf)
+                    d.buf = buf[n:] if n < len(buf) else None
+                else:
+                    assert d.pipe is not None
+                    n = os.splice(d.pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)
+                d.pending -= n
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.failed(d, exc, True)
+            return
+        if d.pipe is not None:
+            self.loop.release_pipe(d.pipe, True)
+            d.pipe = None
+        if d.eof:
+            self.drained(d)
+
+    def queue(self, d: Direction, data: bytes) -> None:
+        """Add ``data`` to d's pending bytes (a PROXY header, a replay),
+        written by the next ``flush``; only while d holds no pipe bytes."""
+        assert d.pipe is None
+        d.buf = memoryview(data if d.buf is None else bytes(d.buf) + data)
+        d.pending += len(data)
+
+    def drop(self) -> None:
+        """Drop both directions (closing, or reconnecting): pipes go back to
+        the pool, or are closed if they hold bytes."""
+        loop = self.loop
+        for d in (self.up, self.down):
+            if d is not None:
+                d.live = False
+                if d.pipe is not None:
+                    loop.release_pipe(d.pipe, d.pending == 0)
+                    d.pipe = None
+        self.up = self.down = None

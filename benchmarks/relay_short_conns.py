@@ -1,0 +1,140 @@
+"""CPU per short TCP connection of the relay engine, on loopback only.
+
+    .venv/bin/python benchmarks/relay_short_conns.py [--connections 3000]
+        [--concurrency 20] [--no-splice] [--proxy-protocol] [--timeout 120]
+
+This process runs one ``RelayLoop`` and one ``RelayForwarder`` bound to
+127.0.0.1 (port 0, read back). A child process (this script with
+``--role load``) runs the backend, which answers one line and closes, and
+the clients: each connects through the forwarder, sends a line, reads to
+EOF and closes; ``--concurrency`` at a time, ``--connections`` in all, the
+whole run bounded by ``--timeout`` s. Only the forwarder runs in this
+process, so its CPU time (utime + stime of every thread, from
+``resource.getrusage``) over the load is the relay's cost.
+
+Prints one JSON object: ``connections`` completed, ``errors``, ``cpu_s``,
+``us_per_conn`` (CPU microseconds per connection), ``wall_s``. To compare two
+trees, run it with ``PYTHONPATH`` pointing at each, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+
+PAYLOAD = b"GET / HTTP/1.0\r\n"
+ANSWER = b"HTTP/1.0 200 OK\r\n\r\nok\n"
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _load(args: argparse.Namespace) -> None:
+    """Child: the backend and the clients."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readline()
+            writer.write(ANSWER)
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    print("backend", server.sockets[0].getsockname()[1], flush=True)
+    port = int(sys.stdin.readline())
+    done = errors = 0
+    todo = iter(range(args.connections))
+
+    async def client() -> None:
+        nonlocal done, errors
+        for _ in todo:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(PAYLOAD)
+                data = await reader.read()
+                writer.close()
+                if data == ANSWER:
+                    done += 1
+                else:
+                    errors += 1
+            except OSError:
+                errors += 1
+
+    try:
+        async with asyncio.timeout(args.timeout):
+            await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    except TimeoutError:
+        errors += 1
+    server.close()
+    print(json.dumps({"done": done, "errors": errors}), flush=True)
+
+
+async def _forward(args: argparse.Namespace) -> None:
+    from anycast_lb.config import ForwardingConfig, ServiceConfig
+    from anycast_lb.forward.relay import RelayForwarder, RelayLoop
+    from anycast_lb.pool import Pool
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "load", "--connections", str(args.connections),
+        "--concurrency", str(args.concurrency), "--timeout", str(args.timeout),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    loop = RelayLoop(ForwardingConfig(splice=args.splice))
+    loop.start()
+    try:
+        async with asyncio.timeout(args.timeout + 10):
+            _, backend_port = (await child.stdout.readline()).split()
+            service = ServiceConfig.model_validate({
+                "name": "bench", "vip": "127.0.0.1", "port": 80, "protocol": "tcp",
+                "proxy_protocol": args.proxy_protocol,
+                "backends": [{"address": "127.0.0.1", "port": int(backend_port)}],
+            })
+            pool = Pool(service)
+            for backend in pool.backends:
+                pool.set_up(backend.key, True)
+            fwd = RelayForwarder(service, pool, loop, bind_host="127.0.0.1", bind_port=0)
+            _, port = await fwd.start()
+            cpu, wall = _cpu(), time.monotonic()
+            child.stdin.write(b"%d\n" % port)
+            await child.stdin.drain()
+            result = json.loads(await child.stdout.readline())
+            cpu, wall = _cpu() - cpu, time.monotonic() - wall
+            await child.wait()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        loop.stop()
+    print(json.dumps({
+        "connections": result["done"], "errors": result["errors"], "cpu_s": round(cpu, 3),
+        "us_per_conn": round(cpu / max(result["done"], 1) * 1e6, 1), "wall_s": round(wall, 2),
+        "splice": args.splice, "proxy_protocol": args.proxy_protocol,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=("forward", "load"), default="forward")
+    parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--no-splice", dest="splice", action="store_false")
+    parser.add_argument("--proxy-protocol", action="store_true")
+    args = parser.parse_args()
+    if not 0 < args.connections <= 100_000 or not 0 < args.concurrency <= 200:
+        parser.error("connections must be in 1..100000 and concurrency in 1..200")
+    asyncio.run(_load(args) if args.role == "load" else _forward(args))
+
+
+if __name__ == "__main__":
+    main()
