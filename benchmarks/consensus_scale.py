@@ -26,7 +26,9 @@ Measured per size:
   ``db MB``: etcd's database size then;
 - ``full agree ms``: one :func:`agree` over every vote of the size (what a
   node pays if it recomputes everything per batch);
-- ``read``: how the watchers' first read went (``range`` or ``per-backend``).
+- ``read``: how the watchers' first read went (``range`` or ``per-backend``);
+- ``leases lost``: leases etcd expired because a keepalive came too late
+  (the member then re-grants and rewrites every vote, as a node does).
 
 Everything is bounded: ``--trials`` flips per size, each waited for at
 most 5 s, the whole run at most ``--max-seconds``. etcd members run with
@@ -65,7 +67,7 @@ from anycast_lb.consensus.members import (
     read_view,
 )
 from anycast_lb.consensus.store import LeaseKeeper, Snapshot, Store
-from anycast_lb.errors import ConsensusError
+from anycast_lb.errors import ConsensusError, LeaseLost
 
 SERVICE = "svc"
 LEASE_TTL = 2.0
@@ -197,9 +199,29 @@ class Member:
             await self.votes.vote(SERVICE, backend, True, self.keeper.lease.id)
         return len(self.backends)
 
+    leases_lost: int = 0
+
     async def vote(self, backend: str, up: bool) -> None:
         assert self.keeper.lease is not None
-        await self.votes.vote(SERVICE, backend, up, self.keeper.lease.id)
+        try:
+            await self.votes.vote(SERVICE, backend, up, self.keeper.lease.id)
+        except LeaseLost:
+            await self.rejoin()
+
+    async def rejoin(self) -> None:
+        """What a node does when etcd dropped its lease: a new lease, the
+        member key and every vote again."""
+        self.leases_lost += 1
+        await self.join()
+        assert self.keeper.lease is not None
+        await self.votes.rewrite(self.keeper.lease.id)
+
+    async def keep(self) -> None:
+        while True:
+            try:
+                await self.keeper.run()
+            except LeaseLost:
+                await self.rejoin()
 
     async def read(self) -> None:
         try:
@@ -264,7 +286,7 @@ async def run_size(etcd: Etcd, n: int, b: int, trials: int, watchers: int,
         for m in members:
             m.store.connect()
         await asyncio.gather(*(m.join() for m in members))
-        tasks += [asyncio.create_task(m.keeper.run()) for m in members]
+        tasks += [asyncio.create_task(m.keep()) for m in members]
         t0 = time.monotonic()
         written = sum(await asyncio.gather(*(m.populate() for m in members)))
         row["populate_s"] = round(time.monotonic() - t0, 2)
@@ -317,7 +339,11 @@ async def run_size(etcd: Etcd, n: int, b: int, trials: int, watchers: int,
         row["agree_p99_ms"] = None if not latencies else round(_pct(latencies, 99) or 0, 1)
         row["flip_writes_per_s"] = round(sum(flip_rates) / len(flip_rates)) if flip_rates else None
         row["watchers"] = len(followers)
+    except ConsensusError as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        print(f"{n} x {b}: {row['error']}", file=sys.stderr)
     finally:
+        row["leases_lost"] = sum(m.leases_lost for m in members)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,7 +366,7 @@ COLUMNS = [("members", "members"), ("backends", "backends"), ("vote_keys", "vote
            ("agree_p99_ms", "agree p99 ms"), ("flips", "flips"),
            ("flip_writes_per_s", "flip w/s"), ("etcd_rss_mb", "rss MB"), ("etcd_db_mb", "db MB"),
            ("full_agree_ms", "full agree ms"), ("first_read_ms", "first read ms"),
-           ("read", "read"), ("watchers", "watchers")]
+           ("read", "read"), ("watchers", "watchers"), ("leases_lost", "leases lost")]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
