@@ -14,15 +14,20 @@ Runs, each in a fresh lab of three nodes:
 6. ``anycast-lb lab demo --scenario udp-flood --scenario tcp-flood --scenario
    sync-forgery``: the attacks (nodes at 1,024 open files, flow survival;
    1 and 2 run udp-flood as well, their last scenario),
+7. ``anycast-lb lab demo --consensus --scenario etcd-leader-kill ...``: the
+   consensus group (a 3-member etcd on the management segment; every
+   scenario of ``CONSENSUS_SCENARIOS``; skipped with ``--no-consensus``),
 
 then prints one table of failover figures, one of broken flows and one of
 the attacks (withdraws seen by the router, failed health checks, new
 connections ok, each node's log lines per second, forged flows found in
-steering maps), each row with its target and verdict, and exits 1 if any
-target was missed. Needs
-root, FRR and the package installed (``bash scripts/install.sh``)::
+steering maps), one of the consensus scenarios (failed new connections,
+the scenario's figure, fields the nodes do not show, failed checks), each
+row with its target and verdict, and exits 1 if any target was missed.
+Needs root, FRR, etcd and the package installed (``bash scripts/install.sh``)::
 
     sudo .venv/bin/python benchmarks/lab_failover.py [--out DIR] [--repeat N]
+        [--group all|consensus] [--no-consensus]
 
 Each run writes result.json and timeline.png per scenario under DIR.
 """
@@ -40,6 +45,8 @@ ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
 FLOW_SCENARIOS = ["flows-drain", "flows-join", "flows-churn-join", "flows-node-kill",
                   "flows-node-silent"]
 ABUSE_SCENARIOS = ["udp-flood", "tcp-flood", "sync-forgery"]
+CONSENSUS_SCENARIOS = ["etcd-leader-kill", "etcd-quorum-loss", "etcd-partition", "config-push",
+                       "health-disagreement", "backend-kill-agreed", "rolling-drain"]
 
 
 def run_demo(out: Path, *extra: str) -> list[dict[str, Any]]:
@@ -93,19 +100,51 @@ def _print_abuse(rows: list[dict[str, Any]]) -> None:
               f"{'PASS' if r['pass'] else 'FAIL':7}  {failed}")
 
 
+def _print_consensus(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':24} {'new failed':>11} {'figure':40} {'not available':28} "
+          f"verdict  failed checks")
+    for r in rows:
+        figure = {
+            "etcd-leader-kill": f"new etcd leader {r.get('etcd_new_leader_ms')} ms",
+            "etcd-quorum-loss": f"isolated {r.get('isolated_after_ms')}",
+            "etcd-partition": f"isolated {r.get('isolated_after_ms')}",
+            "config-push": f"same digest {r.get('same_new_digest_after_push_ms')} ms",
+            "health-disagreement": f"digest changes {r.get('digest_changed_views')}",
+            "backend-kill-agreed": f"p50/p99 {r.get('agree_latency_p50_ms')}/"
+                                   f"{r.get('agree_latency_p99_ms')} ms",
+            "rolling-drain": f"most draining at once {r.get('most_draining_at_once')}",
+        }.get(r["scenario"], "")
+        failed = ",".join(k for k, v in r["checks"].items() if not v) or "-"
+        print(f"{_label(r):24} {r['new_connections_failed']!s:>5}/{r['new_connections_total']!s:<5} "
+              f"{figure[:40]:40} {','.join(r.get('not_available', [])) or '-':28} "
+              f"{'PASS' if r['pass'] else 'FAIL':7}  {failed}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("lab-results/benchmark"))
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set (1-5)")
     parser.add_argument("--no-flow-survival", action="store_true",
                         help="skip the flow survival runs (a build without the cluster)")
+    parser.add_argument("--no-consensus", action="store_true",
+                        help="skip the consensus group (no etcd)")
+    parser.add_argument("--group", choices=["all", "consensus"], default="all",
+                        help="consensus: run only the consensus group")
     args = parser.parse_args()
+    if args.group == "consensus" and args.no_consensus:
+        parser.error("--group consensus with --no-consensus runs nothing")
     if not 1 <= args.repeat <= 5:
         parser.error("--repeat must be 1-5")
     only_flows = [arg for name in FLOW_SCENARIOS for arg in ("--scenario", name)]
     results: list[dict[str, Any]] = []
+    only_consensus = [arg for name in CONSENSUS_SCENARIOS for arg in ("--scenario", name)]
     for i in range(args.repeat):
         base = args.out / f"run{i + 1}"
+        if not args.no_consensus:
+            results += run_demo(base.with_name(base.name + "-consensus"), "--consensus",
+                                *only_consensus)
+        if args.group == "consensus":
+            continue
         plain = "--no-flow-survival"
         results += run_demo(base, plain)
         if not args.no_flow_survival:
@@ -122,10 +161,11 @@ def main() -> int:
         results += run_demo(base.with_name(base.name + "-abuse"),
                             "--no-flow-survival" if args.no_flow_survival else "--flow-survival",
                             *[arg for name in abuse for arg in ("--scenario", name)])
-    _print_failover([r for r in results
-                     if "flows_total" not in r and r["scenario"] not in ABUSE_SCENARIOS])
+    _print_failover([r for r in results if "flows_total" not in r
+                     and r["scenario"] not in ABUSE_SCENARIOS + CONSENSUS_SCENARIOS])
     _print_flows([r for r in results if "flows_total" in r])
     _print_abuse([r for r in results if r["scenario"] in ABUSE_SCENARIOS])
+    _print_consensus([r for r in results if r["scenario"] in CONSENSUS_SCENARIOS])
     missed = sum(1 for r in results if not r["pass"])
     print(f"\n{len(results) - missed} of {len(results)} scenario runs met their targets")
     return 1 if missed else 0

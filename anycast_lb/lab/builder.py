@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anycast_lb.errors import LabError
-from anycast_lb.lab import frr, netns, nodes, state
+from anycast_lb.lab import etcd, frr, netns, nodes, state
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.fib import FibReader
 from anycast_lb.lab.state import LabState
@@ -87,7 +87,7 @@ def load() -> Lab:
                        f"{state.STATE_FILE}); start one with `anycast-lb lab up`")
     t = st.topology
     topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")),
-                  bool(t.get("flow_survival")))
+                  bool(t.get("flow_survival")), bool(t.get("consensus")))
     return Lab(topo, st, state.RUN_DIR, str(t.get("mode", "node")))
 
 
@@ -125,6 +125,8 @@ def _link(lab: Lab) -> None:
         netns.veth(be.ns, be.lan_if, topo.lan_ns, be.bridge_port)
         netns.run(["ip", "link", "set", be.bridge_port, "master", "br0"], ns=topo.lan_ns)
         netns.addr(be.ns, be.lan_if, f"{be.address}/{topo.lan_prefixlen}")
+    if topo.consensus:
+        etcd.link(lab.state, topo)
 
 
 def start_backend(lab: Lab, index: int) -> None:
@@ -169,8 +171,12 @@ def start_node(lab: Lab, node: Node) -> None:
 
 
 def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "node",
-       timeout: float = 30.0, flow_survival: bool = False) -> Lab:
+       timeout: float = 30.0, flow_survival: bool = False, consensus: bool = False) -> Lab:
     """Build the lab and wait until the router has one next hop per node.
+
+    ``consensus``: also a 3-member etcd cluster on the management segment
+    (:mod:`anycast_lb.lab.etcd`), ready (every member answering, a leader)
+    before the nodes start; each node config gets a ``consensus:`` section.
 
     Raises LabError (UnsafeLab for safety refusals); on failure the caller
     should run :func:`down` (the CLI does)."""
@@ -178,11 +184,16 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
         raise LabError(f"mode must be one of {', '.join(MODES)}")
     if flow_survival and mode != "node":
         raise LabError("flow survival needs the real node (--mode node)")
+    if consensus and mode != "node":
+        raise LabError("consensus needs the real node (--mode node)")
+    if consensus and shutil.which("etcd") is None:
+        raise LabError("consensus: etcd is not installed (scripts/install.sh installs "
+                       "Debian's etcd-server and etcd-client)")
     netns.require_root()
     if state.load() is not None or netns.lab_namespaces():
         raise LabError("a lab is already up (or left over): run `anycast-lb lab down` first")
     netns.check_root_namespace()
-    topo = T.plan(n_nodes, n_backends, bfd, flow_survival)
+    topo = T.plan(n_nodes, n_backends, bfd, flow_survival, consensus)
     if flow_survival:
         nodes.check_cluster_support(topo)  # before anything is built
     run_dir = state.RUN_DIR
@@ -190,7 +201,7 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
         shutil.rmtree(run_dir)
     st = LabState(topology={"nodes": n_nodes, "backends": n_backends, "bfd": bfd,
                             "mode": mode, "vip": str(topo.vip),
-                            "flow_survival": flow_survival})
+                            "flow_survival": flow_survival, "consensus": consensus})
     st.save()
     lab = Lab(topo, st, run_dir, mode)
     for name in topo.namespaces:
@@ -200,6 +211,8 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     for be in topo.backends:
         start_backend(lab, be.index)
     frr.start_router(st, topo, run_dir)
+    if topo.consensus:
+        etcd.start_all(st, topo, run_dir)
     for node in topo.nodes:
         start_node(lab, node)
     for be in topo.backends:
@@ -291,6 +304,9 @@ def down() -> list[str]:
         if netns.exists(name):
             netns.delete(name)
             done.append(f"deleted namespace {name}")
+    if (st is not None and st.topology.get("consensus")) or (etcd.DATA_DIR / "etcd").exists():
+        etcd.remove_data()
+        done.append(f"removed etcd data under {etcd.DATA_DIR / 'etcd'}")
     state.remove()
     return done
 

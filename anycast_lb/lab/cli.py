@@ -17,7 +17,18 @@ from typing import Any
 import click
 
 from anycast_lb.errors import AnycastLBError, LabError
-from anycast_lb.lab import abuse, builder, flow_scenarios, frr, netns, nodes, scenarios, state
+from anycast_lb.lab import (
+    abuse,
+    builder,
+    consensus_scenarios,
+    etcd,
+    flow_scenarios,
+    frr,
+    netns,
+    nodes,
+    scenarios,
+    state,
+)
 from anycast_lb.lab import topology as T
 
 
@@ -52,19 +63,25 @@ def lab() -> None:
 @click.option("--flow-survival", is_flag=True,
               help="Nodes share their flows over the node LAN and steer packets to the "
                    "owner (a cluster: section in each node config).")
-def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool) -> None:
+@click.option("--consensus", is_flag=True,
+              help="A 3-member etcd cluster on a management segment (alb-etcd1..3) and a "
+                   "consensus: section in each node config.")
+def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool,
+       consensus: bool) -> None:
     """Build the lab and wait until the router has one ECMP path per node."""
     _need_root()
     started = time.monotonic()
     with _errors():
         try:
-            lab_ = builder.up(n_nodes, n_backends, bfd, mode, flow_survival=flow_survival)
+            lab_ = builder.up(n_nodes, n_backends, bfd, mode, flow_survival=flow_survival,
+                              consensus=consensus)
         except (AnycastLBError, KeyboardInterrupt):
             builder.down()
             raise
     click.echo(f"lab up in {time.monotonic() - started:.1f} s: VIP {lab_.topo.vip} via "
                f"{n_nodes} node(s), {n_backends} backend(s), mode {mode}"
-               + (", BFD" if bfd else "") + (", flow survival" if flow_survival else ""))
+               + (", BFD" if bfd else "") + (", flow survival" if flow_survival else "")
+               + (f", etcd {', '.join(lab_.topo.etcd_urls())}" if consensus else ""))
     click.echo(f"try: ip netns exec {lab_.topo.client_ns} curl http://{lab_.topo.vip}:"
                f"{T.WEB_PORT}/   |   anycast-lb lab status")
 
@@ -119,6 +136,10 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
         "nodes": node_list,
         "backends": [{"name": b.name, "namespace": b.ns, "address": str(b.address),
                       "pid": pid("server", b.name)} for b in topo.backends],
+        "consensus": topo.consensus,
+        "etcd": {"management_prefix": str(T.MGMT_PREFIX) if topo.consensus else None,
+                 "cluster": T.CONSENSUS_CLUSTER if topo.consensus else None,
+                 "members": etcd.members_status(st, topo)},
         "state_file": str(state.STATE_FILE),
     }
 
@@ -144,28 +165,37 @@ def status(as_json: bool) -> None:
                    f"anycast-lb {p['anycast_lb']} exabgp {p['exabgp']}  api {n['api']}")
     for b in data["backends"]:
         click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
+    for m in data["etcd"]["members"]:
+        click.echo(f"  {m['name']:5} ns {m['namespace']:10} {m['client_url']:26} pid {m['pid']} "
+                   + ("leader" if m["leader"] else "answering" if m["answering"] else "DOWN"))
 
 
-ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS, *abuse.ABUSE_SCENARIOS]
+ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS, *abuse.ABUSE_SCENARIOS,
+                 *consensus_scenarios.CONSENSUS_SCENARIOS]
 
 
 def _run_any(lab_: builder.Lab, name: str, out_dir: Path, victim: str = "lb1",
              rate: float | None = None) -> dict[str, Any]:
     if name in flow_scenarios.FLOW_SCENARIOS:
         return flow_scenarios.run_flow_scenario(lab_, name, out_dir, victim)
-    return scenarios.run_scenario(lab_, name, out_dir, victim, rate,
-                                  scenario=abuse.ABUSE_SCENARIOS.get(name))
+    return scenarios.run_scenario(
+        lab_, name, out_dir, victim, rate,
+        scenario=abuse.ABUSE_SCENARIOS.get(name)
+        or consensus_scenarios.CONSENSUS_SCENARIOS.get(name))
 
 
 def _print_results(results: list[dict[str, Any]]) -> None:
     """One table each for failover, flow and abuse scenarios (floods,
     forged sync: their log volume per node is printed too)."""
+    agreed = consensus_scenarios.CONSENSUS_SCENARIOS
     failover = [scenarios.summary_row(r) for r in results
-                if "flows_total" not in r and r["scenario"] not in abuse.ABUSE_SCENARIOS]
+                if "flows_total" not in r and r["scenario"] not in abuse.ABUSE_SCENARIOS
+                and r["scenario"] not in agreed]
     flows = [flow_scenarios.summary_row(r) for r in results if "flows_total" in r]
     attacks = [abuse.summary_row(r) for r in results if r["scenario"] in abuse.ABUSE_SCENARIOS]
+    consensus = [consensus_scenarios.summary_row(r) for r in results if r["scenario"] in agreed]
     tables = [(failover, scenarios.SUMMARY_HEADER), (flows, flow_scenarios.SUMMARY_HEADER),
-              (attacks, abuse.SUMMARY_HEADER)]
+              (attacks, abuse.SUMMARY_HEADER), (consensus, consensus_scenarios.SUMMARY_HEADER)]
     for i, (rows, header) in enumerate(t for t in tables if t[0]):
         if i:
             click.echo("")
@@ -195,6 +225,7 @@ def run_cmd(scenario: str, out_dir: Path | None, victim: str, rate: float | None
     with _errors():
         result = _run_any(builder.load(), scenario, out_dir, victim, rate)
     _print_results([result])
+    click.echo(f"target: {result['target']}")
     click.echo(f"wrote {out_dir / 'result.json'} and {out_dir / 'timeline.png'}")
     if not result["pass"]:
         failed = [k for k, v in result["checks"].items() if not v]
@@ -225,30 +256,43 @@ def down() -> None:
               help="Nodes share their flows over the node LAN and steer packets to the "
                    "owner (a cluster: section on every node); --no-flow-survival: plain "
                    "anycast, the baseline.")
+@click.option("--consensus", is_flag=True,
+              help="Run etcd (3 members) and give the nodes a consensus: section; adds "
+                   "etcd-leader-kill and etcd-quorum-loss (any consensus scenario with "
+                   "--scenario).")
 def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-         flow_survival: bool) -> None:
+         flow_survival: bool, consensus: bool) -> None:
     """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
     _need_root()
     all_results = []
     flow_survival = flow_survival and mode == "node"  # static mode runs no node
+    agreed = consensus_scenarios.CONSENSUS_SCENARIOS
+    if any(name in agreed for name in only):
+        consensus = True
     with _errors():
         started = time.monotonic()
         try:
-            lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival)
+            lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival,
+                              consensus=consensus)
             click.echo(f"lab up in {time.monotonic() - started:.1f} s"
-                       + (" (flow survival)" if flow_survival else ""))
+                       + (" (flow survival)" if flow_survival else "")
+                       + (" (consensus)" if consensus else ""))
             descriptions = {**{n: (s.description, s.needs_node, s.in_demo)
                                for n, s in scenarios.SCENARIOS.items()},
                             **{n: (s.description, True, True)
                                for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
                             **{n: (s.description, True, s.in_demo)
                                for n, s in abuse.ABUSE_SCENARIOS.items()
-                               if flow_survival or not s.needs_flow_survival}}
+                               if flow_survival or not s.needs_flow_survival},
+                            **{n: (s.description, True, s.in_demo)
+                               for n, s in agreed.items() if consensus}}
             for name, (description, needs_node, in_demo) in descriptions.items():
                 if (only and name not in only) or (not only and not in_demo) \
                         or (needs_node and mode == "static"):
                     continue
-                click.echo(f"running {name}: {description}")
+                target = (agreed[name].target(lab_).text if name in agreed else "")
+                click.echo(f"running {name}: {description}"
+                           + (f" (target: {target})" if target else ""))
                 all_results.append(_run_any(lab_, name, out_dir / name))
         finally:
             builder.down()

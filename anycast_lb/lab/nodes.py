@@ -103,7 +103,21 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
     }
     if topo.flow_survival:
         config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
+    if topo.consensus:
+        config["consensus"] = consensus_section(topo)
     return config
+
+
+CONSENSUS_LEASE_TTL_S = 2.0
+CONSENSUS_REQUEST_TIMEOUT_S = 0.5
+
+
+def consensus_section(topo: Topology) -> dict[str, Any]:
+    """The node's ``consensus:`` section: the lab's etcd members on the
+    management segment, cluster ``lab``."""
+    return {"endpoints": topo.etcd_urls(), "cluster": T.CONSENSUS_CLUSTER,
+            "lease_ttl": CONSENSUS_LEASE_TTL_S,
+            "request_timeout": CONSENSUS_REQUEST_TIMEOUT_S}
 
 
 CLUSTER_KEY = "cluster.key"

@@ -425,6 +425,7 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     node = lab.topo.node(victim)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(lab, node)
+    run.handles["out_dir"] = out_dir
     sc.setup(run)
     wait_full(lab, 20.0)
     if name == "ecmp":

@@ -17,6 +17,11 @@
   LAN: with flow survival, nodes heartbeat, publish their flows and steer
   packets to each other there, so steered traffic never crosses the router.
 - Router AS 65000; every node AS 65100 with the same MED (LAB-NOTES trap 8).
+- With consensus only: a management segment 198.51.100.32/27 on a bridge in
+  ``alb-mgmt``: node i at 198.51.100.(32+i) (interface ``mgmt0``), etcd
+  member k (namespace ``alb-etcdK``) at 198.51.100.(48+k), client port 2379,
+  peer port 2380. The router has no leg on it and no route to it, so the
+  client cannot reach etcd; the nodes reach it directly.
 
 Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
 never 192.0.2.0/24, which the machine's uplink may use (LAB-NOTES trap 1).
@@ -37,6 +42,14 @@ overlaps an address or route of the root namespace."""
 
 NS_PREFIX = "alb-"
 MAX_NODES = 8
+ETCD_MEMBERS = 3
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+MGMT_PREFIX = ipaddress.IPv4Network("198.51.100.32/27")
+"""The management segment (consensus only): nodes and etcd members, not the
+client, not the router."""
+CONSENSUS_CLUSTER = "lab"
+"""Keys live under ``/anycast-lb/lab/``."""
 MAX_BACKENDS = 8
 ROUTER_AS = 65000
 NODE_AS = 65100
@@ -94,6 +107,30 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class EtcdMember:
+    index: int
+    name: str
+    """etcd member name (``etcd1``...), also its ``--name``."""
+    ns: str
+    address: ipaddress.IPv4Address
+    mgmt_if: str
+    bridge_port: str
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.address}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.address}:{ETCD_PEER_PORT}"
+
+
+def mgmt_address(node: Node) -> ipaddress.IPv4Address:
+    """Node i's address on the management segment (consensus only)."""
+    return MGMT_PREFIX.network_address + node.index
+
+
+@dataclass(frozen=True)
 class Topology:
     nodes: tuple[Node, ...]
     backends: tuple[Backend, ...]
@@ -101,6 +138,12 @@ class Topology:
     flow_survival: bool = False
     """Nodes get a ``cluster:`` section: they share which flows they own over
     the backend LAN (the node LAN) and steer misdirected packets to the owner."""
+    etcd: tuple[EtcdMember, ...] = ()
+    """With consensus: the etcd members on the management segment (empty
+    without: the lab is built exactly as before)."""
+    mgmt_ns: str = NS_PREFIX + "mgmt"
+    mgmt_if: str = "mgmt0"
+    """Interface name of a node on the management segment."""
     client_ns: str = NS_PREFIX + "client"
     router_ns: str = NS_PREFIX + "router"
     lan_ns: str = NS_PREFIX + "lan"
@@ -115,9 +158,23 @@ class Topology:
         """Every namespace the lab creates, in creation order."""
         return (
             [self.client_ns, self.router_ns, self.lan_ns]
+            + ([self.mgmt_ns] + [m.ns for m in self.etcd] if self.etcd else [])
             + [n.ns for n in self.nodes]
             + [b.ns for b in self.backends]
         )
+
+    @property
+    def consensus(self) -> bool:
+        return bool(self.etcd)
+
+    def etcd_urls(self) -> list[str]:
+        return [m.client_url for m in self.etcd]
+
+    def etcd_member(self, name: str) -> EtcdMember:
+        for member in self.etcd:
+            if name in (member.name, member.ns):
+                return member
+        raise KeyError(f"no etcd member {name!r}")
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -136,8 +193,9 @@ class Topology:
 
 
 def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
-         flow_survival: bool = False) -> Topology:
-    """The address plan for ``nodes`` nodes and ``backends`` backends.
+         flow_survival: bool = False, consensus: bool = False) -> Topology:
+    """The address plan for ``nodes`` nodes and ``backends`` backends
+    (``consensus``: plus ETCD_MEMBERS etcd members on the management segment).
 
     Raises ValueError outside 1..MAX_NODES / 1..MAX_BACKENDS.
     """
@@ -173,8 +231,14 @@ def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
         )
         for j in range(1, backends + 1)
     )
+    etcd = tuple(
+        EtcdMember(index=k, name=f"etcd{k}", ns=f"{NS_PREFIX}etcd{k}",
+                   address=MGMT_PREFIX.network_address + 16 + k,
+                   mgmt_if="mgmt0", bridge_port=f"p-etcd{k}")
+        for k in range(1, ETCD_MEMBERS + 1)
+    ) if consensus else ()
     return Topology(nodes=node_list, backends=backend_list, bfd=bfd,
-                    flow_survival=flow_survival)
+                    flow_survival=flow_survival, etcd=etcd)
 
 
 def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
@@ -183,6 +247,8 @@ def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
     for n in topo.nodes:
         out += [n.address, n.router_address, n.lan_address]
     out += [b.address for b in topo.backends]
+    if topo.consensus:
+        out += [mgmt_address(n) for n in topo.nodes] + [m.address for m in topo.etcd]
     return out
 
 

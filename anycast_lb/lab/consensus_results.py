@@ -1,0 +1,205 @@
+"""Read the consensus fields of the nodes' ``/status`` samples, and the
+figures the consensus scenarios derive from them (pure, no I/O).
+
+The fields are read by name, tolerantly: a node build that does not show a
+field yields ``None`` and the scenario reports the field as "not
+available" (a failed check naming it), never a crash. What is looked for:
+
+- ``consensus.state`` (``isolated`` while the node has lost etcd quorum);
+- per service (``services[]``), the Maglev table digest and the etcd
+  revision it was built from: the first of ``DIGEST_KEYS`` /
+  ``REVISION_KEYS`` found on the service itself or in one of its
+  ``NESTS`` sub-objects;
+- per backend (``services[].backends[]``), the node's own health
+  observation: the first of ``LOCAL_STATE_KEYS`` (``up``/``down``);
+- ``node.drain_state`` (``serving``, ``graceful``, ``withdrawn``, ``drained``).
+
+A sample is ``(t, node, status)``: ``t`` monotonic s, ``status`` the parsed
+document or None when the node did not answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DIGEST_KEYS = ("table_digest", "maglev_digest", "digest")
+REVISION_KEYS = ("table_revision", "etcd_revision", "revision")
+NESTS = ("table", "maglev", "consensus", "agreed")
+LOCAL_STATE_KEYS = ("local_state", "observed_state", "local", "state")
+ISOLATED = "isolated"
+NOT_SYNCED = frozenset({ISOLATED, "connecting", "resyncing", "starting", "unknown",
+                        "standalone", "disconnected"})
+"""``consensus.state`` values that do not count as "in sync"."""
+DRAINING = frozenset({"graceful", "withdrawn"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float
+    node: str
+    status: dict[str, Any] | None
+
+
+def _first(obj: dict[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        if obj.get(key) is not None:
+            return obj[key]
+    return None
+
+
+def _service_field(service: dict[str, Any], keys: Sequence[str]) -> Any:
+    value = _first(service, keys)
+    if value is not None:
+        return value
+    for nest in NESTS:
+        sub = service.get(nest)
+        if isinstance(sub, dict) and (value := _first(sub, keys)) is not None:
+            return value
+    return None
+
+
+def consensus_state(status: dict[str, Any] | None) -> str | None:
+    if not status:
+        return None
+    section = status.get("consensus")
+    if isinstance(section, dict) and isinstance(section.get("state"), str):
+        return str(section["state"])
+    return None
+
+
+def digests(status: dict[str, Any] | None) -> dict[str, str] | None:
+    """Service name -> table digest; None when no service shows one."""
+    if not status:
+        return None
+    out = {}
+    for service in status.get("services") or []:
+        if isinstance(service, dict) and (d := _service_field(service, DIGEST_KEYS)) is not None:
+            out[str(service.get("name"))] = str(d)
+    return out or None
+
+
+def revisions(status: dict[str, Any] | None) -> dict[str, int] | None:
+    """Service name -> etcd revision its table was built from."""
+    if not status:
+        return None
+    out = {}
+    for service in status.get("services") or []:
+        if isinstance(service, dict):
+            r = _service_field(service, REVISION_KEYS)
+            if isinstance(r, int):
+                out[str(service.get("name"))] = r
+    return out or None
+
+
+def backend_down(status: dict[str, Any] | None, address: str) -> bool | None:
+    """True when every service's entry for backend ``address`` is locally
+    down, False when one is up, None when none shows a state."""
+    if not status:
+        return None
+    seen: list[bool] = []
+    for service in status.get("services") or []:
+        for be in (service.get("backends") or []) if isinstance(service, dict) else []:
+            if isinstance(be, dict) and be.get("address") == address:
+                state = _first(be, LOCAL_STATE_KEYS)
+                if state in ("up", "down"):
+                    seen.append(state == "down")
+    return all(seen) if seen else None
+
+
+def drain_state(status: dict[str, Any] | None) -> str | None:
+    node = (status or {}).get("node")
+    return str(node["drain_state"]) if isinstance(node, dict) and "drain_state" in node \
+        else None
+
+
+@dataclass
+class Timeline:
+    """Samples of every node in time order, with "latest of each node" views."""
+
+    nodes: list[str]
+    samples: list[Sample] = field(default_factory=list)
+
+    def sorted(self) -> list[Sample]:
+        return sorted(self.samples, key=lambda s: s.t)
+
+    def views(self, since: float = -math.inf, until: float = math.inf
+              ) -> Iterable[tuple[float, dict[str, dict[str, Any] | None]]]:
+        """(t, latest status of every node at t) at each sample instant in
+        [since, until) once every node has been sampled (answer or not)."""
+        latest: dict[str, dict[str, Any] | None] = {}
+        seen: set[str] = set()
+        for s in self.sorted():
+            latest[s.node] = s.status
+            seen.add(s.node)
+            if len(seen) == len(self.nodes) and since <= s.t < until:
+                yield s.t, dict(latest)
+
+    def first(self, node: str, pred: Callable[[dict[str, Any] | None], bool],
+              after: float, until: float = math.inf) -> float | None:
+        for s in self.sorted():
+            if s.node == node and after <= s.t < until and pred(s.status):
+                return s.t
+        return None
+
+    def first_view(self, pred: Callable[[dict[str, dict[str, Any] | None]], bool],
+                   after: float, until: float = math.inf) -> float | None:
+        for t, view in self.views(after, until):
+            if pred(view):
+                return t
+        return None
+
+
+def all_equal_digests(view: dict[str, dict[str, Any] | None]) -> bool:
+    """Every node answered, shows digests, and they are the same."""
+    got = [digests(s) for s in view.values()]
+    return all(g is not None for g in got) and all(g == got[0] for g in got)
+
+
+def digest_report(tl: Timeline, since: float, until: float,
+                  nodes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Whether ``nodes`` (all by default) showed equal table digests at
+    every sample instant of [since, until): ``available``, ``views``,
+    ``unequal_views``, ``unanswered_views``, ``distinct`` (digest sets seen)."""
+    who = list(nodes or tl.nodes)
+    views = unequal = unanswered = 0
+    distinct: set[str] = set()
+    available = False
+    for _, view in tl.views(since, until):
+        views += 1
+        sub = {n: view.get(n) for n in who}
+        if any(s is None for s in sub.values()):
+            unanswered += 1
+            continue
+        got = [digests(s) for s in sub.values()]
+        if any(g is not None for g in got):
+            available = True
+        if any(g is None for g in got) or any(g != got[0] for g in got):
+            unequal += 1
+        for g in got:
+            if g is not None:
+                distinct.add(repr(sorted(g.items())))
+    return {"available": available, "views": views, "unequal_views": unequal,
+            "unanswered_views": unanswered, "distinct": len(distinct)}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(t: float | None, ref: float) -> float | None:
+    return None if t is None else round((t - ref) * 1000, 1)
+
+
+def not_available(result: dict[str, Any], what: str) -> None:
+    """Record that the nodes do not show ``what`` (the check fails by name)."""
+    missing: list[str] = result.setdefault("not_available", [])
+    if what not in missing:
+        missing.append(what)
