@@ -486,7 +486,7 @@ class ClusterPeer(_Model):
 
 class ClusterConfig(_Model):
     """Flow survival: nodes share which flows they own over a node LAN and
-    steer packets of a peer's flows to it (docs/cluster.md, FLOW-SURVIVAL.md).
+    steer packets of a peer's flows to it (docs/cluster.md).
 
     IPv4 only for now: the node LAN, the peers and the VIPs of TCP services.
     """

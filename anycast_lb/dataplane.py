@@ -238,8 +238,8 @@ class DataPlane:
 
     def abort_flows(self, keys: Iterable[FlowKey]) -> int:
         """Reset our client connections for ``keys``: a live peer accepted
-        those 4-tuples after us, so our sockets are stale (FLOW-SURVIVAL
-        trap 1). Thread-safe; how many were found."""
+        those 4-tuples after us, so our sockets are stale: a stale socket
+        would claim a later flow reusing that 4-tuple. Thread-safe; how many were found."""
         wanted = list(keys)
         return sum(f.abort_flows(wanted) for f in self.parts())
 

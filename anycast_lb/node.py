@@ -584,7 +584,7 @@ class Node:
         if not idle:
             log.warning("node.drain_timeout", open_connections=self.data.active)
         if self.cluster is not None:
-            # Planned drain (FLOW-SURVIVAL trap 5): peers steer this node's
+            # Planned drain: peers steer this node's
             # flows here until it owns none; only then does steering go.
             left = self.config.drain.timeout - (self.clock.monotonic() - waited)
             if not await self.cluster.wait_owned_zero(max(left, 0.0)):

@@ -38,7 +38,8 @@ Safety (the fail-safe direction is always "withdraw"):
 
 stdin is drained at all times, node or no node (ExaBGP blocks writing to a
 helper that does not read). stdout is never closed and only API lines go
-there; logs go to stderr (LAB-NOTES trap 11).
+there (ExaBGP respawns a helper whose stdout closes, and gives up after
+5 deaths); logs go to stderr.
 """
 
 from __future__ import annotations

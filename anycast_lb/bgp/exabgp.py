@@ -1,6 +1,6 @@
 """ExaBGP: config generation, environment, version detection and supervision.
 
-ExaBGP runs as a child of the node (DESIGN.md, "One node"); its one API
+ExaBGP runs as a child of the node (docs/bgp.md); its one API
 process is :mod:`anycast_lb.bgp.announcer`. What is generated, for each peer::
 
     process announcer-lb1 {
@@ -23,14 +23,13 @@ process is :mod:`anycast_lb.bgp.announcer`. What is generated, for each peer::
         }
     }
 
-No graceful restart (LAB-NOTES trap 10: a dead node's route stayed in the
-FIB as stale for the whole restart time). ``run`` is not a shell: no
+No graceful restart: a dead node's route stayed in the router's FIB as
+stale for the whole restart time (30 s seen in the lab). ``run`` is not a shell: no
 redirections, arguments are split on whitespace, so an argument holding
 anything beyond a safe set is double-quoted, and one that cannot be quoted
 (a quote, a backslash, a control character) raises AnnouncerError.
 
-ExaBGP 5.x starts as ``exabgp server CONF``, 4.2 as ``exabgp CONF``
-(LAB-NOTES trap 11); the config syntax above is the same in both.
+ExaBGP 5.x starts as ``exabgp server CONF``, 4.2 as ``exabgp CONF``; the config syntax above is the same in both.
 """
 
 from __future__ import annotations
@@ -167,13 +166,14 @@ def exabgp_env(run_dir: Path) -> dict[str, str]:
     """Environment variables for ExaBGP 5.0 and 4.2 (both read ``exabgp_a_b``).
 
     - ``exabgp_daemon_drop=false``: as root, do not drop to ``nobody``
-      before starting the announcer (LAB-NOTES trap 11), ``exabgp_daemon_user``
+      before starting the announcer (which could not open root-owned files),
+      ``exabgp_daemon_user``
       = the current user: ExaBGP's own later switch to that user is then no
       change of credentials, which keeps PR_SET_PDEATHSIG; and
       ``daemonize=false``: stay our child;
     - ``exabgp_daemon_pid=''``: no pid file (the supervisor knows the pid);
     - ``exabgp_api_cli=false``: no CLI named pipes, which several nodes on
-      one filesystem would share (trap 11);
+      one filesystem would share;
     - ``exabgp_api_ack=true``: answer ``done``/``error`` to every command,
       the announcer waits for it;
     - ``exabgp_api_respawn=true``: a dead announcer is restarted (ExaBGP

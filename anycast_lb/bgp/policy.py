@@ -46,7 +46,7 @@ GRACEFUL_SHUTDOWN = "65535:0"
 
 
 class DrainPhase(str, Enum):
-    """Where a node is in its drain sequence (DESIGN.md, "Drain")."""
+    """Where a node is in its drain sequence (docs/bgp.md, drain)."""
 
     NONE = "none"
     GRACEFUL = "graceful"

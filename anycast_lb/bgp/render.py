@@ -1,6 +1,6 @@
 """ExaBGP API lines (pure): routes -> ``announce route`` / ``withdraw route`` text.
 
-The lines, the same for ExaBGP 4.2 and 5.0 (LAB-NOTES trap 11)::
+The lines, the same for ExaBGP 4.2 and 5.0::
 
     announce route 198.51.100.10/32 next-hop self med 100 community [65100:1 65535:0] as-path [65100 65100]
     withdraw route 198.51.100.10/32 next-hop self

@@ -1,8 +1,7 @@
 """Flow survival: established connections outlive drains and ECMP changes.
 
 Nodes share which flows they own over a node LAN and steer packets of a
-peer's flows to it in the kernel (FLOW-SURVIVAL.md, hybrid H;
-docs/cluster.md). One concern per module:
+peer's flows to it in the kernel (docs/cluster.md). One concern per module:
 
 - ``ownership``: pure state: own flows, peers' claims, sequence and
   snapshot rules, peer expiry, the steering map and its diff.

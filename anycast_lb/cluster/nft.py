@@ -1,8 +1,8 @@
 """The steering ruleset: pure rendering of ``nft -f`` scripts (nftables 1.0.6).
 
-One ``ip`` table, owned whole by the node (FLOW-SURVIVAL.md, hybrid H)::
+One ``ip`` table, owned whole by the node (docs/cluster.md)::
 
-    prerouting (filter, priority raw = -300, before conntrack; trap 3)
+    prerouting (filter, priority raw = -300, before conntrack)
       TCP to a VIP:port of a service -> steer
     steer
       SYN                            -> return: a new flow is ours
@@ -26,7 +26,7 @@ wildcard address, so listeners must bind 0.0.0.0 and accepted sockets are
 bound to the VIP. ``socket wildcard`` does not match a half-open or TIME-WAIT
 socket (they are not full sockets), hence the second ``socket transparent 0``
 test. Named counters keep counting across chain rewrites (a flushed chain
-loses its rule counters; trap 6).
+loses its rule counters).
 
 Scripts change the kernel only as one transaction: a ``delete element`` of
 a missing element aborts all of it, so callers delete only what their shadow

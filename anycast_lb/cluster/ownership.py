@@ -6,8 +6,8 @@
   (incarnation ``epoch``, delta ``seq``, its flows), liveness and expiry.
 - :class:`Steering`: from the peers' claims and our own flows to the
   steering map (flow -> peer index), diffed against a shadow copy of the
-  kernel map (FLOW-SURVIVAL.md: never list the map back, never delete a
-  missing element).
+  kernel map (listing a 110k-element map back takes seconds, and deleting
+  a missing element aborts the whole nft transaction).
 
 Rules for a peer's messages (each returns :class:`Effects`):
 
@@ -23,7 +23,7 @@ Rules for a peer's messages (each returns :class:`Effects`):
   leave no gap.
 - A peer not heard for ``expiry`` seconds is dead: its flows go to the dead
   set. If it is heard again with the same epoch, its flows return.
-- Two claims on one 4-tuple (a stale socket, FLOW-SURVIVAL trap 1): the
+- Two claims on one 4-tuple (a stale socket): the
   newest claim (largest ``since_ms``) wins. If a live peer's claim is newer
   than our own flow, our socket is stale and is reported for abort.
 

@@ -10,7 +10,7 @@ LAN towards peer i, even though its destination (the VIP) is local here:
 - ``net.ipv4.ip_forward = 1``;
 - ``rp_filter`` of the LAN interface loose (2) when strict (1) is in force:
   strict filtering drops every steered packet arriving here (source = the
-  client, arriving on the LAN; FLOW-SURVIVAL trap 2). The kernel uses the
+  client, arriving on the LAN). The kernel uses the
   larger of ``all`` and the interface's value.
 
 Setup adds the local rule at its new place before removing it at 0, so no

@@ -663,7 +663,7 @@ class RelayForwarder:
     on the service port (shared with the other services on that port) and
     dispatches by local address: the flow-survival ownership test needs
     accepted sockets bound to the VIP and the listener to the wildcard
-    (FLOW-SURVIVAL.md). ``on_flow`` is called on the loop thread (see the
+    (docs/cluster.md). ``on_flow`` is called on the loop thread (see the
     module docstring). ``reuse_port`` sets SO_REUSEPORT so that worker
     processes can each listen on the same address.
 

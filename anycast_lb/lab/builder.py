@@ -24,7 +24,7 @@ from anycast_lb.lab.state import LabState
 from anycast_lb.lab.topology import Node, Topology
 
 ROUTER_SYSCTLS: dict[str, str | int] = {
-    # LAB-NOTES trap 7: forward, hash on L4 (else every flow goes to one
+    # Forward, hash on L4 (else every flow goes to one
     # node), no reverse-path filter, and skip next hops whose link is down.
     # Policy 3 with the 5-tuple fields (src/dst address, protocol, src/dst
     # port = 0x37), not policy 1: policy 1 reuses a hash the packet already
@@ -48,10 +48,10 @@ NODE_SYSCTLS: dict[str, str | int] = {
     "net.ipv4.tcp_tw_reuse": 1,
 }
 FLOW_SURVIVAL_SYSCTLS: dict[str, str | int] = {
-    # FLOW-SURVIVAL.md: a node forwards packets it steers to the flow's owner
+    # Flow survival: a node forwards packets it steers to the flow's owner
     # (fwmark routes via the owner's LAN address), and the owner must accept
     # them although their source (the client) is not reached over the LAN:
-    # rp_filter 0 on the LAN interface (trap 2; "all" is 0 above as well).
+    # rp_filter 0 on the LAN interface (strict rp_filter drops them all; "all" is 0 above as well).
     "net.ipv4.ip_forward": 1,
 }
 CLIENT_SYSCTLS: dict[str, str | int] = {

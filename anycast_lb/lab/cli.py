@@ -22,6 +22,7 @@ from anycast_lb.lab import (
     builder,
     consensus_scenarios,
     etcd,
+    export,
     flow_scenarios,
     frr,
     netns,
@@ -300,3 +301,36 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
     (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
     _print_results(all_results)
     click.echo(f"results and plots under {out_dir}/")
+
+
+@lab.command("export")
+@click.option("--format", "fmt", type=click.Choice(export.FORMATS), required=True,
+              help="compose: docker-compose.yml; containerlab: the topology and the "
+                   "files it binds.")
+@click.option("--dir", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Where to write (default, from the repository root: "
+                                 "`.` for compose, `labs/containerlab` for containerlab).")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 1 naming each file that differs from the generator.")
+def export_cmd(fmt: str, out_dir: Path | None, check: bool) -> None:
+    """Write the lab's topology (3 nodes, 3 backends) for Docker Compose or
+    containerlab, generated from the namespace lab's own plan. Needs no root."""
+    out_dir = out_dir or Path(export.DEFAULT_DIRS[fmt])
+    stale = []
+    for name, text in export.export(fmt).items():
+        path = out_dir / name
+        try:
+            current = path.read_text()
+        except OSError:
+            current = None
+        if current == text:
+            continue
+        stale.append(str(path))
+        if not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if check and stale:
+        raise click.ClickException(
+            f"differs from `anycast-lb lab export --format {fmt}`: {', '.join(stale)}")
+    click.echo(f"{fmt}: {len(stale)} file(s) {'differ' if check else 'written'}, "
+               f"under {out_dir}/")

@@ -1,7 +1,6 @@
 """FRR in lab namespaces: render configs from ``labs/frr`` and run the daemons.
 
-Per LAB-NOTES traps 3-9: daemons drop to user ``frr`` (FRR refuses root as
-the vty group), every path is private per namespace (``-f``, ``-i``, ``-z``,
+Daemons drop to user ``frr`` (FRR refuses root as the vty group), every path is private per namespace (``-f``, ``-i``, ``-z``,
 ``--vty_socket``, ``-P 0``, ``--bfdctl``) because all namespaces share one
 filesystem, and output goes to a log file. Daemons run in the foreground (no
 ``-d``) so the PID the lab records is the daemon's own.
@@ -108,7 +107,7 @@ def _prepare(paths: FrrPaths, configs: dict[str, str]) -> None:
         (paths.dir / name).write_text(text)
     (paths.dir / "vtysh.conf").write_text((TEMPLATES / "vtysh.conf").read_text())
     # The daemons drop to user frr and must write their sockets and pid files
-    # here (LAB-NOTES trap 3).
+    # here.
     shutil.chown(paths.dir, "frr", "frr")
     for child in paths.dir.iterdir():
         shutil.chown(child, "frr", "frr")
@@ -158,7 +157,7 @@ def start_router(state: LabState, topo: Topology, run_dir: Path) -> FrrPaths:
 
 def start_node_bfdd(state: LabState, node: Node, run_dir: Path) -> FrrPaths:
     """Start bfdd beside ExaBGP in a node namespace, with a static session
-    to the router (ExaBGP has no BFD: LAB-NOTES trap 9)."""
+    to the router (ExaBGP has no BFD)."""
     paths = paths_for(run_dir, node.ns)
     _prepare(paths, {"bfdd.conf": node_bfdd_config(node)})
     _start(state, node.ns, "bfdd", paths, node.name, paths.dir / "bfdd.vty")

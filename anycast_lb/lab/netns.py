@@ -2,7 +2,8 @@
 
 Everything here shells out to iproute2 (``ip``) or ``nft``; failures become
 :class:`~anycast_lb.errors.LabError` naming the command. The safety rules
-(LAB-NOTES traps 1, 2):
+(the machine's own uplink may use a documentation prefix, and lab traffic
+must never leave the lab):
 
 - :func:`check_root_namespace` refuses (``UnsafeLab``) when a lab prefix
   overlaps any address or route of the root namespace;
@@ -217,7 +218,7 @@ def pid_alive(pid: int) -> bool:
     children first).
 
     ``kill -0`` alone is not enough: PID 1 here reaps orphans only every ~2 s
-    (LAB-NOTES trap 14), so a dead daemon lingers as state Z.
+    so a dead daemon lingers as state Z.
     """
     try:
         os.waitpid(pid, os.WNOHANG)
@@ -290,7 +291,7 @@ def terminate_all(procs: Sequence[tuple[int, int | None]], grace: float = 2.0
     stopped one), SIGTERM, and SIGKILL for those still alive after ``grace``
     seconds. A PID that is gone or now names another process (PID reuse) is
     never signalled; nothing is ever looked up by name. Returns the PIDs still
-    alive at the end (a zombie counts as gone: LAB-NOTES trap 14)."""
+    alive at the end (a zombie counts as gone: PID 1 may reap it late)."""
     ours = [pid for pid, start in procs
             if start is not None and proc_start(pid) == start and pid_alive(pid)]
     for pid in ours:

@@ -57,8 +57,8 @@ DRAIN_GRACE_S = 1.0
 DRAIN_TIMEOUT_S = 5.0
 HEARTBEAT_INTERVAL_S = 0.1
 PEER_EXPIRY_S = 0.4
-"""Flow survival (FLOW-SURVIVAL.md, numbers for sizing): peer heartbeats
-every 100 ms, a peer silent for 300-500 ms is dead."""
+"""Flow survival (docs/cluster.md): peer heartbeats every 100 ms, a peer
+silent for 400 ms is dead (300-500 ms keeps false expiries away)."""
 
 
 def node_dir(run_dir: Path, node: Node) -> Path:
@@ -212,7 +212,8 @@ neighbor {node.router_address} {{
 
 
 EXABGP_ENV = {
-    # Per LAB-NOTES trap 11: stay root, no shared CLI pipes between nodes.
+    # Stay root (else ExaBGP runs its API process as nobody, which cannot
+    # open root-owned files), and no CLI pipes: several nodes' would collide.
     "exabgp_daemon_drop": "false",
     "exabgp_api_cli": "false",
     "exabgp_log_destination": "stdout",

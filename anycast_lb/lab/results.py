@@ -31,7 +31,7 @@ class Target:
     forgive_ecmp_change: bool = False
     """Plain anycast: a connection whose handshake straddled a FIB change
     (started within ``WINDOW_S`` of it) may fail; hash-threshold ECMP moves
-    some flows between the nodes that stay (LAB-NOTES trap 15), and only flow
+    some flows between the nodes that stay (it is not consistent hashing), and only flow
     survival keeps them. Not held against ``zero_new_failures``."""
     fib_unchanged: bool = False
     """The router must keep every next hop throughout (backend-fail)."""
@@ -107,7 +107,7 @@ def analyse(scenario: str, traffic: dict[str, Any], changes: list[tuple[float, l
                               "new_connections_failed": len(failed),
                               "failure_kinds": dict(Counter(r[5] for r in failed)),
                               # Failed after the backend's greeting: the flow
-                              # was up, then moved by an ECMP change (trap 15).
+                              # was up, then moved by an ECMP change.
                               "new_failed_in_flight": sum(1 for r in failed if r[4]),
                               "failed_answered_by_killed_backend": len(lost),
                               "failed_at_ecmp_change": len(at_change)}

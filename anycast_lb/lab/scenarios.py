@@ -226,7 +226,8 @@ def _link_down(run: Run) -> None:
 def _link_up(run: Run) -> None:
     v = run.victim
     netns.run(["ip", "link", "set", v.uplink_if, "up"], ns=v.ns)
-    # A link flap deletes the node's default route (LAB-NOTES trap 12).
+    # A link flap deletes the node's default route: BGP comes back, but
+    # replies would be blackholed until the route is restored.
     netns.run(["ip", "route", "replace", "default", "via", str(v.router_address)], ns=v.ns)
 
 

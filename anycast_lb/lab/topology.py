@@ -10,13 +10,14 @@
 - router <-> node i (1-based): 203.0.113.(4i)/30, router 4i+1, node 4i+2, so
   node 1 speaks BGP from 203.0.113.6 to 203.0.113.5 (the issue's example).
   One link per node, so a single node's link can go down.
-- VIP 198.51.100.10/32 on ``lo`` of every node namespace (LAB-NOTES: no dummy
-  interfaces here).
+- VIP 198.51.100.10/32 on ``lo`` of every node namespace (the kernels the
+  lab runs on may have no dummy interfaces).
 - Backend LAN 198.51.100.128/25 on a bridge in ``alb-lan``: node i at
   198.51.100.(128+i), backend j at 198.51.100.(192+j). It is also the node
   LAN: with flow survival, nodes heartbeat, publish their flows and steer
   packets to each other there, so steered traffic never crosses the router.
-- Router AS 65000; every node AS 65100 with the same MED (LAB-NOTES trap 8).
+- Router AS 65000; every node AS 65100 with the same MED (else ECMP silently
+  drops the odd one out).
 - With consensus only: a management segment 198.51.100.32/27 on a bridge in
   ``alb-mgmt``: node i at 198.51.100.(32+i) (interface ``mgmt0``), etcd
   member k (namespace ``alb-etcdK``) at 198.51.100.(48+k), client port 2379,
@@ -24,7 +25,7 @@
   client cannot reach etcd; the nodes reach it directly.
 
 Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
-never 192.0.2.0/24, which the machine's uplink may use (LAB-NOTES trap 1).
+never 192.0.2.0/24, which the machine's uplink may use.
 """
 
 from __future__ import annotations

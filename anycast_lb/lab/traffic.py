@@ -11,7 +11,8 @@
   it back and closes. Outcome, start time, backend and PEER (the node's
   backend-LAN address, i.e. which node carried the flow) are recorded. A
   connection is judged by its start time, so a blackhole shows up as failed
-  windows of the paced stream (LAB-NOTES trap 16).
+  windows of the paced stream (a sequential client with a timeout
+  under-counts failures during a blackhole).
 - ``--long`` long-lived connections, opened before the stream starts, each
   sending a line every 100 ms and expecting the echo within
   ``--timeout``; the first miss or reset marks it broken (no reconnect).

@@ -62,7 +62,7 @@ def test_rendered_config_is_accepted_as_meant(tmp_path: Path) -> None:
     # ExaBGP's own reading of what we wrote:
     assert "✓ neighbor  203.0.113.1" in out and "✓ neighbor  203.0.113.2" in out
     assert " ".join(repr(a) for a in argv) in out  # the run argv, word for word
-    assert "graceful-restart disable" in out  # LAB-NOTES trap 10
+    assert "graceful-restart disable" in out  # a dead node's route must not stay as stale
     assert "processes [ announcer-lb1 ]" in out
     assert "ipv4 unicast" in out and "ipv6 unicast" not in out
 

@@ -38,7 +38,7 @@ class StepClock:
 
 
 def gone(pid: int) -> bool:
-    """Exited: no /proc entry, or a zombie not yet reaped (LAB-NOTES trap 14)."""
+    """Exited: no /proc entry, or a zombie not yet reaped (PID 1 may reap it late)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:

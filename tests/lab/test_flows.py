@@ -3,7 +3,7 @@ flow survival, in a real lab (FRR with BFD, three nodes, 300 flows).
 
 Two labs, one after the other (the lab's namespace names are fixed): plain
 anycast first, whose runs must be valid and show the breakage flow survival
-exists to prevent (LAB-NOTES trap 15), then the same scenarios with
+exists to prevent (hash-threshold ECMP moves flows between survivors), then the same scenarios with
 ``--flow-survival``, which must break nothing on drain and join and must
 reset a silently dead node's clients within 1 s without touching anyone
 else's flow. Both labs run BFD (100 ms x 3), so a silent death is noticed
