@@ -102,7 +102,10 @@ async def test_two_candidates_one_wins(etcd_member: EtcdMember, etcd_cluster: st
         assert states[0].owner == states[1].owner == owners(nodes)[0]
         assert states[0].term == states[1].term and states[0].term is not None
         assert sorted(s.role for s in states) == sorted([Role.OWNER, Role.STANDBY])
-        assert sum(len(n.times("take")) for n in nodes) == 1
+        # has_vip turns when the take is ordered; the callback runs just after.
+        await wait_until(lambda: sum(len(n.times("take")) for n in nodes) == 1, timeout=5,
+                         what="one take callback")
+        assert sum(len(n.times("drop")) for n in nodes) == 0
 
 
 async def test_an_isolated_owner_steps_down_before_the_other_is_elected(
@@ -111,7 +114,7 @@ async def test_an_isolated_owner_steps_down_before_the_other_is_elected(
     async with cluster(etcd_member, etcd_cluster, ("a", 200, False), ("b", 100, False)) as nodes:
         a, b = nodes
         a.ownership.set_qualifies(VIP, True)
-        await wait_until(a.holds, timeout=5, what="a owns")
+        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
         b.ownership.set_qualifies(VIP, True)
         await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
         term_a = a.ownership.states()[VIP].term
@@ -119,7 +122,7 @@ async def test_an_isolated_owner_steps_down_before_the_other_is_elected(
         machine_a = a.ownership.machines[VIP]
         a.store.isolated = True
         last_ok = machine_a.lease_ok_at
-        await wait_until(b.holds, timeout=5, what="b takes over")
+        await wait_until(lambda: bool(b.times("take")), timeout=5, what="b takes over")
         dropped, taken = a.times("drop")[0], b.times("take")[0]
         # Fencing: a dropped first, at its deadline, ahead of any election.
         assert machine_a.lease_ok_at == last_ok or machine_a.lease_ok_at is None
@@ -135,10 +138,11 @@ async def test_a_higher_priority_node_with_preempt_takes_over_make_before_break(
     async with cluster(etcd_member, etcd_cluster, ("a", 100, False), ("b", 200, True)) as nodes:
         a, b = nodes
         a.ownership.set_qualifies(VIP, True)
-        await wait_until(a.holds, timeout=5, what="a owns")
+        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
         term_a = a.ownership.states()[VIP].term
         b.ownership.set_qualifies(VIP, True)   # the higher-priority node returns
-        await wait_until(lambda: b.holds() and not a.holds(), timeout=5, what="b owns alone")
+        await wait_until(lambda: bool(b.times("take") and a.times("drop")), timeout=5,
+                         what="b takes, a drops")
         assert b.times("take")[0] < a.times("drop")[0]  # make before break
         assert b.ownership.states()[VIP].term > term_a  # type: ignore[operator]
         await wait_until(lambda: a.ownership.states()[VIP].owner == "b", timeout=5, what="a sees b")
@@ -151,11 +155,12 @@ async def test_a_draining_owner_hands_over_make_before_break(
     async with cluster(etcd_member, etcd_cluster, ("a", 200, False), ("b", 100, False)) as nodes:
         a, b = nodes
         a.ownership.set_qualifies(VIP, True)
-        await wait_until(a.holds, timeout=5, what="a owns")
+        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
         b.ownership.set_qualifies(VIP, True)
         await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
         a.ownership.set_qualifies(VIP, False)  # drain
-        await wait_until(lambda: b.holds() and not a.holds(), timeout=5, what="b owns alone")
+        await wait_until(lambda: bool(b.times("take") and a.times("drop")), timeout=5,
+                         what="b takes, a drops")
         taken, dropped = b.times("take")[0], a.times("drop")[0]
         assert taken < dropped and dropped - taken < 0.5  # dropped on b's announcement
         print(f"\nplanned move: overlap {(dropped - taken) * 1000:.1f} ms")
