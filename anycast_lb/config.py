@@ -276,6 +276,63 @@ class HealthConfig(_Model):
         return self
 
 
+_IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip
+
+
+class AnnounceMode(str, Enum):
+    ACTIVE_ACTIVE = "active_active"
+    ACTIVE_PASSIVE = "active_passive"
+
+
+class AnnounceVia(str, Enum):
+    BGP = "bgp"
+    L2 = "l2"
+
+
+class ServiceAnnounce(_Model):
+    """How a service's VIP is announced (docs/l2.md)."""
+
+    mode: AnnounceMode = AnnounceMode.ACTIVE_ACTIVE
+    """``active_active``: every healthy node announces (the default).
+    ``active_passive``: one owner at a time, elected on etcd; without a
+    ``consensus`` section, over BGP, it means prepend-only: every node
+    announces, standbys with ``as_path_prepend`` (no election, the router
+    decides)."""
+    via: AnnounceVia = AnnounceVia.BGP
+    """``bgp`` or ``l2`` (gratuitous ARP / unsolicited NA on
+    ``election.interface``; needs ``mode: active_passive`` and ``consensus``)."""
+
+    @model_validator(mode="after")
+    def _l2_is_passive(self) -> ServiceAnnounce:
+        if self.via is AnnounceVia.L2 and self.mode is not AnnounceMode.ACTIVE_PASSIVE:
+            raise ValueError("via: l2 gives each VIP one owner at a time: set mode: active_passive")
+        return self
+
+
+class StandbyMode(str, Enum):
+    WITHDRAW = "withdraw"
+    PREPEND = "prepend"
+
+
+class ElectionConfig(_Model):
+    """This node's part in VIP ownership elections (``active_passive``
+    services; docs/l2.md). Node-local."""
+
+    priority: Annotated[StrictInt, Field(ge=0, le=65535)] = 100
+    """Higher wins a vacant VIP first."""
+    preempt: StrictBool = False
+    """Take a VIP over from a lower-priority owner (make before break)."""
+    safety_margin: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.25
+    """Seconds before etcd could expire this node's lease at which an owner
+    that could not renew drops its VIPs (fencing)."""
+    standby: StandbyMode = StandbyMode.WITHDRAW
+    """BGP active-passive: a standby withdraws, or announces with
+    ``bgp.announce.as_path_prepend`` as a warm standby."""
+    interface: Annotated[str, Field(pattern=_IFNAME_RE)] | None = None
+    """``via: l2``: the interface on the VIPs' segment (VIPs are added and
+    announced there)."""
+
+
 class ServiceConfig(_Model):
     name: Name
     vip: IPAddress
@@ -306,6 +363,8 @@ class ServiceConfig(_Model):
     maglev_table_size: Annotated[StrictInt, Field(ge=7, le=1_000_003)] = 65537
     backends: list[BackendConfig] = Field(min_length=1)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    announce: ServiceAnnounce = Field(default_factory=ServiceAnnounce)
+    """Active-active (default) or active-passive, over BGP or L2 (docs/l2.md)."""
 
     @field_validator("maglev_table_size")
     @classmethod
@@ -460,7 +519,6 @@ class ForwardingConfig(_Model):
     (64: per subnet)."""
 
 
-_IFNAME_RE = r"^[A-Za-z0-9_.-]{1,15}$"  # IFNAMSIZ - 1; no quotes or spaces reach nft or ip
 _NFT_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
 MAX_CLUSTER_PEERS = 63
 """Peers one node can steer to: each takes an fwmark and a routing table."""
@@ -569,6 +627,8 @@ class NodeConfig(_Model):
     """Optional: flow survival across drains and ECMP changes (docs/cluster.md)."""
     consensus: ConsensusConfig | None = None
     """Optional: agreed state on etcd (docs/consensus.md); absent = standalone."""
+    election: ElectionConfig = Field(default_factory=ElectionConfig)
+    """This node's priority, preempt and fencing margin for active-passive VIPs."""
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:
@@ -609,9 +669,35 @@ class NodeConfig(_Model):
                     "cluster.flow_survival: true (set forwarding.workers: 1 or "
                     "cluster.flow_survival: false)"
                 )
+        problems += self._election_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _election_problems(self) -> list[str]:
+        l2 = [s for s in self.services if s.announce.via is AnnounceVia.L2]
+        elected = [s for s in self.services if s.announce.mode is AnnounceMode.ACTIVE_PASSIVE]
+        problems = []
+        if l2 and self.consensus is None:
+            problems.append(
+                f"service {l2[0].name!r}: announce.via: l2 needs a consensus section: without a "
+                "quorum store (etcd) there is no safe election, and two nodes could answer for "
+                "the VIP")
+        if l2 and self.election.interface is None:
+            problems.append(f"service {l2[0].name!r}: announce.via: l2 needs election.interface "
+                            "(the interface on the VIP's segment)")
+        if elected and self.consensus is not None:
+            c = self.consensus
+            # Keepalives go out every lease_ttl/4 s, each taking up to
+            # request_timeout: a healthy owner's last renewal is at most
+            # lease_ttl/4 + 2 * request_timeout old, and must not hit the fence.
+            room = c.lease_ttl - c.lease_ttl / 4 - 2 * c.request_timeout
+            if self.election.safety_margin >= room:
+                problems.append(
+                    f"election.safety_margin ({self.election.safety_margin} s) must be below "
+                    f"consensus.lease_ttl * 3/4 - 2 * consensus.request_timeout ({room:.3g} s), "
+                    "or a healthy owner would drop its VIPs between two keepalives")
+        return problems
 
 
 def _is_prime(n: int) -> bool:

@@ -23,6 +23,8 @@
     |   +-- LeaseLost              the lease expired or was revoked
     |   +-- ConsensusDataError     a stored document is not what the key
     |                              layout says (bad JSON, unknown revision)
+    +-- L2Error                a VIP cannot be added, removed or announced on
+                               its L2 segment (no interface, no CAP_NET_RAW)
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -124,6 +126,11 @@ class LeaseLost(ConsensusError):
 class ConsensusDataError(ConsensusError):
     """A stored document is not what the key layout says (bad JSON, a
     config revision that does not exist)."""
+
+
+class L2Error(AnycastLBError):
+    """A VIP cannot be added, removed or announced on its L2 segment
+    (``anycast_lb.election.l2``): interface missing, no permission."""
 
 
 class LabError(AnycastLBError):

@@ -107,7 +107,7 @@ Action = (AddService | AddBackend | Reweight | ChangeHealth | ChangeServiceSetti
 
 _LISTENER = ("vip", "port", "protocol")
 _SERVICE_SKIP = {"name", "backends", "health", *_LISTENER}
-_NODE_LOCAL = ("node", "api", "drain", "forwarding", "cluster", "consensus")
+_NODE_LOCAL = ("node", "api", "drain", "forwarding", "cluster", "consensus", "election")
 
 
 def _listener(s: ServiceConfig) -> tuple[str, int, str]:

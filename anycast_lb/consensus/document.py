@@ -4,7 +4,7 @@ A cluster shares its services (with their backends and health checks) and
 the BGP announce attributes (``bgp.announce``: MED, communities, prepend,
 withdraw_on_down, down_med). Everything else stays in each node's own file:
 ``node``, ``api``, the ``bgp`` session, ``forwarding``, ``cluster``,
-``consensus``, ``drain``.
+``consensus``, ``drain``, ``election``.
 
 The stored document is JSON::
 

@@ -94,6 +94,9 @@ class WatchEvent:
     value: bytes
     """Empty for a delete."""
     mod_revision: int
+    create_revision: int = 0
+    """0 for a delete."""
+    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,8 @@ class Store:
                         key=bytes(e.kv.key).decode(),
                         value=bytes(e.kv.value),
                         mod_revision=int(e.kv.mod_revision),
+                        create_revision=int(e.kv.create_revision),
+                        lease=int(e.kv.lease),
                     )
                     for e in resp.events
                 )
