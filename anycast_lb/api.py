@@ -17,6 +17,14 @@
 ``POST /undrain``        admin: end a drain and announce again
 ``POST /reload``         admin: re-read the node's config file and apply it
                          live; 200 applied, 409 refused (with the reason)
+``POST /backends/{service}/{backend}/drain``
+                         admin: no new flows to backend ``addr:port`` (``[v6]:port``)
+                         of ``service``, established ones kept; ``.../undrain``
+                         ends it; ``.../weight`` with ``{"weight": N}`` (1..1000)
+                         reweights it. Standalone node-local, with consensus a
+                         pushed revision. 200 applied, 202 pushed but not yet
+                         applied here, 404 unknown, 409 refused or lost a push
+                         race, 503 etcd cannot take it
 =======================  =====================================================
 
 Every ``GET`` route also answers ``HEAD``. ``docs/openapi.yaml`` is the
@@ -66,9 +74,15 @@ from aiohttp import hdrs, web
 from aiohttp.web import RequestHandler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from anycast_lb import log
+from anycast_lb import log, runtime
 from anycast_lb.config import ApiConfig, format_host_port
-from anycast_lb.errors import BindError, ConfigError, ConsensusError
+from anycast_lb.errors import (
+    BindError,
+    ConfigError,
+    ConsensusConflict,
+    ConsensusError,
+    UnknownBackend,
+)
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.metrics import CONTENT_TYPE
 
@@ -121,6 +135,11 @@ class NodeControl(Protocol):
 
     async def reload(self) -> ApplyResult:
         """Re-read the node's config file and apply it live."""
+        ...
+
+    async def change_backend(self, change: runtime.Change) -> runtime.BackendAnswer:
+        """Drain, undrain or reweight one backend. Raises UnknownBackend,
+        ConsensusError."""
         ...
 
 
@@ -510,6 +529,34 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
         result = await node.reload()
         return web.json_response(result.as_dict(), status=200 if result.applied else 409)
 
+    async def backend_change(request: web.Request) -> web.Response:
+        if (denied := authorize(request)) is not None:
+            return denied
+        action = request.match_info["action"]
+        service, backend = request.match_info["service"], request.match_info["backend"]
+        if action == "weight":
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error(400, 'body must be JSON: {"weight": N}')
+            weight = body.get("weight") if isinstance(body, dict) else None
+            if (not isinstance(weight, int) or isinstance(weight, bool)
+                    or not 1 <= weight <= 1000 or set(body) != {"weight"}):
+                return _error(400, 'body must be {"weight": N} with N an integer 1..1000')
+            change = runtime.Change(service, backend, weight=weight)
+        else:
+            change = runtime.Change(service, backend, drain=action == "drain")
+        try:
+            answer = await node.change_backend(change)
+        except UnknownBackend as exc:
+            return _error(404, str(exc))
+        except ConsensusConflict as exc:
+            return _error(409, f"another config push won: {exc}; try again")
+        except ConsensusError as exc:
+            return _error(503, f"etcd cannot take the change: {exc}")
+        status = 200 if answer.applied else 202 if answer.pending else 409
+        return web.json_response({"change": change.describe(), **answer.as_dict()}, status=status)
+
     app = web.Application(middlewares=[_json_errors, limits],
                           client_max_size=config.max_body_size)
     app.router.add_get("/healthz", healthz)
@@ -519,4 +566,6 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
     app.router.add_post("/drain", drain)
     app.router.add_post("/undrain", undrain)
     app.router.add_post("/reload", reload)
+    app.router.add_post(r"/backends/{service}/{backend}/{action:drain|undrain|weight}",
+                        backend_change)
     return app

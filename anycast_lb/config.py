@@ -236,6 +236,10 @@ class BackendConfig(_Model):
     address: IPAddress
     port: Port
     weight: Annotated[StrictInt, Field(ge=1, le=1000)] = 1
+    drain: StrictBool = False
+    """Admin drain: the backend gets no new flows (out of the Maglev table, as
+    if down) and keeps its established ones. Set at runtime with
+    ``anycast-lb backend drain`` (node-local, or pushed with consensus)."""
 
     @property
     def key(self) -> str:

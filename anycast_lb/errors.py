@@ -8,6 +8,7 @@
     +-- WorkerProtocolError    a relay worker pipe line is malformed
     +-- BackendError           no backend of a pool could take a flow
     |   +-- NoHealthyBackend   the pool has no backend in state up
+    |   +-- UnknownBackend     runtime control named no such service or backend
     +-- ConnectionStateError   a TCP engine fed its connection machine an event
                                that cannot happen in its phase (a bug)
     +-- AnnouncerError         the ExaBGP side cannot be driven
@@ -69,6 +70,11 @@ class BackendError(AnycastLBError):
 
 class NoHealthyBackend(BackendError):
     """The pool has no backend in state up."""
+
+
+class UnknownBackend(BackendError):
+    """``backend drain|undrain|weight`` named a service or backend the
+    config in effect does not have."""
 
 
 class ConnectionStateError(AnycastLBError):

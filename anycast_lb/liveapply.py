@@ -17,6 +17,9 @@ and a VIP moving between services keeps a listener:
 1. ``AddService``          listen, check, announce when healthy
 2. ``AddBackend``          new flows may go there once it is up
 3. ``Reweight``            rebuild the Maglev table
+   ``SetDrain``            admin drain on or off (``BackendConfig.drain``):
+                           drained backends leave the Maglev table, keep
+                           their established flows
 4. ``ChangeHealth``        new probe settings; current states kept
 5. ``ChangeServiceSettings`` the named fields of the running service
 6. ``ChangeAnnounce``      re-announce the VIPs with the new attributes
@@ -69,6 +72,13 @@ class Reweight:
 
 
 @dataclass(frozen=True)
+class SetDrain:
+    service: str
+    backend: str
+    drain: bool
+
+
+@dataclass(frozen=True)
 class ChangeHealth:
     service: str
     health: HealthConfig
@@ -102,7 +112,7 @@ class NodeLocalChange:
     sections: tuple[str, ...]
 
 
-Action = (AddService | AddBackend | Reweight | ChangeHealth | ChangeServiceSettings
+Action = (AddService | AddBackend | Reweight | SetDrain | ChangeHealth | ChangeServiceSettings
           | ChangeAnnounce | RemoveBackend | RemoveService | NodeLocalChange)
 
 _LISTENER = ("vip", "port", "protocol")
@@ -141,8 +151,11 @@ def plan(old: NodeConfig, new: NodeConfig) -> list[Action]:
             prior = old_backends.get(key)
             if prior is None:
                 backends_added.append(AddBackend(name, backend))
-            elif prior.weight != backend.weight:
-                reweights.append(Reweight(name, key, prior.weight, backend.weight))
+            else:
+                if prior.weight != backend.weight:
+                    reweights.append(Reweight(name, key, prior.weight, backend.weight))
+                if prior.drain != backend.drain:
+                    reweights.append(SetDrain(name, key, backend.drain))
         backends_removed += [RemoveBackend(name, k) for k in old_backends if k not in new_backends]
         if was.health != now.health:
             health.append(ChangeHealth(name, now.health))
@@ -211,6 +224,8 @@ def describe(action: Action) -> str:
             return f"add backend {b.key} to {name}"
         case Reweight(service=name, backend=key, old=was, new=now):
             return f"reweight {key} of {name} {was}->{now}"
+        case SetDrain(service=name, backend=key, drain=drain):
+            return f"{'drain' if drain else 'undrain'} backend {key} of {name}"
         case ChangeHealth(service=name):
             return f"change health checks of {name}"
         case ChangeServiceSettings(service=s, fields=names):
@@ -261,7 +276,8 @@ def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False
             case RemoveService(name=name) if workers and name in tcp:
                 reasons.append(f"service {name}: TCP services cannot be removed live with relay "
                                "workers (forwarding.workers > 1): restart needed")
-            case AddBackend(service=name) | Reweight(service=name) | RemoveBackend(service=name) \
+            case AddBackend(service=name) | Reweight(service=name) | SetDrain(service=name) \
+                    | RemoveBackend(service=name) \
                     if workers and name in tcp:
                 reasons.append(f"service {name}: TCP backends cannot change live with relay "
                                "workers (forwarding.workers > 1): restart needed")

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from anycast_lb import api, liveapply, log
+from anycast_lb import api, liveapply, log, runtime
 from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.bgp.policy import NodeView, ServiceView
@@ -125,6 +125,10 @@ class Node:
         self._applied_at = self.clock.wall()
         self._applies = {"applied": 0, "refused": 0}
         self._last_refusal: tuple[float, str] | None = None
+        self._base = config
+        """The config without node-local runtime overrides (the file's)."""
+        self._overrides: dict[runtime.BackendId, runtime.Override] = {}
+        """Node-local ``backend drain|undrain|weight`` changes (standalone)."""
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
                               clock=self.clock)
@@ -252,6 +256,11 @@ class Node:
     def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
         if self.data.workers is not None:
             self.data.workers.backend_changed(service, backend.key, up)
+        self._pool_changed(service)
+
+    def _pool_changed(self, service: str) -> None:
+        """The eligible set of ``service`` may have changed (health, drain):
+        log a service health transition, re-evaluate routes."""
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy.get(service):
             self._service_healthy[service] = healthy
@@ -333,42 +342,53 @@ class Node:
         withdrawn, stops listening after the withdraw settles and is reset
         after ``drain.timeout`` s. Applies are serialized. Never raises for a
         config it refuses; logs ``config.applied`` or ``config.refused``.
+
+        Node-local runtime overrides (:mod:`anycast_lb.runtime`) of backends
+        ``new`` still has are kept on top of it.
         """
         async with self._apply_lock:
-            old = self.config
-            actions = liveapply.plan(old, new)
-            described = tuple(liveapply.describe(a) for a in actions)
-            reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
-                                       cluster=self.cluster is not None)
-            if reason is None and (self._tasks is None or self.drainer.state.stopping):
-                reason = "the node is not running, or is stopping"
-            budget = self.budget
-            if reason is None:
-                try:
-                    budget = plan(self.budget.limit, new, source=source or "<config>")
-                except ConfigError as exc:
-                    reason = f"descriptor budget: {'; '.join(exc.problems)}"
-            if reason is not None:
-                return self._refuse(reason, described, source)
-            if not actions:
-                self.config = self.data.config = new
-                return self._applied(new, (), source)
-            opened: dict[str, tuple[Forwarder, tuple[str, int]]] = {}
-            new_pools = {a.service.name: Pool(a.service) for a in actions
-                         if isinstance(a, liveapply.AddService)}
+            overrides = runtime.prune(self._overrides, new)
+            result = await self._apply_locked(runtime.overlay(new, overrides), source)
+            if result.applied:
+                self._base, self._overrides = new, overrides
+            return result
+
+    async def _apply_locked(self, new: NodeConfig, source: str) -> ApplyResult:
+        """:meth:`apply_config` of ``new`` as given; the caller holds ``_apply_lock``."""
+        old = self.config
+        actions = liveapply.plan(old, new)
+        described = tuple(liveapply.describe(a) for a in actions)
+        reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
+                                   cluster=self.cluster is not None)
+        if reason is None and (self._tasks is None or self.drainer.state.stopping):
+            reason = "the node is not running, or is stopping"
+        budget = self.budget
+        if reason is None:
             try:
-                for a in actions:
-                    if isinstance(a, liveapply.AddService):
-                        opened[a.service.name] = await self.data.open(
-                            new, a.service, new_pools[a.service.name], budget)
-            except BindError as exc:
-                for forwarder, _ in opened.values():
-                    forwarder.stop_accepting()
-                    forwarder.abort_all()
-                self.data.config = old
-                return self._refuse(str(exc), described, source)
-            self._commit(old, new, actions, new_pools, opened)
-            return self._applied(new, described, source)
+                budget = plan(self.budget.limit, new, source=source or "<config>")
+            except ConfigError as exc:
+                reason = f"descriptor budget: {'; '.join(exc.problems)}"
+        if reason is not None:
+            return self._refuse(reason, described, source)
+        if not actions:
+            self.config = self.data.config = new
+            return self._applied(new, (), source)
+        opened: dict[str, tuple[Forwarder, tuple[str, int]]] = {}
+        new_pools = {a.service.name: Pool(a.service) for a in actions
+                     if isinstance(a, liveapply.AddService)}
+        try:
+            for a in actions:
+                if isinstance(a, liveapply.AddService):
+                    opened[a.service.name] = await self.data.open(
+                        new, a.service, new_pools[a.service.name], budget)
+        except BindError as exc:
+            for forwarder, _ in opened.values():
+                forwarder.stop_accepting()
+                forwarder.abort_all()
+            self.data.config = old
+            return self._refuse(str(exc), described, source)
+        self._commit(old, new, actions, new_pools, opened)
+        return self._applied(new, described, source)
 
     def _commit(self, old: NodeConfig, new: NodeConfig, actions: list[liveapply.Action],
                 new_pools: dict[str, Pool], opened: dict[str, tuple[Forwarder, tuple[str, int]]]
@@ -392,6 +412,8 @@ class Node:
                 _, removed = pool.update(service)
                 gone += [(name, b) for b in removed]
                 _retune(self.data.forwarders.get(name), service)
+                if name in self._service_healthy:
+                    self._pool_changed(name)  # an admin drain can take the last backend
         for name, pool in new_pools.items():
             self.pools[name] = pool
             self._service_healthy[name] = False
@@ -460,6 +482,51 @@ class Node:
         log.warning("config.refused", reason=reason, source=source, generation=self.generation)
         return self._result(False, actions, source, reason)
 
+    # ------------------------------------------------------------------ runtime control
+
+    async def change_backend(self, change: runtime.Change) -> runtime.BackendAnswer:
+        """Drain, undrain or reweight one backend at runtime (``POST
+        /backends/...``, ``anycast-lb backend ...``).
+
+        Standalone: a node-local override of the file, carried out by live
+        apply (never written to the file; ``/status`` marks it
+        ``runtime_override``). With consensus: pushed as the cluster's next
+        config revision (compare-and-swap), which every node applies; waits
+        up to ``3 * consensus.request_timeout`` s for this node to apply it.
+        Raises UnknownBackend for a service or backend not configured,
+        ConsensusError when etcd cannot take the push (ConsensusConflict:
+        another push won)."""
+        if self.consensus is not None:
+            consensus = self.consensus
+            number = await consensus.push_edit(
+                lambda shared: type(shared)(runtime.edit_services(shared.services, change),
+                                            shared.announce),
+                author=f"{self.config.node.name} (runtime control)", message=change.describe())
+            deadline = self.clock.monotonic() + 3 * consensus.settings.request_timeout
+            while consensus.config_revision < number and self.clock.monotonic() < deadline:
+                await self.clock.sleep(_BACKEND_DRAIN_POLL)
+            applied = consensus.config_revision >= number
+            log.event("backend.runtime_change", service=change.service, backend=change.backend,
+                      change=change.describe(), scope="cluster", revision=number,
+                      applied=applied)
+            return runtime.BackendAnswer(applied=applied, scope="cluster", revision=number,
+                                         generation=self.generation,
+                                         pending=not applied)
+        async with self._apply_lock:
+            overrides = runtime.record(self._overrides, self._base, change)
+            result = await self._apply_locked(runtime.overlay(self._base, overrides), "runtime")
+            if result.applied:
+                self._overrides = overrides
+        if result.applied:
+            log.event("backend.runtime_change", service=change.service, backend=change.backend,
+                      change=change.describe(), scope="node", revision=None, applied=True)
+        return runtime.BackendAnswer(applied=result.applied, scope="node", revision=None,
+                                     generation=result.generation, reason=result.reason)
+
+    def runtime_overrides(self, service: str) -> frozenset[str]:
+        """Keys of ``service``'s backends changed at runtime on this node only."""
+        return frozenset(key for (name, key) in self._overrides if name == service)
+
     # ------------------------------------------------------------------ status
 
     def status_model(self) -> Status:
@@ -479,7 +546,8 @@ class Node:
                                acked=bgp.routes if bgp is not None else {},
                                damping=routes.damping_status if routes is not None else None,
                                table_revision=(self.consensus.table_revision(s.name)
-                                               if self.consensus is not None else None))
+                                               if self.consensus is not None else None),
+                               runtime_overrides=self.runtime_overrides(s.name))
                 for s in self.config.services
             ],
             "bgp": bgp,

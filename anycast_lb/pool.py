@@ -5,8 +5,11 @@ Health checks call ``set_up`` (on the asyncio loop); forwarders call
 ``candidates`` for each new flow, from the loop or from a relay thread, and
 try the backends it returns in order (the first is the choice; the rest are
 the fallbacks used when connecting to the choice fails), and keep the
-per-backend counters. Only backends in state up are ever returned: a backend
-starts down until its health check has risen.
+per-backend counters. Only backends in state up and not drained
+(``BackendConfig.drain``, set at runtime by ``anycast-lb backend drain``) are
+ever returned: a backend starts down until its health check has risen. A
+drained backend is out of the selection exactly as a down one (Maglev: out of
+the table, so only its flows move), but the connections it has keep running.
 
 Threads, with the GIL as the only lock on the read side: everything
 ``candidates`` reads is one ``_Selection`` (the up backends, their order, the
@@ -92,6 +95,11 @@ class Backend:
         return self._key
 
     @property
+    def drained(self) -> bool:
+        """Admin drain (``config.drain``): no new flows, established ones kept."""
+        return self.config.drain
+
+    @property
     def sockaddr(self) -> tuple[str, int]:
         return str(self.config.address), self.config.port
 
@@ -175,11 +183,12 @@ class Pool:
 
     @property
     def up_count(self) -> int:
+        """Backends eligible for new flows: up and not drained."""
         return len(self._selection.up)
 
     @property
     def healthy(self) -> bool:
-        """At least ``min_healthy`` backends are up."""
+        """At least ``min_healthy`` backends are eligible (up, not drained)."""
         return len(self._selection.up) >= self.service.min_healthy
 
     @property
@@ -239,7 +248,7 @@ class Pool:
             for b in changed:
                 b.up = not b.up
             old = self._selection
-            now_up = tuple(b for b in self.backends if b.up)
+            now_up = _eligible(self.backends)
             table = _Table(now_up, self._known_table(now_up))
             fallback = old.table if old.table.table is not None else old.fallback
             self._selection = _selection(now_up, table, fallback, old.generation + 1)
@@ -262,7 +271,7 @@ class Pool:
         with self._write_lock:
             backend.up = up
             old = self._selection
-            now_up = tuple(b for b in self.backends if b.up)
+            now_up = _eligible(self.backends)
             table = _Table(now_up, self._known_table(now_up))
             fallback = old.table if old.table.table is not None else old.fallback
             self._selection = _selection(now_up, table, fallback, old.generation + 1)
@@ -301,7 +310,7 @@ class Pool:
             self.backends = kept
             self._by_key = {b.key: b for b in kept}
             old = self._selection
-            now_up = tuple(b for b in kept if b.up)
+            now_up = _eligible(kept)
             table = _Table(now_up, self._known_table(now_up))
             # A removed backend is not in the new up set, so the fallback
             # rule of ``candidates`` never picks it from the old table.
@@ -392,6 +401,11 @@ class Pool:
         # The choice, then the others in a fixed rotation: deterministic, so
         # every node retries the same way.
         return [*up[first:], *up[:first]]
+
+
+def _eligible(backends: list[Backend]) -> tuple[Backend, ...]:
+    """Backends new flows may go to, in configuration order: up and not drained."""
+    return tuple(b for b in backends if b.up and not b.config.drain)
 
 
 def _maglev_choice(selection: _Selection, key_hash: int) -> int:

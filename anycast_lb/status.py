@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +63,11 @@ class BackendStatus(_Model):
     port: int
     weight: int
     state: Literal["up", "down"]
+    admin: Literal["active", "drained"] = Field(
+        description="drained: no new flows (established ones continue); "
+                    "`anycast-lb backend drain`")
+    runtime_override: bool = Field(
+        description="drain or weight set at runtime on this node only, not in its file")
     last_check: str | None
     """ISO 8601 UTC time of the last health check."""
     last_latency_ms: float | None
@@ -94,9 +99,10 @@ class ServiceStatus(_Model):
     """The bound address ``host:port`` (``[v6]:port``), None before it binds."""
     listening: bool
     healthy: bool
-    """At least ``min_healthy`` backends up."""
+    """At least ``min_healthy`` backends up and not drained."""
     min_healthy: int
     up_backends: int
+    """Backends new flows may go to: up and not drained."""
     active_connections: int
     backends: list[BackendStatus]
     refused: dict[str, int]
@@ -316,6 +322,7 @@ def service_status(
     acked: Mapping[str, str],
     damping: Callable[[Prefix], Mapping[str, float | bool]] | None,
     table_revision: int | None = None,
+    runtime_overrides: Collection[str] = frozenset(),
 ) -> ServiceStatus:
     """One service: its forwarder, pool, backends and (``with_bgp``) its
     announcement as the route controller decided it and ExaBGP acked it."""
@@ -350,6 +357,8 @@ def service_status(
                 "port": b.config.port,
                 "weight": b.config.weight,
                 "state": "up" if b.up else "down",
+                "admin": "drained" if b.config.drain else "active",
+                "runtime_override": b.key in runtime_overrides,
                 "last_check": iso_utc(b.last_check),
                 "last_latency_ms": None if b.last_latency_ms is None
                 else round(b.last_latency_ms, 3),

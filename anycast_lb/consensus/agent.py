@@ -468,6 +468,30 @@ class ConsensusAgent:
                 log.event("config.applied", revision=number, changed=True)
                 self._recompute()
 
+    async def push_edit(self, edit: Callable[[document.Shared], document.Shared], *,
+                        author: str, message: str) -> int:
+        """Push ``edit`` of the current shared config as the next revision,
+        compare-and-swap on the revision read (runtime control: ``anycast-lb
+        backend ...`` on any node). Before any push the document is this
+        node's file's shared part. Returns the new revision number. Raises
+        ConsensusUnavailable while this node has no etcd session,
+        ConsensusConflict when another push won the race, and what ``edit``
+        raises."""
+        store = self._store
+        if store is None:
+            raise ConsensusUnavailable("no etcd session: runtime changes need etcd "
+                                       "with a consensus section")
+        history = ConfigHistory(store, self.layout, self._clock)
+        current = await history.current()
+        if current is not None:
+            shared = current.shared
+        else:
+            shared = document.Shared(tuple(self._local.services),
+                                     self._local.bgp.announce if self._local.bgp else None)
+        pushed = await history.push(edit(shared), author=author, message=message,
+                                    based_on=current.number if current is not None else 0)
+        return pushed.number
+
     # ------------------------------------------------------------ reporting
 
     def status(self) -> dict[str, object]:
