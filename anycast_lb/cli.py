@@ -5,8 +5,10 @@
 
     anycast-lb check-config node.yaml
     anycast-lb run --config node.yaml
-    anycast-lb drain|undrain|reload --config node.yaml
-    anycast-lb status --config node.yaml
+    anycast-lb drain [--wait [--timeout S]]|undrain|reload --config node.yaml
+    anycast-lb backend drain|undrain SERVICE ADDRESS:PORT --config node.yaml
+    anycast-lb backend weight SERVICE ADDRESS:PORT N --config node.yaml
+    anycast-lb status [--json] --config node.yaml
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
     anycast-lb lab up|status|run|down|demo
@@ -22,6 +24,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -213,10 +216,14 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
     await node.run()
 
 
-def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None,
+              body: object = None) -> tuple[int, Any]:
     host, port = cfg.api.host_port
     url = f"http://{format_host_port(host, port)}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+    request = urllib.request.Request(url, method=method, data=data)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -259,32 +266,78 @@ def _admin(config: Path, path: str) -> None:
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
 @click.option("--no-wait", is_flag=True,
               help="With consensus: exit 1 naming the holders when every drain slot is held.")
-def drain(config: Path, no_wait: bool) -> None:
+@click.option("--wait", "wait_end", is_flag=True,
+              help="Then wait until the node is drained: withdrawn and no connection left.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="With --wait: give up (exit 1) after this many seconds (default: no limit).")
+def drain(config: Path, no_wait: bool, wait_end: bool, timeout: float | None) -> None:
     """Drain the running node: GRACEFUL_SHUTDOWN (RFC 8326), then withdraw.
     With consensus the node first takes a drain slot (``drain.max_concurrent``
     cluster-wide); while every slot is held this waits, saying who holds
-    them, until the node drains."""
-    if no_wait:
-        _admin(config, "/drain?no_wait=1")
-        return
+    them, until the node drains. ``--wait`` then waits, printing progress to
+    stderr, until no connection is left (exit 1 at ``--timeout``)."""
+    started = time.monotonic()
     cfg = _load(config)
-    status, body = _api_call(cfg, "POST", "/drain", _token(cfg))
-    if status == 202:
-        holders = ", ".join(body.get("holders") or []) or "another node"
-        click.echo(f"waiting for a drain slot, held by {holders}", err=True)
-        while True:
-            time.sleep(0.5)
-            code, st = _api_call(cfg, "GET", "/status")
-            node = st.get("node", {}) if code == 200 else {}
-            if node.get("draining"):
-                body = {"draining": True}
-                break
-            if not node.get("drain_waiting"):
-                click.echo("anycast-lb: the drain request was withdrawn (undrain?)", err=True)
-                sys.exit(EXIT_ERROR)
-    click.echo(json.dumps(body))
-    if status not in (200, 202):
-        sys.exit(EXIT_ERROR)
+    if no_wait:
+        status, body = _api_call(cfg, "POST", "/drain?no_wait=1", _token(cfg))
+        click.echo(json.dumps(body))
+        if status != 200:
+            sys.exit(EXIT_ERROR)
+    else:
+        status, body = _api_call(cfg, "POST", "/drain", _token(cfg))
+        if status == 202:
+            holders = ", ".join(body.get("holders") or []) or "another node"
+            click.echo(f"waiting for a drain slot, held by {holders}", err=True)
+            while True:
+                time.sleep(0.5)
+                if timeout is not None and time.monotonic() - started > timeout:
+                    click.echo(f"anycast-lb: no drain slot within {timeout:g} s", err=True)
+                    sys.exit(EXIT_ERROR)
+                code, st = _api_call(cfg, "GET", "/status")
+                node = st.get("node", {}) if code == 200 else {}
+                if node.get("draining"):
+                    body = {"draining": True}
+                    break
+                if not node.get("drain_waiting"):
+                    click.echo("anycast-lb: the drain request was withdrawn (undrain?)", err=True)
+                    sys.exit(EXIT_ERROR)
+        click.echo(json.dumps(body))
+        if status not in (200, 202):
+            sys.exit(EXIT_ERROR)
+    if wait_end:
+        _wait_drained(cfg, started, timeout)
+
+
+_DRAIN_POLL_S = 0.5
+
+
+def _wait_drained(cfg: NodeConfig, started: float, timeout: float | None) -> None:
+    """Poll /status every 0.5 s until :func:`statusview.drain_progress` says
+    drained (print ``drained``) or ``timeout`` s since ``started`` (exit 1).
+    A progress line goes to stderr whenever it changes."""
+    from anycast_lb.statusview import drain_progress
+
+    last = ""
+    while True:
+        code, st = _api_call(cfg, "GET", "/status")
+        if code != 200:
+            click.echo(f"anycast-lb: /status answered {code}", err=True)
+            sys.exit(EXIT_ERROR)
+        try:
+            done, line = drain_progress(st)
+        except ValueError as exc:
+            click.echo(f"anycast-lb: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        if line != last:
+            click.echo(f"{time.monotonic() - started:6.1f} s  {line}", err=True)
+            last = line
+        if done:
+            click.echo("drained")
+            return
+        if timeout is not None and time.monotonic() - started >= timeout:
+            click.echo(f"anycast-lb: not drained within {timeout:g} s ({line})", err=True)
+            sys.exit(EXIT_ERROR)
+        time.sleep(_DRAIN_POLL_S)
 
 
 @main.command()
@@ -320,13 +373,84 @@ def reload(config: Path) -> None:
 
 @main.command()
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
-def status(config: Path) -> None:
-    """Print the running node's /status JSON."""
+@click.option("--json", "as_json", is_flag=True, help="The /status JSON, for machines.")
+def status(config: Path, as_json: bool) -> None:
+    """The running node's state as tables (node, services, backends);
+    ``--json``: the whole /status document."""
     cfg = _load(config)
     code, body = _api_call(cfg, "GET", "/status")
-    click.echo(json.dumps(body, indent=2))
+    if as_json or code != 200:
+        click.echo(json.dumps(body, indent=2))
+    else:
+        from anycast_lb.statusview import render
+
+        click.echo(render(body), nl=False)
     if code != 200:
         sys.exit(EXIT_ERROR)
+
+
+@main.group()
+def backend() -> None:
+    """Change one backend of the running node at runtime: drain, undrain,
+    weight. Standalone the change is node-local (the file is not written);
+    with consensus it is pushed as the cluster's next config revision and
+    every node applies it."""
+
+
+def _backend_change(config: Path, service: str, address: str, action: str,
+                    body: object = None) -> None:
+    cfg = _load(config)
+    quoted = "/".join(urllib.parse.quote(part, safe="") for part in (service, address))
+    status, answer = _api_call(cfg, "POST", f"/backends/{quoted}/{action}", _token(cfg), body)
+    if isinstance(answer, dict) and "change" in answer:
+        if answer.get("applied"):
+            where = (f"cluster revision {answer['revision']}" if answer["scope"] == "cluster"
+                     else "this node only, not written to its file")
+            click.echo(f"applied: {answer['change']} ({where})")
+        elif answer.get("pending"):
+            click.echo(f"pushed as cluster revision {answer['revision']}: {answer['change']}; "
+                       "not yet applied on this node")
+        else:
+            click.echo(f"refused: {answer.get('reason')}")
+    else:
+        click.echo(f"anycast-lb: {answer.get('error') if isinstance(answer, dict) else answer}",
+                   err=True)
+    if status not in (200, 202):
+        sys.exit(EXIT_ERROR)
+
+
+_SERVICE = click.argument("service")
+_ADDRESS = click.argument("address", metavar="ADDRESS:PORT")
+_CONFIG = click.option("--config", "-c", "config", required=True,
+                       type=click.Path(path_type=Path), help="node file: API address and token")
+
+
+@backend.command("drain")
+@_SERVICE
+@_ADDRESS
+@_CONFIG
+def backend_drain(service: str, address: str, config: Path) -> None:
+    """No new flows to ADDRESS:PORT of SERVICE; established ones continue."""
+    _backend_change(config, service, address, "drain")
+
+
+@backend.command("undrain")
+@_SERVICE
+@_ADDRESS
+@_CONFIG
+def backend_undrain(service: str, address: str, config: Path) -> None:
+    """Give ADDRESS:PORT of SERVICE new flows again (once up)."""
+    _backend_change(config, service, address, "undrain")
+
+
+@backend.command("weight")
+@_SERVICE
+@_ADDRESS
+@click.argument("weight", type=click.IntRange(1, 1000))
+@_CONFIG
+def backend_weight(service: str, address: str, weight: int, config: Path) -> None:
+    """Set the Maglev weight of ADDRESS:PORT of SERVICE (1..1000)."""
+    _backend_change(config, service, address, "weight", {"weight": weight})
 
 
 @main.command("exabgp-config")
