@@ -532,7 +532,7 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
     async def backend_change(request: web.Request) -> web.Response:
         if (denied := authorize(request)) is not None:
             return denied
-        action = request.match_info["action"]
+        action = request.path.rsplit("/", 1)[1]
         service, backend = request.match_info["service"], request.match_info["backend"]
         if action == "weight":
             try:
@@ -566,6 +566,6 @@ def make_app(node: NodeControl, config: ApiConfig, server: ApiServer | None = No
     app.router.add_post("/drain", drain)
     app.router.add_post("/undrain", undrain)
     app.router.add_post("/reload", reload)
-    app.router.add_post(r"/backends/{service}/{backend}/{action:drain|undrain|weight}",
-                        backend_change)
+    for action in ("drain", "undrain", "weight"):
+        app.router.add_post(f"/backends/{{service}}/{{backend}}/{action}", backend_change)
     return app
