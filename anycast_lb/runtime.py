@@ -53,7 +53,7 @@ class Change:
         if self.drain is not None:
             parts.append("drain" if self.drain else "undrain")
         if self.weight is not None:
-            parts.append(f"weight {self.weight}")
+            parts.append(f"set weight {self.weight} of")
         return f"{' and '.join(parts)} backend {self.backend} of {self.service}"
 
 
