@@ -42,7 +42,9 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     ValidationError,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -240,6 +242,16 @@ class BackendConfig(_Model):
     """Admin drain: the backend gets no new flows (out of the Maglev table, as
     if down) and keeps its established ones. Set at runtime with
     ``anycast-lb backend drain`` (node-local, or pushed with consensus)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_undrained(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # ``drain: false`` is left out of dumps, so a config without a drain
+        # dumps (digest, pushed shared document) as before the field existed:
+        # nodes of an older version take such revisions during an upgrade.
+        data: dict[str, Any] = handler(self)
+        if not self.drain:
+            data.pop("drain", None)
+        return data
 
     @property
     def key(self) -> str:
