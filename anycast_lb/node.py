@@ -505,13 +505,16 @@ class Node:
             deadline = self.clock.monotonic() + 3 * consensus.settings.request_timeout
             while consensus.config_revision < number and self.clock.monotonic() < deadline:
                 await self.clock.sleep(_BACKEND_DRAIN_POLL)
-            applied = consensus.config_revision >= number
+            reached = consensus.config_revision >= number
+            applied = reached and runtime.holds(self.config, change)
             log.event("backend.runtime_change", service=change.service, backend=change.backend,
                       change=change.describe(), scope="cluster", revision=number,
                       applied=applied)
-            return runtime.BackendAnswer(applied=applied, scope="cluster", revision=number,
-                                         generation=self.generation,
-                                         pending=not applied)
+            return runtime.BackendAnswer(
+                applied=applied, scope="cluster", revision=number, generation=self.generation,
+                pending=not reached,
+                reason="" if applied or not reached else
+                f"revision {number} was not applied on this node (see its config.refused log)")
         async with self._apply_lock:
             overrides = runtime.record(self._overrides, self._base, change)
             result = await self._apply_locked(runtime.overlay(self._base, overrides), "runtime")

@@ -283,7 +283,7 @@ class Pool:
         """Take ``service`` (same name) as the pool's new configuration, live:
         backends new to the pool are added down (health checks raise them),
         backends gone from it are removed, and every other backend keeps its
-        state and counters and takes its new weight. A new selection (and,
+        state and counters and takes its new weight and admin drain. A new selection (and,
         for Maglev, a new table, built as in ``set_up``) is published by one
         assignment, so ``candidates`` never returns a removed backend after
         this returns; connections already on it keep their ``Backend``.

@@ -159,6 +159,16 @@ def overlay(base: NodeConfig, overrides: Mapping[BackendId, Override]) -> NodeCo
     return base.model_copy(update={"services": list(services)})
 
 
+def holds(config: NodeConfig, change: Change) -> bool:
+    """``config`` has ``change``'s values (False when it lacks the backend)."""
+    try:
+        backend = _backend(config, change.service, change.backend)
+    except UnknownBackend:
+        return False
+    return ((change.drain is None or backend.drain == change.drain)
+            and (change.weight is None or backend.weight == change.weight))
+
+
 def _backend(config: NodeConfig, service: str, key: str) -> BackendConfig:
     for s in config.services:
         if s.name == service:

@@ -188,3 +188,22 @@ def test_drain_progress_of_a_node_not_draining() -> None:
     waiting = copy.deepcopy(STATUS)
     waiting["node"]["drain_waiting"] = True
     assert statusview.drain_progress(waiting) == (False, "waiting for a drain slot")
+
+
+def test_holds() -> None:
+    base = cfg()
+    drained = runtime.overlay(base, {("web", A): runtime.Override(drain=True)})
+    assert runtime.holds(drained, runtime.Change("web", A, drain=True))
+    assert not runtime.holds(base, runtime.Change("web", A, drain=True))
+    assert runtime.holds(base, runtime.Change("web", B, weight=3))
+    assert not runtime.holds(base, runtime.Change("web", "203.0.113.1:1", weight=3))
+
+
+def test_an_undrained_backend_dumps_as_before_the_field_existed() -> None:
+    base = cfg()
+    assert "drain" not in base.services[0].backends[0].model_dump(mode="json")
+    drained = runtime.overlay(base, {("web", A): runtime.Override(drain=True)})
+    assert drained.services[0].backends[0].model_dump(mode="json")["drain"] is True
+    # A drained config survives a dump and a load (the pushed shared document).
+    assert parse_config(drained.model_dump(mode="json", exclude_none=True)) == drained
+    assert liveapply.digest(base) != liveapply.digest(drained)
