@@ -37,6 +37,7 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
             "refused": {"cap": 0}, "prefix": "198.51.100.10/32", "announcement": "announced",
             "damping": {"penalty": 0.0, "suppressed": False, "reuse_in_s": 0.0},
             "backends": [{"address": "203.0.113.130", "port": 8080, "weight": 1, "state": "up",
+                          "admin": "drained", "runtime_override": True,
                           "last_check": "2026-11-21T21:00:00.123Z", "last_latency_ms": 0.41,
                           "last_detail": "status 200", "active_connections": 2,
                           "connections_total": 120, "connect_failures": 0,
