@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from anycast_lb.config import parse_config
 from anycast_lb.node import Node
-from tests.component.backends import TcpNameEcho, tcp_request
+from tests.component.backends import TcpNameEcho, UdpNameEcho, tcp_request, udp_request
 from tests.component.nodes import node_running
 from tests.waiting import wait_until
 
@@ -34,14 +35,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def node_config(ports: list[int], token: Path, api: str = "127.0.0.1:0",
-                web_port: int = 1) -> dict[str, Any]:
+                web_port: int = 1, engine: str = "asyncio", protocol: str = "tcp"
+                ) -> dict[str, Any]:
     return {
         "node": {"name": "rtc"},
         "api": {"listen": api, "admin_token_file": str(token)},
+        "forwarding": {"engine": engine},
         "drain": {"timeout": 2, "announce_grace": 0.1},
-        "services": [{"name": "web", "vip": "127.0.0.1", "port": web_port,
+        "services": [{"name": "web", "vip": "127.0.0.1", "port": web_port, "protocol": protocol,
                       "backends": [{"address": "127.0.0.1", "port": p} for p in ports],
-                      "health": HEALTH}],
+                      "health": HEALTH if protocol == "tcp" else {**HEALTH, "kind": "none"}}],
     }
 
 
@@ -82,11 +85,12 @@ async def spread(port: int, count: int) -> collections.Counter[str]:
     return collections.Counter([(await tcp_request(port))[0] for _ in range(count)])
 
 
-async def test_drain_undrain_and_weight_under_traffic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["asyncio", "relay"])
+async def test_drain_undrain_and_weight_under_traffic(tmp_path: Path, engine: str) -> None:
     be1, be2 = TcpNameEcho("be1"), TcpNameEcho("be2")
     for b in (be1, be2):
         await b.start()
-    cfg = node_config([be1.port, be2.port], token_file(tmp_path))
+    cfg = node_config([be1.port, be2.port], token_file(tmp_path), engine=engine)
     names = {"be1": f"127.0.0.1:{be1.port}", "be2": f"127.0.0.1:{be2.port}"}
     try:
         async with running(cfg) as (node, url, port):
@@ -135,6 +139,40 @@ async def test_drain_undrain_and_weight_under_traffic(tmp_path: Path) -> None:
     finally:
         for b in (be1, be2):
             await b.stop()
+
+
+def _udp_exchange(sock: socket.socket, payload: bytes) -> str:
+    sock.send(payload)
+    return sock.recv(256).split(b":", 1)[0].decode()
+
+
+async def test_udp_flow_stays_on_a_drained_backend(tmp_path: Path) -> None:
+    u1, u2 = UdpNameEcho("u1"), UdpNameEcho("u2")
+    for u in (u1, u2):
+        await u.start()
+    names = {"u1": f"127.0.0.1:{u1.port}", "u2": f"127.0.0.1:{u2.port}"}
+    cfg = node_config([u1.port, u2.port], token_file(tmp_path), protocol="udp")
+    try:
+        async with running(cfg) as (node, url, port):
+            await wait_until(lambda: node.pools["web"].up_count == 2
+                             and node.pools["web"].table_ready, timeout=10, what="both up")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flow:
+                flow.settimeout(2)
+                flow.connect(("127.0.0.1", port))
+                held = await asyncio.to_thread(_udp_exchange, flow, b"a")
+                other = "u2" if held == "u1" else "u1"
+                code, body = await post(url, f"/backends/web/{names[held]}/drain")
+                assert code == 200 and body["applied"], body
+                # The established flow keeps its backend ...
+                for i in range(5):
+                    assert await asyncio.to_thread(_udp_exchange, flow, b"%d" % i) == held
+                # ... new flows go to the other one.
+                replies = {(await udp_request(port, b"n"))[0].split(b":")[0].decode()
+                           for _ in range(20)}
+                assert replies == {other}
+    finally:
+        for u in (u1, u2):
+            u.stop()
 
 
 async def test_refusals(tmp_path: Path) -> None:
