@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,17 @@ async def test_backend_changes_go_through_etcd_to_every_node(
         ]
         assert [(x.drain, x.weight) for x in history[-1].shared.services[0].backends] == [
             (False, 1), (False, 4)]
+
+
+async def test_without_etcd_a_change_is_refused_not_made_locally(
+        etcd_private: EtcdMember, backends: list[int], token_file: Path) -> None:  # noqa: F811
+    be1 = f"127.0.0.1:{backends[0]}"
+    async with running(config("a", etcd_private, "rtc-down", backends,
+                              token_file=token_file)) as a:
+        await wait_until(lambda: a.agent.view is not None and a.node.pools["web"].up_count == 2,
+                         timeout=10, what="synced, both up")
+        await asyncio.to_thread(etcd_private.stop)
+        code, body = await post(a, f"/backends/web/{be1}/drain")
+        assert code == 503 and "etcd cannot take the change" in body["error"], body
+        assert drained(a) == set() and a.node.pools["web"].up_count == 2
+        assert a.agent.config_revision == 0
