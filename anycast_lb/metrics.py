@@ -8,6 +8,8 @@ happens (a few observations per second).
 Exported families (all prefixed ``anycast_lb_``):
 
 - ``backend_up{service,backend}`` gauge, 1 while the backend is up
+- ``backend_drained{service,backend}`` gauge, 1 while it is admin drained
+  (no new flows; ``anycast-lb backend drain``)
 - ``backend_active_connections{service,backend}`` gauge (UDP: live flows)
 - ``backend_connections_total{service,backend}`` counter
 - ``backend_connect_failures_total{service,backend}`` counter
@@ -15,7 +17,7 @@ Exported families (all prefixed ``anycast_lb_``):
   ``in`` (client to backend) or ``out``
 - ``backend_packets_total{service,backend,direction}`` counter (UDP)
 - ``service_healthy{service}`` gauge, 1 while ``min_healthy`` backends are up
-- ``service_up_backends{service}`` gauge
+- ``service_up_backends{service}`` gauge: up and not drained
 - ``node_draining`` gauge
 - ``health_check_duration_seconds{service,backend}`` histogram
 - ``api_connections``, ``api_connections_refused_total`` and
@@ -130,6 +132,9 @@ class _PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "backend"]
         up = GaugeMetricFamily("anycast_lb_backend_up", "1 while the backend is up", labels=labels)
+        drained = GaugeMetricFamily("anycast_lb_backend_drained",
+                                    "1 while the backend is admin drained (no new flows)",
+                                    labels=labels)
         active = GaugeMetricFamily(
             "anycast_lb_backend_active_connections",
             "Open connections (UDP: live flows) to the backend",
@@ -151,7 +156,8 @@ class _PoolCollector(Collector):
             "anycast_lb_service_healthy", "1 while min_healthy backends are up", labels=["service"]
         )
         up_backends = GaugeMetricFamily(
-            "anycast_lb_service_up_backends", "Backends in state up", labels=["service"]
+            "anycast_lb_service_up_backends", "Backends new flows may go to: up, not drained",
+            labels=["service"]
         )
         for name, pool in self._pools.items():
             healthy.add_metric([name], 1.0 if pool.healthy else 0.0)
@@ -159,6 +165,7 @@ class _PoolCollector(Collector):
             for b in pool.backends:
                 lv = [name, b.key]
                 up.add_metric(lv, 1.0 if b.up else 0.0)
+                drained.add_metric(lv, 1.0 if b.drained else 0.0)
                 n_active, n_conns, n_failures, n_in, n_out = (
                     self._counters(name, b) if self._counters is not None
                     else (b.active_connections, b.connections_total, b.connect_failures,
@@ -172,7 +179,7 @@ class _PoolCollector(Collector):
                 packets.add_metric([*lv, "out"], float(b.packets_out))
         draining = GaugeMetricFamily("anycast_lb_node_draining", "1 while the node drains")
         draining.add_metric([], 1.0 if self._draining() else 0.0)
-        yield from (up, active, conns, failures, nbytes, packets, healthy, up_backends, draining)
+        yield from (up, drained, active, conns, failures, nbytes, packets, healthy, up_backends, draining)
         if self._extra is not None:
             yield from self._extra()
 

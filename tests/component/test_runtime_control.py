@@ -106,6 +106,13 @@ async def test_drain_undrain_and_weight_under_traffic(tmp_path: Path, engine: st
             assert status["admin"] == "drained" and status["runtime_override"] is True
             assert status["state"] == "up"
             assert node.pools["web"].up_count == 1
+            async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as r:
+                metrics = await r.text()
+            assert (f'anycast_lb_backend_drained{{backend="{names[held]}",service="web"}} 1.0'
+                    in metrics)
+            assert (f'anycast_lb_backend_drained{{backend="{names[other]}",service="web"}} 0.0'
+                    in metrics)
+            assert 'anycast_lb_service_up_backends{service="web"} 1.0' in metrics
             # New flows avoid it ...
             assert await spread(port, 40) == {other: 40}
             # ... while its established connection carries on.
