@@ -21,7 +21,7 @@ def test_published_status_schema_is_current() -> None:
 def test_schema_names_every_section() -> None:
     schema = json.loads(json_schema())
     assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits",
-                                        "consensus", "config"}
+                                        "consensus", "config", "vips"}
     assert schema["additionalProperties"] is False
 
 
