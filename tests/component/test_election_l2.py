@@ -213,6 +213,7 @@ async def test_killing_the_owner_moves_the_neighbour_entry_within_the_lease(
         await asyncio.gather(task_a, return_exceptions=True)
         await wait_until(lambda: at(mac_b), timeout=5, interval=0.01, what="the entry at b")
         moved = announcer.sent_at[0] - killed
+        print(f"\nowner killed -> first announcement by the other: {moved * 1000:.0f} ms")
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         # The lease outlives the kill by up to TTL (the last keepalive may

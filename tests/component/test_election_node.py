@@ -25,6 +25,7 @@ from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho
 from tests.component.etcd import EtcdMember
 from tests.component.nodes import node_running
+from tests.component.test_metrics import undocumented
 from tests.waiting import wait_until
 
 VIP = "127.0.0.1"
@@ -117,6 +118,7 @@ async def test_bgp_owner_announces_standby_withdraws_or_prepends_and_drain_moves
                 assert f'anycast_lb_vip_owner{{owner="a",vip="{VIP}"}} 1.0' in metrics
                 assert f'anycast_lb_vip_term{{vip="{VIP}"}} {float(term)}' in metrics
                 assert f'anycast_lb_vip_is_owner{{vip="{VIP}"}} 0.0' in metrics
+                assert not undocumented(metrics)
 
                 cli = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "anycast_lb", "vip",
@@ -154,5 +156,12 @@ async def test_bgp_owner_announces_standby_withdraws_or_prepends_and_drain_moves
                 await wait_until(lambda: a.node.status()["vips"][0]["owner"] == "b",
                                  timeout=5, what="a sees b own the VIP")
                 assert a.node.status()["vips"][0]["qualifies"] is False
+
+                # Undrain: a qualifies again; without preempt, b keeps the VIP.
+                assert await a.node.undrain()
+                await wait_until(lambda: a.node.status()["vips"][0]["qualifies"], timeout=5,
+                                 what="a qualifies again")
+                assert a.node.status()["vips"][0]["role"] == "standby"
+                assert b.owns() and a.prepend() is None and b.prepend() == 0
     finally:
         await backend.stop()
