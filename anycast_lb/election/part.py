@@ -156,6 +156,8 @@ class OwnershipPart:
         out, or the fence fell), at most ``timeout`` s. True if none is held."""
         self._leaving = True
         self.qualify(serving)
+        if not any(self.owns(v) for v in self.vips):
+            return True
         started = self._clock.monotonic()
         deadline = started + timeout
         while any(self.owns(v) for v in self.vips):
