@@ -44,10 +44,11 @@ that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ from anycast_lb.config import (
 )
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
-from anycast_lb.drainer import Drainer
+from anycast_lb.drainer import Drainer, DrainSlots
 from anycast_lb.errors import AnycastLBError, BindError, ConfigError
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
@@ -86,6 +87,8 @@ if TYPE_CHECKING:
     from anycast_lb.consensus.agent import ApplyConfig, ConsensusAgent
     from anycast_lb.election.part import OwnershipPart
 
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
 # already in flight towards this node while routers converge still succeed.
@@ -179,7 +182,10 @@ class Node:
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=self.consensus, wait_idle=self.data.wait_idle,
+                               slots=(_HandOverFirst(self.consensus, self._hand_over)
+                                      if self.owners is not None and self.consensus is not None
+                                      else self.consensus),
+                               wait_idle=self.data.wait_idle,
                                drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
@@ -253,10 +259,10 @@ class Node:
             return Ownership.UNELECTED
         return Ownership.OWNER if self.owners.owns(service.vip) else Ownership.STANDBY
 
-    def serving(self) -> dict[Any, bool]:
+    def serving(self) -> dict[IPAddress, bool]:
         """Per VIP: this node could own it now (not draining; every service
         of the VIP listening with ``min_healthy`` backends up)."""
-        out: dict[Any, bool] = {}
+        out: dict[IPAddress, bool] = {}
         draining = self.draining
         for s in self.config.services:
             ok = (not draining and self.data.listening(s.name) and self._healthy(s.name))
@@ -328,8 +334,8 @@ class Node:
         drain slot: ``wait`` queues the drain until one frees, otherwise it
         is refused when every slot is held. Raises ConsensusError (``wait``
         False) when etcd cannot say."""
-        if not self.draining:
-            await self._hand_over()
+        if not self.draining and self.drainer.holds_slot:
+            await self._hand_over()  # else once the slot is taken (_HandOverFirst)
         draining = await self.drainer.request_drain(reason, wait=wait)
         if not draining and self.owners is not None:
             self.owners.rejoin(self.serving())
@@ -676,6 +682,28 @@ def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
         error = error.exceptions[0]
     assert isinstance(error, AnycastLBError)
     return error
+
+
+class _HandOverFirst:
+    """The drain slots (``DrainSlots``) with the elected VIPs handed over
+    once a slot is taken and before the drainer feeds ``Drain``: a drain
+    queued for a slot keeps its VIPs while it waits."""
+
+    def __init__(self, slots: DrainSlots, hand_over: Callable[[], Awaitable[None]]) -> None:
+        self._slots, self._hand_over = slots, hand_over
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        await self._hand_over()
+
+    async def try_acquire(self) -> bool:
+        held = await self._slots.try_acquire()
+        if held:
+            await self._hand_over()
+        return held
+
+    async def release(self) -> None:
+        await self._slots.release()
 
 
 class _Stopped(Exception):
