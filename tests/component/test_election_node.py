@@ -165,3 +165,18 @@ async def test_bgp_owner_announces_standby_withdraws_or_prepends_and_drain_moves
                 assert b.owns() and a.prepend() is None and b.prepend() == 0
     finally:
         await backend.stop()
+
+
+def test_without_consensus_active_passive_over_bgp_is_prepend_only() -> None:
+    """No quorum store, no election: the node announces the VIP with its own
+    bgp.announce.as_path_prepend (the routers choose) and runs no ownership."""
+    node = Node(parse_config({
+        "node": {"name": "solo"},
+        "services": [{"name": "web", "vip": VIP, "port": 1,
+                      "announce": {"mode": "active_passive"},
+                      "backends": [{"address": "127.0.0.1", "port": 2}]}],
+    }))
+    assert node.owners is None
+    [service] = node.view().services
+    assert service.ownership.value == "unelected"
+    assert node.status()["vips"] is None
