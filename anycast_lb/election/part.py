@@ -180,7 +180,12 @@ class OwnershipPart:
         self.qualify(serving)
 
     async def run(self) -> None:
-        """Run the elections until cancelled; drops every VIP on the way out."""
+        """Run the elections until cancelled; drops every VIP on the way out.
+        Raises L2Error at once when ``election.interface`` is missing or the
+        process lacks ``CAP_NET_RAW`` (a node that could never announce must
+        not win an election)."""
+        if self.l2 is not None:
+            self.l2.announcer.open()
         if self._own_store:
             self.store.connect()
         try:

@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import pytest
 
 from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.policy import Prefix, Route
 from anycast_lb.config import BgpConfig, parse_config
+from anycast_lb.errors import L2Error
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho
 from tests.component.etcd import EtcdMember
@@ -180,3 +182,18 @@ def test_without_consensus_active_passive_over_bgp_is_prepend_only() -> None:
     [service] = node.view().services
     assert service.ownership.value == "unelected"
     assert node.status()["vips"] is None
+
+
+async def test_a_node_that_cannot_announce_on_its_l2_interface_does_not_run() -> None:
+    node = Node(parse_config({
+        "node": {"name": "l2"},
+        "api": {"listen": "127.0.0.1:0"},
+        "consensus": {"endpoints": ["http://127.0.0.1:9"], "cluster": "c",
+                      "lease_ttl": 1.0, "request_timeout": 0.1},
+        "election": {"interface": "albt-nosuch0"},
+        "services": [{"name": "web", "vip": VIP, "port": 1,
+                      "announce": {"mode": "active_passive", "via": "l2"},
+                      "backends": [{"address": "127.0.0.1", "port": 2}]}],
+    }), bind_overrides={"web": ("127.0.0.1", 0)})
+    with pytest.raises(L2Error, match="albt-nosuch0|raw socket"):
+        await asyncio.wait_for(node.run(), 30)
