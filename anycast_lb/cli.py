@@ -13,6 +13,7 @@
     anycast-lb schema
     anycast-lb lab up|status|run|down|demo
     anycast-lb cluster push|show|history|diff|rollback|members
+    anycast-lb vip owners
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import click
 
 from anycast_lb import __version__, log
 from anycast_lb.consensus.cli import cluster
+from anycast_lb.election.cli import vip
 from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab
@@ -483,3 +485,4 @@ def status_schema() -> None:
 
 main.add_command(lab)
 main.add_command(cluster)
+main.add_command(vip)

@@ -312,8 +312,8 @@ class ServiceAnnounce(_Model):
     """``active_active``: every healthy node announces (the default).
     ``active_passive``: one owner at a time, elected on etcd; without a
     ``consensus`` section, over BGP, it means prepend-only: every node
-    announces, standbys with ``as_path_prepend`` (no election, the router
-    decides)."""
+    announces with its own ``bgp.announce.as_path_prepend`` (no election,
+    the router decides)."""
     via: AnnounceVia = AnnounceVia.BGP
     """``bgp`` or ``l2`` (gratuitous ARP / unsolicited NA on
     ``election.interface``; needs ``mode: active_passive`` and ``consensus``)."""
@@ -343,7 +343,8 @@ class ElectionConfig(_Model):
     that could not renew drops its VIPs (fencing)."""
     standby: StandbyMode = StandbyMode.WITHDRAW
     """BGP active-passive: a standby withdraws, or announces with
-    ``bgp.announce.as_path_prepend`` as a warm standby."""
+    ``bgp.announce.as_path_prepend`` (at least 1) as a warm standby; the
+    owner announces with no prepend."""
     interface: Annotated[str, Field(pattern=_IFNAME_RE)] | None = None
     """``via: l2``: the interface on the VIPs' segment (VIPs are added and
     announced there)."""

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from anycast_lb.config import (
     AnnounceConfig,
+    AnnounceMode,
     BackendConfig,
     HealthConfig,
     NodeConfig,
@@ -270,6 +271,9 @@ def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False
                 name = action.service.name if isinstance(action, AddService) else action.name
                 reasons.append(f"service {name}: services cannot be added or removed live with "
                                "flow survival (cluster section): restart needed")
+            case AddService(service=s) if s.announce.mode is AnnounceMode.ACTIVE_PASSIVE:
+                reasons.append(f"service {s.name}: active_passive services cannot be added live "
+                               "(VIP elections start with the node): restart needed")
             case AddService(service=s) if workers and s.protocol is Transport.TCP:
                 reasons.append(f"service {s.name}: TCP services cannot be added live with relay "
                                "workers (forwarding.workers > 1): restart needed")

@@ -16,9 +16,14 @@ It constructs the parts, connects them and runs them in one
 - :class:`~anycast_lb.consensus.agent.ConsensusAgent` (``consensus``
   section): membership, agreed backend health (the pools' up sets), pushed
   config and the drain slots on etcd;
+- :class:`~anycast_lb.election.part.OwnershipPart` (``consensus`` section
+  and ``active_passive`` services): one owner per VIP, elected on etcd and
+  fenced; ``via: l2`` VIPs move by ARP/NA, ``via: bgp`` ones through the
+  route policy (docs/l2.md);
 - the HTTP API, whose ``/status`` is :class:`~anycast_lb.status.Status`.
 
-Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): announce with the
+Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): first hand the
+node's elected VIPs over (resign, make before break), then announce with the
 GRACEFUL_SHUTDOWN community 65535:0 (RFC 8326) for ``drain.announce_grace``
 seconds, withdraw, keep serving established connections for up to
 ``drain.timeout`` seconds (UDP flows count as finished once idle for
@@ -39,10 +44,11 @@ that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,13 +57,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from anycast_lb import api, liveapply, log, runtime
 from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
-from anycast_lb.bgp.policy import NodeView, ServiceView
+from anycast_lb.bgp.policy import NodeView, Ownership, ServiceView
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
-from anycast_lb.config import NodeConfig, ServiceConfig, format_host_port, load_config
+from anycast_lb.config import (
+    AnnounceMode,
+    NodeConfig,
+    ServiceConfig,
+    StandbyMode,
+    format_host_port,
+    load_config,
+)
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
-from anycast_lb.drainer import Drainer
+from anycast_lb.drainer import Drainer, DrainSlots
 from anycast_lb.errors import AnycastLBError, BindError, ConfigError
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
@@ -72,7 +85,10 @@ from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
     from anycast_lb.consensus.agent import ApplyConfig, ConsensusAgent
+    from anycast_lb.election.part import OwnershipPart
 
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
 # already in flight towards this node while routers converge still succeed.
@@ -158,10 +174,22 @@ class Node:
                 on_pool_change=self._on_backend_change, apply=apply or self._apply_pushed,
                 api=lambda: format_host_port(*self.api_address) if self.api_address else "",
                 clock=self.clock)
+        self.owners: OwnershipPart | None = None
+        """VIP ownership elections (``consensus`` and ``active_passive``)."""
+        if config.consensus is not None:
+            from anycast_lb.election.part import OwnershipPart, elected_vips
+
+            if elected_vips(config.services):
+                self.owners = OwnershipPart(config.consensus, config.election,
+                                            config.node.name, config.services,
+                                            on_change=self._routes_changed, clock=self.clock)
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=self.consensus, wait_idle=self.data.wait_idle,
+                               slots=(_HandOverFirst(self.consensus, self._hand_over)
+                                      if self.owners is not None and self.consensus is not None
+                                      else self.consensus),
+                               wait_idle=self.data.wait_idle,
                                drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
         self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
@@ -221,10 +249,29 @@ class Node:
             drain=self.drainer.state.phase.route_phase,
             services=tuple(
                 ServiceView(name=s.name, prefix=s.prefix, healthy=self._healthy(s.name),
-                            listening=self.data.listening(s.name))
+                            listening=self.data.listening(s.name),
+                            ownership=self._ownership(s))
                 for s in self.config.services
             ),
+            standby_prepend=self.config.election.standby is StandbyMode.PREPEND,
         )
+
+    def _ownership(self, service: ServiceConfig) -> Ownership:
+        if service.announce.mode is not AnnounceMode.ACTIVE_PASSIVE:
+            return Ownership.SHARED
+        if self.owners is None:
+            return Ownership.UNELECTED
+        return Ownership.OWNER if self.owners.owns(service.vip) else Ownership.STANDBY
+
+    def serving(self) -> dict[IPAddress, bool]:
+        """Per VIP: this node could own it now (not draining; every service
+        of the VIP listening with ``min_healthy`` backends up)."""
+        out: dict[IPAddress, bool] = {}
+        draining = self.draining
+        for s in self.config.services:
+            ok = (not draining and self.data.listening(s.name) and self._healthy(s.name))
+            out[s.vip] = out.get(s.vip, True) and ok
+        return out
 
     def _healthy(self, service: str) -> bool:
         if self.consensus is not None:
@@ -234,6 +281,8 @@ class Node:
     def _metric_families(self) -> Iterator[Metric]:
         if self.consensus is not None:
             yield from self.consensus.metric_families()
+        if self.owners is not None:
+            yield from self.owners.metric_families()
         applies = CounterMetricFamily("anycast_lb_config_applies",
                                       "Configs offered to live apply, by result", labels=["result"])
         for result, count in self._applies.items():
@@ -276,8 +325,16 @@ class Node:
             self._routes_changed()
 
     def _routes_changed(self) -> None:
+        if self.owners is not None:
+            self.owners.qualify(self.serving())
         if self.routes is not None:
             self.routes.poke()
+
+    async def _hand_over(self) -> None:
+        """Planned move of the elected VIPs before a drain (make before break)."""
+        if self.owners is not None:
+            await self.owners.hand_over(self.serving(), self.owners.settings.handover_timeout
+                                        + self.owners.settings.lease_ttl)
 
     # ------------------------------------------------------------------ drain
 
@@ -286,14 +343,21 @@ class Node:
         drain slot: ``wait`` queues the drain until one frees, otherwise it
         is refused when every slot is held. Raises ConsensusError (``wait``
         False) when etcd cannot say."""
+        if not self.draining and self.drainer.holds_slot:
+            await self._hand_over()  # else once the slot is taken (_HandOverFirst)
         draining = await self.drainer.request_drain(reason, wait=wait)
+        if not draining and self.owners is not None:
+            self.owners.rejoin(self.serving())
         holders = tuple(self.consensus.slot_holders) if self.consensus is not None else ()
         return api.DrainAnswer(draining=draining, waiting=self.drainer.waiting_for_slot,
                                holders=() if draining else holders)
 
     async def undrain(self) -> bool:
         """End a drain. False (and nothing changes) while the node stops."""
-        return self.drainer.submit(Undrain()).accepted
+        accepted = self.drainer.submit(Undrain()).accepted
+        if accepted and self.owners is not None:
+            self.owners.rejoin(self.serving())
+        return accepted
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain, withdraw, let connections finish
@@ -565,6 +629,7 @@ class Node:
                 applies=self._applies["applied"], refusals=self._applies["refused"],
                 last_refusal=self._last_refusal[1] if self._last_refusal else None,
                 last_refusal_at=iso_utc(self._last_refusal[0]) if self._last_refusal else None),
+            "vips": self.owners.status() if self.owners is not None else None,
         })
 
     def status(self) -> dict[str, Any]:
@@ -610,6 +675,9 @@ class Node:
                 if self.consensus is not None:
                     # Never waits for etcd: a node serves without it (fail-static).
                     tg.create_task(self.consensus.run())
+                if self.owners is not None:
+                    self.owners.qualify(self.serving())
+                    tg.create_task(self.owners.run())
                 tg.create_task(self.drainer.run())
                 if self.speaker is not None and self.routes is not None:
                     speaker_started = asyncio.Event()
@@ -638,6 +706,7 @@ class Node:
         log.event("node.stopping", drain_timeout=self.config.drain.timeout)
         if self.speaker is not None:
             self.speaker.begin_stop()  # an ExaBGP that exits now stays down
+        await self._hand_over()
         await self.drainer.stop(self.config.drain.slot_timeout)
         if self.speaker is not None:
             await self.drainer.wait_past(Phase.GRACEFUL)
@@ -684,6 +753,28 @@ def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
         error = error.exceptions[0]
     assert isinstance(error, AnycastLBError)
     return error
+
+
+class _HandOverFirst:
+    """The drain slots (``DrainSlots``) with the elected VIPs handed over
+    once a slot is taken and before the drainer feeds ``Drain``: a drain
+    queued for a slot keeps its VIPs while it waits."""
+
+    def __init__(self, slots: DrainSlots, hand_over: Callable[[], Awaitable[None]]) -> None:
+        self._slots, self._hand_over = slots, hand_over
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        await self._hand_over()
+
+    async def try_acquire(self) -> bool:
+        held = await self._slots.try_acquire()
+        if held:
+            await self._hand_over()
+        return held
+
+    async def release(self) -> None:
+        await self._slots.release()
 
 
 class _Stopped(Exception):

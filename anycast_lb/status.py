@@ -283,6 +283,24 @@ class ConfigStatus(_Model):
     last_refusal_at: str | None
 
 
+class VipOwnerStatus(_Model):
+    """One elected VIP (``announce.mode: active_passive``; docs/l2.md)."""
+
+    vip: str
+    via: Literal["bgp", "l2"]
+    owner: str | None
+    """The owner as last observed on etcd (null: vacant, or not seen yet)."""
+    term: int | None
+    """The owner key's create revision (fencing token; only grows)."""
+    since: str | None
+    """ISO 8601 UTC: when this node took the VIP, or first saw its owner."""
+    role: Literal["standby", "candidate", "owner", "resigned"]
+    has_vip: bool
+    """This node holds the VIP now (fenced: false once its lease may lapse)."""
+    qualifies: bool
+    """This node can serve the VIP now (a candidate)."""
+
+
 class Status(_Model):
     """The whole ``GET /status`` document."""
 
@@ -295,6 +313,8 @@ class Status(_Model):
     limits: LimitsStatus
     consensus: ConsensusStatus | None = Field(description="null without a consensus section")
     config: ConfigStatus
+    vips: list[VipOwnerStatus] | None = Field(
+        description="null without a consensus section or active_passive services")
 
 
 def json_schema() -> str:

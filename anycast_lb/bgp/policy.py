@@ -21,6 +21,13 @@ e.g. tcp/80 and udp/53):
    still catches traffic if it is the last)
 7. drain phase ``GRACEFUL`` adds the GRACEFUL_SHUTDOWN community 65535:0
    (RFC 8326 section 3) to whatever 4 or 6 announces.
+8. ownership (``announce.mode: active_passive``, docs/l2.md), applied to
+   what 4 to 7 announce: ``OWNER`` announces with no AS-path prepend; a
+   ``STANDBY`` withdraws, or with ``NodeView.standby_prepend`` announces
+   with ``announce.as_path_prepend`` (at least 1) as a warm standby;
+   ``UNELECTED`` (no consensus: prepend-only, the routers decide) and
+   ``SHARED`` (active-active) announce with ``announce.as_path_prepend`` as
+   configured.
 
 "Every service of the prefix" is deliberate: with ECMP a router sends all
 flows for the VIP to every announcing node, whatever the port, so a node must
@@ -55,6 +62,19 @@ class DrainPhase(str, Enum):
     """Every VIP withdrawn; established connections finish."""
 
 
+class Ownership(str, Enum):
+    """This node's part in a service's VIP (rule 8 of the module docstring)."""
+
+    SHARED = "shared"
+    """``active_active``: every healthy node announces."""
+    UNELECTED = "unelected"
+    """``active_passive`` without consensus: prepend-only, no election."""
+    OWNER = "owner"
+    """``active_passive``: this node holds the VIP (elected, fenced)."""
+    STANDBY = "standby"
+    """``active_passive``: another node owns the VIP, or none does yet."""
+
+
 @dataclass(frozen=True)
 class ServiceView:
     """One service as the policy sees it."""
@@ -65,12 +85,15 @@ class ServiceView:
     """At least ``min_healthy`` backends up, after rise/fall hysteresis."""
     listening: bool
     """The forwarder for VIP:port/protocol is bound."""
+    ownership: Ownership = Ownership.SHARED
 
 
 @dataclass(frozen=True)
 class NodeView:
     drain: DrainPhase
     services: tuple[ServiceView, ...]
+    standby_prepend: bool = False
+    """``election.standby: prepend``: a standby announces with a prepend."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +131,22 @@ def prefix_up(view: NodeView) -> dict[Prefix, bool]:
     }
 
 
+def _ownership(group: list[ServiceView]) -> Ownership:
+    """The prefix's ownership: its first elected service's (one election per
+    VIP, so they agree), else SHARED."""
+    for service in group:
+        if service.ownership is not Ownership.SHARED:
+            return service.ownership
+    return Ownership.SHARED
+
+
 def _route_for(
-    group: list[ServiceView], drain: DrainPhase, bgp: BgpConfig, suppressed: bool
+    group: list[ServiceView], drain: DrainPhase, bgp: BgpConfig, suppressed: bool,
+    standby_prepend: bool = False,
 ) -> Route | None:
+    ownership = _ownership(group)
+    if ownership is Ownership.STANDBY and not standby_prepend:
+        return None
     if drain is DrainPhase.WITHDRAWN or suppressed:
         return None
     if not all(s.listening for s in group):
@@ -125,11 +161,16 @@ def _route_for(
     communities = tuple(announce.communities)
     if drain is DrainPhase.GRACEFUL and GRACEFUL_SHUTDOWN not in communities:
         communities += (GRACEFUL_SHUTDOWN,)
+    prepend = announce.as_path_prepend
+    if ownership is Ownership.OWNER:
+        prepend = 0
+    elif ownership is Ownership.STANDBY:
+        prepend = max(prepend, 1)
     return Route(
         prefix=group[0].prefix,
         med=med,
         communities=communities,
-        as_path_prepend=announce.as_path_prepend,
+        as_path_prepend=prepend,
         local_as=bgp.local_as,
     )
 
@@ -145,7 +186,8 @@ def desired_routes(
     """
     routes: dict[Prefix, Route] = {}
     for prefix, group in _by_prefix(view.services).items():
-        route = _route_for(group, view.drain, bgp, prefix in suppressed)
+        route = _route_for(group, view.drain, bgp, prefix in suppressed,
+                           view.standby_prepend)
         if route is not None:
             routes[prefix] = route
     return routes
@@ -163,7 +205,7 @@ def announcement_state(
     """
     states: dict[Prefix, str] = {}
     for prefix, group in _by_prefix(view.services).items():
-        route = _route_for(group, view.drain, bgp, False)
+        route = _route_for(group, view.drain, bgp, False, view.standby_prepend)
         if route is None:
             states[prefix] = "withdrawn"
         elif prefix in suppressed:

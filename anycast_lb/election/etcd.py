@@ -3,7 +3,7 @@ over the :class:`~anycast_lb.consensus.store.Store` adapter.
 
 Keys, under ``/anycast-lb/<cluster>/owners/<vip>/`` (docs/l2.md)::
 
-    owner                {"node", "priority", "announced"}   owner's lease
+    owner                {"node", "priority", "announced", "since"}   owner's lease
     candidates/<node>    {"node", "priority", "preempt"}     candidate's lease
 
 - A node has one lease for all its VIPs (granted here, TTL ``lease_ttl``),
@@ -12,8 +12,8 @@ Keys, under ``/anycast-lb/<cluster>/owners/<vip>/`` (docs/l2.md)::
 - Campaign: one transaction that creates ``owner`` only if absent (create
   revision 0); the revision it commits at is the key's create revision, the
   **term**.
-- Take: ``on_take`` (add the VIP, announce), then ``announced: true`` written
-  only if the key's mod revision is still the term (the key untouched).
+- Take: ``on_take`` (add the VIP, announce), then ``announced: true`` (and
+  ``since``, wall-clock s of the take) written only if the key's mod revision is still the term (the key untouched).
 - Resign: delete ``owner`` only if its mod revision is the one last seen.
 - Observe: the whole ``owners/`` prefix once, then a watch from the next
   revision; a compacted watch reads again.
@@ -206,7 +206,8 @@ class VipOwnership:
     async def _remote_action(self, vip: IPAddress, action: Action) -> None:
         s, key = self.settings, owner_key(self._layout, vip)
         if isinstance(action, Campaign):
-            value = json.dumps({"node": s.node, "priority": s.priority, "announced": False})
+            value = json.dumps({"node": s.node, "priority": s.priority, "announced": False,
+                                "since": round(self._clock.wall(), 3)})
             try:
                 ok, revision = await self._store.transact(
                     [ModRevisionIs(key, 0)], [Put(key, value.encode(), self._lease_id)])
@@ -214,7 +215,8 @@ class VipOwnership:
                 ok, revision = False, 0
             self._feed([vip], lambda m, now: m.campaign_result(revision if ok else None, now))
         elif isinstance(action, Take):
-            value = json.dumps({"node": s.node, "priority": s.priority, "announced": True})
+            value = json.dumps({"node": s.node, "priority": s.priority, "announced": True,
+                                "since": round(self._clock.wall(), 3)})
             await self._store.transact(
                 [ModRevisionIs(key, action.term)], [Put(key, value.encode(), self._lease_id)])
         elif isinstance(action, Resign):

@@ -137,3 +137,15 @@ def test_pool_update_refuses_another_service() -> None:
     pool = Pool(cfg().services[0])
     with pytest.raises(ValueError):
         pool.update(cfg().services[1])
+
+
+@pytest.mark.parametrize("mode, refused", [("active_active", False), ("active_passive", True)])
+def test_an_active_passive_service_is_not_added_live(mode: str, refused: bool) -> None:
+    def add(d: dict[str, Any]) -> None:
+        d["services"].append({**copy.deepcopy(web(d)), "name": "ntp", "vip": "192.0.2.53",
+                              "announce": {"mode": mode}})
+    old = cfg()
+    reason = refusal(old, plan(old, cfg(add)))
+    assert (reason is not None and "active_passive services cannot be added live" in reason) \
+        is refused
+    assert refused or reason is None

@@ -21,7 +21,7 @@ def test_published_status_schema_is_current() -> None:
 def test_schema_names_every_section() -> None:
     schema = json.loads(json_schema())
     assert set(schema["required"]) == {"node", "services", "bgp", "cluster", "workers", "limits",
-                                        "consensus", "config"}
+                                        "consensus", "config", "vips"}
     assert schema["additionalProperties"] is False
 
 
@@ -61,6 +61,9 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                    "applied_at": "2026-11-21T21:00:00.123Z", "source": "/etc/anycast-lb/node.yaml",
                    "applies": 1, "refusals": 1, "last_refusal": "restart needed: api changed",
                    "last_refusal_at": "2026-11-21T20:59:00.000Z"},
+        "vips": [{"vip": "198.51.100.10", "via": "l2", "owner": "lb1", "term": 41,
+                  "since": "2026-11-21T20:58:00.000Z", "role": "owner", "has_vip": True,
+                  "qualifies": True}],
     }
     status = Status.model_validate(doc)
     assert status.model_dump(mode="json") == doc
