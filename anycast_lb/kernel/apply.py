@@ -12,9 +12,11 @@ message; the kernel is then unchanged (the transaction aborted whole).
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from anycast_lb import log
@@ -46,6 +48,39 @@ async def check_support(interface: str, runner: NftRunner = run) -> None:
             f"forwarding.engine: kernel: this kernel or nft cannot run the engine's table on "
             f"{interface!r} (needs nftables netdev ingress, jhash, dynamic maps and fwd): {exc}"
         ) from exc
+
+
+def off_link(interface: str, routes: Mapping[str, object]) -> str | None:
+    """Why one ``ip -j route get ADDR`` answer (its first entry) does not
+    reach ADDR directly on ``interface``, or None when it does. Pure."""
+    dev = routes.get("dev")
+    if dev != interface:
+        return f"routed via {dev!r}, not {interface!r}"
+    if "gateway" in routes:
+        return f"behind gateway {routes['gateway']} (not on the L2 segment)"
+    return None
+
+
+async def check_on_link(
+    interface: str, backends: Iterable[ipaddress.IPv4Address], runner: NftRunner = run,
+) -> None:
+    """Refuse backends the node cannot reach at L2 on ``interface``: direct
+    server return forwards by the backend's MAC on that segment. Raises
+    KernelEngineError naming every such backend."""
+    problems = []
+    for address in sorted(set(backends)):
+        try:
+            answer = json.loads(await runner(["ip", "-j", "route", "get", str(address)]) or "[]")
+        except (ClusterError, ValueError) as exc:
+            problems.append(f"{address}: no route ({exc})")
+            continue
+        first = answer[0] if isinstance(answer, list) and answer else {}
+        why = off_link(interface, first if isinstance(first, dict) else {})
+        if why is not None:
+            problems.append(f"{address}: {why}")
+    if problems:
+        raise KernelEngineError("forwarding.engine: kernel needs backends on the L2 segment of "
+                                f"{interface!r}: " + "; ".join(problems))
 
 
 class NftForwarder:
