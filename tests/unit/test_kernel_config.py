@@ -87,3 +87,21 @@ def test_settings_need_the_kernel_engine() -> None:
 ])
 def test_off_link(route: dict[str, object], expected: str | None) -> None:
     assert off_link("lan0", route) == expected
+
+
+def test_backend_setup_prints_the_direct_server_return_set_up() -> None:
+    from click.testing import CliRunner
+
+    from anycast_lb.cli import main
+
+    result = CliRunner().invoke(main, ["backend-setup", "--vip", "192.0.2.10",
+                                       "--vip", "192.0.2.11"])
+    assert result.exit_code == 0
+    assert result.output.splitlines()[1:] == [
+        "ip address replace 192.0.2.10/32 dev lo",
+        "ip address replace 192.0.2.11/32 dev lo",
+        "sysctl -w net.ipv4.conf.all.arp_ignore=1",
+        "sysctl -w net.ipv4.conf.all.arp_announce=2",
+    ]
+    refused = CliRunner().invoke(main, ["backend-setup", "--vip", "2001:db8::1"])
+    assert refused.exit_code == 2 and "an IPv4 address" in refused.output
