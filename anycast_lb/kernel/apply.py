@@ -124,6 +124,16 @@ class NftForwarder:
         self._shadow[index] = new
         return script.count("\n")
 
+    async def counters(self) -> dict[tuple[int, ipaddress.IPv4Address], tuple[int, int]]:
+        """(packets, bytes) forwarded by this node per (service index,
+        backend address). Raises KernelEngineError."""
+        try:
+            out = await self._run(["nft", "-j", "list", "counters", "table", "netdev",
+                                   self.settings.table])
+            return render.parse_counters(json.loads(out), self.settings)
+        except (ClusterError, ValueError) as exc:
+            raise KernelEngineError(f"cannot read the kernel engine's counters: {exc}") from exc
+
     async def remove(self) -> None:
         """Delete the table (no error when it is missing)."""
         try:

@@ -19,12 +19,14 @@ LAN-facing interface (the only family with ``fwd``)::
       no slot (empty table)         -> drop
     s<i>_fwd
       update @s<i>_flow { 5-tuple : mark }    (learn, or refresh the timeout)
+      counter @s<i>_ctr[mark]                 (per backend: packets, bytes)
       fwd ip to @s<i>_addr[mark] device IFACE (the neighbour table gives the MAC)
       drop
 
 A backend is named in the maps by its IPv4 address as a 32-bit mark (the
 same on every node and across table changes); ``s<i>_addr`` turns it back
-into the address. UDP has no SYN: every UDP miss uses the current table.
+into the address, ``s<i>_ctr`` to its named counter ``s<i>_b<mark>``
+(:func:`counter_name`). UDP has no SYN: every UDP miss uses the current table.
 
 Traps this layout avoids (nft 1.0.6): ``jhash`` without ``seed`` draws a
 random seed per rule, so nodes disagree; ``jhash ... map @m`` fails with a
@@ -65,6 +67,13 @@ def derive_seed(vip: ipaddress.IPv4Address, port: int, protocol: str, size: int)
 def backend_mark(address: ipaddress.IPv4Address) -> int:
     """A backend's name in the maps: its address as a 32-bit integer."""
     return int(address)
+
+
+def counter_name(index: int, mark: int) -> str:
+    """The named nft counter of a backend of service ``index``: it counts
+    the packets and bytes forwarded to it by this node, from the moment the
+    backend entered the service's maps (a removed backend's counter goes)."""
+    return f"s{index}_b{mark:08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +164,16 @@ def _elements(verb: str, family_table: str, name: str, items: Sequence[str]) -> 
     ]
 
 
+def _add_backends(fam: str, svc: KernelService,
+                  backends: Sequence[tuple[int, ipaddress.IPv4Address]]) -> list[str]:
+    p = svc.prefix
+    out = [f"add counter {fam} {counter_name(svc.index, m)}" for m, _ in backends]
+    out += _elements("add", fam, f"{p}_addr", [f"{m:#x} : {a}" for m, a in backends])
+    out += _elements("add", fam, f"{p}_ctr",
+                     [f'{m:#x} : "{counter_name(svc.index, m)}"' for m, _ in backends])
+    return out
+
+
 def _slot_items(table: Sequence[int]) -> list[str]:
     return [f"{slot} : {mark:#x}" for slot, mark in enumerate(table)]
 
@@ -168,6 +187,7 @@ def _service_decl(s: KernelSettings, svc: KernelService) -> list[str]:
         f"\tmap {p}_cur {{ type mark : mark; }}",
         f"\tmap {p}_prev {{ type mark : mark; }}",
         f"\tmap {p}_addr {{ type mark : ipv4_addr; }}",
+        f"\tmap {p}_ctr {{ type mark : counter; }}",
         f"\tmap {p}_flow {{ type {FLOW_KEY_TYPE} : mark; size {svc.flow_map_size}; "
         f"flags dynamic,timeout; timeout {svc.flow_timeout}s; }}",
         f"\tchain {p} {{",
@@ -179,6 +199,7 @@ def _service_decl(s: KernelSettings, svc: KernelService) -> list[str]:
         "\t}",
         f"\tchain {p}_fwd {{",
         f"\t\tupdate @{p}_flow {{ {svc.tuple} : meta mark }}",
+        f"\t\tcounter name meta mark map @{p}_ctr",
         f'\t\tfwd ip to meta mark map @{p}_addr device "{s.interface}"',
         "\t\tdrop",
         "\t}",
@@ -206,8 +227,7 @@ def render_table(s: KernelSettings, tables: Mapping[int, Tables]) -> str:
     for svc in s.services:
         t = tables.get(svc.index, Tables())
         p = svc.prefix
-        out += _elements("add", fam, f"{p}_addr",
-                         [f"{m:#x} : {a}" for m, a in sorted(t.backends.items())])
+        out += _add_backends(fam, svc, sorted(t.backends.items()))
         out += _elements("add", fam, f"{p}_cur", _slot_items(t.current))
         out += _elements("add", fam, f"{p}_prev", _slot_items(t.previous))
     return "\n".join(out) + "\n"
@@ -236,14 +256,46 @@ def render_diff(s: KernelSettings, svc: KernelService, old: Tables, new: Tables)
     # A mark is its address, so an address never changes under a mark.
     added = {m: a for m, a in new.backends.items() if m not in old.backends}
     removed = [m for m in old.backends if m not in new.backends]
-    out = _elements("add", fam, f"{p}_addr", [f"{m:#x} : {a}" for m, a in sorted(added.items())])
+    out = _add_backends(fam, svc, sorted(added.items()))
     for name, before, after in ((f"{p}_cur", old.current, new.current),
                                 (f"{p}_prev", old.previous, new.previous)):
         delete, add = _map_diff(fam, name, before, after)
         out += delete + add
-    out += _elements("delete", fam, f"{p}_addr",
-                     [f"{m:#x}" for m in sorted(removed)])
+    gone = [f"{m:#x}" for m in sorted(removed)]
+    out += _elements("delete", fam, f"{p}_addr", gone)
+    out += _elements("delete", fam, f"{p}_ctr", gone)
+    out += [f"delete counter {fam} {counter_name(svc.index, m)}" for m in sorted(removed)]
     return "\n".join(out) + "\n" if out else ""
+
+
+def parse_counters(
+    doc: Mapping[str, object], s: KernelSettings,
+) -> dict[tuple[int, ipaddress.IPv4Address], tuple[int, int]]:
+    """(packets, bytes) per (service index, backend address) from ``nft -j
+    list counters table netdev T`` output; other counters are ignored."""
+    names = {}
+    for svc in s.services:
+        names[svc.prefix] = svc.index
+    out: dict[tuple[int, ipaddress.IPv4Address], tuple[int, int]] = {}
+    items = doc.get("nftables", [])
+    if not isinstance(items, list):
+        return out
+    for item in items:
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if not isinstance(counter, dict):
+            continue
+        name, packets, nbytes = counter.get("name"), counter.get("packets"), counter.get("bytes")
+        if not (isinstance(name, str) and isinstance(packets, int) and isinstance(nbytes, int)):
+            continue
+        prefix, sep, mark = name.partition("_b")
+        if not sep or prefix not in names or len(mark) != 8:
+            continue
+        try:
+            address = ipaddress.IPv4Address(int(mark, 16))
+        except ValueError:
+            continue
+        out[(names[prefix], address)] = (packets, nbytes)
+    return out
 
 
 def render_delete(s: KernelSettings) -> str:

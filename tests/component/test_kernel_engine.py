@@ -243,6 +243,18 @@ def test_same_five_tuples_same_backend_through_either_node(
     assert seen["n1"] == seen["n2"]
     assert set(seen["n1"]) == {"b1", "b2"}  # both backends take flows
 
+    async def counters() -> dict[str, dict[str, int]]:
+        out = {}
+        for name, f in nodes.items():
+            by_backend = await f.counters()
+            out[name] = {b: by_backend[(0, addr)][0] for b, addr in BACKENDS.items()}
+        return out
+
+    packets = asyncio.run(counters())
+    for node in ("n1", "n2"):  # each node forwarded each backend's flows: >= SYN, ?, ACK, RST
+        for backend in ("b1", "b2"):
+            assert packets[node][backend] >= 4 * seen[node].count(backend), packets
+
 
 def test_moved_flows_survive(nodes: dict[str, NftForwarder]) -> None:
     route("n1")

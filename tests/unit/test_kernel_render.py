@@ -67,6 +67,8 @@ def test_table_rules(protocol: str, expected: list[str]) -> None:
     assert '\t\ttype filter hook ingress device "lan0" priority filter; policy accept;' in lines
     assert (f"\t\tmeta mark set jhash {svc.tuple} mod 7 seed {svc.seed:#010x}") in lines
     assert '\t\tfwd ip to meta mark map @s0_addr device "lan0"' in lines
+    assert "\t\tcounter name meta mark map @s0_ctr" in lines
+    assert "\tmap s0_ctr { type mark : counter; }" in lines
     assert ("\tmap s0_flow { type ipv4_addr . inet_service . ipv4_addr . inet_service : mark; "
             "size 1024; flags dynamic,timeout; timeout 300s; }") in lines
     if protocol == "udp":
@@ -114,6 +116,8 @@ OLD = render.steady((MA, MB, MC, MA, MB, MC, MA), [A, B, C])
         "delete element netdev anycast_lb_fwd s0_prev { 2, 5 }",
         "add element netdev anycast_lb_fwd s0_prev { 2 : 0xc6336402, 5 : 0xc6336401 }",
         "delete element netdev anycast_lb_fwd s0_addr { 0xc6336403 }",
+        "delete element netdev anycast_lb_fwd s0_ctr { 0xc6336403 }",
+        "delete counter netdev anycast_lb_fwd s0_bc6336403",
     ]),
     # A drain starts: only the current table changes; the address stays.
     (render.start_drain(OLD, (MA, MB, MB, MA, MB, MA, MA)), [
@@ -122,12 +126,18 @@ OLD = render.steady((MA, MB, MC, MA, MB, MC, MA), [A, B, C])
     ]),
     # A backend joins: its address first, then the slots naming it.
     (render.steady((MA, MB, MC, MA, MB, MC, MA), [A, B, C, ipaddress.IPv4Address("198.51.100.4")]),
-     ["add element netdev anycast_lb_fwd s0_addr { 0xc6336404 : 198.51.100.4 }"]),
+     ["add counter netdev anycast_lb_fwd s0_bc6336404",
+      "add element netdev anycast_lb_fwd s0_addr { 0xc6336404 : 198.51.100.4 }",
+      'add element netdev anycast_lb_fwd s0_ctr { 0xc6336404 : "s0_bc6336404" }']),
     # The last backend fails: every slot goes, the address map empties.
     (render.steady((), []), [
         "delete element netdev anycast_lb_fwd s0_cur { 0, 1, 2, 3, 4, 5, 6 }",
         "delete element netdev anycast_lb_fwd s0_prev { 0, 1, 2, 3, 4, 5, 6 }",
         "delete element netdev anycast_lb_fwd s0_addr { 0xc6336401, 0xc6336402, 0xc6336403 }",
+        "delete element netdev anycast_lb_fwd s0_ctr { 0xc6336401, 0xc6336402, 0xc6336403 }",
+        "delete counter netdev anycast_lb_fwd s0_bc6336401",
+        "delete counter netdev anycast_lb_fwd s0_bc6336402",
+        "delete counter netdev anycast_lb_fwd s0_bc6336403",
     ]),
 ])
 def test_diff_sends_changed_elements_only(new: render.Tables, expected: list[str]) -> None:
@@ -136,8 +146,11 @@ def test_diff_sends_changed_elements_only(new: render.Tables, expected: list[str
 
 def test_diff_from_empty_adds_every_slot() -> None:
     lines = render.render_diff(_settings(), _svc(), render.Tables(), OLD).splitlines()
-    assert lines[0].startswith("add element netdev anycast_lb_fwd s0_addr {")
-    assert lines[1].startswith("add element netdev anycast_lb_fwd s0_cur { 0 : 0xc6336401,")
+    assert lines[:3] == [f"add counter netdev anycast_lb_fwd s0_bc633640{i}" for i in (1, 2, 3)]
+    assert lines[3].startswith("add element netdev anycast_lb_fwd s0_addr {")
+    assert lines[4] == ('add element netdev anycast_lb_fwd s0_ctr { 0xc6336401 : "s0_bc6336401", '
+                        '0xc6336402 : "s0_bc6336402", 0xc6336403 : "s0_bc6336403" }')
+    assert lines[5].startswith("add element netdev anycast_lb_fwd s0_cur { 0 : 0xc6336401,")
     assert not any(line.startswith("delete") for line in lines)
 
 
@@ -154,6 +167,8 @@ def test_drain_phases() -> None:
         "delete element netdev anycast_lb_fwd s0_prev { 2, 5 }",
         "add element netdev anycast_lb_fwd s0_prev { 2 : 0xc6336402, 5 : 0xc6336401 }",
         "delete element netdev anycast_lb_fwd s0_addr { 0xc6336403 }",
+        "delete element netdev anycast_lb_fwd s0_ctr { 0xc6336403 }",
+        "delete counter netdev anycast_lb_fwd s0_bc6336403",
     ]
     # Promotion keeping the address set (the drained backend may come back).
     assert render.promote(draining).backends == OLD.backends
@@ -165,3 +180,18 @@ def test_delete_and_probe() -> None:
     probe = render.render_probe("anycast_lb_probe", "eth0")
     assert 'type filter hook ingress device "eth0"' in probe
     assert "seed 0x1" in probe and "flags dynamic,timeout" in probe and "fwd ip to" in probe
+
+
+def test_parse_counters() -> None:
+    doc = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"counter": {"family": "netdev", "name": "s0_bc6336401", "table": "anycast_lb_fwd",
+                     "packets": 12, "bytes": 3400}},
+        {"counter": {"name": "s1_bc6336402", "packets": 1, "bytes": 60}},
+        {"counter": {"name": "s7_bc6336402", "packets": 1, "bytes": 60}},  # no such service
+        {"counter": {"name": "other", "packets": 5, "bytes": 5}},
+        {"counter": {"name": "s0_bzzzzzzzz", "packets": 5, "bytes": 5}},
+    ]}
+    s = _settings(_svc(0), _svc(1, "udp"))
+    assert render.parse_counters(doc, s) == {(0, A): (12, 3400), (1, B): (1, 60)}
+    assert render.parse_counters({"nftables": "junk"}, s) == {}
