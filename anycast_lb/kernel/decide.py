@@ -6,7 +6,9 @@ so every node given the same sets computes the same maps:
 - ``current``  = Maglev(up - draining - drained): where new flows (SYN misses) go;
 - ``previous`` = Maglev(up - drained): where flows moved here from another
   node (non-SYN misses) go, so a draining backend keeps them;
-- addressable backends: up - drained.
+- addressable backends: every up backend, drained ones included, so flows
+  the per-node flow maps learned keep reaching a drained backend until they
+  time out (``forwarding.kernel.flow_timeout``).
 
 A drain starts with :meth:`ServiceTables.drain` (only ``current`` changes)
 and ends with :meth:`ServiceTables.end_drain` (``previous`` catches up: the
@@ -51,7 +53,7 @@ class ServiceTables:
         new_keys = keep - self._draining
         current = previous if new_keys == keep else self._marks(new_keys)
         backends = {render.backend_mark(a): a for a in (
-            ipaddress.IPv4Address(b.address) for b in self._service.backends if b.key in keep)}
+            ipaddress.IPv4Address(b.address) for b in self._service.backends if b.key in self._up)}
         tables = render.Tables(current, previous, backends)
         if tables != self.tables:
             self.tables = tables
@@ -70,7 +72,8 @@ class ServiceTables:
         return self._recompute()
 
     def end_drain(self, key: str) -> render.Tables:
-        """The drain of ``key`` ended: the previous table drops it too."""
+        """The drain of ``key`` ended: the previous table drops it too (the
+        promotion); flows learned on a node still reach it while it is up."""
         self._draining -= {key}
         self._drained |= {key}
         return self._recompute()

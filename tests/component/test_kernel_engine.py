@@ -27,8 +27,8 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import pytest
 
@@ -296,3 +296,60 @@ def test_drain_keeps_moved_flows_and_sends_new_ones_elsewhere(
     finally:
         for s in flows:
             reset(s)
+
+
+def test_engine_drain_promotion_and_status(backends: None) -> None:
+    """KernelEngine on both nodes, from a node config: a drain and its end
+    (promotion) break no flow, moved or not; status agrees across nodes."""
+    from anycast_lb.config import parse_config
+    from anycast_lb.kernel.engine import KernelEngine
+
+    cfg = parse_config({
+        "forwarding": {"engine": "kernel", "kernel": {"interface": "lan0"}},
+        "services": [{"name": "web", "vip": str(VIP), "port": PORT, "maglev_table_size": SIZE,
+                      "backends": [{"address": str(a), "port": PORT} for a in BACKENDS.values()]}],
+    })
+    engines = {name: KernelEngine(cfg, runner=_runner(name)) for name in NODES}  # type: ignore[arg-type]
+    keys = {name: f"{addr}:{PORT}" for name, addr in BACKENDS.items()}
+
+    async def each(step: Callable[[KernelEngine], Awaitable[None]]) -> None:
+        for engine in engines.values():
+            await step(engine)
+
+    asyncio.run(each(lambda e: e.start()))
+    try:
+        asyncio.run(each(lambda e: e.set_up(0, keys.values())))
+        route("n1")
+        flows = [connect(sport) for sport in range(44000, 44040)]
+        try:
+            before = [ask(s) for s in flows]
+            assert "b1" in before
+            asyncio.run(each(lambda e: e.drain(0, keys["b1"])))
+            route("n2")
+            assert [ask(s) for s in flows] == before  # moved: previous table, then learned
+            asyncio.run(each(lambda e: e.end_drain(0, keys["b1"])))
+            assert [ask(s) for s in flows] == before  # promoted: the flow map holds them
+            route("n1")
+            assert [ask(s) for s in flows] == before  # back on n1: its own flow map
+            fresh = [connect(sport) for sport in range(44100, 44120)]
+            try:
+                assert {ask(s) for s in fresh} == {"b2"}
+            finally:
+                for s in fresh:
+                    reset(s)
+        finally:
+            for s in flows:
+                reset(s)
+
+        async def statuses() -> dict[str, Any]:
+            return {name: await e.status() for name, e in engines.items()}
+
+        status = asyncio.run(statuses())
+        web1, web2 = status["n1"]["web"], status["n2"]["web"]
+        assert (web1["seed"], web1["digest"], web1["generation"]) == (
+            web2["seed"], web2["digest"], web2["generation"])
+        assert web1["generation"] == 3 and web1["draining"] == [] and web1["table_size"] == SIZE
+        assert web1["backends"][str(BACKENDS["b2"])]["packets"] > 0
+        assert web2["backends"][str(BACKENDS["b1"])]["packets"] > 0  # moved flows
+    finally:
+        asyncio.run(each(lambda e: e.stop()))

@@ -41,10 +41,13 @@ def test_drain_then_promotion() -> None:
     during = s.set_up({K1, K2, K3})
     assert during == draining
     done = s.end_drain(K3)
-    assert done.previous == done.current == draining.current and M3 not in done.backends
-    assert s.generation == 3
+    assert done.previous == done.current == draining.current
+    assert M3 in done.backends  # learned flows still reach it while it is up
+    assert M3 not in s.set_up({K1, K2}).backends
+    assert s.generation == 4
+    s.set_up({K1, K2, K3})
     back = s.undrain(K3)
-    assert back == steady and s.generation == 4
+    assert back == steady and s.generation == 6
 
 
 def test_same_inputs_same_tables_and_digest_on_every_node() -> None:
