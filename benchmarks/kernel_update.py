@@ -8,7 +8,9 @@ Run as root (it creates and deletes a scratch network namespace
 Prints, in ms: the Maglev build, the first full load of the table, and for
 one backend removed (a health change: both tables) and one backend drained
 (the current table only), the render time, the apply time (``nft -f -``,
-one transaction) and the number of changed slots. Backend addresses come
+one transaction), the CPU time it cost (this process, nft and ``ip netns
+exec``: unlike wall time, it does not grow when other work shares the
+cores) and the number of changed slots. Backend addresses come
 from 198.18.0.0/15 (RFC 2544, benchmarking): they only fill maps.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -71,20 +74,25 @@ async def _main(args: argparse.Namespace) -> None:
             ("remove one backend (both tables)", lambda: render.steady(less, addrs[1:])),
             ("drain one backend (current table)", lambda: render.start_drain(fwd.tables(0), less)),
         ):
-            renders, applies = [], []
+            renders, applies, cpu = [], [], []
             for _ in range(args.runs):
-                t0 = time.perf_counter()
-                script = render.render_diff(settings, svc, fwd.tables(0), make())
+                new = make()
+                t0, c0 = time.perf_counter(), time.process_time()
+                kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                script = render.render_diff(settings, svc, fwd.tables(0), new)
                 renders.append((time.perf_counter() - t0) * 1000)
-                await fwd.update(0, make())
+                await fwd.update(0, new)  # renders again, then nft -f
                 applies.append(fwd.last_apply_s * 1000)
+                kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu.append((time.process_time() - c0 + kids.ru_utime - kids0.ru_utime
+                            + kids.ru_stime - kids0.ru_stime) * 1000)
                 await fwd.update(0, render.steady(full, addrs))  # back, for the next run
             total = [r + a for r, a in zip(renders, applies, strict=True)]
             print(f"{label}: {changed} slots changed, {script.count(chr(10))} script lines; "
                   f"render median {statistics.median(renders):.1f} ms, apply median "
                   f"{statistics.median(applies):.1f} ms, render+apply median "
-                  f"{statistics.median(total):.1f} ms, max {max(total):.1f} ms "
-                  f"({args.runs} runs)")
+                  f"{statistics.median(total):.1f} ms, max {max(total):.1f} ms; CPU (this "
+                  f"process and nft) median {statistics.median(cpu):.1f} ms ({args.runs} runs)")
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 

@@ -234,8 +234,10 @@ def render_table(s: KernelSettings, tables: Mapping[int, Tables]) -> str:
 
 
 def _map_diff(fam: str, name: str, old: Sequence[int], new: Sequence[int]) -> tuple[list[str], list[str]]:
+    if old is new or old == new:  # tuples compare in C: the common case costs ~0.1 ms
+        return ([], [])
     gone = [str(slot) for slot in range(len(new), len(old))]
-    changed = [slot for slot in range(min(len(old), len(new))) if old[slot] != new[slot]]
+    changed = [slot for slot, (a, b) in enumerate(zip(old, new)) if a != b]
     delete = [str(slot) for slot in changed] + gone
     add = [f"{slot} : {new[slot]:#x}" for slot in changed]
     add += [f"{slot} : {new[slot]:#x}" for slot in range(len(old), len(new))]
