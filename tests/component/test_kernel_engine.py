@@ -105,6 +105,18 @@ def _serve(listener: socket.socket, name: bytes) -> None:
         threading.Thread(target=one, args=(conn,), daemon=True).start()
 
 
+def _answer_datagrams(sock: socket.socket, name: bytes) -> None:
+    """Answer each datagram with this backend's name (from the VIP, direct)."""
+    while True:
+        try:
+            _data, peer = sock.recvfrom(64)
+            if peer is None:  # shut down at teardown
+                return
+            sock.sendto(name, peer)
+        except OSError:
+            return
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[None]:
     names = ["br", "cl", *NODES, *BACKENDS]
@@ -135,6 +147,14 @@ def lab() -> Iterator[None]:
 def backends(lab: None) -> Iterator[None]:
     listeners = []
     for name in BACKENDS:
+        def udp() -> socket.socket:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind((str(VIP), UDP_PORT))
+            return u
+        echo = in_netns(name, udp)
+        listeners.append(echo)
+        threading.Thread(target=_answer_datagrams, args=(echo, name.encode()),
+                         daemon=True).start()
         def listen() -> socket.socket:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +166,10 @@ def backends(lab: None) -> Iterator[None]:
         threading.Thread(target=_serve, args=(listener, name.encode()), daemon=True).start()
     yield
     for listener in listeners:
-        listener.shutdown(socket.SHUT_RDWR)
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # a datagram socket is not connected
         listener.close()
 
 
@@ -163,14 +186,17 @@ def _runner(name: str) -> Callable[..., object]:
     return run
 
 
+UDP_PORT = 53
 SVC = render.KernelService(0, VIP, PORT, "tcp", SIZE, render.derive_seed(VIP, PORT, "tcp", SIZE),
                            300, 4096)
-SETTINGS = render.KernelSettings("anycast_lb_fwd", "lan0", (SVC,))
+UDP_SVC = render.KernelService(1, VIP, UDP_PORT, "udp", SIZE,
+                               render.derive_seed(VIP, UDP_PORT, "udp", SIZE), 30, 4096)
+SETTINGS = render.KernelSettings("anycast_lb_fwd", "lan0", (SVC, UDP_SVC))
 
 
-def _marks(names: Sequence[str]) -> tuple[int, ...]:
+def _marks(names: Sequence[str], port: int = PORT) -> tuple[int, ...]:
     addrs = [BACKENDS[n] for n in names]
-    return render.marks(build_table([f"{a}:{PORT}" for a in addrs], size=SIZE), addrs)
+    return render.marks(build_table([f"{a}:{port}" for a in addrs], size=SIZE), addrs)
 
 
 @pytest.fixture
@@ -181,7 +207,10 @@ def nodes(backends: None) -> Iterator[dict[str, NftForwarder]]:
         for name, f in fwd.items():
             await check_support("lan0", _runner(name))  # type: ignore[arg-type]
             await check_on_link("lan0", BACKENDS.values(), _runner(name))  # type: ignore[arg-type]
-            await f.install({0: render.steady(_marks(["b1", "b2"]), BACKENDS.values())})
+            await f.install({
+                0: render.steady(_marks(["b1", "b2"]), BACKENDS.values()),
+                1: render.steady(_marks(["b1", "b2"], UDP_PORT), BACKENDS.values()),
+            })
 
     asyncio.run(install())
     route("n1")
@@ -353,3 +382,53 @@ def test_engine_drain_promotion_and_status(backends: None) -> None:
         assert web2["backends"][str(BACKENDS["b1"])]["packets"] > 0  # moved flows
     finally:
         asyncio.run(each(lambda e: e.stop()))
+
+
+def test_udp_same_five_tuples_same_backend_through_either_node(
+    nodes: dict[str, NftForwarder],
+) -> None:
+    sports = range(45000, 45040)
+
+    def make() -> list[socket.socket]:
+        out = []
+        for sport in sports:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.settimeout(5)
+            u.bind((CLIENT, sport))
+            out.append(u)
+        return out
+
+    socks = in_netns("cl", make)
+    try:
+        seen = {}
+        for node in ("n1", "n2"):
+            route(node)
+            answers = []
+            for u in socks:
+                u.sendto(b"?", (str(VIP), UDP_PORT))
+                answers.append(u.recvfrom(64)[0].decode())
+            seen[node] = answers
+        assert seen["n1"] == seen["n2"]
+        assert set(seen["n1"]) == {"b1", "b2"}
+    finally:
+        for u in socks:
+            u.close()
+
+
+def test_refuses_a_missing_interface_and_off_link_backends(lab: None) -> None:
+    from anycast_lb.errors import KernelEngineError
+
+    run = _runner("n1")
+    with pytest.raises(KernelEngineError, match="cannot run the engine's table on 'nosuch0'"):
+        asyncio.run(check_support("nosuch0", run))  # type: ignore[arg-type]
+    sh("ip", "-n", ns("n1"), "route", "add", "203.0.113.0/24", "via", BACKENDS["b1"].exploded)
+    try:
+        with pytest.raises(KernelEngineError) as info:
+            asyncio.run(check_on_link("lan0", [BACKENDS["b2"], ipaddress.IPv4Address(
+                "203.0.113.5"), ipaddress.IPv4Address("192.0.2.99")], run))  # type: ignore[arg-type]
+    finally:
+        sh("ip", "-n", ns("n1"), "route", "del", "203.0.113.0/24")
+    message = str(info.value)
+    assert "203.0.113.5: behind gateway 198.51.100.21" in message
+    assert "192.0.2.99: no route" in message
+    assert str(BACKENDS["b2"]) + ":" not in message
