@@ -36,7 +36,7 @@ class NftRunner(Protocol):
 async def check_support(interface: str, runner: NftRunner = run) -> None:
     """Refuse, with a clear error, a host that cannot run the engine: no
     ``nft``, or a kernel without netdev ingress, jhash, dynamic maps with
-    timeouts or ``fwd`` (``nft --check`` of a table using all of them on
+    timeouts, counter maps or ``fwd`` (``nft --check`` of a table using all of them on
     ``interface``: the kernel validates it and commits nothing).
     Raises KernelEngineError."""
     if shutil.which("nft") is None:

@@ -307,17 +307,19 @@ def render_delete(s: KernelSettings) -> str:
 
 def render_probe(table: str, device: str = "lo") -> str:
     """A throw-away table using every feature the engine needs (netdev
-    ingress, jhash with a seed, maps, a dynamic map with timeouts and
-    ``fwd``), for ``nft --check``: the kernel validates it and commits
+    ingress, jhash with a seed, maps, a dynamic map with timeouts, counters
+    through a map and ``fwd``), for ``nft --check``: the kernel validates it and commits
     nothing."""
     return (
         f"table netdev {table} {{\n"
         "\tmap a { type mark : ipv4_addr; }\n"
+        "\tmap n { type mark : counter; }\n"
         f"\tmap f {{ type {FLOW_KEY_TYPE} : mark; size 16; flags dynamic,timeout; timeout 1s; }}\n"
         "\tchain c {\n"
         f'\t\ttype filter hook ingress device "{device}" priority filter; policy accept;\n'
         f"\t\tmeta mark set jhash {TCP_TUPLE} mod 7 seed 0x1\n"
         f"\t\tupdate @f {{ {TCP_TUPLE} : meta mark }}\n"
+        "\t\tcounter name meta mark map @n\n"
         f'\t\tfwd ip to meta mark map @a device "{device}"\n'
         "\t}\n"
         "}\n"
