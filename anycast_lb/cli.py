@@ -11,6 +11,7 @@
     anycast-lb status [--json] --config node.yaml
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
+    anycast-lb backend-setup --vip VIP [--apply]
     anycast-lb lab up|status|run|down|demo
     anycast-lb cluster push|show|history|diff|rollback|members
     anycast-lb vip owners
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -34,8 +36,8 @@ import click
 
 from anycast_lb import __version__, log
 from anycast_lb.consensus.cli import cluster
+from anycast_lb.config import Engine, NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.election.cli import vip
-from anycast_lb.config import NodeConfig, format_host_port, json_schema, load_config
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab
 from anycast_lb.limits import Budget, hard_nofile, plan, raise_nofile
@@ -149,6 +151,8 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
     reach such a node.
     """
     cfg = _load(config)
+    if cfg.forwarding.engine is Engine.KERNEL:
+        _refuse_kernel_engine(cfg)
     os.environ[log.FORMAT_ENV] = log_format  # relay workers and the announcer log alike
     log.setup(log_level, log_format)
     soft, hard = raise_nofile()
@@ -166,6 +170,26 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
         log.error("node.failed", error=str(exc))
         click.echo(f"anycast-lb: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+
+
+def _refuse_kernel_engine(cfg: NodeConfig) -> None:
+    """The kernel engine's checks run (nftables support, backends on the
+    L2 segment), then the node refuses: it does not drive the engine yet
+    (docs/kernel.md, "What is not built")."""
+    from anycast_lb.kernel import apply  # deferred: keeps the other commands light
+
+    kernel = cfg.forwarding.kernel
+    assert kernel is not None  # the config validator requires it
+    backends = [ipaddress.IPv4Address(b.address) for s in cfg.services for b in s.backends]
+    try:
+        asyncio.run(apply.check_support(kernel.interface))
+        asyncio.run(apply.check_on_link(kernel.interface, backends))
+    except AnycastLBError as exc:
+        click.echo(f"anycast-lb: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo("anycast-lb: forwarding.engine: kernel passes its checks here, but the node does "
+               "not run it yet (docs/kernel.md); use engine: relay", err=True)
+    sys.exit(EXIT_ERROR)
 
 
 async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
@@ -473,6 +497,41 @@ def exabgp_config(config: Path) -> None:
 def schema() -> None:
     """Print the JSON schema of the config file."""
     click.echo(json_schema(), nl=False)
+
+
+@main.command("backend-setup")
+@click.option("--vip", "vips", required=True, multiple=True,
+              help="A VIP this backend serves (IPv4; repeat for several).")
+@click.option("--apply", "do_apply", is_flag=True,
+              help="Apply it here (root): VIP on lo, arp_ignore=1, arp_announce=2.")
+def backend_setup(vips: tuple[str, ...], do_apply: bool) -> None:
+    """Print the backend-side set-up for forwarding.engine: kernel (direct
+    server return); with --apply, apply it on this host (docs/kernel.md)."""
+    from anycast_lb.kernel import backend  # deferred: keeps the other commands light
+
+    try:
+        addrs = [ipaddress.IPv4Address(v) for v in vips]
+    except ValueError as exc:
+        click.echo(f"anycast-lb: --vip: {exc} (an IPv4 address)", err=True)
+        sys.exit(EXIT_CONFIG)
+    text = backend.script(addrs)
+    if not do_apply:
+        click.echo(text, nl=False)
+        return
+    import subprocess
+
+    try:
+        for a in addrs:
+            done = subprocess.run(backend.vip_argv(a), capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise OSError(f"{' '.join(backend.vip_argv(a))}: {done.stderr.strip()}")
+        for key, value in backend.SYSCTLS:
+            (Path("/proc/sys") / key).write_text(f"{value}\n")
+    except OSError as exc:
+        click.echo(f"anycast-lb: backend-setup: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(text, nl=False)
+    click.echo("# applied", err=True)
 
 
 @main.command("status-schema")

@@ -496,6 +496,25 @@ class BgpConfig(_Model):
 class Engine(str, Enum):
     RELAY = "relay"
     ASYNCIO = "asyncio"
+    KERNEL = "kernel"
+
+
+class KernelEngineConfig(_Model):
+    """``forwarding.engine: kernel``: Maglev in nftables with direct server
+    return (docs/kernel.md). IPv4 backends on the interface's L2 segment,
+    each holding the VIP on ``lo`` (``anycast-lb backend-setup``)."""
+
+    interface: str = Field(pattern=_IFNAME_RE)
+    """The LAN-facing interface: VIP packets arrive on it and leave on it
+    for the backend (netdev ingress hook)."""
+    table: str = Field(default="anycast_lb_fwd", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+    """Name of the ``netdev`` nftables table the node owns (created and deleted whole)."""
+    flow_timeout: Annotated[StrictInt, Field(ge=1, le=86400)] = 300
+    """Seconds an idle flow stays in the per-node flow map (keeps a drained
+    backend's flows on it)."""
+    flow_map_size: Annotated[StrictInt, Field(ge=1024, le=16_777_216)] = 262144
+    """Most flows per service in the per-node flow map; past it new flows
+    are not learned (they still follow the tables)."""
 
 
 class ForwardingConfig(_Model):
@@ -504,7 +523,11 @@ class ForwardingConfig(_Model):
     engine: Engine = Engine.RELAY
     """``relay``: a dedicated non-blocking epoll loop in its own thread, with
     zero-copy ``os.splice`` (Linux). ``asyncio``: asyncio Protocols on the
-    node's event loop (portable; used automatically where epoll is missing)."""
+    node's event loop (portable; used automatically where epoll is missing).
+    ``kernel``: packets forwarded by nftables to a backend on the same L2
+    segment, which answers the client directly (docs/kernel.md)."""
+    kernel: KernelEngineConfig | None = None
+    """Required with ``engine: kernel``."""
     splice: StrictBool = True
     """relay only: move bytes with ``os.splice`` through a pipe where the
     platform has it; else ``recv_into``/``send`` through a user buffer."""
@@ -687,9 +710,50 @@ class NodeConfig(_Model):
                     "cluster.flow_survival: false)"
                 )
         problems += self._election_problems()
+        problems += self._kernel_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _kernel_problems(self) -> list[str]:
+        """What ``forwarding.engine: kernel`` cannot honour: it forwards
+        packets unchanged at L2 (direct server return), so the backend port
+        is the VIP port, no header can be added, no connect can be retried on
+        another backend, and one table serves the node (no worker processes)."""
+        fwd = self.forwarding
+        if fwd.engine is not Engine.KERNEL:
+            if fwd.kernel is not None:
+                return ["forwarding.kernel is only read with forwarding.engine: kernel"]
+            return []
+        problems = []
+        if fwd.kernel is None:
+            problems.append("forwarding.engine: kernel needs a forwarding.kernel section "
+                            "(at least interface: the LAN-facing interface)")
+        if fwd.workers > 1:
+            problems.append(f"forwarding.workers: {fwd.workers} cannot be combined with "
+                            "forwarding.engine: kernel (the kernel forwards; set workers: 1)")
+        if self.cluster is not None and self.cluster.flow_survival:
+            problems.append("cluster.flow_survival: true cannot be combined with "
+                            "forwarding.engine: kernel (every node hashes a flow to the same "
+                            "backend: nothing to steer; set cluster.flow_survival: false)")
+        for service in self.services:
+            where = f"service {service.name!r}"
+            if service.proxy_protocol:
+                problems.append(f"{where}: proxy_protocol cannot be sent by forwarding.engine: "
+                                "kernel (packets reach the backend unchanged)")
+            if service.vip.version != 4:
+                problems.append(f"{where}: forwarding.engine: kernel supports IPv4 VIPs only "
+                                "for now")
+            for backend in service.backends:
+                if backend.address.version != 4:
+                    problems.append(f"{where}: backend {backend.key}: forwarding.engine: kernel "
+                                    "supports IPv4 backends only for now")
+                if backend.port != service.port:
+                    problems.append(
+                        f"{where}: backend {backend.key}: forwarding.engine: kernel forwards at "
+                        f"L2 (direct server return), so the backend port must be the VIP port "
+                        f"{service.port}")
+        return problems
 
     def _election_problems(self) -> list[str]:
         l2 = [s for s in self.services if s.announce.via is AnnounceVia.L2]

@@ -16,6 +16,8 @@
     +-- ClusterError           the flow-survival cluster cannot run its part
     |   +-- ClusterWireError   a sync datagram is malformed
     |       +-- ClusterAuthError   its MAC is wrong or its key unknown
+    +-- KernelEngineError      the kernel engine's nftables table cannot be
+    |                          checked, loaded or changed
     +-- ConsensusError         the etcd cluster cannot answer as asked
     |   +-- ConsensusUnavailable   no answer within request_timeout (etcd down,
     |   |                          unreachable, or without quorum)
@@ -92,6 +94,11 @@ class UnsafeAttribute(AnnouncerError):
 
 class ClusterError(AnycastLBError):
     """The cluster cannot run its part (sync bind, nftables, policy routing)."""
+
+
+class KernelEngineError(AnycastLBError):
+    """The kernel engine cannot run: nft or the kernel lacks what its table
+    needs, or a transaction was refused (the kernel is then unchanged)."""
 
 
 class ClusterWireError(ClusterError):
