@@ -315,7 +315,11 @@ class _Conn(Pump):
 
     def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock,
                  peer: tuple[str, int], local: tuple[str, int]) -> None:
-        Pump.__init__(self, loop)
+        # Pump.__init__, inline (one call less per connection).
+        self.loop = loop
+        self.up: Direction | None = None
+        self.down: Direction | None = None
+        self.traffic = False
         self.fwd = fwd
         self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
         self.client = client
