@@ -386,7 +386,7 @@ class Connection(Generic[B]):
 
     __slots__ = (
         "connect_timeout", "proxy_protocol", "replay_limit", "idle_sweeps", "phase",
-        "backend", "remaining", "replaying", "kept", "kept_len", "client_eof", "backend_eof",
+        "backend", "candidates", "tried", "replaying", "kept", "kept_len", "client_eof", "backend_eof",
         "quiet",
     )
 
@@ -404,9 +404,11 @@ class Connection(Generic[B]):
         self.phase = _NEW
         self.backend: B | None = None
         """The backend of the current attempt or connection."""
-        self.remaining: list[B] = []
-        """Candidates not tried yet, the next last (for a failed attempt or a
-        redispatch)."""
+        self.candidates: Sequence[B] = ()
+        """The candidates, in order (``Accepted``; not copied: the engine
+        hands over the sequence)."""
+        self.tried = 0
+        """Candidates tried so far (for a failed attempt or a redispatch)."""
         self.replaying = True
         """True until the backend's first byte, its EOF or the copy passing
         ``replay_limit``: ``ClientData`` is wanted."""
@@ -493,12 +495,13 @@ class Connection(Generic[B]):
                     return _CONNECTED  # the common case
                 return self._connected()
             if kind is ConnectFailed or kind is ConnectTimeout:
-                remaining = self.remaining
-                if not remaining:
+                tried = self.tried
+                if tried >= len(self.candidates):
                     self.phase = _CLOSED
                     self.backend = None
                     return _FAIL_THEN_REJECT
-                self.backend = remaining.pop()
+                self.backend = self.candidates[tried]
+                self.tried = tried + 1
                 return _FAIL_THEN_CONNECT
             if kind is ClientData:
                 data = event.data  # type: ignore[union-attr]
@@ -526,9 +529,9 @@ class Connection(Generic[B]):
             if not candidates:
                 self.phase = _CLOSED
                 return _REJECT_NO_BACKEND
-            self.remaining = remaining = list(candidates)
-            remaining.reverse()  # popped from the end
-            self.backend = remaining.pop()
+            self.candidates = candidates
+            self.backend = candidates[0]
+            self.tried = 1
             self.phase = _CONNECTING
             return _CONNECT
         raise self._bad(event)
@@ -563,9 +566,11 @@ class Connection(Generic[B]):
     def _redispatch(self) -> tuple[Action, ...]:
         """The backend reset the connection: connect to the next candidate and
         replay the copy, if nothing came back yet; else reset the client."""
-        if not (self.replaying and self.remaining):
+        tried = self.tried
+        if not (self.replaying and tried < len(self.candidates)):
             return self._close(reset=True)
-        self.backend = self.remaining.pop()
+        self.backend = self.candidates[tried]
+        self.tried = tried + 1
         self.phase = _CONNECTING
         return _REDISPATCH
 
