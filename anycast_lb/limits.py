@@ -303,8 +303,12 @@ class Slots:
         the cap is full too), ``"cap"`` at the cap.
         """
         sources = self.sources
-        if sources is None:
-            return None if self.take() else "cap"
+        if sources is None:  # the common case, inline: it runs per connection
+            cap = self.cap
+            if cap is not None and self.used >= cap:
+                return "cap"
+            self.used += 1
+            return None
         key = self.source(host)
         if not sources.take(key):
             return "source_cap"

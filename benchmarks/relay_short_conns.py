@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/relay_short_conns.py [--connections 3000]
         [--concurrency 20] [--no-splice] [--proxy-protocol] [--timeout 120]
+        [--no-gc]
 
 This process runs one ``RelayLoop`` and one ``RelayForwarder`` bound to
 127.0.0.1 (port 0, read back). A child process (this script with
@@ -15,12 +16,23 @@ process, so its CPU time (utime + stime of every thread, from
 Prints one JSON object: ``connections`` completed, ``errors``, ``cpu_s``,
 ``us_per_conn`` (CPU microseconds per connection), ``wall_s``. To compare two
 trees, run it with ``PYTHONPATH`` pointing at each, alternating.
+
+CPU time on a shared machine moves with the load; instruction counts do
+not. ``--no-gc`` turns the forwarder process's garbage collector off (its
+runs depend on allocation timing), and valgrind's callgrind (which follows
+only this process, not the load child) counts its instructions; two runs
+give the count per connection, (I(2500) - I(500)) / 2000::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python benchmarks/relay_short_conns.py --connections 500 \
+        --timeout 800 --no-gc    # then --connections 2500: "Collected : I"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import sys
@@ -79,6 +91,8 @@ async def _load(args: argparse.Namespace) -> None:
 
 
 async def _forward(args: argparse.Namespace) -> None:
+    if args.no_gc:
+        gc.disable()
     from anycast_lb.config import ForwardingConfig, ServiceConfig
     from anycast_lb.forward.relay import RelayForwarder, RelayLoop
     from anycast_lb.pool import Pool
@@ -130,6 +144,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--no-splice", dest="splice", action="store_false")
     parser.add_argument("--proxy-protocol", action="store_true")
+    parser.add_argument("--no-gc", action="store_true",
+                        help="garbage collector off in the forwarder process (for callgrind)")
     args = parser.parse_args()
     if not 0 < args.connections <= 100_000 or not 0 < args.concurrency <= 200:
         parser.error("connections must be in 1..100000 and concurrency in 1..200")

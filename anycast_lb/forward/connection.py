@@ -7,7 +7,9 @@ the actions it returns; it owns no socket, reads no clock and logs nothing
 as events: a connect attempt's deadline passing (``ConnectTimeout``) and one
 idle sweep passing (``IdleSweep``).
 
-States and transitions (``phase``)::
+States and transitions (``phase``); ``ConnectTo(b)`` is the shared
+``CONNECT_TO`` with ``backend`` set to b, and the counters' (b) is the
+backend the event was about (``backend`` before it: see ``Connection``)::
 
                  Accepted([])                      CountReject(NO_BACKEND)
         NEW ------------------------------------------------------------> CLOSED
@@ -68,7 +70,8 @@ after ``idle_sweeps + 1`` quiet sweeps: idle_timeout to idle_timeout *
 are not swept: each attempt is bounded by ``connect_timeout``.
 
 Counters: the machine emits ``CountReject``, ``CountFailure``,
-``CountConnected`` and ``CountReleased``; the engine applies them to the
+``CountConnected`` and ``CountReleased`` (shared instances: no action is
+allocated per connection, so they carry no backend); the engine applies them to the
 forwarder's ``rejected_*`` counters and the pool's ``Backend`` counters
 (``connect_failures``, ``connections_total``, ``active_connections``).
 ``accepted`` is counted by the engine when it accepts.
@@ -222,12 +225,10 @@ Event = (
 
 
 @dataclass(slots=True)
-class ConnectTo(Generic[B]):
-    """Open a backend socket and connect it to ``backend`` within ``timeout`` s;
-    report ``Connected``, ``ConnectFailed`` or ``ConnectTimeout``."""
-
-    backend: B
-    timeout: float
+class ConnectTo:
+    """Open a backend socket and connect it to the new ``Connection.backend``
+    within ``Connection.connect_timeout`` s; report ``Connected``,
+    ``ConnectFailed`` or ``ConnectTimeout``."""
 
 
 @dataclass(slots=True)
@@ -285,30 +286,25 @@ class CountReject:
 
 
 @dataclass(slots=True)
-class CountFailure(Generic[B]):
-    """``backend.connect_failures += 1`` (a failed attempt, or a reset before
-    the first byte)."""
-
-    backend: B
+class CountFailure:
+    """``backend.connect_failures += 1`` for the event's backend (a failed
+    attempt, or a reset before the first byte)."""
 
 
 @dataclass(slots=True)
-class CountConnected(Generic[B]):
-    """``backend.connections_total += 1`` and ``backend.active_connections += 1``."""
-
-    backend: B
+class CountConnected:
+    """``backend.connections_total += 1`` and ``backend.active_connections += 1``
+    for the event's backend."""
 
 
 @dataclass(slots=True)
-class CountReleased(Generic[B]):
-    """``backend.active_connections -= 1``."""
-
-    backend: B
+class CountReleased:
+    """``backend.active_connections -= 1`` for the event's backend."""
 
 
 Action = (
-    ConnectTo[B] | SendProxyHeader | Replay | StartPump | StopPump | StopReplay | ShutdownWrite
-    | Close | CountReject | CountFailure[B] | CountConnected[B] | CountReleased[B]
+    ConnectTo | SendProxyHeader | Replay | StartPump | StopPump | StopReplay | ShutdownWrite
+    | Close | CountReject | CountFailure | CountConnected | CountReleased
 )
 
 # Shared instances of the events and actions without a varying field: the
@@ -324,6 +320,10 @@ BACKEND_ERROR = BackendError()
 CLIENT_CLOSED = ClientClosed()
 BACKEND_CLOSED = BackendClosed()
 ABORT = Abort()
+CONNECT_TO = ConnectTo()
+COUNT_FAILURE = CountFailure()
+COUNT_CONNECTED = CountConnected()
+COUNT_RELEASED = CountReleased()
 SEND_PROXY_HEADER = SendProxyHeader()
 STOP_PUMP = StopPump()
 STOP_REPLAY = StopReplay()
@@ -331,30 +331,43 @@ _PUMP_BOTH = StartPump(read_client=True)
 _PUMP_BACKEND_ONLY = StartPump(read_client=False)
 _SHUT_BACKEND = ShutdownWrite(Side.BACKEND)
 _SHUT_CLIENT = ShutdownWrite(Side.CLIENT)
-# Shared results of the common transitions (no tuple built per connection).
-_ONLY_SHUT_BACKEND = (_SHUT_BACKEND,)
-_ONLY_SHUT_CLIENT = (_SHUT_CLIENT,)
-_ONLY_STOP_REPLAY = (STOP_REPLAY,)
-_STOP_REPLAY_SHUT_CLIENT = (STOP_REPLAY, _SHUT_CLIENT)
 _CLOSE = {
     (side, reset): Close(side, reset) for side in Side for reset in (False, True)
 }
 _NO_BACKEND = CountReject(Reject.NO_BACKEND)
 _CONNECT_FAILED = CountReject(Reject.CONNECT_FAILED)
+# The results of the transitions, built once: no action and no tuple is
+# allocated per connection (the machine runs about six times per short
+# connection).
 _NOTHING: tuple[()] = ()
-_CLOSE_BOTH = {
+_ONLY_SHUT_BACKEND = (_SHUT_BACKEND,)
+_ONLY_SHUT_CLIENT = (_SHUT_CLIENT,)
+_ONLY_STOP_REPLAY = (STOP_REPLAY,)
+_STOP_REPLAY_SHUT_CLIENT = (STOP_REPLAY, _SHUT_CLIENT)
+_CONNECT = (CONNECT_TO,)
+_FAIL_THEN_CONNECT = (COUNT_FAILURE, CONNECT_TO)
+_CONNECTED = (COUNT_CONNECTED, _PUMP_BOTH)
+_REJECT_NO_BACKEND = (_NO_BACKEND, _CLOSE[Side.CLIENT, True])
+_REJECT_CONNECT_FAILED = (_CONNECT_FAILED, _CLOSE[Side.CLIENT, True])
+_FAIL_THEN_REJECT = (COUNT_FAILURE, *_REJECT_CONNECT_FAILED)
+_REDISPATCH = (COUNT_FAILURE, COUNT_RELEASED, _CLOSE[Side.BACKEND, True], STOP_PUMP, CONNECT_TO)
+_ABANDON = {  # closing while connecting
     reset: (_CLOSE[Side.CLIENT, reset], _CLOSE[Side.BACKEND, reset]) for reset in (False, True)
 }
+_RELEASE = {  # closing while relaying
+    reset: (COUNT_RELEASED, *_ABANDON[reset]) for reset in (False, True)
+}
+_RELEASE_FIN = _RELEASE[False]
+_STOP_REPLAY_RELEASE_FIN = (STOP_REPLAY, *_RELEASE_FIN)
 # Enum members as module constants: reading a member through its class
 # costs about 70 ns on CPython 3.11, and the machine runs per connection.
 _NEW, _CONNECTING, _RELAYING, _CLOSED = Phase.NEW, Phase.CONNECTING, Phase.RELAYING, Phase.CLOSED
-_CLIENT_RESET_ONLY = (_CLOSE[Side.CLIENT, True],)
 
 
 class Connection(Generic[B]):
     """One proxied TCP connection's rules (see the module docstring).
 
-    ``connect_timeout``: s per attempt (the ``ConnectTo`` timeout);
+    ``connect_timeout``: s per attempt (for ``ConnectTo``);
     ``proxy_protocol``: send a PROXY v2 header first on every attempt;
     ``replay_limit``: bytes kept for a redispatch; ``idle_sweeps``: quiet
     sweeps tolerated (the next resets the connection).
@@ -362,11 +375,18 @@ class Connection(Generic[B]):
     ``handle(event)`` returns the actions to carry out, in order. Raises
     ConnectionStateError for an event that cannot happen in the current
     phase; events after CLOSED return no action.
+
+    Backends: the actions are shared instances and name no backend. The
+    counters (``CountFailure``, ``CountConnected``, ``CountReleased``) are
+    about the event's backend: ``backend`` as it was before ``handle``;
+    ``ConnectTo`` is about the next attempt's: ``backend`` after it. An
+    engine reads ``backend`` before feeding an event when it applies
+    counters.
     """
 
     __slots__ = (
         "connect_timeout", "proxy_protocol", "replay_limit", "idle_sweeps", "phase",
-        "backend", "remaining", "replaying", "kept", "kept_len", "client_eof", "backend_eof",
+        "backend", "candidates", "tried", "replaying", "kept", "kept_len", "client_eof", "backend_eof",
         "quiet",
     )
 
@@ -384,8 +404,11 @@ class Connection(Generic[B]):
         self.phase = _NEW
         self.backend: B | None = None
         """The backend of the current attempt or connection."""
-        self.remaining: list[B] = []
-        """Candidates not tried yet (for a failed attempt or a redispatch)."""
+        self.candidates: Sequence[B] = ()
+        """The candidates, in order (``Accepted``; not copied: the engine
+        hands over the sequence)."""
+        self.tried = 0
+        """Candidates tried so far (for a failed attempt or a redispatch)."""
         self.replaying = True
         """True until the backend's first byte, its EOF or the copy passing
         ``replay_limit``: ``ClientData`` is wanted."""
@@ -402,38 +425,60 @@ class Connection(Generic[B]):
     def closed(self) -> bool:
         return self.phase is _CLOSED
 
-    def handle(self, event: Event[B]) -> tuple[Action[B], ...]:
+    def handle(self, event: Event[B]) -> tuple[Action, ...]:
         """Apply ``event``; the actions to carry out, in order."""
+        # The common transitions are written inline (no helper call) and
+        # the events' fields read without a type narrowing call: this runs
+        # about six times per short connection.
         phase = self.phase
         if phase is _CLOSED:
             return _NOTHING
         kind = type(event)
         if phase is _RELAYING:
             if kind is ClientData:
-                assert isinstance(event, ClientData)
-                return self._keep(event.data)
+                if not self.replaying:
+                    return _NOTHING  # fed before the engine saw StopReplay
+                data: bytes = event.data  # type: ignore[union-attr]
+                self.kept.append(data)
+                self.kept_len += len(data)
+                if self.kept_len > self.replay_limit:
+                    return self._stop_replay()
+                return _NOTHING
             if kind is BackendFirstByte:
-                return self._stop_replay() if self.replaying else _NOTHING
+                if self.replaying:
+                    self.replaying = False
+                    self.kept = []
+                    self.kept_len = 0
+                    return _ONLY_STOP_REPLAY
+                return _NOTHING
             if kind is ClientEof:
                 if self.client_eof:
                     raise self._bad(event)
                 self.client_eof = True
                 if self.backend_eof:
-                    return self._close(reset=False)
+                    self.phase = _CLOSED
+                    return _RELEASE_FIN
                 return _ONLY_SHUT_BACKEND
             if kind is BackendEof:
                 if self.backend_eof:
                     raise self._bad(event)
                 self.backend_eof = True
-                stop = self._stop_replay() if self.replaying else _NOTHING
+                if self.replaying:
+                    self.replaying = False
+                    self.kept = []
+                    self.kept_len = 0
+                    if self.client_eof:
+                        self.phase = _CLOSED
+                        return _STOP_REPLAY_RELEASE_FIN
+                    return _STOP_REPLAY_SHUT_CLIENT
                 if self.client_eof:
-                    return stop + self._close(reset=False)
-                return _STOP_REPLAY_SHUT_CLIENT if stop else _ONLY_SHUT_CLIENT
+                    self.phase = _CLOSED
+                    return _RELEASE_FIN
+                return _ONLY_SHUT_CLIENT
             if kind is BackendReset:
                 return self._redispatch()
             if kind is IdleSweep:
-                assert isinstance(event, IdleSweep)
-                self.quiet = 1 if event.traffic else self.quiet + 1
+                self.quiet = 1 if event.traffic else self.quiet + 1  # type: ignore[union-attr]
                 if self.quiet > self.idle_sweeps:
                     return self._close(reset=True)
                 return _NOTHING
@@ -444,18 +489,26 @@ class Connection(Generic[B]):
             raise self._bad(event)
         if phase is _CONNECTING:
             if kind is Connected:
+                self.phase = _RELAYING
+                self.quiet = 0
+                if not (self.proxy_protocol or self.kept or self.client_eof):
+                    return _CONNECTED  # the common case
                 return self._connected()
             if kind is ConnectFailed or kind is ConnectTimeout:
-                failed = self.backend
-                assert failed is not None
-                self.backend = None
-                return (CountFailure(failed), *self._connect_next())
+                tried = self.tried
+                if tried >= len(self.candidates):
+                    self.phase = _CLOSED
+                    self.backend = None
+                    return _FAIL_THEN_REJECT
+                self.backend = self.candidates[tried]
+                self.tried = tried + 1
+                return _FAIL_THEN_CONNECT
             if kind is ClientData:
-                assert isinstance(event, ClientData)
+                data = event.data  # type: ignore[union-attr]
                 # Read while connecting: always delivered on connect, and a
                 # replay copy only within the limit.
-                self.kept.append(event.data)
-                self.kept_len += len(event.data)
+                self.kept.append(data)
+                self.kept_len += len(data)
                 if self.kept_len > self.replay_limit:
                     self.replaying = False
                 return _NOTHING
@@ -472,32 +525,22 @@ class Connection(Generic[B]):
                 return self._close(reset=True)
             raise self._bad(event)
         if kind is Accepted:
-            assert isinstance(event, Accepted)
-            self.remaining = list(event.candidates)
-            if not self.remaining:
+            candidates = event.candidates  # type: ignore[union-attr]
+            if not candidates:
                 self.phase = _CLOSED
-                return (_NO_BACKEND, *_CLIENT_RESET_ONLY)
-            return self._connect_next()
+                return _REJECT_NO_BACKEND
+            self.candidates = candidates
+            self.backend = candidates[0]
+            self.tried = 1
+            self.phase = _CONNECTING
+            return _CONNECT
         raise self._bad(event)
 
     # -- transitions ---------------------------------------------------------
 
-    def _connect_next(self) -> tuple[Action[B], ...]:
-        if not self.remaining:
-            self.phase = _CLOSED
-            return (_CONNECT_FAILED, *_CLIENT_RESET_ONLY)
-        self.backend = backend = self.remaining.pop(0)
-        self.phase = _CONNECTING
-        return (ConnectTo(backend, self.connect_timeout),)
-
-    def _connected(self) -> tuple[Action[B], ...]:
-        backend = self.backend
-        assert backend is not None
-        self.phase = _RELAYING
-        self.quiet = 0
-        if not (self.proxy_protocol or self.kept or self.client_eof):
-            return (CountConnected(backend), _PUMP_BOTH)  # the common case
-        actions: list[Action[B]] = [CountConnected(backend)]
+    def _connected(self) -> tuple[Action, ...]:
+        """Connected with a header, kept bytes or the client's EOF to send."""
+        actions: list[Action] = [COUNT_CONNECTED]
         if self.proxy_protocol:
             actions.append(SEND_PROXY_HEADER)
         if self.kept:
@@ -514,47 +557,33 @@ class Connection(Generic[B]):
         actions.append(_PUMP_BACKEND_ONLY if self.client_eof else _PUMP_BOTH)
         return tuple(actions)
 
-    def _keep(self, data: bytes) -> tuple[Action[B], ...]:
-        if not self.replaying:
-            return _NOTHING  # fed before the engine saw StopReplay
-        self.kept.append(data)
-        self.kept_len += len(data)
-        if self.kept_len > self.replay_limit:
-            return self._stop_replay()
-        return _NOTHING
-
-    def _stop_replay(self) -> tuple[Action[B], ...]:
-        if not self.replaying:
-            return _NOTHING
+    def _stop_replay(self) -> tuple[Action, ...]:
         self.replaying = False
         self.kept = []
         self.kept_len = 0
         return _ONLY_STOP_REPLAY
 
-    def _redispatch(self) -> tuple[Action[B], ...]:
+    def _redispatch(self) -> tuple[Action, ...]:
         """The backend reset the connection: connect to the next candidate and
         replay the copy, if nothing came back yet; else reset the client."""
-        backend = self.backend
-        assert backend is not None
-        if not (self.replaying and self.remaining):
+        tried = self.tried
+        if not (self.replaying and tried < len(self.candidates)):
             return self._close(reset=True)
-        self.backend = None
-        return (
-            CountFailure(backend), CountReleased(backend), _CLOSE[Side.BACKEND, True],
-            STOP_PUMP, *self._connect_next(),
-        )
+        self.backend = self.candidates[tried]
+        self.tried = tried + 1
+        self.phase = _CONNECTING
+        return _REDISPATCH
 
-    def _close(self, reset: bool) -> tuple[Action[B], ...]:
+    def _close(self, reset: bool) -> tuple[Action, ...]:
         """Close both sides (and abandon a connect attempt)."""
-        was, backend = self.phase, self.backend
+        was = self.phase
         self.phase = _CLOSED
         if self.kept:
             self.kept = []
             self.kept_len = 0
-        assert backend is not None  # CONNECTING and RELAYING always have one
         if was is _RELAYING:
-            return (CountReleased(backend), *_CLOSE_BOTH[reset])
-        return _CLOSE_BOTH[reset]
+            return _RELEASE[reset]
+        return _ABANDON[reset]
 
     def _bad(self, event: Event[B]) -> ConnectionStateError:
         return ConnectionStateError(

@@ -70,12 +70,13 @@ class Direction:
         "tap", "live", "upstream", "counters",
     )
 
-    def __init__(self, src: Socket, dst: Socket, upstream: bool, counters: Counters, *,
-                 copy: bool, tap: bool) -> None:
+    def __init__(self, src: Socket, dst: Socket, sfd: int, dfd: int, upstream: bool,
+                 counters: Counters, copy: bool, tap: bool) -> None:
         self.src = src
         self.dst = dst
-        self.sfd = src.fileno()
-        self.dfd = dst.fileno()
+        self.sfd = sfd
+        """src.fileno(), dst.fileno(): the owner knows them already."""
+        self.dfd = dfd
         self.upstream = upstream
         self.counters = counters
         self.pipe: tuple[int, int] | None = None

@@ -187,6 +187,12 @@ class Reactor:
         self._handlers.pop(fd, None)
         self._owners.pop(fd, None)
 
+    def retire(self, fd: int, sock: _Closable) -> None:
+        """``forget(fd)`` and ``doom(sock)`` in one call (a closing connection)."""
+        self._handlers.pop(fd, None)
+        self._owners.pop(fd, None)
+        self._doomed.append(sock)
+
     def doom(self, sock: _Closable) -> None:
         """Close ``sock`` after this batch of events: closing it now would
         free its fd number for a socket accepted later in the same batch,

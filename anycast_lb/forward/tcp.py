@@ -433,6 +433,7 @@ class _Relay(asyncio.Protocol):
 
     def feed(self, event: Event[Backend]) -> None:
         """Feed ``event`` to the machine and carry out its actions."""
+        backend = self.machine.backend  # the event's backend, for the counters
         try:
             actions = self.machine.handle(event)
         except ConnectionStateError as exc:  # a bug must not leave a half-open connection
@@ -440,9 +441,10 @@ class _Relay(asyncio.Protocol):
             self._abort_transports()
             return
         for action in actions:
-            self._do(action)
+            self._do(action, backend)
 
-    def _do(self, action: Action[Backend]) -> None:
+    def _do(self, action: Action, backend: Backend | None) -> None:
+        """Carry out ``action``; ``backend``: the machine's before the event."""
         fwd = self.fwd
         kind = type(action)
         if kind is Close:
@@ -469,22 +471,23 @@ class _Relay(asyncio.Protocol):
         elif kind is Replay:
             assert isinstance(action, Replay) and self.upstream is not None
             self.upstream.write(action.data)
-            backend = self.machine.backend
-            assert backend is not None
-            backend.bytes_in += len(action.data)
+            current = self.machine.backend
+            assert current is not None
+            current.bytes_in += len(action.data)
         elif kind is ConnectTo:
-            assert isinstance(action, ConnectTo)
-            self.connecting = fwd._spawn(self, action.backend, action.timeout)
+            current = self.machine.backend
+            assert current is not None
+            self.connecting = fwd._spawn(self, current, self.machine.connect_timeout)
         elif kind is CountConnected:
-            assert isinstance(action, CountConnected)
-            action.backend.active_connections += 1
-            action.backend.connections_total += 1
+            assert backend is not None
+            backend.active_connections += 1
+            backend.connections_total += 1
         elif kind is CountReleased:
-            assert isinstance(action, CountReleased)
-            action.backend.active_connections -= 1
+            assert backend is not None
+            backend.active_connections -= 1
         elif kind is CountFailure:
-            assert isinstance(action, CountFailure)
-            action.backend.connect_failures += 1
+            assert backend is not None
+            backend.connect_failures += 1
         elif kind is CountReject:
             assert isinstance(action, CountReject)
             if action.reason is Reject.NO_BACKEND:

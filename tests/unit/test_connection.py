@@ -21,7 +21,11 @@ from anycast_lb.forward.connection import (
     CLIENT_EOF,
     CLIENT_RESET,
     CONNECT_TIMEOUT,
+    CONNECT_TO,
     CONNECTED,
+    COUNT_CONNECTED,
+    COUNT_FAILURE,
+    COUNT_RELEASED,
     Accepted,
     Action,
     ClientData,
@@ -50,20 +54,49 @@ T = 2.5  # connect timeout (s)
 LIMIT = 10  # replay limit (bytes)
 SWEEPS = 2  # idle sweeps tolerated
 C, BK = Side.CLIENT, Side.BACKEND
-FIN_BOTH: tuple[Action[str], ...] = (CountReleased("b1"), Close(C, False), Close(BK, False))
-RST_BOTH: tuple[Action[str], ...] = (CountReleased("b1"), Close(C, True), Close(BK, True))
-ABANDON: tuple[Action[str], ...] = (Close(C, True), Close(BK, True))
+Step = Action | tuple[Action, str]
+"""An action, or a counter or connect with the backend it is about."""
+FIN_BOTH: tuple[Step, ...] = ((COUNT_RELEASED, "b1"), Close(C, False), Close(BK, False))
+RST_BOTH: tuple[Step, ...] = ((COUNT_RELEASED, "b1"), Close(C, True), Close(BK, True))
+ABANDON: tuple[Step, ...] = (Close(C, True), Close(BK, True))
 
 
 def machine(proxy: bool = False) -> Connection[str]:
     return Connection(T, proxy_protocol=proxy, replay_limit=LIMIT, idle_sweeps=SWEEPS)
 
 
-def feed(conn: Connection[str], events: list[Event[str]]) -> list[Action[str]]:
-    actions: list[Action[str]] = []
+def step(conn: Connection[str], event: Event[str]) -> tuple[Step, ...]:
+    """``conn.handle(event)``, each counter paired with the backend it is
+    about (the machine's before the event) and each connect with the
+    backend to connect (after it), as an engine applies them."""
+    before = conn.backend
+    actions = conn.handle(event)
+    after = conn.backend
+    steps: list[Step] = []
+    for action in actions:
+        if isinstance(action, ConnectTo):
+            assert after is not None
+            steps.append((action, after))
+        elif isinstance(action, (CountConnected, CountReleased, CountFailure)):
+            assert before is not None
+            steps.append((action, before))
+        else:
+            steps.append(action)
+    return tuple(steps)
+
+
+def feed(conn: Connection[str], events: list[Event[str]]) -> list[Step]:
+    steps: list[Step] = []
     for event in events:
-        actions.extend(conn.handle(event))
-    return actions
+        steps.extend(step(conn, event))
+    return steps
+
+
+def backend_of(s: Step, kind: type) -> str | None:
+    """The backend of ``s`` if it is a ``kind`` action (paired), else None."""
+    if isinstance(s, tuple) and isinstance(s[0], kind):
+        return s[1]
+    return None
 
 
 ACCEPT: list[Event[str]] = [Accepted(["b1", "b2"])]
@@ -71,29 +104,29 @@ RELAY: list[Event[str]] = [*ACCEPT, CONNECTED]
 ANSWERED: list[Event[str]] = [*RELAY, BACKEND_FIRST_BYTE]
 
 # (id, events before, the event, its actions, phase after)
-CASES: list[tuple[str, list[Event[str]], Event[str], tuple[Action[str], ...], Phase]] = [
+CASES: list[tuple[str, list[Event[str]], Event[str], tuple[Step, ...], Phase]] = [
     # NEW
     ("no backend", [], Accepted([]), (CountReject(Reject.NO_BACKEND), Close(C, True)),
      Phase.CLOSED),
-    ("accepted", [], Accepted(["b1", "b2"]), (ConnectTo("b1", T),), Phase.CONNECTING),
+    ("accepted", [], Accepted(["b1", "b2"]), ((CONNECT_TO, "b1"),), Phase.CONNECTING),
     # CONNECTING
-    ("connected", ACCEPT, CONNECTED, (CountConnected("b1"), StartPump(True)), Phase.RELAYING),
+    ("connected", ACCEPT, CONNECTED, ((COUNT_CONNECTED, "b1"), StartPump(True)), Phase.RELAYING),
     ("refused: next", ACCEPT, ConnectFailed("refused"),
-     (CountFailure("b1"), ConnectTo("b2", T)), Phase.CONNECTING),
+     ((COUNT_FAILURE, "b1"), (CONNECT_TO, "b2")), Phase.CONNECTING),
     ("timeout: next", ACCEPT, CONNECT_TIMEOUT,
-     (CountFailure("b1"), ConnectTo("b2", T)), Phase.CONNECTING),
+     ((COUNT_FAILURE, "b1"), (CONNECT_TO, "b2")), Phase.CONNECTING),
     ("last refused", [*ACCEPT, CONNECT_TIMEOUT], ConnectFailed("refused"),
-     (CountFailure("b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
+     ((COUNT_FAILURE, "b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
     ("data while connecting is kept", ACCEPT, ClientData(b"abc"), (), Phase.CONNECTING),
     ("kept data is sent on connect", [*ACCEPT, ClientData(b"ab"), ClientData(b"c")], CONNECTED,
-     (CountConnected("b1"), Replay(b"abc"), StartPump(True)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b1"), Replay(b"abc"), StartPump(True)), Phase.RELAYING),
     ("held past the limit: sent, not kept", [*ACCEPT, ClientData(b"x" * 11)], CONNECTED,
-     (CountConnected("b1"), Replay(b"x" * 11), StopReplay(), StartPump(True)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b1"), Replay(b"x" * 11), StopReplay(), StartPump(True)), Phase.RELAYING),
     ("eof while connecting is remembered", ACCEPT, CLIENT_EOF, (), Phase.CONNECTING),
     ("remembered eof on connect", [*ACCEPT, ClientData(b"q"), CLIENT_EOF], CONNECTED,
-     (CountConnected("b1"), Replay(b"q"), ShutdownWrite(BK), StartPump(False)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b1"), Replay(b"q"), ShutdownWrite(BK), StartPump(False)), Phase.RELAYING),
     ("proxy header first", ACCEPT, CONNECTED,
-     (CountConnected("b1"), SendProxyHeader(), StartPump(True)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b1"), SendProxyHeader(), StartPump(True)), Phase.RELAYING),
     ("connecting is not swept", ACCEPT, IdleSweep(False), (), Phase.CONNECTING),
     ("client reset while connecting", ACCEPT, CLIENT_RESET, ABANDON, Phase.CLOSED),
     ("client closed while connecting", ACCEPT, CLIENT_CLOSED,
@@ -108,19 +141,19 @@ CASES: list[tuple[str, list[Event[str]], Event[str], tuple[Action[str], ...], Ph
     ("data after the copy stopped", ANSWERED, ClientData(b"late"), (), Phase.RELAYING),
     # RELAYING: redispatch
     ("reset before answering: redispatch", [*RELAY, ClientData(b"hi")], BACKEND_RESET,
-     (CountFailure("b1"), CountReleased("b1"), Close(BK, True), StopPump(), ConnectTo("b2", T)),
+     ((COUNT_FAILURE, "b1"), (COUNT_RELEASED, "b1"), Close(BK, True), StopPump(), (CONNECT_TO, "b2")),
      Phase.CONNECTING),
     ("redispatch replays the copy", [*RELAY, ClientData(b"hi"), BACKEND_RESET], CONNECTED,
-     (CountConnected("b2"), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b2"), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
     ("redispatch: header again, then the copy",
      [*RELAY, ClientData(b"hi"), BACKEND_RESET], CONNECTED,
-     (CountConnected("b2"), SendProxyHeader(), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
+     ((COUNT_CONNECTED, "b2"), SendProxyHeader(), Replay(b"hi"), StartPump(True)), Phase.RELAYING),
     ("redispatch after client eof", [*RELAY, ClientData(b"hi"), CLIENT_EOF, BACKEND_RESET],
      CONNECTED,
-     (CountConnected("b2"), Replay(b"hi"), ShutdownWrite(BK), StartPump(False)),
+     ((COUNT_CONNECTED, "b2"), Replay(b"hi"), ShutdownWrite(BK), StartPump(False)),
      Phase.RELAYING),
     ("redispatch fails over the rest", [*RELAY, BACKEND_RESET], ConnectFailed("refused"),
-     (CountFailure("b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
+     ((COUNT_FAILURE, "b2"), CountReject(Reject.CONNECT_FAILED), Close(C, True)), Phase.CLOSED),
     ("reset after answering", ANSWERED, BACKEND_RESET, RST_BOTH, Phase.CLOSED),
     ("reset past the limit", [*RELAY, ClientData(b"x" * 11)], BACKEND_RESET, RST_BOTH,
      Phase.CLOSED),
@@ -161,11 +194,11 @@ CASES: list[tuple[str, list[Event[str]], Event[str], tuple[Action[str], ...], Ph
 @pytest.mark.parametrize(("before", "event", "actions", "phase"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_transition(before: list[Event[str]], event: Event[str],
-                    actions: tuple[Action[str], ...], phase: Phase) -> None:
+                    actions: tuple[Step, ...], phase: Phase) -> None:
     proxy = SendProxyHeader() in actions
     conn = machine(proxy)
     feed(conn, before)
-    assert conn.handle(event) == actions
+    assert step(conn, event) == actions
     assert conn.phase is phase
 
 
@@ -250,13 +283,12 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
                                                    proxy: bool) -> None:
     backends = [f"b{i}" for i in range(candidates)]
     conn = machine(proxy)
-    trace: list[tuple[Event[str], tuple[Action[str], ...]]] = []
+    trace: list[tuple[Event[str], tuple[Step, ...]]] = []
     event: Event[str] = Accepted(backends)
     answered = False
     sent = b""  # every client byte fed, in order
     for _ in range(60):
-        actions = conn.handle(event)
-        trace.append((event, actions))
+        trace.append((event, step(conn, event)))
         if isinstance(event, ClientData):
             sent += event.data
         answered = answered or event is BACKEND_FIRST_BYTE
@@ -264,10 +296,11 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
             break
         event = data.draw(st.sampled_from(_choices(conn, answered)))
     else:
-        trace.append((ABORT, conn.handle(ABORT)))
+        trace.append((ABORT, step(conn, ABORT)))
     assert conn.closed
 
-    every = [a for _, acts in trace for a in acts]
+    steps = [a for _, acts in trace for a in acts]
+    every = [a[0] if isinstance(a, tuple) else a for a in steps]
     # Exactly one close of the client.
     assert sum(1 for a in every if isinstance(a, Close) and a.side is C) == 1
     # Every backend attempt ends exactly once: a failure event or a Close(BACKEND).
@@ -276,7 +309,7 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
              + sum(1 for a in every if isinstance(a, Close) and a.side is BK))
     assert ended == attempts
     # Candidates are tried once each, in order.
-    assert [a.backend for a in every if isinstance(a, ConnectTo)] == backends[:attempts]
+    assert [b for a in steps if (b := backend_of(a, ConnectTo))] == backends[:attempts]
     # Counters: at most one reject, for the right reason; per backend connected
     # and released balance, and a release never precedes its connect.
     rejects = [a.reason for a in every if isinstance(a, CountReject)]
@@ -285,12 +318,12 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
     if rejects == [Reject.CONNECT_FAILED]:
         assert attempts == candidates
     live: Counter[str] = Counter()
-    for a in every:
-        if isinstance(a, CountConnected):
-            live[a.backend] += 1
-        elif isinstance(a, CountReleased):
-            live[a.backend] -= 1
-            assert live[a.backend] >= 0
+    for a in steps:
+        if (b := backend_of(a, CountConnected)) is not None:
+            live[b] += 1
+        elif (b := backend_of(a, CountReleased)) is not None:
+            live[b] -= 1
+            assert live[b] >= 0
     assert all(v == 0 for v in live.values())
     failures = sum(1 for a in every if isinstance(a, CountFailure))
     redispatches = sum(1 for a in every if isinstance(a, StopPump))
@@ -305,7 +338,7 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
         if isinstance(event, ClientData):
             fed += event.data
         seen_first_byte = seen_first_byte or event is BACKEND_FIRST_BYTE
-        for a in acts:
+        for a in (s[0] if isinstance(s, tuple) else s for s in acts):
             if isinstance(a, StopReplay):
                 stopped = True
             elif isinstance(a, StopPump):
@@ -318,8 +351,8 @@ def test_random_event_sequences_keep_every_promise(candidates: int, data: st.Dat
                 assert len(a.data) <= LIMIT or not redispatched
     # The header precedes any client byte on every connect.
     for _, acts in trace:
-        if any(isinstance(a, CountConnected) for a in acts):
-            kinds = [type(a) for a in acts]
+        kinds = [type(a[0] if isinstance(a, tuple) else a) for a in acts]
+        if CountConnected in kinds:
             assert (SendProxyHeader in kinds) == proxy
             if proxy and Replay in kinds:
                 assert kinds.index(SendProxyHeader) < kinds.index(Replay)
@@ -350,4 +383,16 @@ def test_a_replay_is_resent_to_every_redispatch() -> None:
     actions = feed(conn, [Accepted(["b1", "b2", "b3"]), CONNECTED, ClientData(b"first"),
                           BACKEND_RESET, CONNECTED, ClientData(b"+"), BACKEND_RESET, CONNECTED])
     assert [a for a in actions if isinstance(a, Replay)] == [Replay(b"first"), Replay(b"first+")]
-    assert [a.backend for a in actions if isinstance(a, CountFailure)] == ["b1", "b2"]
+    assert [b for a in actions if (b := backend_of(a, CountFailure))] == ["b1", "b2"]
+
+
+def test_a_short_connection_allocates_no_action() -> None:
+    """Two short connections get the very same action tuples: the machine
+    builds nothing per connection on its common path (the relay's CPU per
+    connection, docs/performance.md)."""
+    short: list[Event[str]] = [Accepted(["b1", "b2"]), CONNECTED, ClientData(b"GET"),
+                               BACKEND_FIRST_BYTE, BACKEND_EOF, CLIENT_EOF]
+    first, second = machine(), machine()
+    for event in short:
+        assert first.handle(event) is second.handle(event)
+    assert first.closed and second.closed
