@@ -80,6 +80,20 @@ Community = Annotated[
 ]
 """An RFC 1997 community ``ASN:VALUE`` (:func:`anycast_lb.rules.check_community`,
 the rule the ExaBGP line renderer applies)."""
+LargeCommunity = Annotated[
+    str,
+    AfterValidator(rules.check_large_community),
+    Field(json_schema_extra={"pattern": rules.LARGE_COMMUNITY_PATTERN}),
+]
+"""An RFC 8092 large community ``ASN:DATA1:DATA2``
+(:func:`anycast_lb.rules.check_large_community`)."""
+ExtendedCommunity = Annotated[
+    str,
+    AfterValidator(rules.check_extended_community),
+    Field(json_schema_extra={"pattern": rules.EXTENDED_COMMUNITY_PATTERN}),
+]
+"""An RFC 4360 route target or origin ``target:ADMIN:N`` / ``origin:ADMIN:N``
+(:func:`anycast_lb.rules.check_extended_community`)."""
 Argument = Annotated[str, AfterValidator(rules.check_argument)]
 """One argv word: non-empty, no control characters."""
 
@@ -412,7 +426,15 @@ class PeerConfig(_Model):
 class AnnounceConfig(_Model):
     med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 100
     """Must be the same on every node, or ECMP drops the odd one out."""
-    communities: list[Community] = Field(default_factory=list)
+    communities: list[Community] = Field(default_factory=list, max_length=rules.MAX_COMMUNITIES)
+    large_communities: list[LargeCommunity] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES
+    )
+    """RFC 8092 large communities ``ASN:DATA1:DATA2`` (0-4294967295 each)."""
+    extended_communities: list[ExtendedCommunity] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES
+    )
+    """RFC 4360 extended communities ``target:ADMIN:N`` or ``origin:ADMIN:N``."""
     as_path_prepend: Annotated[StrictInt, Field(ge=0, le=rules.MAX_AS_PATH_PREPEND)] = 0
     withdraw_on_down: StrictBool = True
     down_med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 1000
@@ -446,6 +468,14 @@ class BgpConfig(_Model):
     local_as: Annotated[StrictInt, Field(ge=1, le=rules.MAX_U32)]
     router_id: ipaddress.IPv4Address
     local_address: IPAddress
+    """The sessions' local address; every peer must be of its family."""
+    next_hop_v4: ipaddress.IPv4Address | None = None
+    """Next hop of IPv4 VIPs; unset = ``self`` (``local_address``), which
+    needs IPv4 sessions. Set it to announce IPv4 VIPs over IPv6 sessions."""
+    next_hop_v6: ipaddress.IPv6Address | None = None
+    """Next hop of IPv6 VIPs; unset = ``self`` (``local_address``), which
+    needs IPv6 sessions. Set it (the node's IPv6 address on the peering
+    link) to announce IPv6 VIPs over IPv4 sessions: dual stack (RFC 4760)."""
     hold_time: Annotated[StrictInt, Field(ge=0, le=65535)] = 3
     """Seconds; 0 or at least 3 (RFC 4271 section 4.2)."""
     peers: list[PeerConfig] = Field(min_length=1)
@@ -473,7 +503,32 @@ class BgpConfig(_Model):
                 raise ValueError(
                     f"peer {peer.address} is not in the family of local_address {self.local_address}"
                 )
+        for hop in (self.next_hop_v4, self.next_hop_v6):
+            if hop is not None and (hop.is_unspecified or hop.is_multicast or hop.is_loopback
+                                    and not self.local_address.is_loopback):
+                raise ValueError(f"next hop {hop} cannot be a next hop")
         return self
+
+    def next_hop(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The next hop for VIPs of IP ``version`` (4 or 6); None means ``self``.
+
+        Raises ValueError if the sessions cannot carry that family: another
+        family than ``local_address``'s with no ``next_hop_v4``/``next_hop_v6``.
+        """
+        hop = self.next_hop_v4 if version == 4 else self.next_hop_v6
+        if hop is None and version != self.local_address.version:
+            raise ValueError(
+                f"IPv{version} VIPs over IPv{self.local_address.version} sessions need "
+                f"bgp.next_hop_v{version} (next-hop self is an IPv{self.local_address.version} "
+                "address)"
+            )
+        return hop
+
+    def families(self) -> tuple[int, ...]:
+        """IP versions the sessions negotiate (RFC 4760 multiprotocol): the
+        family of ``local_address``, and the other one when its next hop is set."""
+        return tuple(v for v in (4, 6) if v == self.local_address.version
+                     or (self.next_hop_v4 if v == 4 else self.next_hop_v6) is not None)
 
 
 class Engine(str, Enum):
@@ -647,13 +702,11 @@ class NodeConfig(_Model):
                 )
             listeners.add(listener)
         if self.bgp is not None:
-            family = self.bgp.local_address.version
             for service in self.services:
-                if service.vip.version != family:
-                    problems.append(
-                        f"VIP {service.vip} (service {service.name!r}) cannot be announced over "
-                        f"IPv{family} sessions from bgp.local_address {self.bgp.local_address}"
-                    )
+                try:
+                    self.bgp.next_hop(service.vip.version)
+                except ValueError as exc:
+                    problems.append(f"VIP {service.vip} (service {service.name!r}): {exc}")
         if self.cluster is not None and self.cluster.flow_survival:
             for service in self.services:
                 if service.protocol is Transport.TCP and service.vip.version != 4:

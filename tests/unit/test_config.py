@@ -152,7 +152,7 @@ def test_one_line_per_problem() -> None:
         ({"damping": {"max_suppress": 10}}, "never holds a prefix down"),
         ({"peers": [{"address": "2001:db8::5", "peer_as": 65000}]}, "not in the family of local_address"),
         ({"local_address": "2001:db8::6", "peers": [{"address": "2001:db8::5", "peer_as": 65000}]},
-         "cannot be announced over IPv6 sessions"),
+         "IPv4 VIPs over IPv6 sessions need bgp.next_hop_v4"),
     ],
     ids=["hold-time-1-2", "no-peers", "v6-router-id", "community-range", "community-injection", "damping",
          "damping-ceiling", "peer-family", "vip-family"],
