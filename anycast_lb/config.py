@@ -30,7 +30,7 @@ import math
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -134,7 +134,45 @@ class HealthKind(str, Enum):
     TCP = "tcp"
     HTTP = "http"
     EXEC = "exec"
+    UDP = "udp"
+    DNS = "dns"
     NONE = "none"
+
+
+DNS_TYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16,
+             "AAAA": 28, "SRV": 33}
+"""Query types a ``dns`` check may ask for (RFC 1035 section 3.2.2, RFC 3596, RFC 2782)."""
+
+
+class DnsRcode(str, Enum):
+    """Response codes a ``dns`` check may accept (RFC 1035 section 4.1.1)."""
+
+    NOERROR = "NOERROR"
+    FORMERR = "FORMERR"
+    SERVFAIL = "SERVFAIL"
+    NXDOMAIN = "NXDOMAIN"
+    NOTIMP = "NOTIMP"
+    REFUSED = "REFUSED"
+
+    @property
+    def code(self) -> int:
+        return list(DnsRcode).index(self)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return value
+
+
+def _hex(value: str) -> str:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not hex bytes, e.g. '0a1bff'") from None
+    return value
 
 
 def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
@@ -272,6 +310,21 @@ class HealthConfig(_Model):
     """HTTP only: Host header, ``host`` or ``host:port`` (default the backend address)."""
     command: list[Argument] | None = None
     """exec only: argv run with env BACKEND_ADDRESS, BACKEND_PORT; exit 0 = healthy."""
+    payload: Annotated[str, Field(min_length=1, max_length=1400)] | None = None
+    """udp only: the datagram sent, as UTF-8 text (``payload`` or
+    ``payload_hex`` is required: asyncio cannot send an empty datagram)."""
+    payload_hex: Annotated[str, AfterValidator(_hex), Field(min_length=2, max_length=2800)] | None = None
+    """udp only: the datagram sent, as hex bytes (instead of ``payload``)."""
+    expect: Annotated[str, AfterValidator(_regex), Field(max_length=1024)] | None = None
+    """udp only: a regular expression the reply must contain (``re.search``
+    on the reply's bytes read as Latin-1, so ``^\\x00`` matches a leading
+    zero byte); unset = any reply is healthy."""
+    query_name: Annotated[str, AfterValidator(rules.check_dns_name)] | None = None
+    """dns only: the name asked for (unset: ``.``, the root)."""
+    query_type: Literal["A", "NS", "CNAME", "SOA", "PTR", "MX", "TXT", "AAAA", "SRV"] | None = None
+    """dns only: the type asked for (unset: ``SOA``)."""
+    expect_rcode: Annotated[list[DnsRcode], Field(min_length=1)] | None = None
+    """dns only: response codes counted as healthy (unset: ``[NOERROR]``)."""
     interval: Seconds = 2.0
     fast_interval: Seconds = 0.2
     """Seconds between checks while a backend is rising or falling."""
@@ -285,6 +338,17 @@ class HealthConfig(_Model):
             raise ValueError("kind exec needs a non-empty command list")
         if self.kind is not HealthKind.EXEC and self.command:
             raise ValueError(f"command is only for kind exec, not {self.kind.value}")
+        udp_only = [f for f in ("payload", "payload_hex", "expect") if getattr(self, f) is not None]
+        if self.kind is not HealthKind.UDP and udp_only:
+            raise ValueError(f"{', '.join(udp_only)}: only for kind udp, not {self.kind.value}")
+        if self.payload is not None and self.payload_hex is not None:
+            raise ValueError("set payload or payload_hex, not both")
+        if self.kind is HealthKind.UDP and self.payload is None and self.payload_hex is None:
+            raise ValueError("kind udp needs payload (text) or payload_hex (bytes)")
+        dns_only = [f for f in ("query_name", "query_type", "expect_rcode")
+                    if getattr(self, f) is not None]
+        if self.kind is not HealthKind.DNS and dns_only:
+            raise ValueError(f"{', '.join(dns_only)}: only for kind dns, not {self.kind.value}")
         if self.timeout > self.interval:
             raise ValueError("timeout must not exceed interval")
         return self
@@ -482,7 +546,7 @@ class BgpConfig(_Model):
     announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
     damping: DampingConfig = Field(default_factory=DampingConfig)
     exabgp: Argument = "exabgp"
-    """ExaBGP executable (5.x started as ``exabgp server CONF``, 4.2 as ``exabgp CONF``)."""
+    """ExaBGP executable (5.x, started as ``exabgp server CONF``; tested from 5.0.10)."""
     refresh_interval: Seconds = 30.0
     """Seconds between safety-net re-announcements of the whole route set."""
     node_timeout: Seconds = 0.6

@@ -43,6 +43,7 @@ EXTENDED_COMMUNITY_PATTERN = (
     "^(target|origin):([0-9]{1,10}|[0-9]{1,3}(\\.[0-9]{1,3}){3}):[0-9]{1,10}$"
 )
 _NAME = re.compile(NAME_PATTERN)
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
 # RFC 3986 section 3.2.2: IP-literal or reg-name (unreserved, pct-encoded,
 # sub-delims), then an optional port; the Host header is uri-host [":" port]
 # (RFC 9110 section 7.2).
@@ -146,6 +147,26 @@ def check_extended_community(value: object) -> str:
         raise bad
     if number > limit:
         raise bad
+    return value
+
+
+def check_dns_name(value: str) -> str:
+    """Return ``value`` if it can be sent as a DNS query name; ValueError otherwise.
+
+    Dot-separated labels of 1-63 ASCII letters, digits, ``-`` or ``_``
+    (``_`` for SRV-style names), at most 253 characters without the
+    optional trailing dot (RFC 1035 section 2.3.4); ``.`` alone is the root.
+    """
+    name = value[:-1] if value.endswith(".") else value
+    if value == ".":
+        return value
+    if not name or len(name) > 253 or not all(
+        _DNS_LABEL.fullmatch(label) for label in name.split(".")
+    ):
+        raise ValueError(
+            f"{value!r} is not a DNS name: labels of 1-63 of A-Z a-z 0-9 - _, "
+            "separated by dots, 253 characters at most"
+        )
     return value
 
 

@@ -1,6 +1,6 @@
 """ExaBGP API lines (pure): routes -> ``announce route`` / ``withdraw route`` text.
 
-The lines, the same for ExaBGP 4.2 and 5.0::
+The lines (ExaBGP 5.x API)::
 
     announce route 198.51.100.10/32 next-hop self med 100 community [65100:1 65535:0] as-path [65100 65100]
     announce route 2001:db8::10/128 next-hop 2001:db8::a med 100 large-community [65100:1:2] extended-community [target:65100:7]
