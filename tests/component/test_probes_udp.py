@@ -14,6 +14,7 @@ import pytest
 from anycast_lb.config import DNS_TYPES, BackendConfig, HealthConfig, HealthKind
 from anycast_lb.health import DnsProbe, UdpProbe, make_probe
 from anycast_lb.health.probes import dns_query
+from tests.waiting import wait_until
 
 LOCAL = "127.0.0.1"
 
@@ -202,3 +203,25 @@ def test_dns_query_bytes() -> None:
     assert dns_query(1, ".", 6)[12:] == b"\x00\x00\x06\x00\x01"
     with pytest.raises(ValueError):
         dns_query(1, "a..b", 1)
+
+
+@pytest.mark.parametrize("kind", [HealthKind.UDP, HealthKind.DNS])
+async def test_a_check_in_flight_holds_probe_fds_descriptors(udp_server, kind: HealthKind) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from anycast_lb.limits import PROBE_FDS
+
+    port, seen = await udp_server(lambda data: [])  # silent: the check stays in flight
+    health = (HealthConfig(kind=kind, payload="x", timeout=1.0) if kind is HealthKind.UDP
+              else HealthConfig(kind=kind, timeout=1.0))
+    probe = make_probe(health, BackendConfig(address=ip_address(LOCAL), port=port), None)
+    before = len(os.listdir("/proc/self/fd"))
+    task = asyncio.create_task(probe.check())
+    try:
+        await wait_until(lambda: bool(seen), timeout=2, what="the request datagram")
+        assert len(os.listdir("/proc/self/fd")) - before == PROBE_FDS[kind]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(os.listdir("/proc/self/fd")) == before  # closed on cancel too
