@@ -490,7 +490,11 @@ class PeerConfig(_Model):
 class AnnounceConfig(_Model):
     med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 100
     """Must be the same on every node, or ECMP drops the odd one out."""
-    communities: list[Community] = Field(default_factory=list, max_length=rules.MAX_COMMUNITIES)
+    communities: list[Community] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES - 1
+    )
+    """RFC 1997 communities ``ASN:VALUE``; at most 31, leaving room for the
+    GRACEFUL_SHUTDOWN community a drain adds (RFC 8326)."""
     large_communities: list[LargeCommunity] = Field(
         default_factory=list, max_length=rules.MAX_COMMUNITIES
     )

@@ -271,3 +271,14 @@ def test_rules_use_ascii_digits_and_whole_matches() -> None:
         rules.check_name("lb1\n")
     with pytest.raises(ValueError):
         rules.check_uint("port", True, 0, 65535)
+
+
+def test_the_most_communities_the_config_allows_render_while_draining() -> None:
+    most = [f"65100:{i}" for i in range(rules.MAX_COMMUNITIES - 1)]
+    cfg = config_verdict(with_announce(communities=most,
+                                       large_communities=["1:2:3"] * rules.MAX_COMMUNITIES,
+                                       extended_communities=["target:1:2"] * rules.MAX_COMMUNITIES))
+    assert cfg is not None
+    lines = runtime_lines(cfg)  # every drain phase, GRACEFUL adds 65535:0 (the 32nd)
+    assert any("65535:0" in line for line in lines)
+    assert config_verdict(with_announce(communities=[*most, "65100:99"])) is None
