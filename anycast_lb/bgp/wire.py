@@ -11,6 +11,9 @@ node -> announcer, on every change of the route set and at least every
      "routes": [{"prefix": "198.51.100.10/32", "med": 100,
                  "communities": ["65100:1"], "as_path_prepend": 0,
                  "local_as": 65100}],
+                 # and, only when set: "large_communities": ["65100:1:2"],
+                 # "extended_communities": ["target:65100:7"],
+                 # "next_hop": "2001:db8::a" (absent: next-hop self)
      "withdrawn": ["198.51.100.11/32"]}
 
 ``routes`` is the complete set to announce; anything else is withdrawn.
@@ -47,7 +50,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
-from anycast_lb.bgp.render import announce_line, check_community, check_prefix
+from anycast_lb.bgp.render import (
+    announce_line,
+    check_community,
+    check_extended_community,
+    check_large_community,
+    check_prefix,
+)
 from anycast_lb.errors import AnnouncerError
 
 PEER_STATES = frozenset({"up", "down", "connected"})
@@ -101,13 +110,20 @@ def _dumps(obj: object) -> bytes:
 
 
 def route_to_json(route: Route) -> dict[str, object]:
-    return {
+    out: dict[str, object] = {
         "prefix": str(route.prefix),
         "med": route.med,
         "communities": list(route.communities),
         "as_path_prepend": route.as_path_prepend,
         "local_as": route.local_as,
     }
+    if route.large_communities:
+        out["large_communities"] = list(route.large_communities)
+    if route.extended_communities:
+        out["extended_communities"] = list(route.extended_communities)
+    if route.next_hop is not None:
+        out["next_hop"] = str(route.next_hop)
+    return out
 
 
 def encode_routes(
@@ -159,6 +175,17 @@ def _prefix(value: object) -> Prefix:
         raise WireError(f"bad prefix {value!r}: {exc}") from exc
 
 
+def _next_hop(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise WireError(f"next_hop must be a string, got {value!r}")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise WireError(f"bad next_hop {value!r}: {exc}") from exc
+
+
 def _route(obj: object) -> Route:
     if not isinstance(obj, dict):
         raise WireError(f"route must be an object, got {obj!r}")
@@ -166,12 +193,20 @@ def _route(obj: object) -> Route:
     communities = fields.get("communities", [])
     if not isinstance(communities, list):
         raise WireError(f"communities must be a list, got {communities!r}")
+    large = fields.get("large_communities", [])
+    extended = fields.get("extended_communities", [])
+    if not isinstance(large, list) or not isinstance(extended, list):
+        raise WireError(f"large_communities and extended_communities must be lists, "
+                        f"got {large!r}, {extended!r}")
     route = Route(
         prefix=_prefix(fields.get("prefix")),
         med=_int(fields, "med"),
         communities=tuple(check_community(c) for c in communities),
         as_path_prepend=_int(fields, "as_path_prepend"),
         local_as=_int(fields, "local_as"),
+        large_communities=tuple(check_large_community(c) for c in large),
+        extended_communities=tuple(check_extended_community(c) for c in extended),
+        next_hop=_next_hop(fields.get("next_hop")),
     )
     announce_line(route)  # every attribute checked once, here
     return route

@@ -1,9 +1,10 @@
-"""Backend health checking: probes (tcp/http/exec/none), the pure rise/fall
+"""Backend health checking: probes (tcp/http/exec/udp/dns/none), the pure rise/fall
 machine, and the monitor that runs them on a fixed schedule and updates pools."""
 
 from anycast_lb.health.hysteresis import Hysteresis, State
 from anycast_lb.health.monitor import HealthMonitor, OnChange, OnCheck
 from anycast_lb.health.probes import (
+    DnsProbe,
     ExecProbe,
     HttpProbe,
     NoneProbe,
@@ -11,11 +12,13 @@ from anycast_lb.health.probes import (
     ProbeFactory,
     ProbeResult,
     TcpProbe,
+    UdpProbe,
     make_probe,
     make_session,
 )
 
 __all__ = [
+    "DnsProbe",
     "ExecProbe",
     "HealthMonitor",
     "HttpProbe",
@@ -28,6 +31,7 @@ __all__ = [
     "ProbeResult",
     "State",
     "TcpProbe",
+    "UdpProbe",
     "make_probe",
     "make_session",
 ]

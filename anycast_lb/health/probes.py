@@ -11,6 +11,15 @@ Kinds (``health.kind`` in the config):
 - ``exec``: run ``command`` (argv, no shell) with the environment plus
   ``BACKEND_ADDRESS`` and ``BACKEND_PORT``; exit 0 is healthy. On timeout
   the command's whole process group is killed and reaped.
+- ``udp``: send one datagram (``payload`` or ``payload_hex``) from a
+  fresh socket connected to the backend; healthy when a reply arrives
+  within ``timeout`` and, with ``expect``, contains that regular expression.
+  An ICMP port unreachable fails the check at once.
+- ``dns``: send a DNS query (RFC 1035 section 4.1: random ID, RD set, one
+  question ``query_name``/``query_type``/IN); healthy when a response with
+  the same ID, QR set, opcode QUERY and an RCODE in ``expect_rcode``
+  arrives within ``timeout``. Datagrams with another ID are ignored (a late
+  answer to an earlier check, or a spoof), so only the timeout ends the wait.
 - ``none``: always healthy.
 
 A probe never raises for a failed check: it returns ``ok=False`` with a
@@ -24,7 +33,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
+import secrets
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +47,14 @@ from typing import Protocol
 import aiohttp
 
 from anycast_lb import rules
-from anycast_lb.config import BackendConfig, HealthConfig, HealthKind, format_host_port
+from anycast_lb.config import (
+    DNS_TYPES,
+    BackendConfig,
+    DnsRcode,
+    HealthConfig,
+    HealthKind,
+    format_host_port,
+)
 
 Timer = Callable[[], float]
 """Monotonic seconds, used only to measure a check's latency."""
@@ -231,6 +251,147 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+class _Datagrams(asyncio.DatagramProtocol):
+    """Queues every datagram received, and the first ICMP error."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=64)
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not self.queue.full():  # a flood cannot grow memory; the check times out
+            self.queue.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError) and not self.queue.full():
+            self.queue.put_nowait(exc)
+
+
+class _Exchange:
+    """One request datagram, then replies until ``decide`` returns a result.
+
+    ``decide(reply)`` returns True (healthy), False (unhealthy, e.g. a
+    mismatch) or None (not ours: keep waiting). The socket (one descriptor)
+    lives for the check only.
+    """
+
+    def __init__(self, address: str, port: int, timeout: float, timer: Timer) -> None:
+        self.address = address
+        self.port = port
+        self.timeout = timeout
+        self._timer = timer
+
+    async def run(
+        self, request: bytes, decide: Callable[[bytes], tuple[bool, str] | None]
+    ) -> ProbeResult:
+        start = self._timer()
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                _Datagrams, remote_addr=(self.address, self.port), family=family
+            )
+        except OSError as exc:
+            return ProbeResult(False, self._timer() - start, _os_error_detail(exc))
+        try:
+            transport.sendto(request)
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    item = await protocol.queue.get()
+                    if isinstance(item, OSError):
+                        if isinstance(item, ConnectionRefusedError):
+                            detail = "port unreachable"
+                        else:
+                            detail = _os_error_detail(item)
+                        return ProbeResult(False, self._timer() - start, detail)
+                    verdict = decide(item)
+                    if verdict is not None:
+                        return ProbeResult(verdict[0], self._timer() - start, verdict[1])
+        except TimeoutError:
+            return ProbeResult(False, self._timer() - start, _timeout_detail(self.timeout))
+        finally:
+            transport.close()
+
+
+class UdpProbe:
+    """Healthy when ``payload`` sent to ``address:port`` gets a reply within
+    ``timeout`` s that contains ``expect`` (a regular expression searched in
+    the reply read as Latin-1, one character per byte; None: any reply)."""
+
+    def __init__(self, address: str, port: int, timeout: float, payload: bytes,
+                 expect: str | None = None, timer: Timer = time.monotonic) -> None:
+        """Raises ValueError for an empty ``payload`` (asyncio sends no empty
+        datagram) or an ``expect`` that is no regular expression."""
+        if not payload:
+            raise ValueError("udp probe needs a non-empty payload")
+        self.payload = payload
+        self.expect = re.compile(expect) if expect is not None else None
+        self._exchange = _Exchange(address, port, timeout, timer)
+
+    def _decide(self, reply: bytes) -> tuple[bool, str]:
+        if self.expect is None or self.expect.search(reply.decode("latin-1")):
+            return True, f"reply {len(reply)} bytes"
+        return False, f"reply {len(reply)} bytes does not match expect"
+
+    async def check(self) -> ProbeResult:
+        return await self._exchange.run(self.payload, self._decide)
+
+
+_RCODE_NAMES = {r.code: r.value for r in DnsRcode}
+
+
+def dns_query(query_id: int, name: str, qtype: int) -> bytes:
+    """A DNS query message (RFC 1035 section 4.1): header with ``query_id``
+    (0..65535), opcode QUERY, RD set, one question ``name`` ``qtype`` IN.
+
+    ``name`` is a checked DNS name (:func:`anycast_lb.rules.check_dns_name`);
+    ValueError otherwise.
+    """
+    rules.check_dns_name(name)
+    labels = [label for label in name.rstrip(".").split(".") if label]
+    qname = b"".join(bytes([len(label)]) + label.encode("ascii") for label in labels) + b"\0"
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    return header + qname + struct.pack("!HH", qtype, 1)
+
+
+def dns_verdict(reply: bytes, query_id: int, allowed: frozenset[int]) -> tuple[bool, str] | None:
+    """Judge one datagram as the answer to query ``query_id``.
+
+    None when it is not a response to that query (too short, another ID,
+    QR clear: keep waiting); else (healthy, detail), healthy when the opcode
+    is QUERY and the RCODE is in ``allowed`` (RFC 1035 section 4.1.1).
+    """
+    if len(reply) < 12:
+        return None
+    reply_id, flags = struct.unpack("!HH", reply[:4])
+    if reply_id != query_id or not flags & 0x8000:
+        return None
+    opcode, rcode = (flags >> 11) & 0xF, flags & 0xF
+    name = _RCODE_NAMES.get(rcode, f"RCODE {rcode}")
+    if opcode != 0:
+        return False, f"opcode {opcode} in the response"
+    return rcode in allowed, f"rcode {name}"
+
+
+class DnsProbe:
+    """Healthy when a DNS query for ``name``/``qtype`` gets a matching
+    response (same ID, QR set) with an RCODE in ``rcodes`` within ``timeout`` s."""
+
+    def __init__(self, address: str, port: int, timeout: float, name: str, qtype: int,
+                 rcodes: Sequence[int] = (0,), timer: Timer = time.monotonic) -> None:
+        """Raises ValueError for a name :func:`anycast_lb.rules.check_dns_name` refuses."""
+        self.name = rules.check_dns_name(name)
+        self.qtype = qtype
+        self.rcodes = frozenset(rcodes)
+        self._exchange = _Exchange(address, port, timeout, timer)
+
+    async def check(self) -> ProbeResult:
+        query_id = secrets.randbelow(65536)  # unpredictable: a spoofed answer must guess it
+        return await self._exchange.run(
+            dns_query(query_id, self.name, self.qtype),
+            lambda reply: dns_verdict(reply, query_id, self.rcodes),
+        )
+
+
 class NoneProbe:
     """``kind: none``: always healthy, zero latency."""
 
@@ -263,4 +424,14 @@ def make_probe(
     if kind is HealthKind.EXEC:
         assert health.command  # guaranteed by HealthConfig validation
         return ExecProbe(health.command, address, port, health.timeout)
+    if kind is HealthKind.UDP:
+        if health.payload_hex is not None:
+            payload = bytes.fromhex(health.payload_hex)
+        else:
+            payload = (health.payload or "").encode()  # one of the two: HealthConfig
+        return UdpProbe(address, port, health.timeout, payload, health.expect)
+    if kind is HealthKind.DNS:
+        rcodes = health.expect_rcode or [DnsRcode.NOERROR]
+        return DnsProbe(address, port, health.timeout, health.query_name or ".",
+                        DNS_TYPES[health.query_type or "SOA"], [r.code for r in rcodes])
     return NoneProbe()

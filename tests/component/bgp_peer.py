@@ -1,6 +1,8 @@
 """A minimal BGP peer on 127.0.0.0/8 for component tests: it accepts ExaBGP's
 session, answers OPEN and KEEPALIVE, and records every UPDATE (RFC 4271
-section 4; communities RFC 1997). IPv4 unicast only, no MP_REACH parsing."""
+section 4; communities RFC 1997, extended RFC 4360, large RFC 8092). It
+offers IPv4 and IPv6 unicast (RFC 4760 multiprotocol capability) and reads
+IPv6 routes from MP_REACH_NLRI / MP_UNREACH_NLRI."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass, field
 
 MARKER = b"\xff" * 16
 OPEN, UPDATE, NOTIFICATION, KEEPALIVE = 1, 2, 3, 4
-COMMUNITIES = 8
+NEXT_HOP, COMMUNITIES, MP_REACH, MP_UNREACH, EXTENDED, LARGE = 3, 8, 14, 15, 16, 32
+AFI_IPV6, SAFI_UNICAST = 2, 1
 _HOLD_TIME = 3
 
 
@@ -25,6 +28,11 @@ class Update:
     announced: tuple[str, ...]
     withdrawn: tuple[str, ...]
     communities: tuple[str, ...]
+    large_communities: tuple[str, ...] = ()
+    extended_communities: tuple[bytes, ...] = ()
+    """Each as its 8 raw octets (type, subtype, value)."""
+    next_hops: tuple[str, ...] = ()
+    """NEXT_HOP, then the MP_REACH_NLRI next hop(s), as text."""
 
 
 @dataclass
@@ -104,6 +112,7 @@ class BgpPeer:
     def _open(self) -> bytes:
         caps = (
             bytes([1, 4]) + struct.pack("!HBB", 1, 0, 1)  # multiprotocol: ipv4 unicast
+            + bytes([1, 4]) + struct.pack("!HBB", AFI_IPV6, 0, SAFI_UNICAST)  # ipv6 unicast
             + bytes([65, 4]) + struct.pack("!I", self.asn)  # four-octet AS
         )
         params = bytes([2, len(caps)]) + caps
@@ -121,13 +130,13 @@ def _message(kind: int, body: bytes) -> bytes:
     return MARKER + struct.pack("!HB", 19 + len(body), kind) + body
 
 
-def _prefixes(data: bytes) -> tuple[str, ...]:
+def _prefixes(data: bytes, width: int = 4) -> tuple[str, ...]:
     out, i = [], 0
     while i < len(data):
         bits = data[i]
         size = (bits + 7) // 8
-        raw = data[i + 1:i + 1 + size] + b"\x00" * (4 - size)
-        out.append(f"{ipaddress.IPv4Address(raw)}/{bits}")
+        raw = data[i + 1:i + 1 + size] + b"\x00" * (width - size)
+        out.append(f"{ipaddress.ip_address(raw)}/{bits}")
         i += 1 + size
     return tuple(out)
 
@@ -140,6 +149,10 @@ def _parse_update(body: bytes) -> Update:
     attrs = body[i + 2:i + 2 + alen]
     nlri = body[i + 2 + alen:]
     communities: list[str] = []
+    large: list[str] = []
+    extended: list[bytes] = []
+    next_hops: list[str] = []
+    announced, withdrawn = list(_prefixes(nlri)), list(withdrawn)
     j = 0
     while j < len(attrs):
         flags, code = attrs[j], attrs[j + 1]
@@ -152,5 +165,20 @@ def _parse_update(body: bytes) -> Update:
             for k in range(0, size, 4):
                 high, low = struct.unpack("!HH", value[k:k + 4])
                 communities.append(f"{high}:{low}")
+        elif code == LARGE:
+            for k in range(0, size, 12):
+                large.append(":".join(str(n) for n in struct.unpack("!III", value[k:k + 12])))
+        elif code == EXTENDED:
+            extended += [value[k:k + 8] for k in range(0, size, 8)]
+        elif code == NEXT_HOP:
+            next_hops.append(str(ipaddress.IPv4Address(value)))
+        elif code == MP_REACH and value[:3] == struct.pack("!HB", AFI_IPV6, SAFI_UNICAST):
+            hop_len = value[3]  # 16, or 32 with a link-local (RFC 2545 section 3)
+            for k in range(4, 4 + hop_len, 16):
+                next_hops.append(str(ipaddress.IPv6Address(value[k:k + 16])))
+            announced += _prefixes(value[4 + hop_len + 1:], 16)  # after the reserved octet
+        elif code == MP_UNREACH and value[:3] == struct.pack("!HB", AFI_IPV6, SAFI_UNICAST):
+            withdrawn += _prefixes(value[3:], 16)
         j += size
-    return Update(time.monotonic(), _prefixes(nlri), withdrawn, tuple(communities))
+    return Update(time.monotonic(), tuple(announced), tuple(withdrawn), tuple(communities),
+                  tuple(large), tuple(extended), tuple(next_hops))

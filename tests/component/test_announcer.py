@@ -38,8 +38,8 @@ ROUTE6 = {"prefix": "2001:db8::10/128", "med": 100, "communities": [],
           "as_path_prepend": 2, "local_as": 65100}
 ANNOUNCE = "announce route 198.51.100.10/32 next-hop self med 100 community [65100:1]"
 ANNOUNCE6 = "announce route 2001:db8::10/128 next-hop self med 100 as-path [65100 65100]"
-WITHDRAW = "withdraw route 198.51.100.10/32 next-hop self"
-WITHDRAW6 = "withdraw route 2001:db8::10/128 next-hop self"
+WITHDRAW = "withdraw route 198.51.100.10/32"
+WITHDRAW6 = "withdraw route 2001:db8::10/128"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from anycast_lb.bgp.speaker import BgpSpeaker, resolve_exabgp
 from anycast_lb.clock import SystemClock
 from anycast_lb.config import BgpConfig, parse_config
 from anycast_lb.errors import AnnouncerError
+from tests.component.bgp_peer import BgpPeer
 from tests.waiting import wait_until
 
 EXABGP = str(Path(sys.executable).parent / "exabgp")
@@ -159,7 +160,7 @@ async def test_real_exabgp_answers_done_to_every_line(tmp_path: Path) -> None:
         assert speaker.status()["routes"] == {str(v4): "withdrawn", str(v4b): "announced"}
         assert speaker.status()["exabgp_errors"] == 0
 
-        # An IPv6 route cannot go over these IPv4 sessions with next-hop self:
+        # An IPv6 route cannot go over these IPv4 sessions without bgp.next_hop_v6:
         # never sent, stays pending; the IPv4 route is withdrawn.
         speaker.set_routes({v6: Route(v6, 100, (), 0, 65100)})
         async with asyncio.timeout(20):
@@ -177,3 +178,70 @@ async def test_real_exabgp_answers_done_to_every_line(tmp_path: Path) -> None:
     log_text = (tmp_path / "exabgp.log").read_text()
     assert "route added to neighbor 127.0.0.2" in log_text, log_text[-2000:]
     assert "route removed from neighbor 127.0.0.2" in log_text, log_text[-2000:]
+
+
+def dual_stack(**extra: object) -> BgpConfig:
+    return bgp(next_hop_v6="2001:db8::a", **extra)
+
+
+def test_dual_stack_config_negotiates_both_families(tmp_path: Path) -> None:
+    text = render_config(dual_stack(), "lb1", announcer_argv(tmp_path / "a.sock", 0.6, 30.0))
+    assert "        ipv4 unicast;\n        ipv6 unicast;\n" in text
+    done = validate(write(tmp_path, text))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "ipv4 unicast" in out and "ipv6 unicast" in out  # ExaBGP's own reading
+
+
+async def test_dual_stack_routes_and_communities_reach_a_real_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One IPv4 session from ExaBGP to the test peer on 127.0.0.2 carries an
+    # IPv4 VIP (next-hop self) and an IPv6 VIP (MP_REACH_NLRI, RFC 4760) with
+    # large and extended communities; the withdraw of the IPv6 VIP arrives as
+    # MP_UNREACH_NLRI.
+    peer = BgpPeer()
+    await peer.start()
+    monkeypatch.setenv("exabgp_tcp_port", str(peer.port))  # ExaBGP connects here, not to 179
+    config = dual_stack(local_address="127.0.0.1", router_id="127.0.0.1",
+                        peers=[{"address": peer.host, "peer_as": peer.asn}],
+                        exabgp=resolve_exabgp(EXABGP))
+    speaker = BgpSpeaker(config, "lbds", tmp_path / "run", SystemClock(),
+                         log_file=tmp_path / "exabgp.log")
+    v4 = ipaddress.ip_network("198.51.100.10/32")
+    v6 = ipaddress.ip_network("2001:db8::10/128")
+    nh6 = ipaddress.ip_address("2001:db8::a")
+    extra = {"large_communities": ("65100:1:2",), "extended_communities": ("target:65100:7",)}
+    routes = {v4: Route(v4, 100, ("65100:1",), 0, 65100, **extra),  # type: ignore[arg-type]
+              v6: Route(v6, 100, ("65100:1",), 0, 65100, next_hop=nh6, **extra)}  # type: ignore[arg-type]
+    started = asyncio.Event()
+    task = asyncio.create_task(speaker.run(started))
+    try:
+        async with asyncio.timeout(20):
+            await started.wait()
+        speaker.set_routes(routes)
+        await wait_until(lambda: bool(peer.prefix_events(str(v4)) and peer.prefix_events(str(v6))),
+                         timeout=20, what="both VIPs announced to the peer")
+        assert speaker.status()["exabgp_errors"] == 0
+        kind, update6 = peer.prefix_events(str(v6))[0]
+        assert kind == "announce" and "2001:db8::a" in update6.next_hops
+        kind, update4 = peer.prefix_events(str(v4))[0]
+        assert kind == "announce" and "127.0.0.1" in update4.next_hops
+        for update in (update4, update6):
+            assert update.communities == ("65100:1",)
+            assert update.large_communities == ("65100:1:2",)
+            # Two-octet AS specific route target (RFC 4360 section 4): type 0x00, subtype 0x02.
+            assert update.extended_communities == (bytes([0, 2]) + (65100).to_bytes(2, "big")
+                                                   + (7).to_bytes(4, "big"),)
+        speaker.set_routes({v4: routes[v4]})
+        await wait_until(lambda: [k for k, _ in peer.prefix_events(str(v6))][-1] == "withdraw",
+                         timeout=20, what="the IPv6 VIP withdrawn at the peer")
+        assert [k for k, _ in peer.prefix_events(str(v4))] == ["announce"]
+        async with asyncio.timeout(20):
+            await speaker.wait_synced()
+        assert speaker.status()["exabgp_errors"] == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await peer.stop()

@@ -81,6 +81,9 @@ def test_the_examples_cover_every_feature() -> None:
     for feature in ("bgp", "bgp.announce.communities", "bgp.damping", "cluster",
                     "cluster.key_file", "consensus", "api.admin_token_file",
                     "services[].proxy_protocol", "forwarding.workers",
-                    "forwarding.max_tcp_connections", "services[].max_flows_per_source"):
+                    "forwarding.max_tcp_connections", "services[].max_flows_per_source",
+                    "bgp.next_hop_v6", "bgp.announce.large_communities",
+                    "bgp.announce.extended_communities", "services[].health.query_name",
+                    "services[].health.payload"):
         assert feature in used, f"no example uses {feature}"
     assert any(":" in v for v in vips), "no IPv6 VIP in the examples"

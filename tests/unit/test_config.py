@@ -152,10 +152,20 @@ def test_one_line_per_problem() -> None:
         ({"damping": {"max_suppress": 10}}, "never holds a prefix down"),
         ({"peers": [{"address": "2001:db8::5", "peer_as": 65000}]}, "not in the family of local_address"),
         ({"local_address": "2001:db8::6", "peers": [{"address": "2001:db8::5", "peer_as": 65000}]},
-         "cannot be announced over IPv6 sessions"),
+         "IPv4 VIPs over IPv6 sessions need bgp.next_hop_v4"),
+        ({"next_hop_v6": "203.0.113.6"}, "bgp.next_hop_v6: "),
+        ({"next_hop_v6": "::"}, "cannot be a next hop"),
+        ({"next_hop_v4": "224.0.0.1"}, "cannot be a next hop"),
+        ({"announce": {"large_communities": ["1:2:4294967296"]}}, "is not a large community"),
+        ({"announce": {"large_communities": ["1:2:3"] * 33}}, "at most 32"),
+        ({"announce": {"extended_communities": ["target:70000:70000"]}},
+         "is not an extended community"),
+        ({"announce": {"extended_communities": ["target:1:2\nwithdraw route 0.0.0.0/0"]}},
+         "is not an extended community"),
     ],
     ids=["hold-time-1-2", "no-peers", "v6-router-id", "community-range", "community-injection", "damping",
-         "damping-ceiling", "peer-family", "vip-family"],
+         "damping-ceiling", "peer-family", "vip-family", "v4-as-next-hop-v6", "unspecified-next-hop",
+         "multicast-next-hop", "large-range", "large-count", "extended-range", "extended-injection"],
 )
 def test_bgp_mistakes(bgp: dict[str, Any], expected: str) -> None:
     base = {
@@ -444,3 +454,52 @@ def test_every_number_and_boolean_field_is_strict() -> None:
             if _lax_numbers(field.annotation, list(field.metadata)):
                 lax.append(f"{model.__name__}.{name}")
     assert lax == []
+
+
+def test_dual_stack_needs_the_next_hop_of_the_other_family() -> None:
+    def add_v6(d: dict[str, Any]) -> None:
+        web6 = copy.deepcopy(d["services"][0])
+        web6.update(name="web6", vip="2001:db8::10")
+        d["services"].append(web6)
+        d["bgp"] = {"local_as": 65100, "router_id": "203.0.113.6", "local_address": "203.0.113.6",
+                    "peers": [{"address": "203.0.113.5", "peer_as": 65000}]}
+
+    assert any("IPv6 VIPs over IPv4 sessions need bgp.next_hop_v6" in p for p in problems_for(add_v6))
+    data = copy.deepcopy(GOOD)
+    add_v6(data)
+    data["bgp"]["next_hop_v6"] = "2001:db8::6"
+    cfg = parse_config(data)
+    assert cfg.bgp is not None and cfg.bgp.families() == (4, 6)
+    assert cfg.bgp.next_hop(6) == ipaddress.ip_address("2001:db8::6") and cfg.bgp.next_hop(4) is None
+
+
+@pytest.mark.parametrize(("health", "expected"), [
+    ({"kind": "udp"}, "kind udp needs payload"),
+    ({"kind": "udp", "payload": "a", "payload_hex": "61"}, "not both"),
+    ({"kind": "udp", "payload_hex": "6"}, "payload_hex: "),
+    ({"kind": "udp", "payload_hex": "zz"}, "is not hex bytes"),
+    ({"kind": "udp", "payload": "a", "expect": "("}, "is not a regular expression"),
+    ({"kind": "udp", "payload": ""}, "payload: "),
+    ({"kind": "tcp", "payload": "a"}, "only for kind udp"),
+    ({"kind": "udp", "payload": "a", "query_name": "a.b"}, "only for kind dns"),
+    ({"kind": "dns", "query_name": "a..b"}, "is not a DNS name"),
+    ({"kind": "dns", "query_name": "a b.example"}, "is not a DNS name"),
+    ({"kind": "dns", "query_name": "x" * 64 + ".example"}, "is not a DNS name"),
+    ({"kind": "dns", "query_type": "ANY"}, "query_type: "),
+    ({"kind": "dns", "expect_rcode": []}, "expect_rcode: "),
+    ({"kind": "dns", "expect_rcode": ["NOPE"]}, "expect_rcode[0]: "),
+], ids=repr)
+def test_udp_and_dns_health_mistakes(health: dict[str, Any], expected: str) -> None:
+    problems = problems_for(lambda d: d["services"][0].update(health=health))
+    assert any(expected in p for p in problems), problems
+
+
+def test_udp_and_dns_health_defaults() -> None:
+    from anycast_lb.config import DNS_TYPES, HealthConfig
+
+    dns = HealthConfig.model_validate({"kind": "dns", "query_name": "_sip._udp.example.com."})
+    assert dns.query_type is None and dns.expect_rcode is None  # SOA and [NOERROR] at probe time
+    assert set(typing.get_args(typing.get_args(HealthConfig.model_fields["query_type"].annotation)[0])
+               ) == set(DNS_TYPES)
+    udp = HealthConfig.model_validate({"kind": "udp", "payload_hex": "00ff", "expect": "^ok"})
+    assert udp.payload_hex == "00ff"

@@ -137,6 +137,68 @@ def test_local_as_check_equals_runtime(value: Any) -> None:
         assert runtime_lines(cfg)
 
 
+LARGE = [
+    "65100:1:2", "0:0:0", "4294967295:4294967295:4294967295", "4294967296:0:0", "0:0:4294967296",
+    "1:2", "1:2:3:4", "1:2:3\n", " 1:2:3", "1:2:3]", "1:2:3 4:5:6", "٦:1:2", "0x1:2:3", "", "1::3",
+]
+EXTENDED = [
+    "target:65100:1", "origin:65100:1", "target:0:4294967295", "target:65535:4294967295",
+    "target:65536:65535", "origin:4294967295:0", "target:192.0.2.1:65535", "target:10.0.0.1:0",
+    "target:65536:65536", "target:4294967296:0", "target:192.0.2.1:65536", "target:256.0.0.1:1",
+    "target:01.0.0.1:1", "target:1.2.3:1", "redirect:65100:1", "l2info:1:2:3:4", "65100:1",
+    "target:65100:1L", "target:65100:0x1", "target:65100:1\n", "target:65100:1]", "Target:1:1",
+    "target:65100:1 origin:1:1", "", "target::1",
+]
+
+
+def check_list_agrees(field: str, route_field: str, value: str) -> None:
+    cfg = config_verdict(with_announce(**{field: [value]}))
+    assert (cfg is not None) == route_verdict(**{route_field: (value,)}), (field, value)
+    if cfg is not None:
+        assert any(value in line for line in runtime_lines(cfg))
+
+
+@pytest.mark.parametrize("value", LARGE, ids=repr)
+def test_large_community_check_equals_runtime(value: str) -> None:
+    check_list_agrees("large_communities", "large_communities", value)
+
+
+@pytest.mark.parametrize("value", EXTENDED, ids=repr)
+def test_extended_community_check_equals_runtime(value: str) -> None:
+    check_list_agrees("extended_communities", "extended_communities", value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.from_regex(r"(target|origin):([0-9]{1,11}|[0-9]{1,3}(\.[0-9]{1,3}){3}):[0-9]{1,11}",
+                  fullmatch=True),
+    st.from_regex(r"[0-9]{1,11}:[0-9]{1,11}:[0-9]{1,11}", fullmatch=True),
+    st.text(alphabet="0123456789:.targeoin \n[]", max_size=24),
+))
+def test_large_and_extended_checks_equal_runtime_generated(value: str) -> None:
+    check_list_agrees("large_communities", "large_communities", value)
+    check_list_agrees("extended_communities", "extended_communities", value)
+
+
+def test_extended_communities_are_accepted_by_exabgp_parser() -> None:
+    # ExaBGP's own parser reads what the rule accepts (and encodes the
+    # documented layout: 2-octet AS, 4-octet AS, IPv4 address specific).
+    parser = pytest.importorskip("exabgp.configuration.static.parser")
+    for value in EXTENDED:
+        try:
+            rules.check_extended_community(value)
+        except ValueError:
+            continue
+        packed = parser._extended_community(value).pack()
+        assert len(packed) == 8, value
+    for value in LARGE:
+        try:
+            rules.check_large_community(value)
+        except ValueError:
+            continue
+        assert len(parser._large_community(value).pack()) == 12, value
+
+
 NAMES = ["lb1", "a", "lb-1.b_2", "x" * 63, "x" * 64, "lb1\n", "\nlb1", "lb 1", "-lb", "lb\x00",
          "lb١", "lb/1", "lb1\u2028", ""]
 
@@ -209,3 +271,14 @@ def test_rules_use_ascii_digits_and_whole_matches() -> None:
         rules.check_name("lb1\n")
     with pytest.raises(ValueError):
         rules.check_uint("port", True, 0, 65535)
+
+
+def test_the_most_communities_the_config_allows_render_while_draining() -> None:
+    most = [f"65100:{i}" for i in range(rules.MAX_COMMUNITIES - 1)]
+    cfg = config_verdict(with_announce(communities=most,
+                                       large_communities=["1:2:3"] * rules.MAX_COMMUNITIES,
+                                       extended_communities=["target:1:2"] * rules.MAX_COMMUNITIES))
+    assert cfg is not None
+    lines = runtime_lines(cfg)  # every drain phase, GRACEFUL adds 65535:0 (the 32nd)
+    assert any("65535:0" in line for line in lines)
+    assert config_verdict(with_announce(communities=[*most, "65100:99"])) is None

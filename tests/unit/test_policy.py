@@ -121,3 +121,21 @@ def test_prefix_up_ignores_drain_so_drain_is_no_flap() -> None:
 
 def test_no_services_no_routes() -> None:
     assert desired_routes(NodeView(DrainPhase.NONE, ()), bgp()) == {}
+
+
+def test_dual_stack_routes_carry_the_next_hop_of_their_family() -> None:
+    dual = BgpConfig.model_validate({
+        "local_as": 65100, "router_id": "203.0.113.10", "local_address": "203.0.113.10",
+        "next_hop_v6": "2001:db8::a",
+        "peers": [{"address": "203.0.113.1", "peer_as": 65000}],
+        "announce": {"large_communities": ["65100:1:2"], "extended_communities": ["target:65100:7"]},
+    })
+    view = NodeView(DrainPhase.NONE, (svc("web", True, True), svc("web6", True, True, VIP6)))
+    routes = desired_routes(view, dual)
+    assert routes[VIP].next_hop is None  # next-hop self: the IPv4 session's own address
+    assert routes[VIP6].next_hop == ipaddress.ip_address("2001:db8::a")
+    for route in routes.values():
+        assert route.large_communities == ("65100:1:2",)
+        assert route.extended_communities == ("target:65100:7",)
+    assert dual.families() == (4, 6)
+    assert bgp().families() == (4,)

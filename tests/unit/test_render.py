@@ -35,8 +35,45 @@ def test_announce_lines(r: Route, line: str) -> None:
 
 
 def test_withdraw_lines() -> None:
-    assert withdraw_line(V4) == "withdraw route 198.51.100.10/32 next-hop self"
-    assert withdraw_line(V6) == "withdraw route 2001:db8::10/128 next-hop self"
+    # No next hop: ExaBGP keys its RIB by prefix, and ``next-hop self`` on a
+    # withdraw of the other family (dual stack) would be refused.
+    assert withdraw_line(V4) == "withdraw route 198.51.100.10/32"
+    assert withdraw_line(V6) == "withdraw route 2001:db8::10/128"
+
+
+NH6 = ipaddress.ip_address("2001:db8::a")
+NH4 = ipaddress.ip_address("203.0.113.10")
+
+
+@pytest.mark.parametrize(("r", "line"), [
+    (Route(V6, 100, (), 0, 65100, next_hop=NH6),
+     "announce route 2001:db8::10/128 next-hop 2001:db8::a med 100"),
+    (Route(V4, 100, (), 0, 65100, next_hop=NH4),
+     "announce route 198.51.100.10/32 next-hop 203.0.113.10 med 100"),
+    (Route(V4, 100, ("65100:1",), 1, 65100, large_communities=("65100:1:2", "4294967295:0:0"),
+           extended_communities=("target:65100:7", "origin:192.0.2.1:65535")),
+     "announce route 198.51.100.10/32 next-hop self med 100 community [65100:1]"
+     " large-community [65100:1:2 4294967295:0:0]"
+     " extended-community [target:65100:7 origin:192.0.2.1:65535] as-path [65100]"),
+])
+def test_dual_stack_and_community_lines(r: Route, line: str) -> None:
+    assert announce_line(r) == line
+
+
+@pytest.mark.parametrize("bad", [
+    Route(V6, 100, (), 0, 65100, next_hop=NH4),  # an IPv6 route with an IPv4 next hop
+    Route(V4, 100, (), 0, 65100, next_hop="self\nannounce route 0.0.0.0/0"),  # type: ignore[arg-type]
+    Route(V4, 100, (), 0, 65100, large_communities=("1:2:3\n",)),
+    Route(V4, 100, (), 0, 65100, large_communities=("4294967296:0:0",)),
+    Route(V4, 100, (), 0, 65100, large_communities=["1:2:3"]),  # type: ignore[arg-type]
+    Route(V4, 100, (), 0, 65100, large_communities=("1:2:3",) * 33),
+    Route(V4, 100, (), 0, 65100, extended_communities=("target:65100:1]",)),
+    Route(V4, 100, (), 0, 65100, extended_communities=("redirect:65100:1",)),
+    Route(V4, 100, (), 0, 65100, extended_communities=("target:4200000000:65536",)),
+])
+def test_unsafe_dual_stack_and_community_values_are_rejected(bad: Route) -> None:
+    with pytest.raises(UnsafeAttribute):
+        announce_line(bad)
 
 
 @pytest.mark.parametrize("community", [
@@ -79,7 +116,7 @@ def test_diff_withdraws_first_then_new_and_changed_only() -> None:
     new = {V4: route(), V4B: route(V4B, med=1000), ipaddress.ip_network("198.51.100.12/32"):
            route(ipaddress.ip_network("198.51.100.12/32"))}
     assert diff(old, new) == [
-        "withdraw route 2001:db8::10/128 next-hop self",
+        "withdraw route 2001:db8::10/128",
         "announce route 198.51.100.11/32 next-hop self med 1000",
         "announce route 198.51.100.12/32 next-hop self med 100",
     ]
