@@ -35,8 +35,8 @@ from typing import Any
 import click
 
 from anycast_lb import __version__, log
-from anycast_lb.consensus.cli import cluster
 from anycast_lb.config import Engine, NodeConfig, format_host_port, json_schema, load_config
+from anycast_lb.consensus.cli import cluster
 from anycast_lb.election.cli import vip
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
 from anycast_lb.lab.cli import lab

@@ -38,11 +38,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
-    SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
     model_validator,
@@ -589,8 +589,8 @@ class BgpConfig(_Model):
                     f"peer {peer.address} is not in the family of local_address {self.local_address}"
                 )
         for hop in (self.next_hop_v4, self.next_hop_v6):
-            if hop is not None and (hop.is_unspecified or hop.is_multicast or hop.is_loopback
-                                    and not self.local_address.is_loopback):
+            if hop is not None and (hop.is_unspecified or hop.is_multicast or (hop.is_loopback
+                                    and not self.local_address.is_loopback)):
                 raise ValueError(f"next hop {hop} cannot be a next hop")
         return self
 

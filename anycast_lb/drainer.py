@@ -31,9 +31,9 @@ from anycast_lb.clock import Clock, wait_for
 from anycast_lb.drain import (
     Drain,
     DrainMachine,
-    FlowsIdle,
     DrainState,
     Event,
+    FlowsIdle,
     GraceElapsed,
     Outcome,
     Phase,

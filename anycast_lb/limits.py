@@ -50,8 +50,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from anycast_lb.config import Engine, HealthKind, NodeConfig
-from anycast_lb.config import Transport
+from anycast_lb.config import Engine, HealthKind, NodeConfig, Transport
 from anycast_lb.errors import ConfigError
 
 TCP_CONNECTION_FDS = 2

@@ -159,7 +159,7 @@ def _populate(
     for rounds in (max(1, _BLOCK // total), 1):
         repeat = range(rounds)
         while free - total * rounds >= endgame:
-            for block, takes in blocks:
+            for block, _takes in blocks:
                 if total == n:
                     for _ in repeat:
                         for k, skip, owner, _w in block:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from anycast_lb import log, maglev
-from anycast_lb.config import Balance, BackendConfig, HashKey, ServiceConfig
+from anycast_lb.config import BackendConfig, Balance, HashKey, ServiceConfig
 
 BuildJob = Callable[[], None]
 BuildRunner = Callable[[BuildJob], None]

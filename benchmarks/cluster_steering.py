@@ -263,7 +263,7 @@ def run_scenario(name: str, flows: int) -> dict[str, Any]:
     logs = {}
     for i in NODES:
         publish = "0" if (name == "unpublished" and i == 1) else "1"
-        logs[i] = open(STATE / f"n{i}.log", "w")  # noqa: SIM115
+        logs[i] = open(STATE / f"n{i}.log", "w")
         procs[i] = subprocess.Popen(
             ["ip", "netns", "exec", f"{NS}-n{i}", PY, str(HERE), "node", str(i), publish],
             stderr=logs[i], cwd=HERE.parent.parent)

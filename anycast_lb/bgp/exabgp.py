@@ -4,7 +4,8 @@ ExaBGP runs as a child of the node (docs/bgp.md); its one API
 process is :mod:`anycast_lb.bgp.announcer`. What is generated, for each peer::
 
     process announcer-lb1 {
-        run /usr/bin/python3 -m anycast_lb.bgp.announcer --socket /run/anycast-lb/lb1/announcer.sock --node-timeout 0.6 --refresh 30.0;
+        run /usr/bin/python3 -m anycast_lb.bgp.announcer --socket /run/anycast-lb/lb1/announcer.sock
+            --node-timeout 0.6 --refresh 30.0;   (one line in the file)
         encoder json;
     }
 
@@ -314,7 +315,7 @@ class ExaBGPSupervisor:
         out: int = sys.stderr.fileno()
         handle = None
         if self._log_file is not None:
-            handle = open(self._log_file, "ab")  # noqa: SIM115 - closed below
+            handle = open(self._log_file, "ab")
             out = handle.fileno()
         try:
             return await asyncio.create_subprocess_exec(

@@ -3,7 +3,8 @@
 The lines (ExaBGP 5.x API)::
 
     announce route 198.51.100.10/32 next-hop self med 100 community [65100:1 65535:0] as-path [65100 65100]
-    announce route 2001:db8::10/128 next-hop 2001:db8::a med 100 large-community [65100:1:2] extended-community [target:65100:7]
+    announce route 2001:db8::10/128 next-hop 2001:db8::a med 100 large-community [65100:1:2]
+        extended-community [target:65100:7]   (one line on the wire)
     withdraw route 198.51.100.10/32
 
 ``next-hop self`` is the session's local address; a route of the other

@@ -58,8 +58,7 @@ from anycast_lb.cluster.ownership import (
 )
 from anycast_lb.cluster.routing import RoutingSettings
 from anycast_lb.cluster.sync import REJECT_REASONS, SyncEndpoint
-from anycast_lb.config import ClusterConfig, ServiceConfig
-from anycast_lb.config import Transport
+from anycast_lb.config import ClusterConfig, ServiceConfig, Transport
 from anycast_lb.errors import ClusterError
 from anycast_lb.flows import FlowKey
 

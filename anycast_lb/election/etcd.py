@@ -190,7 +190,7 @@ class VipOwnership:
                     await self._on_announce(vip, action.term)
                 elif isinstance(action, Drop):
                     await self._on_drop(vip, action.term, action.reason)
-            except Exception as exc:  # noqa: BLE001 - a failed move is logged, the loop goes on
+            except Exception as exc:
                 log.error("vip.action_failed", vip=str(vip), action=type(action).__name__,
                           error=str(exc))
 

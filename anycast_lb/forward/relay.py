@@ -136,7 +136,6 @@ from anycast_lb.forward.tcp import (
 from anycast_lb.limits import Refusals, Slots
 from anycast_lb.pool import Backend, Pool
 
-
 START_TIMEOUT = 10.0
 """Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""
 ACCEPT_BATCH = 64

@@ -98,7 +98,7 @@ async def tcp_flood(source: str, vip: str, port: int, count: int, rate: float,
             sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
             await asyncio.wait_for(loop.sock_connect(sock, (vip, port)), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             kinds["timeout"] += 1
             sock.close()
             return

@@ -1,7 +1,8 @@
 """FRR in lab namespaces: render configs from ``labs/frr`` and run the daemons.
 
-Daemons drop to user ``frr`` (FRR refuses root as the vty group), every path is private per namespace (``-f``, ``-i``, ``-z``,
-``--vty_socket``, ``-P 0``, ``--bfdctl``) because all namespaces share one
+Daemons drop to user ``frr`` (FRR refuses root as the vty group), every path is
+private per namespace (``-f``, ``-i``, ``-z``, ``--vty_socket``, ``-P 0``,
+``--bfdctl``) because all namespaces share one
 filesystem, and output goes to a log file. Daemons run in the foreground (no
 ``-d``) so the PID the lab records is the daemon's own.
 

@@ -47,7 +47,7 @@ def windows(rows: list[list[Any]], width_s: float = WINDOW_S) -> dict[int, list[
     """Window index (start // width) -> [ok, failed] of new connections."""
     out: dict[int, list[int]] = {}
     for row in rows:
-        cell = out.setdefault(int(math.floor(row[0] / width_s)), [0, 0])
+        cell = out.setdefault(math.floor(row[0] / width_s), [0, 0])
         cell[0 if row[2] else 1] += 1
     return out
 

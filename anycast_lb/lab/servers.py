@@ -65,8 +65,7 @@ def http_handler(name: str):  # type: ignore[no-untyped-def]
                          f"Content-Length: {len(data)}\r\nX-Backend: {name}\r\n"
                          f"Connection: close\r\n\r\n".encode() + data)
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             await _close(writer)
@@ -107,7 +106,7 @@ def relay_handler(targets: list[tuple[str, int]]):  # type: ignore[no-untyped-de
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), 1.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             await _close(writer)
             return
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))

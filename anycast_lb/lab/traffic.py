@@ -97,8 +97,7 @@ async def one_connection(vip: str, port: int, timeout: float, t0: float) -> Atte
             if await reader.readline() != b"ping\n":
                 raise ConnectionError("bad echo")
             attempt.ok = True
-    except (OSError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError,
-            RuntimeError) as exc:
+    except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError, RuntimeError) as exc:
         attempt.error = _error(exc)
     finally:
         if writer is not None:
@@ -127,16 +126,16 @@ async def long_connection(conn: LongConn, vip: str, port: int, timeout: float,
                     if line != f"{conn.index}-{seq}\n".encode():
                         raise ConnectionError("closed" if not line else "bad echo")
                 conn.messages += 1
-            except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+            except (TimeoutError, OSError, ConnectionError, RuntimeError) as exc:
                 # uvloop raises RuntimeError writing to a transport already closed.
                 conn.broken_at = round(time.monotonic() - t0_box[0], 4)
                 conn.reason = _error(exc)
                 return
             try:
                 await asyncio.wait_for(stop.wait(), LONG_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
-    except (OSError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
+    except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
         conn.reason = "connect: " + _error(exc)
     finally:
         if writer is not None:

@@ -65,7 +65,7 @@ class CpuMeter:
         self.busy_s: dict[str, float] = {}
         self.softirq_s: dict[str, float] = {}
 
-    def __enter__(self) -> CpuMeter:  # noqa: PYI034 - final class
+    def __enter__(self) -> CpuMeter:
         self._busy0 = cpu_busy_ticks()
         self._cpu0 = procfs.cpu_seconds(self.pid)
         self._wall0 = time.monotonic()

@@ -136,7 +136,7 @@ class Supervisor:
             _, proc = self._procs[-1]
             try:
                 self.stop(proc, timeout=5.0)
-            except Exception:  # noqa: BLE001 - every other process must still be stopped
+            except Exception:
                 proc.kill()
                 self._procs = self._procs[:-1]
 

@@ -148,7 +148,7 @@ async def test_deltas_reach_the_peer_map_and_removals_leave_it(key_file: Path) -
 
 
 async def test_a_clean_stop_says_leaving_and_its_flows_go_to_the_dead_set(key_file: Path) -> None:
-    async with pair(key_file) as (a, b, ka, kb, _):
+    async with pair(key_file) as (a, _b, ka, kb, _):
         a.on_flow(True, KEY)
         await wait_until(lambda: KEY in kb.owner, what="b's map holds a's flow")
         started = time.monotonic()

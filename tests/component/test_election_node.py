@@ -195,5 +195,5 @@ async def test_a_node_that_cannot_announce_on_its_l2_interface_does_not_run() ->
                       "announce": {"mode": "active_passive", "via": "l2"},
                       "backends": [{"address": "127.0.0.1", "port": 2}]}],
     }), bind_overrides={"web": ("127.0.0.1", 0)})
-    with pytest.raises(L2Error, match="albt-nosuch0|raw socket"):
+    with pytest.raises(L2Error, match=r"albt-nosuch0|raw socket"):
         await asyncio.wait_for(node.run(), 30)

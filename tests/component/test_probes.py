@@ -7,8 +7,8 @@ import asyncio
 import os
 import socket
 import time
-from ipaddress import ip_address
 from collections.abc import AsyncIterator, Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import aiohttp

@@ -152,8 +152,8 @@ def test_flow_survival_refused_with_workers() -> None:
     config = node_config([9001], Path("/nonexistent"), workers=3)
     config["cluster"] = {"address": "192.0.2.1", "interface": "eth1", "peers": ["192.0.2.2"],
                          "key_file": "/nonexistent/cluster.key"}
-    with pytest.raises(ConfigError, match="forwarding.workers: 3 cannot be combined with "
-                                          "cluster.flow_survival: true"):
+    with pytest.raises(ConfigError, match=r"forwarding\.workers: 3 cannot be combined with "
+                                          r"cluster\.flow_survival: true"):
         parse_config(config)
     config["cluster"]["flow_survival"] = False
     assert parse_config(config).forwarding.workers == 3

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.bgp.policy import Route
 from anycast_lb.bgp.speaker import BgpSpeaker
-from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.clock import FakeClock, SystemClock
 from anycast_lb.config import BgpConfig
 from tests.waiting import wait_until

@@ -10,14 +10,14 @@ import select
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, cast
 
 import pytest
 
 from anycast_lb.config import ForwardingConfig, ServiceConfig
 from anycast_lb.errors import BindError
-from anycast_lb.forward import Forwarder, FlowKey
+from anycast_lb.forward import FlowKey
 from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
@@ -350,7 +350,7 @@ async def test_slow_backend_pauses_the_client(rig: Rig) -> None:
 
     server = await loop.create_server(Sink, "127.0.0.1", 0)
     try:
-        fwd, pool, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
+        fwd, _pool, address = await rig.forwarder([server.sockets[0].getsockname()[:2]])
         flooder = FloodingBackend(256 * 1024 * 1024)  # plays the client here
         await loop.create_connection(lambda: flooder, *address)
         await wait_until(lambda: fwd.active == 1)
@@ -390,7 +390,7 @@ async def test_refused_candidate_is_skipped(rig: Rig) -> None:
         live = await rig.backend("live")
         dead_address = dead.getsockname()
         # Round robin makes the first connection try the first backend first.
-        fwd, pool, address = await rig.forwarder([dead_address, live], balance="round_robin")
+        _fwd, pool, address = await rig.forwarder([dead_address, live], balance="round_robin")
         reader, writer = await asyncio.open_connection(*address)
         writer.write(b"hi\n")
         assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:hi\n"
@@ -425,7 +425,7 @@ async def test_connect_timeout_moves_to_the_next_candidate(rig: Rig) -> None:
     live = await rig.backend("live")
     stalled, fillers = stalled_listener()
     try:
-        fwd, pool, address = await rig.forwarder(
+        _fwd, pool, address = await rig.forwarder(
             [stalled.getsockname(), live], balance="round_robin", connect_timeout=0.2
         )
         started = time.monotonic()
@@ -476,7 +476,7 @@ async def test_backend_reset_after_answering_closes_the_client(rig: Rig) -> None
 
     server = await asyncio.start_server(answer_then_reset, "127.0.0.1", 0)
     live = await rig.backend("live")
-    fwd, pool, address = await rig.forwarder(
+    _fwd, pool, address = await rig.forwarder(
         [server.sockets[0].getsockname()[:2], live], balance="least_conn")
     reader, writer = await asyncio.open_connection(*address)
     writer.write(b"x\n")
@@ -803,7 +803,7 @@ async def test_chaos_of_resets_and_early_closes_leaves_no_error(
         assert errors == []
         # Still serving afterwards.
         live = await rig.backend("live")
-        fwd2, _, address2 = await rig.forwarder([live])
+        _fwd2, _, address2 = await rig.forwarder([live])
         reader, writer = await asyncio.open_connection(*address2)
         writer.write(b"after\n")
         assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"live:after\n"
@@ -822,7 +822,7 @@ async def test_two_backends_resetting_in_a_row_are_both_redispatched(rig: Rig) -
         sock.listen(16)
         dying.append(sock)
     live = await rig.backend("live")
-    fwd, pool, address = await rig.forwarder(
+    _fwd, pool, address = await rig.forwarder(
         [dying[0].getsockname(), dying[1].getsockname(), live], balance="least_conn")
     reader, writer = await asyncio.open_connection(*address)
     writer.write(b"first\n")

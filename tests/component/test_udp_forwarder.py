@@ -286,7 +286,7 @@ async def test_no_backend_up_drops_the_datagram(rig: Rig) -> None:
 
 
 async def test_stop_accepting_keeps_existing_flows(rig: Rig) -> None:
-    b1, echo = await rig.backend("b1")
+    b1, _echo = await rig.backend("b1")
     fwd, _, address = await rig.forwarder([b1])
     old, new = await rig.client(), await rig.client()
     old.send(b"1", address)
@@ -318,7 +318,7 @@ async def test_stop_accepting_keeps_existing_flows(rig: Rig) -> None:
 
 async def test_bind_error_names_the_address(rig: Rig) -> None:
     b1, _ = await rig.backend("b1")
-    fwd, pool, address = await rig.forwarder([b1])
+    _fwd, pool, address = await rig.forwarder([b1])
     second = UdpForwarder(pool.service, pool, bind_host=address[0], bind_port=address[1])
     with pytest.raises(BindError, match=f"127.0.0.1:{address[1]}") as info:
         await second.start()

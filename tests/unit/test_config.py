@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel, Strict
+from pydantic import BaseModel, Strict, ValidationError
 
 from anycast_lb.config import (
     HealthKind,
@@ -208,7 +208,7 @@ def test_host_port_round_trip() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = parse_config(copy.deepcopy(GOOD))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.node.name = "other"  # type: ignore[misc]
 
 

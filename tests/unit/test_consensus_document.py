@@ -47,7 +47,7 @@ def test_merge_validates_the_whole_node() -> None:
     node = parse_config(copy.deepcopy(NODE))
     v6 = document.from_data({"services": [{"name": "web6", "vip": "2001:db8::10", "port": 80,
                                            "backends": [{"address": "2001:db8::1", "port": 80}]}]})
-    with pytest.raises(ConfigError, match="IPv6 VIPs over IPv4 sessions need bgp.next_hop_v6"):
+    with pytest.raises(ConfigError, match=r"IPv6 VIPs over IPv4 sessions need bgp\.next_hop_v6"):
         document.merge(node, v6)
 
 

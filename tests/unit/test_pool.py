@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from anycast_lb import maglev, pool as pool_module
+from anycast_lb import maglev
+from anycast_lb import pool as pool_module
 from anycast_lb.config import ServiceConfig
 from anycast_lb.pool import BuildJob
 
@@ -224,7 +225,7 @@ def test_nodes_agree_during_a_rebuild_whatever_the_configuration_order() -> None
     forward, backward = HeldBuilds(), HeldBuilds()
     a = make_pool(service(), run_build=forward)
     b = make_pool(service(backends=list(reversed(service().model_dump()["backends"]))), run_build=backward)
-    for pool, builds in ((a, forward), (b, backward)):
+    for pool, _builds in ((a, forward), (b, backward)):
         for key in KEYS[:3]:
             pool.set_up(key, True)
         assert not pool.table_ready  # no table yet: name-order rotation
