@@ -409,11 +409,15 @@ class ConsensusAgent:
     async def _write_votes(self, votes: VoteWriter, lease_id: int) -> None:
         while True:
             await self._votes_dirty.wait()
+            # The monitor reports a backend's services one after the other
+            # within one loop pass: let them all land, then write them in
+            # one transaction (one revision, one agreed-set change).
+            await asyncio.sleep(0)
             self._votes_dirty.clear()
-            for (service, backend), up in sorted(self.local_health.items()):
-                if await votes.vote(service, backend, up, lease_id):
-                    self._watch_mark = ((service, backend, self.name), up,
-                                        self._clock.monotonic())
+            written = await votes.vote_many(dict(self.local_health), lease_id)
+            if written:
+                service, backend, up = written[-1]
+                self._watch_mark = ((service, backend, self.name), up, self._clock.monotonic())
 
     async def _check_quorum(self, store: Store, keeper: LeaseKeeper) -> None:
         """Every ``lease_ttl / 3`` s: a linearizable read, then the rule."""
