@@ -639,8 +639,17 @@ def _kill_finish(run: Run, result: dict[str, Any]) -> None:
         checks.pop(generic, None)
     traffic = json.loads((run.handles["out_dir"] / "traffic.json").read_text())
     failed = [r for r in traffic["new"] if not r[2]]
-    result["new_failed_not_answered_by_killed"] = sum(1 for r in failed
-                                                      if r[4] != run.lab.topo.backends[0].name)
+    # A connection be1's kernel had accepted but be1 had not yet greeted
+    # dies unnamed ("no greeting"): counted with be1's when it was in
+    # progress at a kill (start and end in the traffic's own clock, s).
+    kills = [trial["kill"] - float(traffic["t0"]) for trial in run.handles.get("trials", [])]
+
+    def at_a_kill(r: list[Any]) -> bool:
+        start, end = float(r[0]), float(r[0]) + float(r[1]) / 1000
+        return not r[4] and any(start <= k <= end for k in kills)
+    result["new_failed_unnamed_at_a_kill"] = sum(1 for r in failed if at_a_kill(r))
+    result["new_failed_not_answered_by_killed"] = sum(
+        1 for r in failed if r[4] != run.lab.topo.backends[0].name and not at_a_kill(r))
     checks["no_failures_but_killed_backend_flows"] = \
         result["new_failed_not_answered_by_killed"] == 0
     checks[f"kills_ge_{KILLS}"] = len(lat) >= KILLS
