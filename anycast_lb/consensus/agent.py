@@ -214,12 +214,15 @@ class ConsensusAgent:
                 self._on_pool_change(service, backend, up)
 
     def announce_healthy(self, service: str) -> bool:
-        """Whether the service may be announced. Synced: the pool (the agreed
-        set) has ``min_healthy`` backends up. Isolated: ``min_healthy`` of
-        the frozen table's backends are up in this node's own checks, so
-        losing etcd alone never withdraws a VIP."""
+        """Whether the service may be announced: ``min_healthy`` of the
+        table's backends (the agreed set, frozen while isolated) are up in
+        this node's own checks too. A node that cannot reach enough of them
+        itself could serve no flow, so it withdraws while the others keep
+        the backends (the agreed set does not move for one node's view);
+        losing etcd alone never withdraws a VIP. Never synced: the pools
+        hold the node's own health, as standalone."""
         pool = self._pools()[service]
-        if not self.isolated or self.view is None:
+        if self.view is None:
             return pool.healthy
         mine = sum(1 for b in pool.backends
                    if b.up and self.local_health.get((service, b.key), False))
