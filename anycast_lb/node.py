@@ -199,7 +199,7 @@ class Node:
             config.services,
             self.pools,
             self.clock,
-            on_change=(self.consensus.local_changed if self.consensus is not None
+            on_change=(self._on_local_health if self.consensus is not None
                        else self._on_backend_change),
             on_check=self._on_check,
             max_jitter=1.0 if check_jitter else 0.0,
@@ -318,6 +318,14 @@ class Node:
                 log.event("service.healthy", service=service, up_backends=up_backends)
             else:  # withdraws the VIP (with a bgp section): a warning
                 log.warning("service.unhealthy", service=service, up_backends=up_backends)
+        self._routes_changed()
+
+    def _on_local_health(self, service: str, backend: Backend, up: bool) -> None:
+        """With consensus: the node's own check becomes a vote, and the
+        announcement is decided again (it needs the agreed backends to pass
+        this node's own checks too, :meth:`ConsensusAgent.announce_healthy`)."""
+        assert self.consensus is not None
+        self.consensus.local_changed(service, backend, up)
         self._routes_changed()
 
     def _on_drain_change(self, outcome: Outcome) -> None:

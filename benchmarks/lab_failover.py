@@ -108,7 +108,7 @@ def _print_consensus(rows: list[dict[str, Any]]) -> None:
             "etcd-leader-kill": f"new etcd leader {r.get('etcd_new_leader_ms')} ms",
             "etcd-quorum-loss": f"isolated {r.get('isolated_after_ms')}",
             "etcd-partition": f"isolated {r.get('isolated_after_ms')}",
-            "config-push": f"same digest {r.get('same_new_digest_after_push_ms')} ms",
+            "config-push": f"same digest {r.get('same_new_digest_after_commit_ms')} ms after commit",
             "health-disagreement": f"digest changes {r.get('digest_changed_views')}",
             "backend-kill-agreed": f"p50/p99 {r.get('agree_latency_p50_ms')}/"
                                    f"{r.get('agree_latency_p99_ms')} ms",

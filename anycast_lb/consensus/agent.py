@@ -214,12 +214,15 @@ class ConsensusAgent:
                 self._on_pool_change(service, backend, up)
 
     def announce_healthy(self, service: str) -> bool:
-        """Whether the service may be announced. Synced: the pool (the agreed
-        set) has ``min_healthy`` backends up. Isolated: ``min_healthy`` of
-        the frozen table's backends are up in this node's own checks, so
-        losing etcd alone never withdraws a VIP."""
+        """Whether the service may be announced: ``min_healthy`` of the
+        table's backends (the agreed set, frozen while isolated) are up in
+        this node's own checks too. A node that cannot reach enough of them
+        itself could serve no flow, so it withdraws while the others keep
+        the backends (the agreed set does not move for one node's view);
+        losing etcd alone never withdraws a VIP. Never synced: the pools
+        hold the node's own health, as standalone."""
         pool = self._pools()[service]
-        if not self.isolated or self.view is None:
+        if self.view is None:
             return pool.healthy
         mine = sum(1 for b in pool.backends
                    if b.up and self.local_health.get((service, b.key), False))
@@ -409,11 +412,15 @@ class ConsensusAgent:
     async def _write_votes(self, votes: VoteWriter, lease_id: int) -> None:
         while True:
             await self._votes_dirty.wait()
+            # The monitor reports a backend's services one after the other
+            # within one loop pass: let them all land, then write them in
+            # one transaction (one revision, one agreed-set change).
+            await asyncio.sleep(0)
             self._votes_dirty.clear()
-            for (service, backend), up in sorted(self.local_health.items()):
-                if await votes.vote(service, backend, up, lease_id):
-                    self._watch_mark = ((service, backend, self.name), up,
-                                        self._clock.monotonic())
+            written = await votes.vote_many(dict(self.local_health), lease_id)
+            if written:
+                service, backend, up = written[-1]
+                self._watch_mark = ((service, backend, self.name), up, self._clock.monotonic())
 
     async def _check_quorum(self, store: Store, keeper: LeaseKeeper) -> None:
         """Every ``lease_ttl / 3`` s: a linearizable read, then the rule."""

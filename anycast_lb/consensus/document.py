@@ -41,9 +41,15 @@ class Shared:
         return hash(self.to_json())
 
     def to_data(self) -> dict[str, Any]:
+        """The fields as written (``exclude_unset``): a default left out of
+        the pushed file stays a default on every node, so settings derived
+        when a field is unset (a UDP service's ``max_flows`` from the
+        node's descriptor budget, :mod:`anycast_lb.limits`) are derived on
+        each node as from its own file."""
         return {
-            "services": [s.model_dump(mode="json") for s in self.services],
-            "announce": self.announce.model_dump(mode="json") if self.announce else None,
+            "services": [s.model_dump(mode="json", exclude_unset=True) for s in self.services],
+            "announce": self.announce.model_dump(mode="json", exclude_unset=True)
+            if self.announce else None,
         }
 
     def to_json(self) -> str:
@@ -83,8 +89,11 @@ def merge(node: NodeConfig, shared: Shared, source: str = "<merged>") -> NodeCon
     (VIP families against the BGP session, flow survival limits...).
     Announce attributes apply only to a node with a ``bgp`` section.
     Raises ConfigError: the node then refuses the revision whole."""
-    data = node.model_dump(mode="json", exclude_none=True)
-    data["services"] = [s.model_dump(mode="json", exclude_none=True) for s in shared.services]
+    # Only the fields set in either file: a default must stay a default
+    # (limits derive unset caps per node; an explicit one is checked whole).
+    data = node.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    data["services"] = [s.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+                        for s in shared.services]
     if shared.announce is not None and "bgp" in data:
-        data["bgp"]["announce"] = shared.announce.model_dump(mode="json")
+        data["bgp"]["announce"] = shared.announce.model_dump(mode="json", exclude_unset=True)
     return parse_config(data, source)

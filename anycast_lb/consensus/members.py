@@ -8,6 +8,7 @@ same revision compute the same agreed set (:func:`agree.agree`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from anycast_lb.consensus.store import ModRevisionIs, Put, Snapshot, Store, Watc
 from anycast_lb.errors import ConsensusDataError
 
 UP, DOWN = b"up", b"down"
+TXN_OPS = 128
+"""Operations per etcd transaction (etcd's ``--max-txn-ops`` default)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,26 @@ class VoteWriter:
         self._written[(service, backend)] = up
         return True
 
+    async def vote_many(self, observations: Mapping[tuple[str, str], bool],
+                        lease_id: int) -> list[tuple[str, str, bool]]:
+        """Record observations ``{(service, backend): up}`` and write the
+        changed ones in one transaction per :data:`TXN_OPS` (one Raft entry
+        and one fsync instead of one per key, so a backend seen down by every
+        service of a node reaches the others as one batch). Returns the
+        written ``(service, backend, up)``. Raises ConsensusError (the
+        observations stay wanted for rewrite)."""
+        self.wanted.update(observations)
+        changed = [(s, b, up) for (s, b), up in sorted(observations.items())
+                   if self._written.get((s, b)) is not up]
+        for start in range(0, len(changed), TXN_OPS):
+            chunk = changed[start:start + TXN_OPS]
+            await self._store.transact([], [
+                Put(self._layout.vote(s, b, self._node), UP if up else DOWN, lease_id)
+                for s, b, up in chunk])
+            for s, b, up in chunk:
+                self._written[(s, b)] = up
+        return changed
+
     async def forget(self, service: str, backend: str) -> None:
         """The backend left the config: delete this node's vote on it."""
         self.wanted.pop((service, backend), None)
@@ -94,8 +117,7 @@ class VoteWriter:
     async def rewrite(self, lease_id: int) -> None:
         """Write every wanted vote under ``lease_id`` (a new lease)."""
         self._written.clear()
-        for (service, backend), up in sorted(self.wanted.items()):
-            await self.vote(service, backend, up, lease_id)
+        await self.vote_many(dict(self.wanted), lease_id)
 
 
 @dataclass

@@ -33,17 +33,30 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-import grpc
-import grpc.aio
-from etcd3aio import EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
-from etcd3aio import _protobuf as pb
-from etcd3aio.connections import ConnectionManager
-from etcd3aio.kv import KVService
-from etcd3aio.lease import LeaseService
+# gRPC's fork support (pthread_atfork handlers) lets a child forked while
+# gRPC threads are busy crash before exec (SIGSEGV): the node forks nft, ip
+# and ExaBGP beside a live etcd client, and the asyncio subprocess it lost
+# took the node down. Nothing here forks to keep using gRPC in the child,
+# so the handlers are turned off before gRPC is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
+from etcd3aio import (  # noqa: E402
+    EtcdConnectionError,
+    EtcdError,
+    EtcdTransientError,
+    prefix_range_end,
+)
+from etcd3aio import _protobuf as pb  # noqa: E402
+from etcd3aio.connections import ConnectionManager  # noqa: E402
+from etcd3aio.kv import KVService  # noqa: E402
+from etcd3aio.lease import LeaseService  # noqa: E402
 
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.consensus.keys import client_target

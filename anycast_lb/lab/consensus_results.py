@@ -11,7 +11,9 @@ available" (a failed check naming it), never a crash. What is looked for:
   ``REVISION_KEYS`` found on the service itself or in one of its
   ``NESTS`` sub-objects;
 - per backend (``services[].backends[]``), the node's own health
-  observation: the first of ``LOCAL_STATE_KEYS`` (``up``/``down``);
+  observation (:func:`local_state`): with consensus ``state`` is the agreed
+  one and ``consensus.disagreement`` lists, per service, the backends
+  (``addr:port``) the node itself sees otherwise;
 - ``node.drain_state`` (``serving``, ``graceful``, ``withdrawn``, ``drained``).
 
 A sample is ``(t, node, status)``: ``t`` monotonic s, ``status`` the parsed
@@ -94,17 +96,48 @@ def revisions(status: dict[str, Any] | None) -> dict[str, int] | None:
     return out or None
 
 
+def _disagreeing(status: dict[str, Any], service: str) -> set[str]:
+    """Backend keys (``addr:port``) of ``service`` whose local health differs
+    from the agreed one (``consensus.disagreement``)."""
+    section = status.get("consensus")
+    table = section.get("disagreement") if isinstance(section, dict) else None
+    keys = table.get(service) if isinstance(table, dict) else None
+    return {str(k) for k in keys} if isinstance(keys, list) else set()
+
+
+def local_state(status: dict[str, Any], service: dict[str, Any],
+                backend: dict[str, Any]) -> str | None:
+    """The node's own health observation of one ``services[].backends[]``
+    entry: ``local_state`` when shown, else, with a ``consensus`` section,
+    the agreed ``state`` flipped when the backend is listed in
+    ``consensus.disagreement`` for the service (the node's pools hold the
+    agreed set), else ``state`` (standalone: the node's own)."""
+    for key in LOCAL_STATE_KEYS[:-1]:
+        if backend.get(key) in ("up", "down"):
+            return str(backend[key])
+    state = backend.get("state")
+    if state not in ("up", "down"):
+        return None
+    address = str(backend.get("address"))
+    key = f"[{address}]:{backend.get('port')}" if ":" in address \
+        else f"{address}:{backend.get('port')}"
+    if key in _disagreeing(status, str(service.get("name"))):
+        return "down" if state == "up" else "up"
+    return str(state)
+
+
 def backend_down(status: dict[str, Any] | None, address: str) -> bool | None:
     """True when every service's entry for backend ``address`` is locally
-    down, False when one is up, None when none shows a state."""
+    down (:func:`local_state`), False when one is up, None when none shows
+    a state."""
     if not status:
         return None
     seen: list[bool] = []
     for service in status.get("services") or []:
         for be in (service.get("backends") or []) if isinstance(service, dict) else []:
             if isinstance(be, dict) and be.get("address") == address:
-                state = _first(be, LOCAL_STATE_KEYS)
-                if state in ("up", "down"):
+                state = local_state(status, service, be)
+                if state is not None:
                     seen.append(state == "down")
     return all(seen) if seen else None
 

@@ -216,3 +216,34 @@ def test_cluster_commands_need_a_target(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "anycast_lb", "cluster", *args, "history"],
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2
+
+
+async def test_votes_changed_together_land_in_one_revision(etcd_member: EtcdMember,
+                                                           etcd_cluster: str) -> None:
+    """A node's changed votes go in one transaction: the others see them in
+    one watch batch at one revision, so the agreed set moves once."""
+    layout = Layout(etcd_cluster)
+    async with Store([etcd_member.client_url], 2.0) as store:
+        lease = await LeaseKeeper(store, ttl=5.0).grant()
+        votes = VoteWriter(store, layout, "a")
+        first = await votes.vote_many({("web", B1): True, ("web", B2): True,
+                                       ("dns", B1): True}, lease.id)
+        assert len(first) == 3
+        view = await read_view(store, layout)
+        batches: list[list[int]] = []
+
+        async def follow() -> None:
+            async for batch in store.watch_prefix(layout.votes, view.revision + 1):
+                batches.append([e.mod_revision for e in batch.events])
+
+        task = asyncio.create_task(follow())
+        try:
+            written = await votes.vote_many({("web", B1): False, ("web", B2): True,
+                                             ("dns", B1): False}, lease.id)
+            assert written == [("dns", B1, False), ("web", B1, False)]   # B2 unchanged
+            await wait_until(lambda: sum(map(len, batches)) >= 2,
+                             what="both votes through the watch")
+        finally:
+            task.cancel()
+        assert len(batches) == 1 and len(set(batches[0])) == 1
+        assert await votes.vote_many({("web", B1): False}, lease.id) == []

@@ -9,7 +9,7 @@ import pytest
 
 from anycast_lb.clock import FakeClock
 from anycast_lb.config import ServiceConfig
-from anycast_lb.consensus.agent import FAILED_READS, isolated, view_changes
+from anycast_lb.consensus.agent import FAILED_READS, ConsensusAgent, isolated, view_changes
 from anycast_lb.consensus.keys import Layout
 from anycast_lb.consensus.members import ClusterView, MemberInfo
 from anycast_lb.drain import DrainMachine, Phase, Undrain
@@ -166,3 +166,49 @@ def test_digest_is_equal_for_equal_up_sets_whatever_the_path() -> None:
     assert len(a.table_digest() or "") == 12
     b.set_up_set({"10.0.0.1:1"})
     assert b.up_count == 1 and b.table_digest() != a.table_digest()
+
+
+def _agent_with_pool() -> tuple[ConsensusAgent, Pool]:
+    from anycast_lb.config import parse_config
+
+    node = parse_config({
+        "node": {"name": "a"},
+        "consensus": {"endpoints": ["http://127.0.0.1:2379"], "cluster": "c"},
+        "services": [{"name": "web", "vip": "127.0.0.10", "port": 80, "min_healthy": 1,
+                      "backends": [{"address": "10.0.0.1", "port": 80},
+                                   {"address": "10.0.0.2", "port": 80}]}]})
+    pool = Pool(node.services[0], run_build=lambda job: job())
+    assert node.consensus is not None
+    agent = ConsensusAgent(node.consensus, node, running=lambda: node,
+                           pools=lambda: {"web": pool}, on_pool_change=lambda *_: None,
+                           clock=FakeClock())
+    return agent, pool
+
+
+@pytest.mark.parametrize(("agreed", "local", "announce"), [
+    ({"10.0.0.1:80", "10.0.0.2:80"}, {"10.0.0.1:80": True, "10.0.0.2:80": True}, True),
+    # one backend out of reach here: the agreed set keeps it, the node serves on the other
+    ({"10.0.0.1:80", "10.0.0.2:80"}, {"10.0.0.1:80": False, "10.0.0.2:80": True}, True),
+    # none in reach here: the node could serve no flow, it withdraws alone
+    ({"10.0.0.1:80", "10.0.0.2:80"}, {"10.0.0.1:80": False, "10.0.0.2:80": False}, False),
+    # up here but agreed down: not in the table, not a reason to announce
+    ({"10.0.0.2:80"}, {"10.0.0.1:80": True, "10.0.0.2:80": False}, False),
+])
+@pytest.mark.parametrize("state", ["synced", "isolated"])
+def test_announce_needs_agreed_backends_this_node_reaches(
+        agreed: set[str], local: dict[str, bool], announce: bool, state: str) -> None:
+    from anycast_lb.consensus.agent import State
+
+    agent, pool = _agent_with_pool()
+    for key, up in local.items():
+        agent.local_health[("web", key)] = up
+    agent.view = ClusterView(Layout("c"), revision=3)
+    agent.state = State(state)
+    pool.set_up_set(agreed)
+    assert agent.announce_healthy("web") is announce
+
+
+def test_announce_before_the_first_sync_follows_the_pool() -> None:
+    agent, pool = _agent_with_pool()
+    pool.set_up_set({"10.0.0.1:80"})
+    assert agent.view is None and agent.announce_healthy("web")

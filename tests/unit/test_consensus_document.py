@@ -43,6 +43,20 @@ def test_merge_replaces_only_the_shared_part() -> None:
     assert document.merge(node, document.from_data(copy.deepcopy(NODE))) == node
 
 
+def test_defaults_left_out_stay_defaults_through_push_and_merge() -> None:
+    """A UDP service without max_flows gets its cap from each node's
+    descriptor budget; a pushed document must not turn the default into an
+    explicit 65536 the budget then refuses."""
+    udp = {"name": "dns", "vip": "198.51.100.10", "port": 53, "protocol": "udp",
+           "backends": [{"address": "10.0.0.1", "port": 53}]}
+    stored = document.from_data({"services": [udp]}).to_json()
+    assert "max_flows" not in stored
+    merged = document.merge(parse_config(copy.deepcopy(NODE)), document.from_json(stored))
+    assert "max_flows" not in merged.services[0].model_fields_set
+    assert "max_flows" in document.merge(
+        parse_config(copy.deepcopy(NODE)),
+        document.from_data({"services": [{**udp, "max_flows": 100}]})).services[0].model_fields_set
+
 def test_merge_validates_the_whole_node() -> None:
     node = parse_config(copy.deepcopy(NODE))
     v6 = document.from_data({"services": [{"name": "web6", "vip": "2001:db8::10", "port": 80,

@@ -52,6 +52,18 @@ def test_state_backend_and_drain() -> None:
     assert C.backend_down(local, "198.51.100.193") is True
 
 
+
+@pytest.mark.parametrize(("agreed", "listed", "local"), [
+    ("up", False, "up"), ("up", True, "down"), ("down", True, "up"), ("down", False, "down")])
+def test_local_state_is_the_agreed_one_flipped_by_disagreement(
+        agreed: str, listed: bool, local: str) -> None:
+    s = status("d", state="synced", be_state=agreed)
+    s["consensus"]["disagreement"] = {"echo": ["198.51.100.193:9000"] if listed else [],
+                                      "web": ["198.51.100.193:9000"]}
+    service = s["services"][0]
+    assert C.local_state(s, service, service["backends"][0]) == local
+    assert C.backend_down(s, "198.51.100.193") is (local == "down")
+
 def test_views_wait_for_every_node_and_keep_the_latest() -> None:
     tl = C.Timeline(["a", "b"], [C.Sample(1.0, "a", status("x")),
                                  C.Sample(2.0, "b", status("x")),
