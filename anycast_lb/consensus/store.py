@@ -45,18 +45,18 @@ from typing import Literal, TypeVar
 # so the handlers are turned off before gRPC is first imported.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import grpc  # noqa: E402
-import grpc.aio  # noqa: E402
-from etcd3aio import (  # noqa: E402
+import grpc
+import grpc.aio
+from etcd3aio import (
     EtcdConnectionError,
     EtcdError,
     EtcdTransientError,
     prefix_range_end,
 )
-from etcd3aio import _protobuf as pb  # noqa: E402
-from etcd3aio.connections import ConnectionManager  # noqa: E402
-from etcd3aio.kv import KVService  # noqa: E402
-from etcd3aio.lease import LeaseService  # noqa: E402
+from etcd3aio import _protobuf as pb
+from etcd3aio.connections import ConnectionManager
+from etcd3aio.kv import KVService
+from etcd3aio.lease import LeaseService
 
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.consensus.keys import client_target
