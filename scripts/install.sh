@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    bash scripts/apt-install.sh frr nftables iproute2 procps etcd-server etcd-client prometheus
+    bash scripts/apt-install.sh frr nftables iproute2 procps etcd-server etcd-client prometheus systemd
 elif [ "$(id -u)" != 0 ]; then
     echo "install: not root: skipping apt packages (frr, nftables, etcd); the lab and its tests need root" >&2
 fi
