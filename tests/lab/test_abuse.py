@@ -10,37 +10,24 @@ with a deadline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from anycast_lb.lab import abuse, builder, netns, nodes, state
+from anycast_lb.lab import abuse
 from anycast_lb.lab.builder import Lab
+from tests.lab.support import fresh_lab, require
 
 pytestmark = pytest.mark.lab
 
-_missing = [what for what, ok in [
-    ("root", os.geteuid() == 0),
-    ("FRR (/usr/lib/frr/bgpd)", Path("/usr/lib/frr/bgpd").exists()),
-    ("nft", shutil.which("nft") is not None),
-    ("prlimit", shutil.which("prlimit") is not None),
-    ("exabgp", Path(nodes.sys.executable).with_name("exabgp").exists()),
-] if not ok]
-if _missing:
-    pytest.skip(f"lab tests need {', '.join(_missing)}", allow_module_level=True)
+require(("prlimit", shutil.which("prlimit") is not None))
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if state.load() is not None or netns.lab_namespaces():
-        pytest.fail("a lab is already up: run `anycast-lb lab down` first")
-    try:
-        yield builder.up(3, 3, bfd=False, mode="node", timeout=30.0)
-    finally:
-        builder.down()
+    yield from fresh_lab(bfd=False)
 
 
 def test_udp_flood_at_ten_times_the_cap_takes_no_vip_down(lab: Lab, tmp_path: Path) -> None:

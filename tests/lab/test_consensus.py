@@ -14,41 +14,28 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from anycast_lb.lab import builder, etcd, netns, nodes, state
+from anycast_lb.lab import builder, etcd, netns
 from anycast_lb.lab import consensus_scenarios as CS
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
 from anycast_lb.lab.cli import status_data
 from anycast_lb.lab.scenarios import run_scenario
+from tests.lab.support import fresh_lab, require
 
 pytestmark = pytest.mark.lab
 
-_missing = [what for what, ok in [
-    ("root", os.geteuid() == 0),
-    ("FRR (/usr/lib/frr/bgpd)", Path("/usr/lib/frr/bgpd").exists()),
-    ("nft", shutil.which("nft") is not None),
-    ("etcd", shutil.which("etcd") is not None and shutil.which("etcdctl") is not None),
-    ("exabgp", Path(nodes.sys.executable).with_name("exabgp").exists()),
-] if not ok]
-if _missing:
-    pytest.skip(f"lab tests need {', '.join(_missing)}", allow_module_level=True)
+require(("etcd", shutil.which("etcd") is not None and shutil.which("etcdctl") is not None))
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if state.load() is not None or netns.lab_namespaces():
-        pytest.fail("a lab is already up: run `anycast-lb lab down` first")
-    try:
-        yield builder.up(3, 3, bfd=False, mode="node", timeout=30.0, consensus=True)
-    finally:
-        builder.down()
+    yield from fresh_lab(bfd=False, consensus=True)
 
 
 def _failed(result: dict[str, object]) -> str:

@@ -12,40 +12,25 @@ in about 0.3 s, not after the 3 s hold time. Needs root, FRR and ExaBGP.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from anycast_lb.lab import builder, flow_scenarios, netns, nodes, state
+from anycast_lb.lab import builder, flow_scenarios
 from anycast_lb.lab.builder import Lab
+from tests.lab.support import fresh_lab, require
 
 pytestmark = pytest.mark.lab
 
-_missing = [what for what, ok in [
-    ("root", os.geteuid() == 0),
-    ("FRR (/usr/lib/frr/bgpd)", Path("/usr/lib/frr/bgpd").exists()),
-    ("FRR bfdd", Path("/usr/lib/frr/bfdd").exists()),
-    ("nft", shutil.which("nft") is not None),
-    ("exabgp", Path(nodes.sys.executable).with_name("exabgp").exists()),
-] if not ok]
-if _missing:
-    pytest.skip(f"lab tests need {', '.join(_missing)}", allow_module_level=True)
+require(("FRR bfdd", Path("/usr/lib/frr/bfdd").exists()))
 
 FLOWS = flow_scenarios.FLOWS
 
 
 def _lab(flow_survival: bool) -> Iterator[Lab]:
-    if state.load() is not None or netns.lab_namespaces():
-        pytest.fail("a lab is already up: run `anycast-lb lab down` first")
-    try:
-        yield builder.up(3, 3, bfd=True, mode="node", timeout=30.0,
-                         flow_survival=flow_survival)
-    finally:
-        builder.down()
+    yield from fresh_lab(bfd=True, flow_survival=flow_survival)
 
 
 # Class scope: each lab is torn down when its class is done, before the next.

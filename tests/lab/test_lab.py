@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -20,27 +19,16 @@ import pytest
 from anycast_lb.lab import builder, frr, netns, nodes, scenarios, state
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
+from tests.lab.support import fresh_lab, require
 
 pytestmark = pytest.mark.lab
 
-_missing = [what for what, ok in [
-    ("root", os.geteuid() == 0),
-    ("FRR (/usr/lib/frr/bgpd)", Path("/usr/lib/frr/bgpd").exists()),
-    ("nft", shutil.which("nft") is not None),
-    ("exabgp", Path(nodes.sys.executable).with_name("exabgp").exists()),
-] if not ok]
-if _missing:
-    pytest.skip(f"lab tests need {', '.join(_missing)}", allow_module_level=True)
+require()
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if state.load() is not None or netns.lab_namespaces():
-        pytest.fail("a lab is already up: run `anycast-lb lab down` first")
-    try:
-        yield builder.up(3, 3, bfd=False, mode="node", timeout=30.0)
-    finally:
-        builder.down()
+    yield from fresh_lab(bfd=False)
 
 
 def hops(lab: Lab) -> list[str]:
