@@ -31,6 +31,8 @@ never 192.0.2.0/24, which the machine's uplink may use.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from dataclasses import dataclass
 
 LAB_PREFIXES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
@@ -41,7 +43,22 @@ LAB_PREFIXES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
 """Everything the lab may use. The lab refuses to start when any of them
 overlaps an address or route of the root namespace."""
 
-NS_PREFIX = "alb-"
+
+
+def _ns_prefix(value: str) -> str:
+    """The namespace name prefix: ``alb-`` unless ``ANYCAST_LB_LAB_NS_PREFIX``
+    names another of the form ``alb<up to 4 of a-z0-9>-`` (two labs side by
+    side on one machine, each with its own ``ANYCAST_LB_LAB_DIR``). ``albt-``
+    is reserved for the tests' scratch namespaces.
+
+    Raises ValueError for any other value."""
+    if not re.fullmatch(r"alb[a-z0-9]{0,4}-", value) or value == "albt-":
+        raise ValueError(f"ANYCAST_LB_LAB_NS_PREFIX must look like 'alb-' or 'albx-' "
+                         f"(not 'albt-'): {value!r}")
+    return value
+
+
+NS_PREFIX = _ns_prefix(os.environ.get("ANYCAST_LB_LAB_NS_PREFIX", "alb-"))
 MAX_NODES = 8
 ETCD_MEMBERS = 3
 ETCD_CLIENT_PORT = 2379

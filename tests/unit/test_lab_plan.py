@@ -184,3 +184,14 @@ def test_flow_survival_node_configs_share_one_private_sync_key(tmp_path: Path) -
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         rings.append(KeyFile(key_file).load())
     assert len(topo.nodes) == 3 and all(ring == rings[0] for ring in rings)
+
+
+@pytest.mark.parametrize("value", ["alb-", "albx-", "alb2b-"])
+def test_namespace_prefix_accepts_lab_names(value: str) -> None:
+    assert topology._ns_prefix(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "alb", "albt-", "xyz-", "alb-x-", "albtoolong-", "ALB-"])
+def test_namespace_prefix_refuses_other_names(value: str) -> None:
+    with pytest.raises(ValueError):
+        topology._ns_prefix(value)
