@@ -460,6 +460,13 @@ class ServiceConfig(_Model):
     health: HealthConfig = Field(default_factory=HealthConfig)
     announce: ServiceAnnounce = Field(default_factory=ServiceAnnounce)
     """Active-active (default) or active-passive, over BGP or L2 (docs/l2.md)."""
+    manage_address: StrictBool = False
+    """Put the VIP on ``lo`` (a /32 or /128) when the node starts, and take
+    it off when the node stops, only if the node added it (it was not there
+    already). Needs root or ``CAP_NET_ADMIN``. Without it the VIP must be on
+    a local interface before the node starts, or the listener cannot bind
+    ("Cannot assign requested address"). Not with ``announce.via: l2`` (the
+    election puts the VIP on ``election.interface`` on its owner only)."""
 
     @field_validator("maglev_table_size")
     @classmethod
@@ -480,6 +487,10 @@ class ServiceConfig(_Model):
                              "(tcp: forwarding.max_tcp_connections_per_source)")
         if self.proxy_protocol and self.protocol is Transport.UDP:
             raise ValueError("proxy_protocol is only supported for tcp services")
+        if self.manage_address and self.announce.via is AnnounceVia.L2:
+            raise ValueError("manage_address cannot be combined with announce.via: l2 (the "
+                             "election puts the VIP on election.interface on its owner only; "
+                             "on lo every standby would answer ARP for it)")
         seen: set[str] = set()
         for backend in self.backends:
             if backend.key in seen:
@@ -792,6 +803,12 @@ class NodeConfig(_Model):
     """Optional: agreed state on etcd (docs/consensus.md); absent = standalone."""
     election: ElectionConfig = Field(default_factory=ElectionConfig)
     """This node's priority, preempt and fencing margin for active-passive VIPs."""
+
+    @property
+    def managed_vips(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """The VIPs the node puts on ``lo`` (``manage_address: true`` on any
+        service with that VIP), each once, in config order."""
+        return list(dict.fromkeys(s.vip for s in self.services if s.manage_address))
 
     @model_validator(mode="after")
     def _unique(self) -> NodeConfig:

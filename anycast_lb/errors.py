@@ -27,7 +27,8 @@
     |   +-- ConsensusDataError     a stored document is not what the key
     |                              layout says (bad JSON, unknown revision)
     +-- L2Error                a VIP cannot be added, removed or announced on
-                               its L2 segment (no interface, no CAP_NET_RAW)
+                               its L2 segment (no interface, no CAP_NET_RAW),
+                               or put on or taken off lo (manage_address)
     +-- LabError               the namespace lab cannot be built or used
         +-- UnsafeLab          a lab prefix overlaps the root namespace, or a
                                traffic tool runs outside its lab namespace
@@ -143,7 +144,8 @@ class ConsensusDataError(ConsensusError):
 
 class L2Error(AnycastLBError):
     """A VIP cannot be added, removed or announced on its L2 segment
-    (``anycast_lb.election.l2``): interface missing, no permission."""
+    (``anycast_lb.election.l2``), or put on or taken off ``lo``
+    (``manage_address``): interface missing, no permission."""
 
 
 class LabError(AnycastLBError):

@@ -274,6 +274,9 @@ def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False
             case AddService(service=s) if s.announce.mode is AnnounceMode.ACTIVE_PASSIVE:
                 reasons.append(f"service {s.name}: active_passive services cannot be added live "
                                "(VIP elections start with the node): restart needed")
+            case AddService(service=s) if s.manage_address:
+                reasons.append(f"service {s.name}: a service with manage_address cannot be added "
+                               "live (its VIP is put on lo at start): restart needed")
             case AddService(service=s) if workers and s.protocol is Transport.TCP:
                 reasons.append(f"service {s.name}: TCP services cannot be added live with relay "
                                "workers (forwarding.workers > 1): restart needed")

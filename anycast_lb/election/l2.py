@@ -155,13 +155,15 @@ class L2Announcer:
 
 class VipAddresses:
     """Adds and removes VIPs (``/32``, ``/128`` with ``nodad``) on one
-    interface through rtnetlink. Both are idempotent; other failures raise
+    interface through rtnetlink (``lo`` too: ``manage_address``). Both are
+    idempotent and return whether they changed anything (False: the address
+    was already there, or already gone); other failures raise
     :class:`L2Error`. Calls run in a thread (netlink is blocking)."""
 
     def __init__(self, interface: str) -> None:
         self.interface = interface
 
-    def _call(self, command: str, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def _call(self, command: str, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         from pyroute2 import IPRoute  # imported at use: Linux only
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -177,11 +179,12 @@ class VipAddresses:
                 ipr.addr(command, **args)
             except NetlinkError as exc:
                 if (command, exc.code) in (("add", errno.EEXIST), ("del", errno.EADDRNOTAVAIL)):
-                    return
+                    return False
                 raise L2Error(f"{command} {vip} on {self.interface}: {exc}") from exc
+        return True
 
-    async def add(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-        await asyncio.to_thread(self._call, "add", vip)
+    async def add(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return await asyncio.to_thread(self._call, "add", vip)
 
-    async def remove(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-        await asyncio.to_thread(self._call, "del", vip)
+    async def remove(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return await asyncio.to_thread(self._call, "del", vip)

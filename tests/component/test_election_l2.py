@@ -121,12 +121,12 @@ class NsAddresses(VipAddresses):
         super().__init__(interface)
         self.ns = ns
 
-    def _call(self, command: str, vip: IPAddress) -> None:
+    def _call(self, command: str, vip: IPAddress) -> bool:
         from pyroute2.netns import popns, pushns
 
         pushns(self.ns)
         try:
-            super()._call(command, vip)
+            return super()._call(command, vip)
         finally:
             popns()
 

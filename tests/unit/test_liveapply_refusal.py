@@ -149,3 +149,20 @@ def test_an_active_passive_service_is_not_added_live(mode: str, refused: bool) -
     assert (reason is not None and "active_passive services cannot be added live" in reason) \
         is refused
     assert refused or reason is None
+
+
+@pytest.mark.parametrize("manage, refused", [(False, False), (True, True)])
+def test_a_service_managing_its_address_is_not_added_live(manage: bool, refused: bool) -> None:
+    def add(d: dict[str, Any]) -> None:
+        d["services"].append({**copy.deepcopy(web(d)), "name": "ntp", "vip": "192.0.2.53",
+                              "manage_address": manage})
+    old = cfg()
+    reason = refusal(old, plan(old, cfg(add)))
+    assert (reason is not None and "manage_address cannot be added live" in reason) is refused
+    assert refused or reason is None
+
+
+def test_manage_address_cannot_change_on_a_running_service() -> None:
+    old = cfg()
+    reason = refusal(old, plan(old, cfg(_with(manage_address=True))))
+    assert reason is not None and "manage_address cannot change on a running listener" in reason
