@@ -60,6 +60,30 @@ def main() -> None:
     """Active-active BGP anycast L4 load balancer."""
 
 
+def _check_files(cfg: NodeConfig, path: Path) -> None:
+    """Read the files the config names as the node will (the API token, the
+    cluster key); a problem exits 2 naming both the config file and the
+    file at fault."""
+    if cfg.api.admin_token_file is not None:
+        from anycast_lb.api import read_token_file  # deferred: keeps the other commands light
+
+        try:
+            read_token_file(cfg.api.admin_token_file)
+        except ConfigError as exc:
+            # The problem line names the token file; the source, the config.
+            click.echo(f"anycast-lb: invalid config {ConfigError(str(path), exc.problems)}",
+                       err=True)
+            sys.exit(EXIT_CONFIG)
+    if cfg.cluster is not None:  # the runtime refuses a bad key file: so does the check
+        from anycast_lb.cluster.keys import KeyFile
+
+        try:
+            KeyFile(cfg.cluster.key_file).load()
+        except ClusterError as exc:
+            click.echo(f"anycast-lb: invalid config {path}: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+
+
 def _plan(cfg: NodeConfig, path: Path, limit: int) -> Budget:
     try:
         return plan(limit, cfg, source=str(path))
@@ -80,22 +104,7 @@ def check_config(config: Path, nofile: int | None) -> None:
     that cannot fit the open-file limit are refused.
     """
     cfg = _load(config)
-    if cfg.api.admin_token_file is not None:
-        from anycast_lb.api import read_token_file  # deferred: keeps the other commands light
-
-        try:
-            read_token_file(cfg.api.admin_token_file)
-        except ConfigError as exc:
-            click.echo(f"anycast-lb: invalid config {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
-    if cfg.cluster is not None:  # the runtime refuses a bad key file: so does the check
-        from anycast_lb.cluster.keys import KeyFile
-
-        try:
-            KeyFile(cfg.cluster.key_file).load()
-        except ClusterError as exc:
-            click.echo(f"anycast-lb: invalid config {config}: {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
+    _check_files(cfg, config)
     budget = _plan(cfg, config, nofile if nofile is not None else hard_nofile())
     click.echo(f"{config}: ok (node {cfg.node.name}, {len(cfg.services)} service(s), "
                f"bgp {'on' if cfg.bgp else 'off'})")
@@ -151,6 +160,7 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
     reach such a node.
     """
     cfg = _load(config)
+    _check_files(cfg, config)
     if cfg.forwarding.engine is Engine.KERNEL:
         _refuse_kernel_engine(cfg)
     os.environ[log.FORMAT_ENV] = log_format  # relay workers and the announcer log alike

@@ -227,6 +227,29 @@ def test_check_config_refuses_a_cluster_key_file_the_node_would_refuse(tmp_path:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("problem", ["missing", "open to others"])
+def test_a_token_file_problem_names_the_config_and_the_token_file(
+        tmp_path: Path, command: str, problem: str) -> None:
+    data = minimal(8080)
+    token = tmp_path / "secrets" / "token"
+    if problem != "missing":
+        token.parent.mkdir()
+        token.write_text("s3cret\n")
+        token.chmod(0o644)
+    data["api"] = {"listen": "127.0.0.1:0", "admin_token_file": str(token)}
+    path = write(tmp_path, data)
+    argv = [str(path)] if command == "check-config" else ["--ephemeral-ports", "-c", str(path)]
+    result = subprocess.run([*ANYCAST_LB, command, *argv],
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2, result.stderr
+    first, *rest = result.stderr.splitlines()
+    assert first == f"anycast-lb: invalid config {path}: 1 problem(s)", result.stderr
+    reason = "No such file or directory" if problem == "missing" else "chmod 600"
+    assert rest[0].startswith("  api.admin_token_file: ") and str(token) in rest[0] \
+        and reason in rest[0], result.stderr
+
+
 def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, a line its error must hold)."""
     good = yaml.safe_dump(minimal(8080))
