@@ -84,6 +84,13 @@ def test_the_examples_cover_every_feature() -> None:
                     "forwarding.max_tcp_connections", "services[].max_flows_per_source",
                     "bgp.next_hop_v6", "bgp.announce.large_communities",
                     "bgp.announce.extended_communities", "services[].health.query_name",
-                    "services[].health.payload"):
+                    "services[].health.payload", "services[].manage_address",
+                    "services[].announce.via", "election.interface", "forwarding.engine",
+                    "forwarding.kernel.interface"):
         assert feature in used, f"no example uses {feature}"
     assert any(":" in v for v in vips), "no IPv6 VIP in the examples"
+    docs = [yaml.safe_load(example.read_text()) for example in EXAMPLES]
+    assert any(s.get("announce", {}).get("via") == "l2" for d in docs for s in d["services"]), \
+        "no example announces over l2"
+    assert any(d.get("forwarding", {}).get("engine") == "kernel" for d in docs), \
+        "no example uses the kernel engine"
