@@ -320,6 +320,9 @@ async def test_node_absent_at_start_clears_everything(tmp_path: Path) -> None:
             assert (await read_message(reader, "ack"))["seq"] == 5
             assert rig.exa.texts() == ["clear adj-rib out", ANNOUNCE]
         finally:
+            # Since Python 3.12.1 wait_closed() waits for the server's open
+            # connections too: close the accepted one first.
+            await rig.node.close()
             server.close()
             await server.wait_closed()
 
