@@ -128,10 +128,13 @@ class Pump:
 
     # -- moving bytes --------------------------------------------------------
 
-    def pump(self, d: Direction) -> None:
+    def pump(self, d: Direction, ended: int | bool = False) -> None:
         """Read from d.src and write to d.dst, while reads fill the buffer
         and writes complete, at most ``BURST`` reads: a bulk transfer moves
-        up to BURST * buffer_size bytes per wake-up instead of one read."""
+        up to BURST * buffer_size bytes per wake-up instead of one read.
+        ``ended`` (true: epoll reported EPOLLRDHUP): the source's FIN is
+        queued, so a short read is followed by another, which finds the end
+        without waiting for the next wake-up."""
         loop = self.loop
         size = loop.buffer_size
         copy_size = size if size < COPY_READ else COPY_READ
@@ -176,7 +179,7 @@ class Pump:
                 if not d.live:
                     return
             self.flush(d)
-            if d.pending or not d.live or n < (copy_size if copy else size):
+            if d.pending or not d.live or (n < (copy_size if copy else size) and not ended):
                 return
 
     def flush(self, d: Direction) -> None:

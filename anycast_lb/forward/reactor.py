@@ -3,12 +3,12 @@
 It knows descriptors, handlers, timers and pipes, and nothing of TCP
 proxying (``relay`` builds the forwarder on it, ``pump`` moves the bytes).
 
-- Descriptors: ``register(fd, mask, handler, owner)`` calls ``handler(events)``
+- Descriptors: ``register(fd, mask, handler)`` calls ``handler(events)``
   on the loop thread for each readiness report (level-triggered);
-  ``forget(fd)`` drops the handler and the caller closes the fd. ``owner``
-  is who holds the fd: ``stop()`` calls every owner's ``halt()`` once, so
-  it releases all its descriptors (a connection resets, a listener
-  closes), whatever kind of object it is.
+  ``forget(fd)`` drops the handler and the caller closes the fd. The
+  handler is a method of the fd's owner (``Owner``): ``stop()`` calls every
+  owner's ``halt()`` once, so it releases all its descriptors (a
+  connection resets, a listener closes), whatever kind of object it is.
 - Deferred closes: ``doom(sock)`` closes a socket after the current batch
   of events, so its fd number cannot be reused by a socket accepted later
   in the same batch (which would then receive the stale events).
@@ -48,6 +48,8 @@ HAVE_EPOLL = hasattr(select, "epoll")
 IN = select.EPOLLIN if HAVE_EPOLL else 1
 OUT = select.EPOLLOUT if HAVE_EPOLL else 4
 ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
+RDHUP = select.EPOLLRDHUP if HAVE_EPOLL else 0x2000
+"""The peer shut down its writing side (its FIN arrived)."""
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 _F_SETPIPE_SZ = 1031
@@ -97,7 +99,6 @@ class Reactor:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
-        self._owners: dict[int, Owner] = {}
         self._epoll.register(self._wake, IN)
         self._calls: deque[Callable[[], None]] = deque()
         self._timers: list[Timer] = []
@@ -172,10 +173,11 @@ class Reactor:
         heapq.heappush(self._timers, timer)
         return timer
 
-    def register(self, fd: int, mask: int, handler: Callable[[int], None], owner: Owner) -> None:
-        """Watch ``fd`` for ``mask`` (EPOLLIN, EPOLLOUT); ``owner`` halts it on stop."""
+    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        """Watch ``fd`` for ``mask`` (EPOLLIN, EPOLLOUT, EPOLLRDHUP).
+        ``handler`` is a bound method of the fd's ``Owner``, which halts it
+        on stop (one dict per fd: this runs twice per connection)."""
         self._handlers[fd] = handler
-        self._owners[fd] = owner
         self._epoll.register(fd, mask)
 
     def modify(self, fd: int, mask: int) -> None:
@@ -185,12 +187,10 @@ class Reactor:
         """Drop ``fd``'s handler; the caller closes the fd (which removes it
         from the epoll set)."""
         self._handlers.pop(fd, None)
-        self._owners.pop(fd, None)
 
     def retire(self, fd: int, sock: _Closable) -> None:
         """``forget(fd)`` and ``doom(sock)`` in one call (a closing connection)."""
         self._handlers.pop(fd, None)
-        self._owners.pop(fd, None)
         self._doomed.append(sock)
 
     def doom(self, sock: _Closable) -> None:
@@ -287,9 +287,15 @@ class Reactor:
 
     def _halt(self) -> None:
         # Each owner once, in registration order; halting forgets its fds.
-        for owner in list(dict.fromkeys(self._owners.values())):
+        halts: dict[int, Callable[[], None]] = {}
+        for handler in self._handlers.values():
+            owner = getattr(handler, "__self__", None)
+            halt = getattr(owner, "halt", None)
+            if owner is not self and halt is not None:
+                halts.setdefault(id(owner), halt)
+        for halt in halts.values():
             try:
-                owner.halt()
+                halt()
             except Exception as exc:
                 log.error("forward.relay_error", error=repr(exc), where=where(exc))
         self._running = False

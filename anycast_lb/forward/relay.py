@@ -87,18 +87,21 @@ from anycast_lb.errors import BindError, ConnectionStateError
 from anycast_lb.flows import FlowHook, FlowKey
 from anycast_lb.forward.connection import (
     ABORT,
-    BACKEND_EOF,
     BACKEND_ERROR,
-    BACKEND_FIRST_BYTE,
     BACKEND_RESET,
-    CLIENT_EOF,
     CLIENT_RESET,
     CONNECT_TIMEOUT,
-    CONNECTED,
+    DO_CONNECT,
+    DO_FINISH,
+    DO_NOTHING,
+    DO_SHUT_BACKEND,
+    DO_SHUT_CLIENT,
+    DO_START,
+    DO_STOP_REPLAY,
+    DO_STOP_REPLAY_SHUT_CLIENT,
     RESET_ERRNOS,
     SWEEPS_PER_IDLE_TIMEOUT,
-    Accepted,
-    ClientData,
+    Action,
     Close,
     ConnectFailed,
     Connection,
@@ -126,6 +129,7 @@ from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
 from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
 from anycast_lb.forward.reactor import IN as _IN
 from anycast_lb.forward.reactor import OUT as _OUT
+from anycast_lb.forward.reactor import RDHUP as _RDHUP
 from anycast_lb.forward.reactor import Reactor, Timer
 from anycast_lb.forward.tcp import (
     ACCEPT_BACKOFF_MAX_S,
@@ -155,6 +159,11 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
+_IN_HUP = _IN | _RDHUP
+"""A reading socket's interest: EPOLLRDHUP tells that the peer's FIN is
+queued too (see the socket events)."""
+_IN_ERR = _IN | _ERR
+_IN_OUT = _IN | _OUT
 # Enum members as module constants: reading one through its class costs
 # about 70 ns on CPython 3.11, several times per connection.
 _CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
@@ -350,24 +359,64 @@ class _Conn(Pump):
     # -- the machine ---------------------------------------------------------
 
     def feed(self, event: Event[Backend]) -> None:
-        """Feed ``event`` to the machine and carry out its actions."""
+        """Feed ``event`` to the machine and carry out its actions (the data
+        path calls the machine's ``on_`` methods and ``run`` instead)."""
         if self.closed:
             return
-        self.fed = mark = self.fed + 1
         machine = self.machine
         backend = machine.backend  # the event's backend, for the counters
         try:
             actions = machine.handle(event)
-        except ConnectionStateError as exc:  # a bug must not leave a half-open connection
-            log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
-            self._teardown()
+        except ConnectionStateError as exc:
+            self._bug(exc)
             return
-        # The actions are carried out inline (no call per action), matched
-        # by exact type, the most frequent first, and their fields read
-        # without a narrowing call: this runs about six times per short
-        # connection, and a failing isinstance() costs several times an
-        # identity test. Only ConnectTo and StartPump can feed a nested
-        # event (a failed connect or write), which makes the rest stale.
+        self.run(actions, backend)
+
+    def _bug(self, exc: ConnectionStateError) -> None:
+        """The machine refused an event (an engine bug): a bug must not leave
+        a half-open connection."""
+        log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
+        self._teardown()
+
+    def run(self, actions: tuple[Action, ...], backend: Backend | None) -> None:
+        """Carry out the machine's ``actions``; ``backend``: the machine's
+        before the event, for the counters.
+
+        The machine's common results (``connection.DO_*``) are matched by
+        identity, the most frequent first, and carried out without a loop;
+        any other goes action by action. Only ``ConnectTo`` and
+        ``StartPump`` can feed a nested event (a failed connect or write),
+        which makes the rest of the actions stale: ``fed`` counts the
+        results carried out, so the loop sees one.
+        """
+        if actions is DO_NOTHING or self.closed:
+            return
+        self.fed = mark = self.fed + 1
+        if actions is DO_STOP_REPLAY:
+            self._stop_replay()
+        elif actions is DO_SHUT_CLIENT:
+            self._shutdown(self.down)
+        elif actions is DO_FINISH:
+            assert backend is not None
+            backend.active_connections -= 1
+            self._finish()
+        elif actions is DO_START:
+            assert backend is not None
+            backend.active_connections += 1
+            backend.connections_total += 1
+            self._start_pump()
+        elif actions is DO_CONNECT:
+            self._connect()
+        elif actions is DO_STOP_REPLAY_SHUT_CLIENT:
+            self._stop_replay()
+            self._shutdown(self.down)
+        elif actions is DO_SHUT_BACKEND:
+            self._shutdown(self.up)
+        else:
+            self._run_each(actions, backend, mark)
+
+    def _run_each(self, actions: tuple[Action, ...], backend: Backend | None, mark: int) -> None:
+        """Carry out ``actions`` one by one (the less common results)."""
         for action in actions:
             kind = type(action)
             if kind is Close:
@@ -391,18 +440,9 @@ class _Conn(Pump):
                 if self.fed != mark:
                     break
             elif kind is StopReplay:
-                up, down = self.up, self.down
-                if up is not None:
-                    up.tap = False
-                    up.copy = not self.loop.splice
-                if down is not None:
-                    down.tap = False
+                self._stop_replay()
             elif kind is ShutdownWrite:
-                d = self.up if action.side is _BACKEND else self.down  # type: ignore[union-attr]
-                if d is not None:
-                    d.eof = d.fin = True
-                    if not d.pending:
-                        _shut(d)
+                self._shutdown(self.up if action.side is _BACKEND else self.down)  # type: ignore[union-attr]
             elif kind is CountReleased:
                 assert backend is not None
                 backend.active_connections -= 1
@@ -413,7 +453,7 @@ class _Conn(Pump):
                 assert self.up is not None
                 self.queue(self.up, v2_header(self.peer, self.local, "tcp"))
             elif kind is Replay:
-                current = machine.backend
+                current = self.machine.backend
                 assert isinstance(action, Replay) and self.up is not None and current is not None
                 self.queue(self.up, action.data)
                 current.bytes_in += len(action.data)
@@ -424,6 +464,35 @@ class _Conn(Pump):
             elif kind is CountReject:
                 assert isinstance(action, CountReject)
                 self._count_reject(action.reason)
+
+    def _stop_replay(self) -> None:
+        """``StopReplay``: no more client reads through the machine."""
+        up, down = self.up, self.down
+        if up is not None:
+            up.tap = False
+            up.copy = not self.loop.splice
+        if down is not None:
+            down.tap = False
+
+    @staticmethod
+    def _shutdown(d: Direction | None) -> None:
+        """``ShutdownWrite``: FIN towards d's destination once its bytes are written."""
+        if d is not None:
+            d.eof = d.fin = True
+            if not d.pending:
+                _shut(d)
+
+    def _finish(self) -> None:
+        """``Close`` of both sides with FIN while relaying (``DO_FINISH``)."""
+        self.closed = True
+        self.drop()  # release the pipes
+        loop = self.loop
+        loop.retire(self.cfd, self.client)
+        self.fwd.closed(self)
+        sock = self.bsock
+        if sock is not None:
+            loop.retire(self.bfd, sock)
+            self.bsock, self.bfd, self.bmask = None, -1, 0
 
     def _count_reject(self, reason: Reject) -> None:
         fwd = self.fwd
@@ -470,7 +539,7 @@ class _Conn(Pump):
         self.bsock = sock
         self.bfd = sock.fileno()
         self.bmask = _OUT
-        self.loop.register(self.bfd, _OUT, self.backend_event, self)
+        self.loop.register(self.bfd, _OUT, self.backend_event)
         fwd.connecting[self] = self.loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
@@ -488,7 +557,8 @@ class _Conn(Pump):
         self.feed(CONNECT_TIMEOUT if timeout else ConnectFailed(reason))
 
     def _connected(self) -> None:
-        backend, bsock, machine = self.machine.backend, self.bsock, self.machine
+        machine, bsock = self.machine, self.bsock
+        backend = machine.backend
         assert backend is not None and bsock is not None
         del self.fwd.connecting[self]
         # Client bytes go through user space while the machine keeps a copy
@@ -500,7 +570,7 @@ class _Conn(Pump):
                             replaying or not splice, replaying)
         self.down = Direction(bsock, self.client, bfd, cfd, False, backend,
                               not splice, replaying)
-        self.feed(CONNECTED)
+        self.run(machine.on_connected(), backend)
 
     def _start_pump(self) -> None:
         """``StartPump``: write what was queued (PROXY header, replay), then
@@ -513,67 +583,85 @@ class _Conn(Pump):
                 return  # reset (closed, or redispatched to the next candidate)
         if not self.creg:
             self.creg = True
-            self.cmask = _IN if not up.eof and not up.pending else 0
-            self.loop.register(self.cfd, self.cmask, self.client_event, self)
+            self.cmask = _IN_HUP if not up.eof and not up.pending else 0
+            self.loop.register(self.cfd, self.cmask, self.client_event)
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
-            self.pump(up)
+            self.pump(up, False)
             if not up.live:
                 return
         self.update()
 
     # -- socket events --------------------------------------------------------
+    # The two handlers are written out (no shared helper call): each runs
+    # two or three times per short connection. ``writes`` is the direction
+    # whose destination the socket is, ``reads`` the one it is the source
+    # of. EPOLLRDHUP with EPOLLIN: the peer's FIN is queued behind its
+    # bytes, so the pump reads on to the end instead of waking up again.
 
     def client_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is not None and down is not None:
-            self._serve(ev, down, up, client=True)
-        elif ev & _ERR:
-            # Reconnecting (not reading the client): it went away meanwhile.
-            self.feed(CLIENT_RESET)
+        writes, reads = self.down, self.up
+        try:
+            if writes is None or reads is None:
+                if ev & _ERR:
+                    # Reconnecting (not reading the client): it went away meanwhile.
+                    self.feed(CLIENT_RESET)
+                return
+            if ev & _OUT or (ev & _ERR and writes.pending):
+                self.flush(writes)
+                if not writes.live:
+                    return  # reset, or redispatched: the old directions are gone
+            if ev & _IN_ERR and not reads.eof and not reads.pending:
+                self.pump(reads, ev & _RDHUP)
+                if not reads.live:
+                    return
+            if ev & _ERR and not ev & _IN_OUT:
+                # An error or hang-up with nothing left to read or write (level-
+                # triggered epoll would report it forever): the socket is dead.
+                self.feed(CLIENT_RESET)
+            else:
+                self.update()
+        except ConnectionStateError as exc:
+            self._bug(exc)
 
     def backend_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is None or down is None:
-            # Connecting: EPOLLOUT (or an error) ends the attempt. Linux
-            # reports a failed connect as EPOLLERR (with EPOLLOUT); SO_ERROR
-            # is read only then.
-            sock = self.bsock
-            assert sock is not None
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ev & _ERR else 0
-            if err or ev & _ERR:
-                self._attempt_failed(os.strerror(err) if err else "hang-up")
-            else:
-                self._connected()
-            return
-        self._serve(ev, up, down, client=False)
-
-    def _serve(self, ev: int, writes: Direction, reads: Direction, client: bool) -> None:
-        """One socket's epoll event: ``writes`` is the direction whose
-        destination the socket is, ``reads`` the one it is the source of."""
-        if ev & _OUT or (ev & _ERR and writes.pending):
-            self.flush(writes)
-            if not writes.live:
-                return  # reset, or redispatched: the old directions are gone
-        if ev & (_IN | _ERR) and not reads.eof and not reads.pending:
-            self.pump(reads)
-            if not reads.live:
+        writes, reads = self.up, self.down
+        try:
+            if writes is None or reads is None:
+                # Connecting: EPOLLOUT (or an error) ends the attempt. Linux
+                # reports a failed connect as EPOLLERR (with EPOLLOUT); SO_ERROR
+                # is read only then.
+                if ev & _ERR:
+                    sock = self.bsock
+                    assert sock is not None
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    self._attempt_failed(os.strerror(err) if err else "hang-up")
+                else:
+                    self._connected()
                 return
-        if ev & _ERR and not ev & (_IN | _OUT):
-            # An error or hang-up with nothing left to read or write (level-
-            # triggered epoll would report it forever): the socket is dead.
-            self.feed(CLIENT_RESET if client else BACKEND_ERROR)
-        else:
-            self.update()
+            if ev & _OUT or (ev & _ERR and writes.pending):
+                self.flush(writes)
+                if not writes.live:
+                    return
+            if ev & _IN_ERR and not reads.eof and not reads.pending:
+                self.pump(reads, ev & _RDHUP)
+                if not reads.live:
+                    return
+            if ev & _ERR and not ev & _IN_OUT:
+                self.feed(BACKEND_ERROR)
+            else:
+                self.update()
+        except ConnectionStateError as exc:
+            self._bug(exc)
 
     def update(self) -> None:
         """Set each socket's epoll interest from the directions' state."""
         up, down = self.up, self.down
         if up is None or down is None:
             return
-        cmask = (_IN if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
-        bmask = (_IN if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
+        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
+        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
         if cmask != self.cmask:
             self.cmask = cmask
             self.loop.modify(self.cfd, cmask)
@@ -584,12 +672,15 @@ class _Conn(Pump):
     # -- pump hooks ----------------------------------------------------------
 
     def tapped(self, d: Direction, data: bytes | None) -> None:
+        machine = self.machine
         if d.upstream:
             assert data is not None  # the client direction copies while tapped
-            self.feed(ClientData(data))  # kept for a redispatch
+            actions = machine.on_client_data(data)  # kept for a redispatch
         else:
             d.tap = False
-            self.feed(BACKEND_FIRST_BYTE)
+            actions = machine.on_backend_first_byte()
+        if actions is not DO_NOTHING:
+            self.run(actions, machine.backend)
 
     def drained(self, d: Direction) -> None:
         if d.shut:
@@ -598,7 +689,9 @@ class _Conn(Pump):
             _shut(d)  # ordered (ShutdownWrite) while bytes were pending
             return
         d.fin = True
-        self.feed(CLIENT_EOF if d.upstream else BACKEND_EOF)
+        machine = self.machine
+        backend = machine.backend
+        self.run(machine.on_client_eof() if d.upstream else machine.on_backend_eof(), backend)
 
     def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
         reset = exc.errno in RESET_ERRNOS
@@ -815,7 +908,7 @@ class RelayForwarder:
             ) from exc
         listener = _Listener(loop, sock, self.wildcard)
         listener.add(self)
-        loop.register(listener.fd, _IN, listener.on_event, listener)
+        loop.register(listener.fd, _IN, listener.on_event)
         self._listener = listener
         if self.wildcard:
             loop.listeners[(host, sock.getsockname()[1])] = listener
@@ -935,7 +1028,7 @@ class RelayForwarder:
         conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
-            conn.feed(Accepted(candidates))  # refused (no_backend): reset at once
+            conn.run(conn.machine.on_accepted(candidates), None)  # no_backend: reset at once
             return
         if not self._conns:
             self._became_busy()
@@ -943,7 +1036,7 @@ class RelayForwarder:
         if self.on_flow is not None:
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
-        conn.feed(Accepted(candidates))
+        conn.run(conn.machine.on_accepted(candidates), None)
 
     def closed(self, conn: _Conn) -> None:
         """Loop thread: ``conn`` has closed (called once per connection
