@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from anycast_lb.forward.reactor import HAVE_SPLICE, Reactor
+from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
@@ -134,15 +134,21 @@ class Pump:
         up to BURST * buffer_size bytes per wake-up instead of one read.
         ``ended`` (true: epoll reported EPOLLRDHUP): the source's FIN is
         queued, so a short read is followed by another, which finds the end
-        without waiting for the next wake-up."""
+        without waiting for the next wake-up.
+
+        A spliced read is written out here (the common case, without a
+        ``flush`` call), and the pipe is kept from one read to the next and
+        given back when the direction goes idle."""
         loop = self.loop
         size = loop.buffer_size
         copy_size = size if size < COPY_READ else COPY_READ
+        pool = loop.pipes
+        pipe = d.pipe
         for _ in range(BURST):
             copy = d.copy
-            if not copy and d.pipe is None:
-                d.pipe = loop.acquire_pipe()
-                copy = d.pipe is None  # no pipe to spare: copy this read
+            if not copy and pipe is None:
+                pipe = d.pipe = pool.pop() if pool else loop.acquire_pipe()
+                copy = pipe is None  # no pipe to spare: copy this read
             data = None
             try:
                 if copy:
@@ -151,22 +157,22 @@ class Pump:
                     if n:
                         d.buf = memoryview(data)
                 else:
-                    assert d.pipe is not None
-                    n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
+                    assert pipe is not None
+                    n = os.splice(d.sfd, pipe[1], size, None, None, _SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                if d.pipe is not None and not d.pending:
-                    loop.release_pipe(d.pipe, True)
-                    d.pipe = None
-                return
+                break  # drained the source for now
             except OSError as exc:
                 self.failed(d, exc, False)
                 return
             self.traffic = True
             if n == 0:
                 d.eof = True
-                if d.pipe is not None:
-                    loop.release_pipe(d.pipe, True)
+                if pipe is not None:
                     d.pipe = None
+                    if len(pool) < PIPE_POOL:
+                        pool.append(pipe)
+                    else:
+                        loop.release_pipe(pipe, True)
                 self.drained(d)
                 return
             d.pending = n
@@ -178,9 +184,29 @@ class Pump:
                 self.tapped(d, data)
                 if not d.live:
                     return
-            self.flush(d)
-            if d.pending or not d.live or (n < (copy_size if copy else size) and not ended):
+            if data is not None or pipe is None:
+                self.flush(d)
+                if d.pending or not d.live or (n < copy_size and not ended):
+                    return
+                pipe = d.pipe
+                continue
+            try:
+                while d.pending:
+                    d.pending -= os.splice(pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return  # the rest when dst is writable (EPOLLOUT)
+            except OSError as exc:
+                self.failed(d, exc, True)
                 return
+            if n < size and not ended:
+                break
+        if pipe is not None and not d.pending and d.pipe is pipe:
+            # Idle: the pipe (empty) goes back to the pool.
+            d.pipe = None
+            if len(pool) < PIPE_POOL:
+                pool.append(pipe)
+            else:
+                loop.release_pipe(pipe, True)
 
     def flush(self, d: Direction) -> None:
         """Write d's pending bytes; calls ``drained`` once they are all

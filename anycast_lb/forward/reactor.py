@@ -102,7 +102,9 @@ class Reactor:
         self._epoll.register(self._wake, IN)
         self._calls: deque[Callable[[], None]] = deque()
         self._timers: list[Timer] = []
-        self._pipes: list[tuple[int, int]] = []
+        self.pipes: list[tuple[int, int]] = []
+        """Empty pipes for reuse (at most ``PIPE_POOL``); the byte pump takes
+        from and returns to it directly, ``acquire_pipe`` when it is empty."""
         self._doomed: list[_Closable] = []
         self._thread: threading.Thread | None = None
         self._running = False
@@ -203,8 +205,8 @@ class Reactor:
         """A pipe (read fd, write fd) from the pool or a new one; None at
         ``max_pipes`` or when the process is out of descriptors (the caller
         copies instead). Raises OSError for any other failure of pipe2."""
-        if self._pipes:
-            return self._pipes.pop()
+        if self.pipes:
+            return self.pipes.pop()
         if self.max_pipes is not None and self.pipes_open >= self.max_pipes:
             return None
         try:
@@ -226,8 +228,8 @@ class Reactor:
     def release_pipe(self, pipe: tuple[int, int], empty: bool) -> None:
         """Return a pipe; one holding bytes (a connection reset mid-copy) is
         closed, never reused, so no byte crosses to another connection."""
-        if empty and len(self._pipes) < PIPE_POOL:
-            self._pipes.append(pipe)
+        if empty and len(self.pipes) < PIPE_POOL:
+            self.pipes.append(pipe)
             return
         os.close(pipe[0])
         os.close(pipe[1])
@@ -308,10 +310,10 @@ class Reactor:
             self._closed = True
             self._calls.clear()
             os.close(self._wake)
-        for r, w in self._pipes:
+        for r, w in self.pipes:
             os.close(r)
             os.close(w)
-        self._pipes.clear()
+        self.pipes.clear()
         self._close_doomed()
         self._epoll.close()
 

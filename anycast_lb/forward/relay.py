@@ -156,6 +156,7 @@ resets the connection (a client that vanished; flow survival's stale-socket
 trap)."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_STREAM = int(socket.SOCK_STREAM)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
@@ -246,7 +247,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = accept()
-                sock = Sock(family, socket.SOCK_STREAM, 0, fd)
+                sock = Sock(family, _STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -270,7 +271,7 @@ class _Listener:
                     _linger_reset(sock)
                     loop.doom(sock)
                     continue
-            fwd.accept(loop, sock, peer, local)
+            fwd.accept(loop, sock, fd, peer, local)
 
     def pause(self, exc: OSError) -> None:
         """Stop polling the listener (level-triggered epoll would report the
@@ -318,10 +319,10 @@ class _Conn(Pump):
 
     __slots__ = (
         "fwd", "machine", "client", "cfd", "peer", "local", "key", "bsock", "bfd", "cmask",
-        "bmask", "creg", "fed", "closed",
+        "bmask", "creg", "closed",
     )
 
-    def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock,
+    def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock, cfd: int,
                  peer: tuple[str, int], local: tuple[str, int]) -> None:
         # Pump.__init__, inline (one call less per connection).
         self.loop = loop
@@ -331,10 +332,11 @@ class _Conn(Pump):
         self.fwd = fwd
         self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
         self.client = client
-        self.cfd = client.fileno()
+        self.cfd = cfd
         self.peer = peer
         self.local = local
-        self.key: FlowKey = (peer[0], peer[1], local[0], local[1])
+        self.key: FlowKey
+        """Set by the forwarder only when it has a flow hook (``on_flow``)."""
         self.bsock: Sock | None = None
         """The current attempt's or connection's backend socket."""
         self.bfd = -1
@@ -342,9 +344,6 @@ class _Conn(Pump):
         self.bmask = 0
         self.creg = False
         """The client socket is registered with the loop."""
-        self.fed = 0
-        """Events fed so far: a change while carrying out one event's actions
-        means a nested event (a failed write) made the rest of them stale."""
         self.closed = False
         """The machine closed and the forwarder was told."""
 
@@ -385,13 +384,11 @@ class _Conn(Pump):
         The machine's common results (``connection.DO_*``) are matched by
         identity, the most frequent first, and carried out without a loop;
         any other goes action by action. Only ``ConnectTo`` and
-        ``StartPump`` can feed a nested event (a failed connect or write),
-        which makes the rest of the actions stale: ``fed`` counts the
-        results carried out, so the loop sees one.
+        ``StartPump`` can feed a nested event (a failed connect or write);
+        the machine puts them last, so no action is left to go stale.
         """
         if actions is DO_NOTHING or self.closed:
             return
-        self.fed = mark = self.fed + 1
         if actions is DO_STOP_REPLAY:
             self._stop_replay()
         elif actions is DO_SHUT_CLIENT:
@@ -413,9 +410,9 @@ class _Conn(Pump):
         elif actions is DO_SHUT_BACKEND:
             self._shutdown(self.up)
         else:
-            self._run_each(actions, backend, mark)
+            self._run_each(actions, backend)
 
-    def _run_each(self, actions: tuple[Action, ...], backend: Backend | None, mark: int) -> None:
+    def _run_each(self, actions: tuple[Action, ...], backend: Backend | None) -> None:
         """Carry out ``actions`` one by one (the less common results)."""
         for action in actions:
             kind = type(action)
@@ -429,16 +426,12 @@ class _Conn(Pump):
                     self._close_backend(action.reset)  # type: ignore[union-attr]
             elif kind is ConnectTo:
                 self._connect()
-                if self.fed != mark:
-                    break
             elif kind is CountConnected:
                 assert backend is not None
                 backend.active_connections += 1
                 backend.connections_total += 1
             elif kind is StartPump:
                 self._start_pump()
-                if self.fed != mark:
-                    break
             elif kind is StopReplay:
                 self._stop_replay()
             elif kind is ShutdownWrite:
@@ -485,8 +478,13 @@ class _Conn(Pump):
     def _finish(self) -> None:
         """``Close`` of both sides with FIN while relaying (``DO_FINISH``)."""
         self.closed = True
-        self.drop()  # release the pipes
         loop = self.loop
+        up, down = self.up, self.down
+        if up is not None and down is not None:  # Pump.drop, inline
+            up.live = down.live = False
+            if up.pipe is not None or down.pipe is not None:
+                self.drop()
+            self.up = self.down = None
         loop.retire(self.cfd, self.client)
         self.fwd.closed(self)
         sock = self.bsock
@@ -1006,7 +1004,7 @@ class RelayForwarder:
 
     # -- loop thread ---------------------------------------------------------
 
-    def accept(self, loop: RelayLoop, sock: Sock, peer: tuple[str, int],
+    def accept(self, loop: RelayLoop, sock: Sock, fd: int, peer: tuple[str, int],
                local: tuple[str, int]) -> None:
         """Loop thread: take an accepted connection. ``local`` is its local
         (address, port): the VIP, or the overridden bind address in tests;
@@ -1025,7 +1023,7 @@ class RelayForwarder:
             self.refuse(refusal)
             return
         self.accepted += 1
-        conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
+        conn = _Conn(loop, self, sock, fd, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
             conn.run(conn.machine.on_accepted(candidates), None)  # no_backend: reset at once
@@ -1034,6 +1032,7 @@ class RelayForwarder:
             self._became_busy()
         self._conns.add(conn)
         if self.on_flow is not None:
+            conn.key = (peer[0], peer[1], local[0], local[1])
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
         conn.run(conn.machine.on_accepted(candidates), None)
