@@ -157,6 +157,8 @@ trap)."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _STREAM = int(socket.SOCK_STREAM)
+_IPPROTO_TCP, _TCP_NODELAY = int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY)
+_EINPROGRESS = errno.EINPROGRESS
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
@@ -517,7 +519,8 @@ class _Conn(Pump):
         fwd = self.fwd
         backend = self.machine.backend
         assert backend is not None
-        family, address = fwd.sockaddr(backend)
+        cached = fwd.sockaddrs.get(backend)
+        family, address = cached if cached is not None else fwd.sockaddr(backend)
         try:
             sock = Sock(family, _STREAM_NONBLOCK)
         except OSError as exc:
@@ -526,19 +529,20 @@ class _Conn(Pump):
             fwd.refuse("descriptors", exc.strerror or repr(exc))
             self.feed(ABORT)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         err = sock.connect_ex(address)
-        if err not in (0, errno.EINPROGRESS):
+        if err != _EINPROGRESS and err != 0:
             self.loop.doom(sock)
             log.debug("forward.connect_failed", service=fwd.name, backend=backend.key,
                       error=os.strerror(err))
             self.feed(ConnectFailed(os.strerror(err)))
             return
         self.bsock = sock
-        self.bfd = sock.fileno()
+        self.bfd = bfd = sock.fileno()
         self.bmask = _OUT
-        self.loop.register(self.bfd, _OUT, self.backend_event)
-        fwd.connecting[self] = self.loop.now + self.machine.connect_timeout
+        loop = self.loop
+        loop.register(bfd, _OUT, self.backend_event)
+        fwd.connecting[self] = loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
         """The connect sweep found the attempt past its deadline."""
@@ -568,7 +572,13 @@ class _Conn(Pump):
                             replaying or not splice, replaying)
         self.down = Direction(bsock, self.client, bfd, cfd, False, backend,
                               not splice, replaying)
-        self.run(machine.on_connected(), backend)
+        actions = machine.on_connected()
+        if actions is DO_START:
+            backend.active_connections += 1
+            backend.connections_total += 1
+            self._start_pump()
+        else:
+            self.run(actions, backend)
 
     def _start_pump(self) -> None:
         """``StartPump``: write what was queued (PROXY header, replay), then
@@ -674,10 +684,19 @@ class _Conn(Pump):
         if d.upstream:
             assert data is not None  # the client direction copies while tapped
             actions = machine.on_client_data(data)  # kept for a redispatch
+            if actions is not DO_NOTHING:
+                self.run(actions, machine.backend)
+            return
+        actions = machine.on_backend_first_byte()
+        if actions is DO_STOP_REPLAY:
+            # StopReplay, inline: the client's bytes may splice now.
+            d.tap = False
+            up = self.up
+            if up is not None:
+                up.tap = False
+                up.copy = not self.loop.splice
         else:
             d.tap = False
-            actions = machine.on_backend_first_byte()
-        if actions is not DO_NOTHING:
             self.run(actions, machine.backend)
 
     def drained(self, d: Direction) -> None:
@@ -689,7 +708,19 @@ class _Conn(Pump):
         d.fin = True
         machine = self.machine
         backend = machine.backend
-        self.run(machine.on_client_eof() if d.upstream else machine.on_backend_eof(), backend)
+        if d.upstream:
+            actions = machine.on_client_eof()
+            if actions is DO_FINISH:
+                assert backend is not None
+                backend.active_connections -= 1
+                self._finish()
+                return
+        else:
+            actions = machine.on_backend_eof()
+            if actions is DO_SHUT_CLIENT:
+                self._shutdown(d)
+                return
+        self.run(actions, backend)
 
     def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
         reset = exc.errno in RESET_ERRNOS
@@ -812,7 +843,8 @@ class RelayForwarder:
         (s) of the attempt: swept every CONNECT_SWEEP_S (no timer per
         connection)."""
         self._connect_sweep: Timer | None = None
-        self._sockaddrs: dict[int, tuple[socket.AddressFamily, tuple[str, int]]] = {}
+        self.sockaddrs: dict[Backend, tuple[socket.AddressFamily, tuple[str, int]]] = {}
+        """``sockaddr``'s cache, by backend (read inline per connect)."""
         self.accepted = 0
         self.rejected_no_backend = 0
         self.rejected_connect_failed = 0
@@ -1035,7 +1067,10 @@ class RelayForwarder:
             conn.key = (peer[0], peer[1], local[0], local[1])
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
-        conn.run(conn.machine.on_accepted(candidates), None)
+        if conn.machine.on_accepted(candidates) is DO_CONNECT:
+            conn._connect()
+        else:  # pragma: no cover - candidates were checked above
+            conn.run(DO_CONNECT, None)
 
     def closed(self, conn: _Conn) -> None:
         """Loop thread: ``conn`` has closed (called once per connection
@@ -1054,11 +1089,11 @@ class RelayForwarder:
 
     def sockaddr(self, backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
         """The backend's address family and connect() address, cached."""
-        cached = self._sockaddrs.get(id(backend))
+        cached = self.sockaddrs.get(backend)
         if cached is None:
             host, port = backend.sockaddr
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            cached = self._sockaddrs[id(backend)] = (family, (host, port))
+            cached = self.sockaddrs[backend] = (family, (host, port))
         return cached
 
     def _became_busy(self) -> None:
