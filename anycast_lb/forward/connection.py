@@ -504,7 +504,10 @@ class Connection(Generic[B]):
         if self.phase is not _RELAYING:
             return self._refuse("BackendFirstByte")
         if self.replaying:
-            return self._stop_replay()
+            self.replaying = False  # _stop_replay, inline
+            self.kept = []
+            self.kept_len = 0
+            return DO_STOP_REPLAY
         return DO_NOTHING
 
     def on_client_eof(self) -> tuple[Action, ...]:

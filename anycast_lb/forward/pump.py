@@ -53,7 +53,7 @@ class Socket(Protocol):
     """What the pump needs of a connected, non-blocking socket."""
 
     def recv(self, size: int, /) -> bytes: ...
-    def send(self, data: memoryview, /) -> int: ...
+    def send(self, data: bytes | memoryview, /) -> int: ...
     def fileno(self) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
 
@@ -154,8 +154,6 @@ class Pump:
                 if copy:
                     data = d.src.recv(copy_size)
                     n = len(data)
-                    if n:
-                        d.buf = memoryview(data)
                 else:
                     assert pipe is not None
                     n = os.splice(d.sfd, pipe[1], size, None, None, _SPLICE_FLAGS)
@@ -184,12 +182,26 @@ class Pump:
                 self.tapped(d, data)
                 if not d.live:
                     return
-            if data is not None or pipe is None:
-                self.flush(d)
-                if d.pending or not d.live or (n < copy_size and not ended):
+            if data is not None:
+                # Copied: written here too; the rest, if any, by flush on EPOLLOUT.
+                try:
+                    sent = d.dst.send(data)
+                except (BlockingIOError, InterruptedError):
+                    d.buf = memoryview(data)
                     return
-                pipe = d.pipe
+                except OSError as exc:
+                    d.buf = memoryview(data)
+                    self.failed(d, exc, True)
+                    return
+                if sent < n:
+                    d.buf = memoryview(data)[sent:]
+                    d.pending = n - sent
+                    return
+                d.pending = 0
+                if n < copy_size and not ended:
+                    return
                 continue
+            assert pipe is not None  # spliced
             try:
                 while d.pending:
                     d.pending -= os.splice(pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)

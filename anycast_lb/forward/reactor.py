@@ -97,6 +97,9 @@ class Reactor:
         self.pipes_open = 0
         """Pipes in existence (pooled or in use); at most ``max_pipes``."""
         self._epoll = select.epoll()
+        self.modify: Callable[[int, int], None] = self._epoll.modify
+        """``modify(fd, mask)``: change ``fd``'s interest (the epoll object's
+        own method: no Python frame, it runs twice per connection)."""
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
         self._epoll.register(self._wake, IN)
@@ -182,9 +185,6 @@ class Reactor:
         self._handlers[fd] = handler
         self._epoll.register(fd, mask)
 
-    def modify(self, fd: int, mask: int) -> None:
-        self._epoll.modify(fd, mask)
-
     def forget(self, fd: int) -> None:
         """Drop ``fd``'s handler; the caller closes the fd (which removes it
         from the epoll set)."""
@@ -194,6 +194,15 @@ class Reactor:
         """``forget(fd)`` and ``doom(sock)`` in one call (a closing connection)."""
         self._handlers.pop(fd, None)
         self._doomed.append(sock)
+
+    def retire2(self, fd: int, sock: _Closable, fd2: int, sock2: _Closable) -> None:
+        """``retire`` of both sockets of a connection, in one call."""
+        handlers = self._handlers
+        handlers.pop(fd, None)
+        handlers.pop(fd2, None)
+        doomed = self._doomed
+        doomed.append(sock)
+        doomed.append(sock2)
 
     def doom(self, sock: _Closable) -> None:
         """Close ``sock`` after this batch of events: closing it now would

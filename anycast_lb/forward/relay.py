@@ -159,6 +159,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _STREAM = int(socket.SOCK_STREAM)
 _IPPROTO_TCP, _TCP_NODELAY = int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY)
 _EINPROGRESS = errno.EINPROGRESS
+_SHUT_WR = int(socket.SHUT_WR)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
@@ -475,7 +476,11 @@ class _Conn(Pump):
         if d is not None:
             d.eof = d.fin = True
             if not d.pending:
-                _shut(d)
+                d.shut = True  # _shut, inline
+                try:
+                    d.dst.shutdown(_SHUT_WR)
+                except OSError:
+                    pass  # already gone: the other direction reports it
 
     def _finish(self) -> None:
         """``Close`` of both sides with FIN while relaying (``DO_FINISH``)."""
@@ -487,12 +492,13 @@ class _Conn(Pump):
             if up.pipe is not None or down.pipe is not None:
                 self.drop()
             self.up = self.down = None
-        loop.retire(self.cfd, self.client)
-        self.fwd.closed(self)
         sock = self.bsock
         if sock is not None:
-            loop.retire(self.bfd, sock)
+            loop.retire2(self.cfd, self.client, self.bfd, sock)
             self.bsock, self.bfd, self.bmask = None, -1, 0
+        else:
+            loop.retire(self.cfd, self.client)
+        self.fwd.closed(self)
 
     def _count_reject(self, reason: Reject) -> None:
         fwd = self.fwd
@@ -772,7 +778,7 @@ def _shut(d: Direction) -> None:
     """Send the FIN of direction ``d`` (shutdown(SHUT_WR) on its destination)."""
     d.shut = True
     try:
-        d.dst.shutdown(socket.SHUT_WR)
+        d.dst.shutdown(_SHUT_WR)
     except OSError:
         pass  # already gone: the other direction reports it
 
