@@ -69,6 +69,17 @@ after ``idle_sweeps + 1`` quiet sweeps: idle_timeout to idle_timeout *
 (idle_sweeps + 1) / idle_sweeps s without traffic. Connecting connections
 are not swept: each attempt is bounded by ``connect_timeout``.
 
+Entry points: ``handle(event)`` takes any event; ``on_accepted(candidates)``,
+``on_connected()``, ``on_client_data(data)``... (one per event type) are
+the same transitions without building and dispatching an event object, for
+the engines' data path. The common results are shared tuples, ``DO_*``
+(``DO_CONNECT``, ``DO_START``, ``DO_NOTHING``, ``DO_STOP_REPLAY``,
+``DO_SHUT_CLIENT``, ``DO_SHUT_BACKEND``, ``DO_FINISH``...): the machine
+returns those very objects, so an engine may match a result by identity
+and carry it out without a loop over its actions. ``ConnectTo`` and
+``StartPump`` (the actions after which an engine may feed a nested event,
+a failed connect or write) are always last in a result.
+
 Counters: the machine emits ``CountReject``, ``CountFailure``,
 ``CountConnected`` and ``CountReleased`` (shared instances: no action is
 allocated per connection, so they carry no backend); the engine applies them to the

@@ -17,7 +17,9 @@ redispatch with replay before the backend's first byte, half-close order,
 reset versus FIN, idle timeout, counters) are the machine's, shared with
 ``tcp.TcpForwarder``; ``_Conn`` feeds it the state changes its sockets
 report (connected, failures, the first byte, EOFs, resets, idle sweeps,
-abort) and carries out its actions. Bytes do not go through the machine:
+abort) through its ``on_`` methods and carries out its actions (the
+common results matched by identity at their call sites, the rest action by
+action in ``_Conn.run``). Bytes do not go through the machine:
 only while it keeps a replay copy (until the backend's first byte, at most
 ``REPLAY_LIMIT`` bytes) are client reads fed to it, through user space;
 after that the client direction switches to splice.
