@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/relay_short_conns.py [--connections 3000]
         [--concurrency 20] [--no-splice] [--proxy-protocol] [--timeout 120]
-        [--no-gc] [--callgrind [--small 500]]
+        [--no-gc] [--callgrind [--small 500]] [--opcodes]
 
 This process runs one ``RelayLoop`` and one ``RelayForwarder`` bound to
 127.0.0.1 (port 0, read back). A child process (this script with
@@ -33,12 +33,19 @@ must be installed; ``--connections`` defaults to 2500 there, ``--small`` to
 
 To count another tree, point ``PYTHONPATH`` at a directory holding its
 ``anycast_lb`` package; the child processes inherit it.
+
+``--opcodes`` traces the relay loop's thread (``threading.settrace`` with
+opcode events: slow, for a few hundred connections) and prints, after the
+JSON line, the bytecodes executed per connection in all and for the 25
+busiest functions, with their calls per connection: where the interpreter
+spends its instructions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import json
 import os
@@ -46,7 +53,10 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
+import types
+from typing import Any
 
 PAYLOAD = b"GET / HTTP/1.0\r\n"
 ANSWER = b"HTTP/1.0 200 OK\r\n\r\nok\n"
@@ -100,6 +110,27 @@ async def _load(args: argparse.Namespace) -> None:
     print(json.dumps({"done": done, "errors": errors}), flush=True)
 
 
+def _trace_opcodes() -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Count bytecodes and calls per function on threads started from now on."""
+    opcodes: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame: types.FrameType, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        code = frame.f_code
+        key = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+        calls[key] += 1
+
+        def local(frame: types.FrameType, event: str, arg: object) -> Any:
+            if event == "opcode":
+                opcodes[key] += 1
+            return local
+        return local
+
+    threading.settrace(tracer)
+    return opcodes, calls
+
+
 async def _forward(args: argparse.Namespace) -> None:
     if args.no_gc:
         gc.disable()
@@ -114,6 +145,7 @@ async def _forward(args: argparse.Namespace) -> None:
     )
     assert child.stdin is not None and child.stdout is not None
     loop = RelayLoop(ForwardingConfig(splice=args.splice))
+    traced = _trace_opcodes() if args.opcodes else None
     loop.start()
     try:
         async with asyncio.timeout(args.timeout + 10):
@@ -144,6 +176,12 @@ async def _forward(args: argparse.Namespace) -> None:
         "us_per_conn": round(cpu / max(result["done"], 1) * 1e6, 1), "wall_s": round(wall, 2),
         "splice": args.splice, "proxy_protocol": args.proxy_protocol,
     }))
+    if traced is not None:
+        opcodes, calls = traced
+        n = max(result["done"], 1)
+        print(f"bytecodes per connection: {sum(opcodes.values()) / n:.0f}")
+        for key, count in opcodes.most_common(25):
+            print(f"{count / n:8.1f} {calls[key] / n:6.2f}  {key}")
 
 
 def _instructions(args: argparse.Namespace, connections: int) -> int:
@@ -193,6 +231,8 @@ def main() -> None:
                         help="garbage collector off in the forwarder process (for callgrind)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per connection with valgrind (two runs)")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="count the relay thread's bytecodes per connection (slow)")
     parser.add_argument("--small", type=int, default=500,
                         help="connections of the smaller --callgrind run")
     args = parser.parse_args()
