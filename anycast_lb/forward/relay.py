@@ -1075,10 +1075,11 @@ class RelayForwarder:
             conn.key = (peer[0], peer[1], local[0], local[1])
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
-        if conn.machine.on_accepted(candidates) is DO_CONNECT:
+        actions = conn.machine.on_accepted(candidates)
+        if actions is DO_CONNECT:
             conn._connect()
-        else:  # pragma: no cover - candidates were checked above
-            conn.run(DO_CONNECT, None)
+        else:
+            conn.run(actions, None)
 
     def closed(self, conn: _Conn) -> None:
         """Loop thread: ``conn`` has closed (called once per connection
