@@ -72,10 +72,15 @@ async def _load(args: argparse.Namespace) -> None:
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if args.proxy_protocol:
+                # The PROXY v2 header first (its signature holds a newline):
+                # 16 bytes, the last two the length of the addresses.
+                head = await reader.readexactly(16)
+                await reader.readexactly(int.from_bytes(head[14:16], "big"))
             await reader.readline()
             writer.write(ANSWER)
             await writer.drain()
-        except OSError:
+        except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
@@ -141,6 +146,7 @@ async def _forward(args: argparse.Namespace) -> None:
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--role", "load", "--connections", str(args.connections),
         "--concurrency", str(args.concurrency), "--timeout", str(args.timeout),
+        *(["--proxy-protocol"] if args.proxy_protocol else []),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     assert child.stdin is not None and child.stdout is not None
