@@ -69,6 +69,17 @@ after ``idle_sweeps + 1`` quiet sweeps: idle_timeout to idle_timeout *
 (idle_sweeps + 1) / idle_sweeps s without traffic. Connecting connections
 are not swept: each attempt is bounded by ``connect_timeout``.
 
+Entry points: ``handle(event)`` takes any event; ``on_accepted(candidates)``,
+``on_connected()``, ``on_client_data(data)``... (one per event type) are
+the same transitions without building and dispatching an event object, for
+the engines' data path. The common results are shared tuples, ``DO_*``
+(``DO_CONNECT``, ``DO_START``, ``DO_NOTHING``, ``DO_STOP_REPLAY``,
+``DO_SHUT_CLIENT``, ``DO_SHUT_BACKEND``, ``DO_FINISH``...): the machine
+returns those very objects, so an engine may match a result by identity
+and carry it out without a loop over its actions. ``ConnectTo`` and
+``StartPump`` (the actions after which an engine may feed a nested event,
+a failed connect or write) are always last in a result.
+
 Counters: the machine emits ``CountReject``, ``CountFailure``,
 ``CountConnected`` and ``CountReleased`` (shared instances: no action is
 allocated per connection, so they carry no backend); the engine applies them to the
@@ -80,10 +91,10 @@ forwarder's ``rejected_*`` counters and the pool's ``Backend`` counters
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from anycast_lb.errors import ConnectionStateError
 
@@ -337,28 +348,37 @@ _CLOSE = {
 _NO_BACKEND = CountReject(Reject.NO_BACKEND)
 _CONNECT_FAILED = CountReject(Reject.CONNECT_FAILED)
 # The results of the transitions, built once: no action and no tuple is
-# allocated per connection (the machine runs about six times per short
-# connection).
-_NOTHING: tuple[()] = ()
-_ONLY_SHUT_BACKEND = (_SHUT_BACKEND,)
-_ONLY_SHUT_CLIENT = (_SHUT_CLIENT,)
-_ONLY_STOP_REPLAY = (STOP_REPLAY,)
-_STOP_REPLAY_SHUT_CLIENT = (STOP_REPLAY, _SHUT_CLIENT)
-_CONNECT = (CONNECT_TO,)
-_FAIL_THEN_CONNECT = (COUNT_FAILURE, CONNECT_TO)
-_CONNECTED = (COUNT_CONNECTED, _PUMP_BOTH)
-_REJECT_NO_BACKEND = (_NO_BACKEND, _CLOSE[Side.CLIENT, True])
-_REJECT_CONNECT_FAILED = (_CONNECT_FAILED, _CLOSE[Side.CLIENT, True])
-_FAIL_THEN_REJECT = (COUNT_FAILURE, *_REJECT_CONNECT_FAILED)
-_REDISPATCH = (COUNT_FAILURE, COUNT_RELEASED, _CLOSE[Side.BACKEND, True], STOP_PUMP, CONNECT_TO)
+# allocated per connection. The common ones are public: the machine returns
+# these very tuples, so an engine may match them by identity and carry them
+# out without a loop over their actions.
+DO_NOTHING: tuple[()] = ()
+DO_CONNECT = (CONNECT_TO,)
+"""``Accepted`` with a candidate: connect to ``backend``."""
+DO_START = (COUNT_CONNECTED, _PUMP_BOTH)
+"""``Connected`` with no header, no kept bytes and no client EOF to send."""
+DO_STOP_REPLAY = (STOP_REPLAY,)
+"""The backend's first byte, or the copy past the limit."""
+DO_SHUT_BACKEND = (_SHUT_BACKEND,)
+"""The client's EOF, the backend's still open."""
+DO_SHUT_CLIENT = (_SHUT_CLIENT,)
+"""The backend's EOF after its first byte, the client's still open."""
+DO_STOP_REPLAY_SHUT_CLIENT = (STOP_REPLAY, _SHUT_CLIENT)
+"""The backend's EOF before any byte of its own, the client's still open."""
 _ABANDON = {  # closing while connecting
     reset: (_CLOSE[Side.CLIENT, reset], _CLOSE[Side.BACKEND, reset]) for reset in (False, True)
 }
 _RELEASE = {  # closing while relaying
     reset: (COUNT_RELEASED, *_ABANDON[reset]) for reset in (False, True)
 }
-_RELEASE_FIN = _RELEASE[False]
-_STOP_REPLAY_RELEASE_FIN = (STOP_REPLAY, *_RELEASE_FIN)
+DO_FINISH = _RELEASE[False]
+"""The second EOF (or a clean close while relaying): release the backend,
+close both sides with FIN."""
+_STOP_REPLAY_FINISH = (STOP_REPLAY, *DO_FINISH)
+_FAIL_THEN_CONNECT = (COUNT_FAILURE, CONNECT_TO)
+_REJECT_NO_BACKEND = (_NO_BACKEND, _CLOSE[Side.CLIENT, True])
+_REJECT_CONNECT_FAILED = (_CONNECT_FAILED, _CLOSE[Side.CLIENT, True])
+_FAIL_THEN_REJECT = (COUNT_FAILURE, *_REJECT_CONNECT_FAILED)
+_REDISPATCH = (COUNT_FAILURE, COUNT_RELEASED, _CLOSE[Side.BACKEND, True], STOP_PUMP, CONNECT_TO)
 # Enum members as module constants: reading a member through its class
 # costs about 70 ns on CPython 3.11, and the machine runs per connection.
 _NEW, _CONNECTING, _RELAYING, _CLOSED = Phase.NEW, Phase.CONNECTING, Phase.RELAYING, Phase.CLOSED
@@ -427,116 +447,182 @@ class Connection(Generic[B]):
 
     def handle(self, event: Event[B]) -> tuple[Action, ...]:
         """Apply ``event``; the actions to carry out, in order."""
-        # The common transitions are written inline (no helper call) and
-        # the events' fields read without a type narrowing call: this runs
-        # about six times per short connection.
+        on = _ON.get(type(event))
+        if on is None:
+            raise ConnectionStateError(f"{type(event).__name__} is no connection event")
+        return on(self, event)
+
+    # -- one method per event ------------------------------------------------
+    # ``on_x(...)`` is ``handle(X(...))`` without building or dispatching the
+    # event: the engines call them on the data path (each runs about once per
+    # short connection). The common transitions come first and return the
+    # shared ``DO_*`` results.
+
+    def on_accepted(self, candidates: Sequence[B]) -> tuple[Action, ...]:
+        """``Accepted(candidates)``."""
+        if self.phase is not _NEW:
+            return self._refuse("Accepted")
+        if not candidates:
+            self.phase = _CLOSED
+            return _REJECT_NO_BACKEND
+        self.candidates = candidates
+        self.backend = candidates[0]
+        self.tried = 1
+        self.phase = _CONNECTING
+        return DO_CONNECT
+
+    def on_connected(self) -> tuple[Action, ...]:
+        """``Connected``."""
+        if self.phase is not _CONNECTING:
+            return self._refuse("Connected")
+        self.phase = _RELAYING
+        self.quiet = 0
+        if not (self.proxy_protocol or self.kept or self.client_eof):
+            return DO_START  # the common case
+        return self._connected()
+
+    def on_connect_failed(self, reason: str = "") -> tuple[Action, ...]:
+        """``ConnectFailed(reason)`` (``reason`` is for the engine's logs)."""
+        return self._attempt_failed("ConnectFailed")
+
+    def on_connect_timeout(self) -> tuple[Action, ...]:
+        """``ConnectTimeout``."""
+        return self._attempt_failed("ConnectTimeout")
+
+    def on_client_data(self, data: bytes) -> tuple[Action, ...]:
+        """``ClientData(data)``."""
         phase = self.phase
-        if phase is _CLOSED:
-            return _NOTHING
-        kind = type(event)
         if phase is _RELAYING:
-            if kind is ClientData:
-                if not self.replaying:
-                    return _NOTHING  # fed before the engine saw StopReplay
-                data: bytes = event.data  # type: ignore[union-attr]
-                self.kept.append(data)
-                self.kept_len += len(data)
-                if self.kept_len > self.replay_limit:
-                    return self._stop_replay()
-                return _NOTHING
-            if kind is BackendFirstByte:
-                if self.replaying:
-                    self.replaying = False
-                    self.kept = []
-                    self.kept_len = 0
-                    return _ONLY_STOP_REPLAY
-                return _NOTHING
-            if kind is ClientEof:
-                if self.client_eof:
-                    raise self._bad(event)
-                self.client_eof = True
-                if self.backend_eof:
-                    self.phase = _CLOSED
-                    return _RELEASE_FIN
-                return _ONLY_SHUT_BACKEND
-            if kind is BackendEof:
-                if self.backend_eof:
-                    raise self._bad(event)
-                self.backend_eof = True
-                if self.replaying:
-                    self.replaying = False
-                    self.kept = []
-                    self.kept_len = 0
-                    if self.client_eof:
-                        self.phase = _CLOSED
-                        return _STOP_REPLAY_RELEASE_FIN
-                    return _STOP_REPLAY_SHUT_CLIENT
-                if self.client_eof:
-                    self.phase = _CLOSED
-                    return _RELEASE_FIN
-                return _ONLY_SHUT_CLIENT
-            if kind is BackendReset:
-                return self._redispatch()
-            if kind is IdleSweep:
-                self.quiet = 1 if event.traffic else self.quiet + 1  # type: ignore[union-attr]
-                if self.quiet > self.idle_sweeps:
-                    return self._close(reset=True)
-                return _NOTHING
-            if kind is ClientClosed or kind is BackendClosed:
-                return self._close(reset=False)
-            if kind is ClientReset or kind is BackendError or kind is Abort:
-                return self._close(reset=True)
-            raise self._bad(event)
+            if not self.replaying:
+                return DO_NOTHING  # fed before the engine saw StopReplay
+            self.kept.append(data)
+            self.kept_len += len(data)
+            if self.kept_len > self.replay_limit:
+                return self._stop_replay()
+            return DO_NOTHING
         if phase is _CONNECTING:
-            if kind is Connected:
-                self.phase = _RELAYING
-                self.quiet = 0
-                if not (self.proxy_protocol or self.kept or self.client_eof):
-                    return _CONNECTED  # the common case
-                return self._connected()
-            if kind is ConnectFailed or kind is ConnectTimeout:
-                tried = self.tried
-                if tried >= len(self.candidates):
-                    self.phase = _CLOSED
-                    self.backend = None
-                    return _FAIL_THEN_REJECT
-                self.backend = self.candidates[tried]
-                self.tried = tried + 1
-                return _FAIL_THEN_CONNECT
-            if kind is ClientData:
-                data = event.data  # type: ignore[union-attr]
-                # Read while connecting: always delivered on connect, and a
-                # replay copy only within the limit.
-                self.kept.append(data)
-                self.kept_len += len(data)
-                if self.kept_len > self.replay_limit:
-                    self.replaying = False
-                return _NOTHING
-            if kind is ClientEof:
-                if self.client_eof:
-                    raise self._bad(event)
-                self.client_eof = True
-                return _NOTHING
-            if kind is IdleSweep:
-                return _NOTHING
-            if kind is ClientClosed:
-                return self._close(reset=False)
-            if kind is ClientReset or kind is Abort:
-                return self._close(reset=True)
-            raise self._bad(event)
-        if kind is Accepted:
-            candidates = event.candidates  # type: ignore[union-attr]
-            if not candidates:
+            # Read while connecting: always delivered on connect, and a
+            # replay copy only within the limit.
+            self.kept.append(data)
+            self.kept_len += len(data)
+            if self.kept_len > self.replay_limit:
+                self.replaying = False
+            return DO_NOTHING
+        return self._refuse("ClientData")
+
+    def on_backend_first_byte(self) -> tuple[Action, ...]:
+        """``BackendFirstByte``."""
+        if self.phase is not _RELAYING:
+            return self._refuse("BackendFirstByte")
+        if self.replaying:
+            self.replaying = False  # _stop_replay, inline
+            self.kept = []
+            self.kept_len = 0
+            return DO_STOP_REPLAY
+        return DO_NOTHING
+
+    def on_client_eof(self) -> tuple[Action, ...]:
+        """``ClientEof``."""
+        phase = self.phase
+        if phase is _RELAYING and not self.client_eof:
+            self.client_eof = True
+            if self.backend_eof:
                 self.phase = _CLOSED
-                return _REJECT_NO_BACKEND
-            self.candidates = candidates
-            self.backend = candidates[0]
-            self.tried = 1
-            self.phase = _CONNECTING
-            return _CONNECT
-        raise self._bad(event)
+                return DO_FINISH
+            return DO_SHUT_BACKEND
+        if phase is _CONNECTING and not self.client_eof:
+            self.client_eof = True
+            return DO_NOTHING
+        return self._refuse("ClientEof")
+
+    def on_backend_eof(self) -> tuple[Action, ...]:
+        """``BackendEof``."""
+        if self.phase is not _RELAYING or self.backend_eof:
+            return self._refuse("BackendEof")
+        self.backend_eof = True
+        if self.replaying:
+            self.replaying = False
+            self.kept = []
+            self.kept_len = 0
+            if self.client_eof:
+                self.phase = _CLOSED
+                return _STOP_REPLAY_FINISH
+            return DO_STOP_REPLAY_SHUT_CLIENT
+        if self.client_eof:
+            self.phase = _CLOSED
+            return DO_FINISH
+        return DO_SHUT_CLIENT
+
+    def on_client_reset(self) -> tuple[Action, ...]:
+        """``ClientReset``."""
+        return self._close_live("ClientReset", reset=True)
+
+    def on_abort(self) -> tuple[Action, ...]:
+        """``Abort``."""
+        return self._close_live("Abort", reset=True)
+
+    def on_client_closed(self) -> tuple[Action, ...]:
+        """``ClientClosed``."""
+        return self._close_live("ClientClosed", reset=False)
+
+    def on_backend_reset(self) -> tuple[Action, ...]:
+        """``BackendReset``: a redispatch if nothing came back yet."""
+        if self.phase is not _RELAYING:
+            return self._refuse("BackendReset")
+        return self._redispatch()
+
+    def on_backend_error(self) -> tuple[Action, ...]:
+        """``BackendError``."""
+        if self.phase is not _RELAYING:
+            return self._refuse("BackendError")
+        return self._close(reset=True)
+
+    def on_backend_closed(self) -> tuple[Action, ...]:
+        """``BackendClosed``."""
+        if self.phase is not _RELAYING:
+            return self._refuse("BackendClosed")
+        return self._close(reset=False)
+
+    def on_idle_sweep(self, traffic: bool) -> tuple[Action, ...]:
+        """``IdleSweep(traffic)``."""
+        phase = self.phase
+        if phase is _RELAYING:
+            self.quiet = 1 if traffic else self.quiet + 1
+            if self.quiet > self.idle_sweeps:
+                return self._close(reset=True)
+            return DO_NOTHING
+        if phase is _CONNECTING:
+            return DO_NOTHING  # bounded by connect_timeout per attempt
+        return self._refuse("IdleSweep")
 
     # -- transitions ---------------------------------------------------------
+
+    def _refuse(self, event: str) -> tuple[Action, ...]:
+        """An event the phase does not take: ignored once closed, else an
+        engine bug."""
+        if self.phase is _CLOSED:
+            return DO_NOTHING
+        raise ConnectionStateError(f"{event} cannot happen in phase {self.phase.value}")
+
+    def _attempt_failed(self, event: str) -> tuple[Action, ...]:
+        """The current attempt failed: the next candidate, or reject."""
+        if self.phase is not _CONNECTING:
+            return self._refuse(event)
+        tried = self.tried
+        if tried >= len(self.candidates):
+            self.phase = _CLOSED
+            self.backend = None
+            return _FAIL_THEN_REJECT
+        self.backend = self.candidates[tried]
+        self.tried = tried + 1
+        return _FAIL_THEN_CONNECT
+
+    def _close_live(self, event: str, reset: bool) -> tuple[Action, ...]:
+        """A close that may come while connecting or relaying."""
+        phase = self.phase
+        if phase is _RELAYING or phase is _CONNECTING:
+            return self._close(reset)
+        return self._refuse(event)
 
     def _connected(self) -> tuple[Action, ...]:
         """Connected with a header, kept bytes or the client's EOF to send."""
@@ -561,7 +647,7 @@ class Connection(Generic[B]):
         self.replaying = False
         self.kept = []
         self.kept_len = 0
-        return _ONLY_STOP_REPLAY
+        return DO_STOP_REPLAY
 
     def _redispatch(self) -> tuple[Action, ...]:
         """The backend reset the connection: connect to the next candidate and
@@ -585,7 +671,22 @@ class Connection(Generic[B]):
             return _RELEASE[reset]
         return _ABANDON[reset]
 
-    def _bad(self, event: Event[B]) -> ConnectionStateError:
-        return ConnectionStateError(
-            f"{type(event).__name__} cannot happen in phase {self.phase.value}"
-        )
+
+# ``handle``'s dispatch: each event type to its ``on_`` method.
+_ON: dict[type, Callable[[Connection[Any], Any], tuple[Action, ...]]] = {
+    Accepted: lambda c, e: c.on_accepted(e.candidates),
+    Connected: lambda c, e: c.on_connected(),
+    ConnectFailed: lambda c, e: c.on_connect_failed(e.reason),
+    ConnectTimeout: lambda c, e: c.on_connect_timeout(),
+    ClientData: lambda c, e: c.on_client_data(e.data),
+    BackendFirstByte: lambda c, e: c.on_backend_first_byte(),
+    ClientEof: lambda c, e: c.on_client_eof(),
+    BackendEof: lambda c, e: c.on_backend_eof(),
+    ClientReset: lambda c, e: c.on_client_reset(),
+    BackendReset: lambda c, e: c.on_backend_reset(),
+    BackendError: lambda c, e: c.on_backend_error(),
+    ClientClosed: lambda c, e: c.on_client_closed(),
+    BackendClosed: lambda c, e: c.on_backend_closed(),
+    IdleSweep: lambda c, e: c.on_idle_sweep(e.traffic),
+    Abort: lambda c, e: c.on_abort(),
+}

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from anycast_lb.forward.reactor import HAVE_SPLICE, Reactor
+from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
@@ -53,7 +53,7 @@ class Socket(Protocol):
     """What the pump needs of a connected, non-blocking socket."""
 
     def recv(self, size: int, /) -> bytes: ...
-    def send(self, data: memoryview, /) -> int: ...
+    def send(self, data: bytes | memoryview, /) -> int: ...
     def fileno(self) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
 
@@ -128,42 +128,49 @@ class Pump:
 
     # -- moving bytes --------------------------------------------------------
 
-    def pump(self, d: Direction) -> None:
+    def pump(self, d: Direction, ended: int | bool = False) -> None:
         """Read from d.src and write to d.dst, while reads fill the buffer
         and writes complete, at most ``BURST`` reads: a bulk transfer moves
-        up to BURST * buffer_size bytes per wake-up instead of one read."""
+        up to BURST * buffer_size bytes per wake-up instead of one read.
+        ``ended`` (true: epoll reported EPOLLRDHUP): the source's FIN is
+        queued, so a short read is followed by another, which finds the end
+        without waiting for the next wake-up.
+
+        A spliced read is written out here (the common case, without a
+        ``flush`` call), and the pipe is kept from one read to the next and
+        given back when the direction goes idle."""
         loop = self.loop
         size = loop.buffer_size
         copy_size = size if size < COPY_READ else COPY_READ
+        pool = loop.pipes
+        pipe = d.pipe
         for _ in range(BURST):
             copy = d.copy
-            if not copy and d.pipe is None:
-                d.pipe = loop.acquire_pipe()
-                copy = d.pipe is None  # no pipe to spare: copy this read
+            if not copy and pipe is None:
+                pipe = d.pipe = pool.pop() if pool else loop.acquire_pipe()
+                copy = pipe is None  # no pipe to spare: copy this read
             data = None
             try:
                 if copy:
                     data = d.src.recv(copy_size)
                     n = len(data)
-                    if n:
-                        d.buf = memoryview(data)
                 else:
-                    assert d.pipe is not None
-                    n = os.splice(d.sfd, d.pipe[1], size, None, None, _SPLICE_FLAGS)
+                    assert pipe is not None
+                    n = os.splice(d.sfd, pipe[1], size, None, None, _SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                if d.pipe is not None and not d.pending:
-                    loop.release_pipe(d.pipe, True)
-                    d.pipe = None
-                return
+                break  # drained the source for now
             except OSError as exc:
                 self.failed(d, exc, False)
                 return
             self.traffic = True
             if n == 0:
                 d.eof = True
-                if d.pipe is not None:
-                    loop.release_pipe(d.pipe, True)
+                if pipe is not None:
                     d.pipe = None
+                    if len(pool) < PIPE_POOL:
+                        pool.append(pipe)
+                    else:
+                        loop.release_pipe(pipe, True)
                 self.drained(d)
                 return
             d.pending = n
@@ -175,9 +182,43 @@ class Pump:
                 self.tapped(d, data)
                 if not d.live:
                     return
-            self.flush(d)
-            if d.pending or not d.live or n < (copy_size if copy else size):
+            if data is not None:
+                # Copied: written here too; the rest, if any, by flush on EPOLLOUT.
+                try:
+                    sent = d.dst.send(data)
+                except (BlockingIOError, InterruptedError):
+                    d.buf = memoryview(data)
+                    return
+                except OSError as exc:
+                    d.buf = memoryview(data)
+                    self.failed(d, exc, True)
+                    return
+                if sent < n:
+                    d.buf = memoryview(data)[sent:]
+                    d.pending = n - sent
+                    return
+                d.pending = 0
+                if n < copy_size and not ended:
+                    return
+                continue
+            assert pipe is not None  # spliced
+            try:
+                while d.pending:
+                    d.pending -= os.splice(pipe[0], d.dfd, d.pending, None, None, _SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return  # the rest when dst is writable (EPOLLOUT)
+            except OSError as exc:
+                self.failed(d, exc, True)
                 return
+            if n < size and not ended:
+                break
+        if pipe is not None and not d.pending and d.pipe is pipe:
+            # Idle: the pipe (empty) goes back to the pool.
+            d.pipe = None
+            if len(pool) < PIPE_POOL:
+                pool.append(pipe)
+            else:
+                loop.release_pipe(pipe, True)
 
     def flush(self, d: Direction) -> None:
         """Write d's pending bytes; calls ``drained`` once they are all

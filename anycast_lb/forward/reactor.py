@@ -3,12 +3,12 @@
 It knows descriptors, handlers, timers and pipes, and nothing of TCP
 proxying (``relay`` builds the forwarder on it, ``pump`` moves the bytes).
 
-- Descriptors: ``register(fd, mask, handler, owner)`` calls ``handler(events)``
+- Descriptors: ``register(fd, mask, handler)`` calls ``handler(events)``
   on the loop thread for each readiness report (level-triggered);
-  ``forget(fd)`` drops the handler and the caller closes the fd. ``owner``
-  is who holds the fd: ``stop()`` calls every owner's ``halt()`` once, so
-  it releases all its descriptors (a connection resets, a listener
-  closes), whatever kind of object it is.
+  ``forget(fd)`` drops the handler and the caller closes the fd. The
+  handler is a method of the fd's owner (``Owner``): ``stop()`` calls every
+  owner's ``halt()`` once, so it releases all its descriptors (a
+  connection resets, a listener closes), whatever kind of object it is.
 - Deferred closes: ``doom(sock)`` closes a socket after the current batch
   of events, so its fd number cannot be reused by a socket accepted later
   in the same batch (which would then receive the stale events).
@@ -48,6 +48,8 @@ HAVE_EPOLL = hasattr(select, "epoll")
 IN = select.EPOLLIN if HAVE_EPOLL else 1
 OUT = select.EPOLLOUT if HAVE_EPOLL else 4
 ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
+RDHUP = select.EPOLLRDHUP if HAVE_EPOLL else 0x2000
+"""The peer shut down its writing side (its FIN arrived)."""
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 _F_SETPIPE_SZ = 1031
@@ -95,13 +97,17 @@ class Reactor:
         self.pipes_open = 0
         """Pipes in existence (pooled or in use); at most ``max_pipes``."""
         self._epoll = select.epoll()
+        self.modify: Callable[[int, int], None] = self._epoll.modify
+        """``modify(fd, mask)``: change ``fd``'s interest (the epoll object's
+        own method: no Python frame, it runs twice per connection)."""
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
-        self._owners: dict[int, Owner] = {}
         self._epoll.register(self._wake, IN)
         self._calls: deque[Callable[[], None]] = deque()
         self._timers: list[Timer] = []
-        self._pipes: list[tuple[int, int]] = []
+        self.pipes: list[tuple[int, int]] = []
+        """Empty pipes for reuse (at most ``PIPE_POOL``); the byte pump takes
+        from and returns to it directly, ``acquire_pipe`` when it is empty."""
         self._doomed: list[_Closable] = []
         self._thread: threading.Thread | None = None
         self._running = False
@@ -172,26 +178,31 @@ class Reactor:
         heapq.heappush(self._timers, timer)
         return timer
 
-    def register(self, fd: int, mask: int, handler: Callable[[int], None], owner: Owner) -> None:
-        """Watch ``fd`` for ``mask`` (EPOLLIN, EPOLLOUT); ``owner`` halts it on stop."""
+    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        """Watch ``fd`` for ``mask`` (EPOLLIN, EPOLLOUT, EPOLLRDHUP).
+        ``handler`` is a bound method of the fd's ``Owner``, which halts it
+        on stop (one dict per fd: this runs twice per connection)."""
         self._handlers[fd] = handler
-        self._owners[fd] = owner
         self._epoll.register(fd, mask)
-
-    def modify(self, fd: int, mask: int) -> None:
-        self._epoll.modify(fd, mask)
 
     def forget(self, fd: int) -> None:
         """Drop ``fd``'s handler; the caller closes the fd (which removes it
         from the epoll set)."""
         self._handlers.pop(fd, None)
-        self._owners.pop(fd, None)
 
     def retire(self, fd: int, sock: _Closable) -> None:
         """``forget(fd)`` and ``doom(sock)`` in one call (a closing connection)."""
         self._handlers.pop(fd, None)
-        self._owners.pop(fd, None)
         self._doomed.append(sock)
+
+    def retire2(self, fd: int, sock: _Closable, fd2: int, sock2: _Closable) -> None:
+        """``retire`` of both sockets of a connection, in one call."""
+        handlers = self._handlers
+        handlers.pop(fd, None)
+        handlers.pop(fd2, None)
+        doomed = self._doomed
+        doomed.append(sock)
+        doomed.append(sock2)
 
     def doom(self, sock: _Closable) -> None:
         """Close ``sock`` after this batch of events: closing it now would
@@ -203,8 +214,8 @@ class Reactor:
         """A pipe (read fd, write fd) from the pool or a new one; None at
         ``max_pipes`` or when the process is out of descriptors (the caller
         copies instead). Raises OSError for any other failure of pipe2."""
-        if self._pipes:
-            return self._pipes.pop()
+        if self.pipes:
+            return self.pipes.pop()
         if self.max_pipes is not None and self.pipes_open >= self.max_pipes:
             return None
         try:
@@ -226,8 +237,8 @@ class Reactor:
     def release_pipe(self, pipe: tuple[int, int], empty: bool) -> None:
         """Return a pipe; one holding bytes (a connection reset mid-copy) is
         closed, never reused, so no byte crosses to another connection."""
-        if empty and len(self._pipes) < PIPE_POOL:
-            self._pipes.append(pipe)
+        if empty and len(self.pipes) < PIPE_POOL:
+            self.pipes.append(pipe)
             return
         os.close(pipe[0])
         os.close(pipe[1])
@@ -287,9 +298,15 @@ class Reactor:
 
     def _halt(self) -> None:
         # Each owner once, in registration order; halting forgets its fds.
-        for owner in list(dict.fromkeys(self._owners.values())):
+        halts: dict[int, Callable[[], None]] = {}
+        for handler in self._handlers.values():
+            owner = getattr(handler, "__self__", None)
+            halt = getattr(owner, "halt", None)
+            if owner is not self and halt is not None:
+                halts.setdefault(id(owner), halt)
+        for halt in halts.values():
             try:
-                owner.halt()
+                halt()
             except Exception as exc:
                 log.error("forward.relay_error", error=repr(exc), where=where(exc))
         self._running = False
@@ -302,10 +319,10 @@ class Reactor:
             self._closed = True
             self._calls.clear()
             os.close(self._wake)
-        for r, w in self._pipes:
+        for r, w in self.pipes:
             os.close(r)
             os.close(w)
-        self._pipes.clear()
+        self.pipes.clear()
         self._close_doomed()
         self._epoll.close()
 

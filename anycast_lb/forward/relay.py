@@ -17,7 +17,9 @@ redispatch with replay before the backend's first byte, half-close order,
 reset versus FIN, idle timeout, counters) are the machine's, shared with
 ``tcp.TcpForwarder``; ``_Conn`` feeds it the state changes its sockets
 report (connected, failures, the first byte, EOFs, resets, idle sweeps,
-abort) and carries out its actions. Bytes do not go through the machine:
+abort) through its ``on_`` methods and carries out its actions (the
+common results matched by identity at their call sites, the rest action by
+action in ``_Conn.run``). Bytes do not go through the machine:
 only while it keeps a replay copy (until the backend's first byte, at most
 ``REPLAY_LIMIT`` bytes) are client reads fed to it, through user space;
 after that the client direction switches to splice.
@@ -87,18 +89,21 @@ from anycast_lb.errors import BindError, ConnectionStateError
 from anycast_lb.flows import FlowHook, FlowKey
 from anycast_lb.forward.connection import (
     ABORT,
-    BACKEND_EOF,
     BACKEND_ERROR,
-    BACKEND_FIRST_BYTE,
     BACKEND_RESET,
-    CLIENT_EOF,
     CLIENT_RESET,
     CONNECT_TIMEOUT,
-    CONNECTED,
+    DO_CONNECT,
+    DO_FINISH,
+    DO_NOTHING,
+    DO_SHUT_BACKEND,
+    DO_SHUT_CLIENT,
+    DO_START,
+    DO_STOP_REPLAY,
+    DO_STOP_REPLAY_SHUT_CLIENT,
     RESET_ERRNOS,
     SWEEPS_PER_IDLE_TIMEOUT,
-    Accepted,
-    ClientData,
+    Action,
     Close,
     ConnectFailed,
     Connection,
@@ -126,6 +131,7 @@ from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
 from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
 from anycast_lb.forward.reactor import IN as _IN
 from anycast_lb.forward.reactor import OUT as _OUT
+from anycast_lb.forward.reactor import RDHUP as _RDHUP
 from anycast_lb.forward.reactor import Reactor, Timer
 from anycast_lb.forward.tcp import (
     ACCEPT_BACKOFF_MAX_S,
@@ -152,9 +158,18 @@ resets the connection (a client that vanished; flow survival's stale-socket
 trap)."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_STREAM = int(socket.SOCK_STREAM)
+_IPPROTO_TCP, _TCP_NODELAY = int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY)
+_EINPROGRESS = errno.EINPROGRESS
+_SHUT_WR = int(socket.SHUT_WR)
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _SWEPT_BUSY = IdleSweep(traffic=True)
 _SWEPT_QUIET = IdleSweep(traffic=False)
+_IN_HUP = _IN | _RDHUP
+"""A reading socket's interest: EPOLLRDHUP tells that the peer's FIN is
+queued too (see the socket events)."""
+_IN_ERR = _IN | _ERR
+_IN_OUT = _IN | _OUT
 # Enum members as module constants: reading one through its class costs
 # about 70 ns on CPython 3.11, several times per connection.
 _CLIENT, _BACKEND = Side.CLIENT, Side.BACKEND
@@ -237,7 +252,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = accept()
-                sock = Sock(family, socket.SOCK_STREAM, 0, fd)
+                sock = Sock(family, _STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -261,7 +276,7 @@ class _Listener:
                     _linger_reset(sock)
                     loop.doom(sock)
                     continue
-            fwd.accept(loop, sock, peer, local)
+            fwd.accept(loop, sock, fd, peer, local)
 
     def pause(self, exc: OSError) -> None:
         """Stop polling the listener (level-triggered epoll would report the
@@ -309,10 +324,10 @@ class _Conn(Pump):
 
     __slots__ = (
         "fwd", "machine", "client", "cfd", "peer", "local", "key", "bsock", "bfd", "cmask",
-        "bmask", "creg", "fed", "closed",
+        "bmask", "creg", "closed",
     )
 
-    def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock,
+    def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock, cfd: int,
                  peer: tuple[str, int], local: tuple[str, int]) -> None:
         # Pump.__init__, inline (one call less per connection).
         self.loop = loop
@@ -322,10 +337,11 @@ class _Conn(Pump):
         self.fwd = fwd
         self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
         self.client = client
-        self.cfd = client.fileno()
+        self.cfd = cfd
         self.peer = peer
         self.local = local
-        self.key: FlowKey = (peer[0], peer[1], local[0], local[1])
+        self.key: FlowKey
+        """Set by the forwarder only when it has a flow hook (``on_flow``)."""
         self.bsock: Sock | None = None
         """The current attempt's or connection's backend socket."""
         self.bfd = -1
@@ -333,9 +349,6 @@ class _Conn(Pump):
         self.bmask = 0
         self.creg = False
         """The client socket is registered with the loop."""
-        self.fed = 0
-        """Events fed so far: a change while carrying out one event's actions
-        means a nested event (a failed write) made the rest of them stale."""
         self.closed = False
         """The machine closed and the forwarder was told."""
 
@@ -350,24 +363,62 @@ class _Conn(Pump):
     # -- the machine ---------------------------------------------------------
 
     def feed(self, event: Event[Backend]) -> None:
-        """Feed ``event`` to the machine and carry out its actions."""
+        """Feed ``event`` to the machine and carry out its actions (the data
+        path calls the machine's ``on_`` methods and ``run`` instead)."""
         if self.closed:
             return
-        self.fed = mark = self.fed + 1
         machine = self.machine
         backend = machine.backend  # the event's backend, for the counters
         try:
             actions = machine.handle(event)
-        except ConnectionStateError as exc:  # a bug must not leave a half-open connection
-            log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
-            self._teardown()
+        except ConnectionStateError as exc:
+            self._bug(exc)
             return
-        # The actions are carried out inline (no call per action), matched
-        # by exact type, the most frequent first, and their fields read
-        # without a narrowing call: this runs about six times per short
-        # connection, and a failing isinstance() costs several times an
-        # identity test. Only ConnectTo and StartPump can feed a nested
-        # event (a failed connect or write), which makes the rest stale.
+        self.run(actions, backend)
+
+    def _bug(self, exc: ConnectionStateError) -> None:
+        """The machine refused an event (an engine bug): a bug must not leave
+        a half-open connection."""
+        log.error("forward.connection_state", service=self.fwd.name, error=str(exc))
+        self._teardown()
+
+    def run(self, actions: tuple[Action, ...], backend: Backend | None) -> None:
+        """Carry out the machine's ``actions``; ``backend``: the machine's
+        before the event, for the counters.
+
+        The machine's common results (``connection.DO_*``) are matched by
+        identity, the most frequent first, and carried out without a loop;
+        any other goes action by action. Only ``ConnectTo`` and
+        ``StartPump`` can feed a nested event (a failed connect or write);
+        the machine puts them last, so no action is left to go stale.
+        """
+        if actions is DO_NOTHING or self.closed:
+            return
+        if actions is DO_STOP_REPLAY:
+            self._stop_replay()
+        elif actions is DO_SHUT_CLIENT:
+            self._shutdown(self.down)
+        elif actions is DO_FINISH:
+            assert backend is not None
+            backend.active_connections -= 1
+            self._finish()
+        elif actions is DO_START:
+            assert backend is not None
+            backend.active_connections += 1
+            backend.connections_total += 1
+            self._start_pump()
+        elif actions is DO_CONNECT:
+            self._connect()
+        elif actions is DO_STOP_REPLAY_SHUT_CLIENT:
+            self._stop_replay()
+            self._shutdown(self.down)
+        elif actions is DO_SHUT_BACKEND:
+            self._shutdown(self.up)
+        else:
+            self._run_each(actions, backend)
+
+    def _run_each(self, actions: tuple[Action, ...], backend: Backend | None) -> None:
+        """Carry out ``actions`` one by one (the less common results)."""
         for action in actions:
             kind = type(action)
             if kind is Close:
@@ -380,29 +431,16 @@ class _Conn(Pump):
                     self._close_backend(action.reset)  # type: ignore[union-attr]
             elif kind is ConnectTo:
                 self._connect()
-                if self.fed != mark:
-                    break
             elif kind is CountConnected:
                 assert backend is not None
                 backend.active_connections += 1
                 backend.connections_total += 1
             elif kind is StartPump:
                 self._start_pump()
-                if self.fed != mark:
-                    break
             elif kind is StopReplay:
-                up, down = self.up, self.down
-                if up is not None:
-                    up.tap = False
-                    up.copy = not self.loop.splice
-                if down is not None:
-                    down.tap = False
+                self._stop_replay()
             elif kind is ShutdownWrite:
-                d = self.up if action.side is _BACKEND else self.down  # type: ignore[union-attr]
-                if d is not None:
-                    d.eof = d.fin = True
-                    if not d.pending:
-                        _shut(d)
+                self._shutdown(self.up if action.side is _BACKEND else self.down)  # type: ignore[union-attr]
             elif kind is CountReleased:
                 assert backend is not None
                 backend.active_connections -= 1
@@ -413,7 +451,7 @@ class _Conn(Pump):
                 assert self.up is not None
                 self.queue(self.up, v2_header(self.peer, self.local, "tcp"))
             elif kind is Replay:
-                current = machine.backend
+                current = self.machine.backend
                 assert isinstance(action, Replay) and self.up is not None and current is not None
                 self.queue(self.up, action.data)
                 current.bytes_in += len(action.data)
@@ -424,6 +462,45 @@ class _Conn(Pump):
             elif kind is CountReject:
                 assert isinstance(action, CountReject)
                 self._count_reject(action.reason)
+
+    def _stop_replay(self) -> None:
+        """``StopReplay``: no more client reads through the machine."""
+        up, down = self.up, self.down
+        if up is not None:
+            up.tap = False
+            up.copy = not self.loop.splice
+        if down is not None:
+            down.tap = False
+
+    @staticmethod
+    def _shutdown(d: Direction | None) -> None:
+        """``ShutdownWrite``: FIN towards d's destination once its bytes are written."""
+        if d is not None:
+            d.eof = d.fin = True
+            if not d.pending:
+                d.shut = True  # _shut, inline
+                try:
+                    d.dst.shutdown(_SHUT_WR)
+                except OSError:
+                    pass  # already gone: the other direction reports it
+
+    def _finish(self) -> None:
+        """``Close`` of both sides with FIN while relaying (``DO_FINISH``)."""
+        self.closed = True
+        loop = self.loop
+        up, down = self.up, self.down
+        if up is not None and down is not None:  # Pump.drop, inline
+            up.live = down.live = False
+            if up.pipe is not None or down.pipe is not None:
+                self.drop()
+            self.up = self.down = None
+        sock = self.bsock
+        if sock is not None:
+            loop.retire2(self.cfd, self.client, self.bfd, sock)
+            self.bsock, self.bfd, self.bmask = None, -1, 0
+        else:
+            loop.retire(self.cfd, self.client)
+        self.fwd.closed(self)
 
     def _count_reject(self, reason: Reject) -> None:
         fwd = self.fwd
@@ -450,7 +527,8 @@ class _Conn(Pump):
         fwd = self.fwd
         backend = self.machine.backend
         assert backend is not None
-        family, address = fwd.sockaddr(backend)
+        cached = fwd.sockaddrs.get(backend)
+        family, address = cached if cached is not None else fwd.sockaddr(backend)
         try:
             sock = Sock(family, _STREAM_NONBLOCK)
         except OSError as exc:
@@ -459,19 +537,20 @@ class _Conn(Pump):
             fwd.refuse("descriptors", exc.strerror or repr(exc))
             self.feed(ABORT)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         err = sock.connect_ex(address)
-        if err not in (0, errno.EINPROGRESS):
+        if err != _EINPROGRESS and err != 0:
             self.loop.doom(sock)
             log.debug("forward.connect_failed", service=fwd.name, backend=backend.key,
                       error=os.strerror(err))
             self.feed(ConnectFailed(os.strerror(err)))
             return
         self.bsock = sock
-        self.bfd = sock.fileno()
+        self.bfd = bfd = sock.fileno()
         self.bmask = _OUT
-        self.loop.register(self.bfd, _OUT, self.backend_event, self)
-        fwd.connecting[self] = self.loop.now + self.machine.connect_timeout
+        loop = self.loop
+        loop.register(bfd, _OUT, self.backend_event)
+        fwd.connecting[self] = loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
         """The connect sweep found the attempt past its deadline."""
@@ -488,7 +567,8 @@ class _Conn(Pump):
         self.feed(CONNECT_TIMEOUT if timeout else ConnectFailed(reason))
 
     def _connected(self) -> None:
-        backend, bsock, machine = self.machine.backend, self.bsock, self.machine
+        machine, bsock = self.machine, self.bsock
+        backend = machine.backend
         assert backend is not None and bsock is not None
         del self.fwd.connecting[self]
         # Client bytes go through user space while the machine keeps a copy
@@ -500,7 +580,13 @@ class _Conn(Pump):
                             replaying or not splice, replaying)
         self.down = Direction(bsock, self.client, bfd, cfd, False, backend,
                               not splice, replaying)
-        self.feed(CONNECTED)
+        actions = machine.on_connected()
+        if actions is DO_START:
+            backend.active_connections += 1
+            backend.connections_total += 1
+            self._start_pump()
+        else:
+            self.run(actions, backend)
 
     def _start_pump(self) -> None:
         """``StartPump``: write what was queued (PROXY header, replay), then
@@ -513,67 +599,85 @@ class _Conn(Pump):
                 return  # reset (closed, or redispatched to the next candidate)
         if not self.creg:
             self.creg = True
-            self.cmask = _IN if not up.eof and not up.pending else 0
-            self.loop.register(self.cfd, self.cmask, self.client_event, self)
+            self.cmask = _IN_HUP if not up.eof and not up.pending else 0
+            self.loop.register(self.cfd, self.cmask, self.client_event)
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
-            self.pump(up)
+            self.pump(up, False)
             if not up.live:
                 return
         self.update()
 
     # -- socket events --------------------------------------------------------
+    # The two handlers are written out (no shared helper call): each runs
+    # two or three times per short connection. ``writes`` is the direction
+    # whose destination the socket is, ``reads`` the one it is the source
+    # of. EPOLLRDHUP with EPOLLIN: the peer's FIN is queued behind its
+    # bytes, so the pump reads on to the end instead of waking up again.
 
     def client_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is not None and down is not None:
-            self._serve(ev, down, up, client=True)
-        elif ev & _ERR:
-            # Reconnecting (not reading the client): it went away meanwhile.
-            self.feed(CLIENT_RESET)
+        writes, reads = self.down, self.up
+        try:
+            if writes is None or reads is None:
+                if ev & _ERR:
+                    # Reconnecting (not reading the client): it went away meanwhile.
+                    self.feed(CLIENT_RESET)
+                return
+            if ev & _OUT or (ev & _ERR and writes.pending):
+                self.flush(writes)
+                if not writes.live:
+                    return  # reset, or redispatched: the old directions are gone
+            if ev & _IN_ERR and not reads.eof and not reads.pending:
+                self.pump(reads, ev & _RDHUP)
+                if not reads.live:
+                    return
+            if ev & _ERR and not ev & _IN_OUT:
+                # An error or hang-up with nothing left to read or write (level-
+                # triggered epoll would report it forever): the socket is dead.
+                self.feed(CLIENT_RESET)
+            else:
+                self.update()
+        except ConnectionStateError as exc:
+            self._bug(exc)
 
     def backend_event(self, ev: int) -> None:
-        up, down = self.up, self.down
-        if up is None or down is None:
-            # Connecting: EPOLLOUT (or an error) ends the attempt. Linux
-            # reports a failed connect as EPOLLERR (with EPOLLOUT); SO_ERROR
-            # is read only then.
-            sock = self.bsock
-            assert sock is not None
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ev & _ERR else 0
-            if err or ev & _ERR:
-                self._attempt_failed(os.strerror(err) if err else "hang-up")
-            else:
-                self._connected()
-            return
-        self._serve(ev, up, down, client=False)
-
-    def _serve(self, ev: int, writes: Direction, reads: Direction, client: bool) -> None:
-        """One socket's epoll event: ``writes`` is the direction whose
-        destination the socket is, ``reads`` the one it is the source of."""
-        if ev & _OUT or (ev & _ERR and writes.pending):
-            self.flush(writes)
-            if not writes.live:
-                return  # reset, or redispatched: the old directions are gone
-        if ev & (_IN | _ERR) and not reads.eof and not reads.pending:
-            self.pump(reads)
-            if not reads.live:
+        writes, reads = self.up, self.down
+        try:
+            if writes is None or reads is None:
+                # Connecting: EPOLLOUT (or an error) ends the attempt. Linux
+                # reports a failed connect as EPOLLERR (with EPOLLOUT); SO_ERROR
+                # is read only then.
+                if ev & _ERR:
+                    sock = self.bsock
+                    assert sock is not None
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    self._attempt_failed(os.strerror(err) if err else "hang-up")
+                else:
+                    self._connected()
                 return
-        if ev & _ERR and not ev & (_IN | _OUT):
-            # An error or hang-up with nothing left to read or write (level-
-            # triggered epoll would report it forever): the socket is dead.
-            self.feed(CLIENT_RESET if client else BACKEND_ERROR)
-        else:
-            self.update()
+            if ev & _OUT or (ev & _ERR and writes.pending):
+                self.flush(writes)
+                if not writes.live:
+                    return
+            if ev & _IN_ERR and not reads.eof and not reads.pending:
+                self.pump(reads, ev & _RDHUP)
+                if not reads.live:
+                    return
+            if ev & _ERR and not ev & _IN_OUT:
+                self.feed(BACKEND_ERROR)
+            else:
+                self.update()
+        except ConnectionStateError as exc:
+            self._bug(exc)
 
     def update(self) -> None:
         """Set each socket's epoll interest from the directions' state."""
         up, down = self.up, self.down
         if up is None or down is None:
             return
-        cmask = (_IN if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
-        bmask = (_IN if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
+        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
+        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
         if cmask != self.cmask:
             self.cmask = cmask
             self.loop.modify(self.cfd, cmask)
@@ -584,12 +688,24 @@ class _Conn(Pump):
     # -- pump hooks ----------------------------------------------------------
 
     def tapped(self, d: Direction, data: bytes | None) -> None:
+        machine = self.machine
         if d.upstream:
             assert data is not None  # the client direction copies while tapped
-            self.feed(ClientData(data))  # kept for a redispatch
+            actions = machine.on_client_data(data)  # kept for a redispatch
+            if actions is not DO_NOTHING:
+                self.run(actions, machine.backend)
+            return
+        actions = machine.on_backend_first_byte()
+        if actions is DO_STOP_REPLAY:
+            # StopReplay, inline: the client's bytes may splice now.
+            d.tap = False
+            up = self.up
+            if up is not None:
+                up.tap = False
+                up.copy = not self.loop.splice
         else:
             d.tap = False
-            self.feed(BACKEND_FIRST_BYTE)
+            self.run(actions, machine.backend)
 
     def drained(self, d: Direction) -> None:
         if d.shut:
@@ -598,7 +714,21 @@ class _Conn(Pump):
             _shut(d)  # ordered (ShutdownWrite) while bytes were pending
             return
         d.fin = True
-        self.feed(CLIENT_EOF if d.upstream else BACKEND_EOF)
+        machine = self.machine
+        backend = machine.backend
+        if d.upstream:
+            actions = machine.on_client_eof()
+            if actions is DO_FINISH:
+                assert backend is not None
+                backend.active_connections -= 1
+                self._finish()
+                return
+        else:
+            actions = machine.on_backend_eof()
+            if actions is DO_SHUT_CLIENT:
+                self._shutdown(d)
+                return
+        self.run(actions, backend)
 
     def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
         reset = exc.errno in RESET_ERRNOS
@@ -650,7 +780,7 @@ def _shut(d: Direction) -> None:
     """Send the FIN of direction ``d`` (shutdown(SHUT_WR) on its destination)."""
     d.shut = True
     try:
-        d.dst.shutdown(socket.SHUT_WR)
+        d.dst.shutdown(_SHUT_WR)
     except OSError:
         pass  # already gone: the other direction reports it
 
@@ -721,7 +851,8 @@ class RelayForwarder:
         (s) of the attempt: swept every CONNECT_SWEEP_S (no timer per
         connection)."""
         self._connect_sweep: Timer | None = None
-        self._sockaddrs: dict[int, tuple[socket.AddressFamily, tuple[str, int]]] = {}
+        self.sockaddrs: dict[Backend, tuple[socket.AddressFamily, tuple[str, int]]] = {}
+        """``sockaddr``'s cache, by backend (read inline per connect)."""
         self.accepted = 0
         self.rejected_no_backend = 0
         self.rejected_connect_failed = 0
@@ -815,7 +946,7 @@ class RelayForwarder:
             ) from exc
         listener = _Listener(loop, sock, self.wildcard)
         listener.add(self)
-        loop.register(listener.fd, _IN, listener.on_event, listener)
+        loop.register(listener.fd, _IN, listener.on_event)
         self._listener = listener
         if self.wildcard:
             loop.listeners[(host, sock.getsockname()[1])] = listener
@@ -913,7 +1044,7 @@ class RelayForwarder:
 
     # -- loop thread ---------------------------------------------------------
 
-    def accept(self, loop: RelayLoop, sock: Sock, peer: tuple[str, int],
+    def accept(self, loop: RelayLoop, sock: Sock, fd: int, peer: tuple[str, int],
                local: tuple[str, int]) -> None:
         """Loop thread: take an accepted connection. ``local`` is its local
         (address, port): the VIP, or the overridden bind address in tests;
@@ -932,18 +1063,23 @@ class RelayForwarder:
             self.refuse(refusal)
             return
         self.accepted += 1
-        conn = _Conn(loop, self, sock, (peer[0], peer[1]), (local[0], local[1]))
+        conn = _Conn(loop, self, sock, fd, (peer[0], peer[1]), (local[0], local[1]))
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
-            conn.feed(Accepted(candidates))  # refused (no_backend): reset at once
+            conn.run(conn.machine.on_accepted(candidates), None)  # no_backend: reset at once
             return
         if not self._conns:
             self._became_busy()
         self._conns.add(conn)
         if self.on_flow is not None:
+            conn.key = (peer[0], peer[1], local[0], local[1])
             self._by_flow[conn.key] = conn
             self.on_flow(True, conn.key)
-        conn.feed(Accepted(candidates))
+        actions = conn.machine.on_accepted(candidates)
+        if actions is DO_CONNECT:
+            conn._connect()
+        else:
+            conn.run(actions, None)
 
     def closed(self, conn: _Conn) -> None:
         """Loop thread: ``conn`` has closed (called once per connection
@@ -962,11 +1098,11 @@ class RelayForwarder:
 
     def sockaddr(self, backend: Backend) -> tuple[socket.AddressFamily, tuple[str, int]]:
         """The backend's address family and connect() address, cached."""
-        cached = self._sockaddrs.get(id(backend))
+        cached = self.sockaddrs.get(backend)
         if cached is None:
             host, port = backend.sockaddr
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            cached = self._sockaddrs[id(backend)] = (family, (host, port))
+            cached = self.sockaddrs[backend] = (family, (host, port))
         return cached
 
     def _became_busy(self) -> None:

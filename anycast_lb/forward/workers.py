@@ -69,7 +69,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
@@ -292,11 +292,20 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _Worker:
-    """The running side of one worker process."""
+    """The running side of one worker process.
 
-    def __init__(self, spec: WorkerSpec, reader: asyncio.StreamReader) -> None:
+    ``clock`` times the counter reports (one every COUNTERS_INTERVAL_S s);
+    ``send`` writes one line to the node (``_send``: stdout; raises
+    BrokenPipeError once the node is gone).
+    """
+
+    def __init__(self, spec: WorkerSpec, reader: asyncio.StreamReader,
+                 clock: Clock | None = None,
+                 send: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.spec = spec
         self.reader = reader
+        self.clock: Clock = clock or SystemClock()
+        self.send = send or _send
         self.relay = RelayLoop(spec.forwarding, max_connections=spec.max_tcp_connections,
                                max_connections_per_source=spec.max_tcp_connections_per_source,
                                max_pipes=spec.max_pipes)
@@ -316,10 +325,10 @@ class _Worker:
                 try:
                     await forwarder.start()
                 except BindError as exc:
-                    _send({"op": "error", "error": str(exc)})
+                    self.send({"op": "error", "error": str(exc)})
                     return 1
                 self.forwarders[s.name] = forwarder
-            _send({"op": "listening", "pid": os.getpid()})
+            self.send({"op": "listening", "pid": os.getpid()})
             log.event("forward.worker_started", worker=self.spec.index, pid=os.getpid(),
                       services=len(self.forwarders))
             async with asyncio.TaskGroup() as tg:
@@ -330,8 +339,8 @@ class _Worker:
                 if self.draining is not None:
                     self.draining.cancel()
             active = sum(f.active for f in self.forwarders.values())
-            _send(counters_message(self.forwarders))
-            _send({"op": "exit", "idle": idle and active == 0})
+            self.send(counters_message(self.forwarders))
+            self.send({"op": "exit", "idle": idle and active == 0})
             return 0
         except BrokenPipeError:
             return 0  # the node is gone
@@ -362,14 +371,14 @@ class _Worker:
         if op == "backend":
             assert command.service is not None and command.backend is not None
             self.pools[command.service].set_up(command.backend, bool(command.up))
-            _send(counters_message(self.forwarders))
+            self.send(counters_message(self.forwarders))
         elif op == "state":
             apply_state(self.pools, command)
-            _send(counters_message(self.forwarders))
+            self.send(counters_message(self.forwarders))
         elif op == "stop_accepting":
             for forwarder in self.forwarders.values():
                 forwarder.stop_accepting()
-            _send(counters_message(self.forwarders))
+            self.send(counters_message(self.forwarders))
         elif op == "drain":
             if self.draining is None:
                 self.draining = asyncio.create_task(self._drain(command.timeout or 0.0))
@@ -383,10 +392,11 @@ class _Worker:
         self._finish(all(results))
 
     async def _report(self) -> None:
+        """A ``counters`` line every COUNTERS_INTERVAL_S s of ``clock``."""
         try:
             while True:
-                await asyncio.sleep(COUNTERS_INTERVAL_S)
-                _send(counters_message(self.forwarders))
+                await self.clock.sleep(COUNTERS_INTERVAL_S)
+                self.send(counters_message(self.forwarders))
         except BrokenPipeError:
             self._finish(False)  # the node is gone
 

@@ -227,7 +227,13 @@ def run_cmd(scenario: str, out_dir: Path | None, victim: str, rate: float | None
         result = _run_any(builder.load(), scenario, out_dir, victim, rate)
     _print_results([result])
     click.echo(f"target: {result['target']}")
-    click.echo(f"wrote {out_dir / 'result.json'} and {out_dir / 'timeline.png'}")
+    if "plot_error" in result:
+        click.echo(f"wrote {out_dir / 'result.json'}; no timeline.png: {result['plot_error']}")
+    else:
+        click.echo(f"wrote {out_dir / 'result.json'} and {out_dir / 'timeline.png'}")
+    if "fib_watch_error" in result:
+        click.echo(f"FIB watch: {result['fib_watch_errors']} failed polls, the last: "
+                   f"{result['fib_watch_error']}")
     if not result["pass"]:
         failed = [k for k, v in result["checks"].items() if not v]
         click.echo(f"FAILED checks: {', '.join(failed)}")

@@ -63,6 +63,7 @@ from anycast_lb.errors import LabError
 from anycast_lb.lab import builder, flow_results, frr, netns, nodes, scenarios
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
+from anycast_lb.lab.fib import FibReader
 from anycast_lb.lab.flow_results import FlowTarget
 from anycast_lb.lab.topology import Node
 
@@ -320,7 +321,7 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     sc.prepare(run)
     expected = _expected(lab, sc, node)
     flows_file = out_dir / "flows.json"
-    watch = scenarios.FibWatch(lab, 120.0)
+    watch = scenarios.FibWatch(FibReader(lab.topo.router_ns), lab.vip_prefix(), 120.0)
     watch.start()
     proc, started = _start_client(lab, flows_file,
                                   CHURN_MAX if sc.churn else n_flows, sc.churn, sc.late_s)
@@ -379,14 +380,14 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     result["bfd"] = lab.topo.bfd
     result["fib_poll_ms"] = scenarios.POLL_S * 1000
     result.update(run.extras)
-    if watch.error is not None:
-        result["fib_watch_error"] = str(watch.error)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    try:
+    result.update(watch.report())
+
+    def draw() -> None:
         from anycast_lb.lab import plot
         plot.flows_timeline(out_dir / "timeline.png", traffic, result, node_of_peer)
-    except ImportError as exc:
-        result["plot_error"] = f"matplotlib missing: {exc}"
+
+    scenarios.plot_timeline(draw, result)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

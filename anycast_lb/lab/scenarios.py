@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from anycast_lb.errors import LabError
 from anycast_lb.lab import builder, frr, netns, nodes, results
@@ -335,39 +335,70 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
 
 # --- the run ----------------------------------------------------------------
 
-class FibWatch(threading.Thread):
-    """Polls the router FIB every POLL_S and records each change
-    ``(monotonic s, next hops)``; stops after ``limit_s`` at most."""
+class NextHops(Protocol):
+    """What ``FibWatch`` reads (``fib.FibReader``)."""
 
-    def __init__(self, lab: Lab, limit_s: float) -> None:
+    def nexthops(self, prefix: str) -> list[str]:
+        """Next hops of ``prefix``, sorted. Raises LabError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FibWatch(threading.Thread):
+    """Polls ``reader`` (the router FIB) every POLL_S and records each change
+    ``(monotonic s, next hops)``; stops when ``stop`` is set or after
+    ``limit_s`` at most.
+
+    A failed poll (LabError: a netlink error or its 1 s timeout, as on a
+    loaded machine) does not end the watch: it is counted in ``errors``,
+    the last one kept in ``error``, and the next poll comes POLL_S later.
+    ``report()`` gives both for a result."""
+
+    def __init__(self, reader: NextHops, prefix: str, limit_s: float) -> None:
         super().__init__(daemon=True, name="fib-watch")
-        self.reader = FibReader(lab.topo.router_ns)
-        self.prefix = lab.vip_prefix()
+        self.reader = reader
+        self.prefix = prefix
         self.limit_s = limit_s
         self.changes: list[tuple[float, list[str]]] = []
         self.stop = threading.Event()
         self.error: Exception | None = None
+        self.errors = 0
 
     def run(self) -> None:
         deadline = time.monotonic() + self.limit_s
         last: list[str] | None = None
         try:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                hops = self.reader.nexthops(self.prefix)
-                now = time.monotonic()
-                if hops != last:
-                    self.changes.append((now, hops))
-                    last = hops
-                time.sleep(POLL_S)
-        except LabError as exc:
-            self.error = exc
+            while time.monotonic() < deadline:
+                try:
+                    hops = self.reader.nexthops(self.prefix)
+                except LabError as exc:
+                    self.errors += 1
+                    self.error = exc
+                else:
+                    now = time.monotonic()
+                    if hops != last:
+                        self.changes.append((now, hops))
+                        last = hops
+                if self.stop.wait(POLL_S):
+                    return
         finally:
             self.reader.close()
+
+    def report(self) -> dict[str, Any]:
+        """``fib_watch_errors`` (polls that failed) and ``fib_watch_error``
+        (the last), when a poll failed; else nothing."""
+        if not self.errors:
+            return {}
+        return {"fib_watch_errors": self.errors, "fib_watch_error": str(self.error)}
 
 
 class BgpWatch(threading.Thread):
     """Polls the router's BGP table (vtysh) for the victim's path: records
-    when GRACEFUL_SHUTDOWN first shows and when the path disappears."""
+    when GRACEFUL_SHUTDOWN first shows and when the path disappears.
+
+    A failed poll is counted in ``errors`` (the last in ``error``) and the
+    watch goes on, 10 ms later."""
 
     def __init__(self, lab: Lab, victim: Node, limit_s: float) -> None:
         super().__init__(daemon=True, name="bgp-watch")
@@ -375,23 +406,39 @@ class BgpWatch(threading.Thread):
         self.gshut_at: float | None = None
         self.gone_at: float | None = None
         self.stop = threading.Event()
+        self.error: Exception | None = None
+        self.errors = 0
 
     def run(self) -> None:
         deadline = time.monotonic() + self.limit_s
-        while not self.stop.is_set() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             try:
                 paths = frr.bgp_paths(self.lab.topo.router_ns, self.lab.router_frr,
                                       self.lab.vip_prefix())
-            except LabError:
-                continue
-            now = time.monotonic()
-            mine = [p for p in paths if p["peer"] == str(self.victim.address)]
-            if mine and T.GRACEFUL_SHUTDOWN in mine[0]["communities"] and self.gshut_at is None:
-                self.gshut_at = now
-            if not mine and self.gone_at is None:
-                self.gone_at = now
+            except LabError as exc:
+                self.errors += 1
+                self.error = exc
+            else:
+                now = time.monotonic()
+                mine = [p for p in paths if p["peer"] == str(self.victim.address)]
+                if mine and T.GRACEFUL_SHUTDOWN in mine[0]["communities"] \
+                        and self.gshut_at is None:
+                    self.gshut_at = now
+                if not mine and self.gone_at is None:
+                    self.gone_at = now
+                    return
+            if self.stop.wait(0.01):
                 return
-            time.sleep(0.01)
+
+
+def plot_timeline(draw: Callable[[], None], result: dict[str, Any]) -> None:
+    """Call ``draw`` (a ``plot`` function with its arguments); a failure,
+    of any kind, goes into ``result["plot_error"]`` (type and message), for
+    the result file and the caller to show, instead of vanishing."""
+    try:
+        draw()
+    except Exception as exc:  # a plot must not lose the run's result
+        result["plot_error"] = f"{type(exc).__name__}: {exc}"
 
 
 def _start_traffic(lab: Lab, out: Path, rate: float, duration: float, n_long: int
@@ -436,7 +483,7 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
         rate = rate or RATE
         duration = PRE_S + sc.post_s(lab)
     traffic_file = out_dir / "traffic.json"
-    watch = FibWatch(lab, duration + 15.0)
+    watch = FibWatch(FibReader(lab.topo.router_ns), lab.vip_prefix(), duration + 15.0)
     watch.start()
     bgp_watch = BgpWatch(lab, node, duration + 5.0) if name == "drain" else None
     proc, t0 = _start_traffic(lab, traffic_file, rate, duration, n_long)
@@ -510,14 +557,17 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     if sc.finish is not None:
         sc.finish(run, result)
         result["pass"] = all(result["checks"].values())
-    if watch.error is not None:
-        result["fib_watch_error"] = str(watch.error)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    try:
+    result.update(watch.report())
+    if bgp_watch is not None and bgp_watch.errors:
+        result["bgp_watch_errors"] = bgp_watch.errors
+        result["bgp_watch_error"] = str(bgp_watch.error)
+
+    def draw() -> None:
         from anycast_lb.lab import plot
         plot.timeline(out_dir / "timeline.png", traffic, result)
-    except ImportError as exc:
-        result["plot_error"] = f"matplotlib missing: {exc}"
+
+    plot_timeline(draw, result)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

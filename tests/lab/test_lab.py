@@ -59,13 +59,24 @@ def test_three_equal_paths_installed(lab: Lab) -> None:
 
 
 def test_traffic_reaches_every_node(lab: Lab, tmp_path: Path) -> None:
+    """Before the fault new connections reach all three nodes (ECMP); the
+    victim's link goes down and the router's FIB converges to the other
+    two next hops within the FIB watch's deadline; the result and the plot
+    are written.
+
+    How fast the FIB converged is the scenario's figure (its target, 100 ms,
+    is checked by ``anycast-lb lab run link-down``), not asserted here: on
+    a shared machine wall-clock time measures the other jobs' load too.
+    """
     result = scenarios.run_scenario(lab, "link-down", tmp_path, victim="lb3", rate=200)
     for key in ("scenario", "event_at", "fib_converged_ms", "all_new_ok_after_ms",
                 "new_connections_failed", "established_broken", "established_total",
                 "ecmp_spread", "target", "pass"):
         assert key in result
-    assert set(result["ecmp_spread"]) == {"lb1", "lb2", "lb3"}
-    assert result["fib_converged_ms"] is not None and result["fib_converged_ms"] < 1000
+    watch = {k: v for k, v in result.items() if k.startswith("fib_watch")}
+    assert set(result["ecmp_spread"]) == {"lb1", "lb2", "lb3"}, (result["ecmp_spread"], watch)
+    assert result["fib_converged_ms"] is not None, (result["fib_changes"], watch)
+    assert "plot_error" not in result, result["plot_error"]
     assert json.loads((tmp_path / "result.json").read_text())["scenario"] == "link-down"
     assert (tmp_path / "timeline.png").stat().st_size > 1000
 
