@@ -7,9 +7,10 @@ ECMP may move flows between nodes with no shared connection state. The
 backend holds the VIP on ``lo`` and answers the client directly.
 
 One ``netdev`` table, owned whole by the node, hooked at ``ingress`` on the
-LAN-facing interface (the only family with ``fwd``)::
+LAN-facing interface IFACE, or on ``forwarding.kernel.ingress`` when client
+packets arrive on another (the only family with ``fwd``)::
 
-    ingress (filter, device IFACE)
+    ingress (filter, device IFACE or the ingress interface)
       VIP . port of service i       -> jump s<i>
     s<i>
       5-tuple in @s<i>_flow         -> mark = its backend, goto s<i>_fwd
@@ -108,8 +109,15 @@ class KernelSettings:
     table: str
     """Name of the ``netdev`` table (validated: letters, digits, underscore)."""
     interface: str
-    """The LAN-facing interface: packets arrive and leave on it (validated)."""
+    """The LAN-facing interface: packets leave on it for the backend (validated)."""
     services: tuple[KernelService, ...]
+    ingress: str = ""
+    """The interface VIP packets arrive on (the netdev ingress hook); empty:
+    ``interface``."""
+
+    @property
+    def hook_device(self) -> str:
+        return self.ingress or self.interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +224,7 @@ def render_table(s: KernelSettings, tables: Mapping[int, Tables]) -> str:
         f"delete table {fam}",
         f"table {fam} {{",
         "\tchain ingress {",
-        f'\t\ttype filter hook ingress device "{s.interface}" priority filter; policy accept;',
+        f'\t\ttype filter hook ingress device "{s.hook_device}" priority filter; policy accept;',
         *(f"\t\tip daddr {svc.vip} {svc.protocol} dport {svc.port} jump {svc.prefix}"
           for svc in s.services),
         "\t}",
