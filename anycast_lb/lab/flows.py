@@ -81,6 +81,12 @@ class Flow:
     """When the message that failed was sent."""
     late_kind: str = ""
     late_s: float | None = None
+    max_gap_s: float = 0.0
+    """Longest time between two echoes received in a row (from the greeting
+    for the first): about ``--interval`` while the path is steady; a route
+    move shows as the retransmission wait on top of it."""
+    max_gap_at_s: float | None = None
+    """When that gap ended (its second echo arrived)."""
 
 
 def _kind(exc: BaseException) -> str:
@@ -196,7 +202,11 @@ class FlowClient:
                 try:
                     await self._echo(reader, writer, f"{flow.index}-{seq}\n".encode())
                     flow.messages += 1
+                    previous = flow.last_ok_s if flow.last_ok_s is not None else flow.open_s
                     flow.last_ok_s = self.now()
+                    if previous is not None and flow.last_ok_s - previous > flow.max_gap_s:
+                        flow.max_gap_s = round(flow.last_ok_s - previous, 4)
+                        flow.max_gap_at_s = flow.last_ok_s
                     await self._quiet(reader, max(0.0, tick - time.monotonic()))
                 except (OSError, TimeoutError, EOFError, ValueError, RuntimeError) as exc:
                     if self.stop.is_set():

@@ -80,7 +80,7 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
         "api": {"listen": T.API_LISTEN, "admin_token_file": str(token_file)},
         "drain": {"timeout": DRAIN_TIMEOUT_S, "announce_grace": DRAIN_GRACE_S},
         "services": [
-            {"name": "echo", "vip": str(topo.vip), "port": T.SERVICE_PORT, "protocol": "tcp",
+            {"name": "echo", "vip": str(topo.vip), "port": topo.service_port, "protocol": "tcp",
              "backends": backends(T.BACKEND_ECHO_PORT), "health": health},
             {"name": "web", "vip": str(topo.vip), "port": T.WEB_PORT, "protocol": "tcp",
              "backends": backends(T.BACKEND_HTTP_PORT), "health": health},
@@ -103,6 +103,11 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
     }
     if topo.flow_survival:
         config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
+    if topo.kernel:
+        # Client packets arrive on the uplink, leave on the LAN leg for the
+        # backend (direct server return).
+        config["forwarding"] = {"engine": "kernel", "kernel": {
+            "interface": node.lan_if, "ingress": node.uplink_if}}
     if topo.consensus:
         config["consensus"] = consensus_section(topo)
     return config
