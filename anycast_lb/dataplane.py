@@ -196,8 +196,8 @@ class DataPlane:
     # ------------------------------------------------------------------ state
 
     def listening(self, service: str) -> bool:
-        if self.kernel is not None:
-            return self.kernel.installed and service in self.addresses
+        if self.kernel is not None:  # forwarding once its table names a backend
+            return self.kernel.serving(service)
         forwarder = self.forwarders.get(service)
         return forwarder is not None and forwarder.listening
 

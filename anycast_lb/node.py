@@ -682,7 +682,8 @@ class Node:
                 if self.data.kernel is not None:
                     # Health and drains reach the kernel table through this one writer.
                     kernel_started = asyncio.Event()
-                    tg.create_task(self.data.kernel.run(self.data.desired, kernel_started))
+                    tg.create_task(self.data.kernel.run(self.data.desired, kernel_started,
+                                                        lambda _: self._routes_changed()))
                     await kernel_started.wait()
                 if self.cluster is not None:
                     # Steering is up before any route is announced.

@@ -87,6 +87,9 @@ class KernelEngine:
         self._counters: dict[tuple[int, ipaddress.IPv4Address], tuple[int, int]] = {}
         self.installed = False
         """The table is in the kernel (between :meth:`start` and :meth:`stop`)."""
+        self._serving: set[int] = set()
+        """Services whose current table, as the kernel holds it, names a backend."""
+        self._on_serving: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -110,6 +113,7 @@ class KernelEngine:
         """Delete the table (never raises)."""
         async with self._lock:
             await self._nft.remove()
+        self._serving.clear()
         if self.installed:
             log.event("kernel.table_removed", table=self.settings.table)
         self.installed = False
@@ -126,11 +130,21 @@ class KernelEngine:
         if self._wake is not None:
             self._wake.set()
 
-    async def run(self, desired: Desired, started: asyncio.Event | None = None) -> None:
+    def serving(self, service: str) -> bool:
+        """The kernel forwards ``service``'s new flows: its current table, as
+        applied, names a backend. The node announces a VIP only then (a
+        route must not draw packets to a table still being filled)."""
+        index = self._index.get(service)
+        return self.installed and index is not None and index in self._serving
+
+    async def run(self, desired: Desired, started: asyncio.Event | None = None,
+                  on_serving: Callable[[str], None] | None = None) -> None:
         """Apply every poke, promotion and retry, read the counters; until
         cancelled. Sets ``started`` after the first turn (every service
-        reconciled once). Never raises for a refused transaction: logs
+        reconciled once); calls ``on_serving(name)`` when :meth:`serving`
+        changes. Never raises for a refused transaction: logs
         ``kernel.apply_failed`` and retries."""
+        self._on_serving = on_serving
         self._wake = asyncio.Event()
         next_counters = self._clock.monotonic()
         retry_at: float | None = None
@@ -189,6 +203,11 @@ class KernelEngine:
             log.warning("kernel.apply_failed", service=name, generation=tables.generation,
                         error=str(exc), retry_s=RETRY_S)
             return False
+        serving = bool(self._nft.tables(index).current)
+        if serving != (index in self._serving):
+            self._serving ^= {index}
+            if self._on_serving is not None:
+                self._on_serving(name)
         for key in sorted(tables.draining - was[0]):
             log.event("kernel.drain_started", service=name, backend=key,
                       promote_after_s=self.promote_after)

@@ -105,13 +105,20 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
         config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
     if topo.kernel:
         # Client packets arrive on the uplink, leave on the LAN leg for the
-        # backend (direct server return).
+        # backend (direct server return). M = 4099 (>= 100 x 8 backends):
+        # three nodes filling 3 x 2 x 65537 map elements at once on a
+        # 2-core machine take seconds.
         config["forwarding"] = {"engine": "kernel", "kernel": {
             "interface": node.lan_if, "ingress": node.uplink_if}}
+        for service in config["services"]:
+            service["maglev_table_size"] = KERNEL_TABLE_SIZE
     if topo.consensus:
         config["consensus"] = consensus_section(topo)
     return config
 
+
+KERNEL_TABLE_SIZE = 4099
+"""Maglev table size of the kernel engine's lab services (a prime)."""
 
 CONSENSUS_LEASE_TTL_S = 2.0
 CONSENSUS_REQUEST_TIMEOUT_S = 0.5
