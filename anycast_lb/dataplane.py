@@ -77,6 +77,7 @@ class DataPlane:
         self.kernel: KernelEngine | None = None
         """The kernel engine (``forwarding.engine: kernel``), once started;
         the node runs its :meth:`~KernelEngine.run` task."""
+        self._kernel_ready: set[str] = set()
 
     # ------------------------------------------------------------------ start
 
@@ -148,6 +149,23 @@ class DataPlane:
         return (pool.service, [b.key for b in pool.backends if b.up],
                 [b.key for b in pool.backends if b.config.drain])
 
+    def _kernel_listening(self, service: str) -> bool:
+        """The kernel forwards ``service`` (its current table names a
+        backend). The first time, also: every backend had its first health
+        verdict and the kernel holds the tables they call for, so a node
+        that starts announces the same table as its peers (flows ECMP moves
+        to it keep their backend). Latched per service afterwards, so a
+        change being applied never withdraws the VIP."""
+        assert self.kernel is not None
+        if service not in self._kernel_ready:
+            pool = self.pools.get(service)
+            if (pool is None or self.kernel.pending(service)
+                    or any(b.last_check is None for b in pool.backends)):
+                return False
+            if self.kernel.serving(service):
+                self._kernel_ready.add(service)
+        return self.kernel.serving(service)
+
     def pool_changed(self, service: str) -> None:
         """``service``'s pool changed (health, drain, weights, backends):
         the kernel engine reconciles its tables (a diff, one transaction)."""
@@ -196,8 +214,8 @@ class DataPlane:
     # ------------------------------------------------------------------ state
 
     def listening(self, service: str) -> bool:
-        if self.kernel is not None:  # forwarding once its table names a backend
-            return self.kernel.serving(service)
+        if self.kernel is not None:
+            return self._kernel_listening(service)
         forwarder = self.forwarders.get(service)
         return forwarder is not None and forwarder.listening
 

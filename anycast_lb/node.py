@@ -305,6 +305,8 @@ class Node:
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
+        if self.data.kernel is not None and not self.data.listening(service):
+            self._routes_changed()  # the kernel engine announces once every backend was checked
 
     def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
         if self.data.workers is not None:

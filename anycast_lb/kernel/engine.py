@@ -89,7 +89,8 @@ class KernelEngine:
         """The table is in the kernel (between :meth:`start` and :meth:`stop`)."""
         self._serving: set[int] = set()
         """Services whose current table, as the kernel holds it, names a backend."""
-        self._on_serving: Callable[[str], None] | None = None
+        self._on_applied: Callable[[str], None] | None = None
+        self._applying: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,11 +98,11 @@ class KernelEngine:
         """Check the kernel and the backends, then load the table with no
         backend up (health brings them in). Raises KernelEngineError."""
         iface = self.settings.interface
-        await apply.check_support(iface, self._runner)
-        if self.settings.hook_device != iface:
-            await apply.check_support(self.settings.hook_device, self._runner)
-        await apply.check_on_link(iface, [a for group in self._backends for a in group],
-                                  self._runner)
+        devices = sorted({iface, self.settings.hook_device})
+        await asyncio.gather(
+            *(apply.check_support(device, self._runner) for device in devices),
+            apply.check_on_link(iface, [a for group in self._backends for a in group],
+                                self._runner))
         async with self._lock:
             await self._nft.install({i: t.tables for i, t in enumerate(self._tables)})
         self.installed = True
@@ -137,14 +138,19 @@ class KernelEngine:
         index = self._index.get(service)
         return self.installed and index is not None and index in self._serving
 
+    def pending(self, service: str) -> bool:
+        """A change of ``service``'s tables is waiting or being applied."""
+        index = self._index.get(service)
+        return index is not None and (index in self._dirty or index == self._applying)
+
     async def run(self, desired: Desired, started: asyncio.Event | None = None,
-                  on_serving: Callable[[str], None] | None = None) -> None:
+                  on_applied: Callable[[str], None] | None = None) -> None:
         """Apply every poke, promotion and retry, read the counters; until
         cancelled. Sets ``started`` after the first turn (every service
-        reconciled once); calls ``on_serving(name)`` when :meth:`serving`
-        changes. Never raises for a refused transaction: logs
-        ``kernel.apply_failed`` and retries."""
-        self._on_serving = on_serving
+        reconciled once); calls ``on_applied(name)`` after each reconcile
+        of a service the kernel took. Never raises for a refused
+        transaction: logs ``kernel.apply_failed`` and retries."""
+        self._on_applied = on_applied
         self._wake = asyncio.Event()
         next_counters = self._clock.monotonic()
         retry_at: float | None = None
@@ -196,6 +202,7 @@ class KernelEngine:
         tables = self._tables[index]
         was = (tables.draining, tables.drained)
         new = tables.reconcile(service, up, drained, now, self.promote_after)
+        self._applying = index
         try:
             async with self._lock:
                 await self._apply(index, new)
@@ -203,11 +210,14 @@ class KernelEngine:
             log.warning("kernel.apply_failed", service=name, generation=tables.generation,
                         error=str(exc), retry_s=RETRY_S)
             return False
-        serving = bool(self._nft.tables(index).current)
-        if serving != (index in self._serving):
-            self._serving ^= {index}
-            if self._on_serving is not None:
-                self._on_serving(name)
+        finally:
+            self._applying = None
+        if self._nft.tables(index).current:
+            self._serving.add(index)
+        else:
+            self._serving.discard(index)
+        if self._on_applied is not None:
+            self._on_applied(name)
         for key in sorted(tables.draining - was[0]):
             log.event("kernel.drain_started", service=name, backend=key,
                       promote_after_s=self.promote_after)
