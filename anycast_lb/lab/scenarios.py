@@ -431,6 +431,8 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     wait_full(lab, 20.0)
     if name == "ecmp":
         rate = rate or 400.0
+        if lab.topo.kernel:
+            n_long = 0  # the spread comes from packet counts: short connections only
         duration = max(3000 / rate + 0.5, 8.0)
     else:
         rate = rate or RATE
