@@ -166,6 +166,15 @@ class DataPlane:
                 self._kernel_ready.add(service)
         return self.kernel.serving(service)
 
+    async def settled(self, service: str) -> bool:
+        """Wait until the kernel engine holds what ``service``'s pool calls
+        for (at most ``APPLIED_TIMEOUT_S`` s; True at once without it)."""
+        if self.kernel is None:
+            return True
+        from anycast_lb.kernel.engine import APPLIED_TIMEOUT_S
+
+        return await self.kernel.wait_applied(service, APPLIED_TIMEOUT_S)
+
     def pool_changed(self, service: str) -> None:
         """``service``'s pool changed (health, drain, weights, backends):
         the kernel engine reconciles its tables (a diff, one transaction)."""

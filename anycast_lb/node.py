@@ -602,6 +602,7 @@ class Node:
             if result.applied:
                 self._overrides = overrides
         if result.applied:
+            await self.data.settled(change.service)  # the kernel engine holds it too
             log.event("backend.runtime_change", service=change.service, backend=change.backend,
                       change=change.describe(), scope="node", revision=None, applied=True)
         return runtime.BackendAnswer(applied=result.applied, scope="node", revision=None,

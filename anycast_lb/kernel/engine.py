@@ -26,7 +26,7 @@ from typing import TypedDict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from anycast_lb import log
-from anycast_lb.clock import Clock, SystemClock
+from anycast_lb.clock import Clock, SystemClock, wait_event
 from anycast_lb.cluster.kernel import run
 from anycast_lb.config import NodeConfig, ServiceConfig
 from anycast_lb.errors import KernelEngineError
@@ -40,6 +40,10 @@ RETRY_S = 1.0
 """Seconds before a refused transaction is tried again."""
 IDLE_POLL_S = 0.5
 """Seconds between two counter reads while waiting for the node to go idle."""
+APPLIED_POLL_S = 0.01
+"""Seconds between two looks while waiting for a change to reach the kernel."""
+APPLIED_TIMEOUT_S = 5.0
+"""Seconds a runtime backend change waits for the kernel to hold it."""
 
 Desired = Callable[[str], tuple[ServiceConfig, Collection[str], Collection[str]]]
 """Service name -> (its config, up backend keys, admin-drained backend keys)."""
@@ -143,6 +147,17 @@ class KernelEngine:
         index = self._index.get(service)
         return index is not None and (index in self._dirty or index == self._applying)
 
+    async def wait_applied(self, service: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until no change of ``service``'s tables
+        is pending (the kernel holds what its pool called for when this
+        was called, or later); True if none is."""
+        deadline = self._clock.monotonic() + timeout
+        while self.pending(service):
+            if self._clock.monotonic() >= deadline:
+                return False
+            await self._clock.sleep(APPLIED_POLL_S)
+        return True
+
     async def run(self, desired: Desired, started: asyncio.Event | None = None,
                   on_applied: Callable[[str], None] | None = None) -> None:
         """Apply every poke, promotion and retry, read the counters; until
@@ -185,15 +200,8 @@ class KernelEngine:
 
     async def _wait(self, seconds: float) -> None:
         assert self._wake is not None
-        if seconds <= 0:
-            return
-        waiter = asyncio.ensure_future(self._wake.wait())
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        try:
-            await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            sleeper.cancel()
+        if seconds > 0:
+            await wait_event(self._clock, self._wake, seconds)
 
     async def _reconcile(self, index: int, desired: Desired, now: float) -> bool:
         """One service to what its pool says; False when the kernel refused."""

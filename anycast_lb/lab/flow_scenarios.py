@@ -198,6 +198,26 @@ def _backend_change(run: FlowRun, action: str) -> None:
         if status != 200:
             raise LabError(f"POST {path} on {n.name}: {status} {body}")
     run.extras["drained_backend"] = be.name
+    if lab.topo.kernel:
+        # The answer comes once the node applied the config; the kernel
+        # takes the diff a moment later: wait until every node's tables
+        # hold the drain (or no longer do).
+        key = f"{be.address}:{T.BACKEND_ECHO_PORT}"
+        for n in lab.topo.nodes:
+            if builder.node_running(lab, n):
+                netns.wait_for(lambda n=n: (key in _kernel_drains(n)) == (action == "drain"),
+                               10.0, f"{n.name}'s kernel tables to {action} {be.name}",
+                               interval=0.05)
+
+
+def _kernel_drains(node: Node) -> list[str]:
+    """Backends of the echo service draining or drained in the node's kernel tables."""
+    status, body = nodes.api_request(node.ns, "GET", "/status")
+    if status != 200 or not isinstance(body, dict):
+        raise LabError(f"GET /status on {node.name}: {status}")
+    echo = next(s for s in body["services"] if s["name"] == "echo")
+    kernel = echo.get("kernel") or {}
+    return [*kernel.get("draining", []), *kernel.get("drained", [])]
 
 
 def _backend_drain(run: FlowRun) -> None:
