@@ -384,6 +384,34 @@ def test_engine_drain_promotion_and_status(backends: None) -> None:
         asyncio.run(each(lambda e: e.stop()))
 
 
+def test_a_reused_five_tuple_follows_the_tables(nodes: dict[str, NftForwarder]) -> None:
+    """A connection on a 5-tuple the flow map learned for an earlier one
+    (reset, so the client may reuse its port at once) starts with a SYN,
+    which forgets the old entry: after a drain it avoids the drained
+    backend. Without the SYN's ``delete`` it would reach b1 again."""
+    route("n1")
+    sports = range(47000, 47040)
+    first = {}
+    for sport in sports:
+        s = connect(sport)
+        first[sport] = ask(s)
+        reset(s)
+    on_b1 = [p for p, b in first.items() if b == "b1"]
+    assert on_b1
+
+    async def drain() -> None:
+        f = nodes["n1"]
+        await f.update(0, render.start_drain(f.tables(0), _marks(["b2"])))
+
+    asyncio.run(drain())
+    again = []
+    for sport in on_b1:
+        s = connect(sport)
+        again.append(ask(s))
+        reset(s)
+    assert set(again) == {"b2"}
+
+
 def test_udp_same_five_tuples_same_backend_through_either_node(
     nodes: dict[str, NftForwarder],
 ) -> None:
