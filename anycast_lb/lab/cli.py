@@ -271,7 +271,8 @@ def down() -> None:
               default=("relay",), show_default=True,
               help="Phases, in order relay then kernel (repeatable). kernel: a second lab "
                    "with the kernel engine running ecmp and the flow scenarios ("
-                   + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + "); results under "
+                   + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + "; with --bfd also "
+                   "flows-node-silent); results under "
                    "OUT/kernel/. --engine kernel alone runs only that phase.")
 def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
          flow_survival: bool, consensus: bool, engines: tuple[str, ...]) -> None:
@@ -290,7 +291,10 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
 
 def _kernel_phase(out_dir: Path, bfd: bool, only: tuple[str, ...]) -> list[dict[str, Any]]:
     """A lab with the kernel engine, the kernel scenarios on it, down."""
-    names = [n for n in flow_scenarios.KERNEL_SCENARIOS if not only or n in only]
+    # A silent node stalls its flows until the router notices: within the
+    # 1 s hang limit with BFD only.
+    kernel = [*flow_scenarios.KERNEL_SCENARIOS, *(["flows-node-silent"] if bfd else [])]
+    names = [n for n in kernel if not only or n in only]
     results: list[dict[str, Any]] = []
     if not names:
         return results
