@@ -162,7 +162,7 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
     cfg = _load(config)
     _check_files(cfg, config)
     if cfg.forwarding.engine is Engine.KERNEL:
-        _refuse_kernel_engine(cfg)
+        _check_kernel_engine(cfg)
     os.environ[log.FORMAT_ENV] = log_format  # relay workers and the announcer log alike
     log.setup(log_level, log_format)
     soft, hard = raise_nofile()
@@ -182,10 +182,11 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
         sys.exit(EXIT_ERROR)
 
 
-def _refuse_kernel_engine(cfg: NodeConfig) -> None:
-    """The kernel engine's checks run (nftables support, backends on the
-    L2 segment), then the node refuses: it does not drive the engine yet
-    (docs/kernel.md, "What is not built")."""
+def _check_kernel_engine(cfg: NodeConfig) -> None:
+    """The kernel engine's checks (nftables support on its interfaces,
+    backends on the L2 segment), before anything starts: a clear error and
+    exit 1 when they fail (docs/kernel.md, "Requirements and refusals").
+    The node runs them again when it loads its table."""
     from anycast_lb.kernel import apply  # deferred: keeps the other commands light
 
     kernel = cfg.forwarding.kernel
@@ -193,13 +194,12 @@ def _refuse_kernel_engine(cfg: NodeConfig) -> None:
     backends = [ipaddress.IPv4Address(b.address) for s in cfg.services for b in s.backends]
     try:
         asyncio.run(apply.check_support(kernel.interface))
+        if kernel.ingress is not None and kernel.ingress != kernel.interface:
+            asyncio.run(apply.check_support(kernel.ingress))
         asyncio.run(apply.check_on_link(kernel.interface, backends))
     except AnycastLBError as exc:
         click.echo(f"anycast-lb: {exc}", err=True)
         sys.exit(EXIT_ERROR)
-    click.echo("anycast-lb: forwarding.engine: kernel passes its checks here, but the node does "
-               "not run it yet (docs/kernel.md); use engine: relay", err=True)
-    sys.exit(EXIT_ERROR)
 
 
 async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,

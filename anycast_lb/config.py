@@ -639,8 +639,13 @@ class KernelEngineConfig(_Model):
     each holding the VIP on ``lo`` (``anycast-lb backend-setup``)."""
 
     interface: str = Field(pattern=_IFNAME_RE)
-    """The LAN-facing interface: VIP packets arrive on it and leave on it
-    for the backend (netdev ingress hook)."""
+    """The LAN-facing interface: packets leave on it for the backend, and
+    VIP packets arrive on it (netdev ingress hook) unless ``ingress`` names
+    another."""
+    ingress: str | None = Field(default=None, pattern=_IFNAME_RE)
+    """The interface client packets for the VIPs arrive on, when it is not
+    ``interface`` (a node with an uplink to its router and a leg on the
+    backends' segment); None: ``interface``."""
     table: str = Field(default="anycast_lb_fwd", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
     """Name of the ``netdev`` nftables table the node owns (created and deleted whole)."""
     flow_timeout: Annotated[StrictInt, Field(ge=1, le=86400)] = 300

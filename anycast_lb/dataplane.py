@@ -1,15 +1,20 @@
 """The node's data path as one part: a forwarder per service, the relay
-engine's loop (shared by the TCP services) and the relay worker processes.
+engine's loop (shared by the TCP services) and the relay worker processes;
+or, with ``forwarding.engine: kernel``, the kernel engine's nftables table
+(:class:`~anycast_lb.kernel.engine.KernelEngine`), which forwards every
+service's packets and binds no listener.
 
-It starts them in order (relay loop, forwarders, workers), answers for them
-as a whole (counters summed over the node process and the workers,
-graceful-stop surface :class:`~anycast_lb.forward.DataPath`) and closes them.
+It starts them in order (relay loop, forwarders, workers; or the kernel
+table), answers for them as a whole (counters summed over the node process
+and the workers, graceful-stop surface :class:`~anycast_lb.forward.DataPath`)
+and closes them (the kernel table is deleted).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from anycast_lb import log
 from anycast_lb.clock import Clock
@@ -29,6 +34,9 @@ from anycast_lb.forward.workers import BackendCounters, WorkerGroup, start_worke
 from anycast_lb.limits import Budget, Slots, open_descriptors
 from anycast_lb.metrics import Shedding, Traffic
 from anycast_lb.pool import Backend, Pool
+
+if TYPE_CHECKING:
+    from anycast_lb.kernel.engine import KernelEngine
 
 
 class DataPlane:
@@ -66,6 +74,10 @@ class DataPlane:
         """Service name -> the bound (address, port)."""
         self._retiring: set[Forwarder] = set()
         """Forwarders of services removed live, until their connections end."""
+        self.kernel: KernelEngine | None = None
+        """The kernel engine (``forwarding.engine: kernel``), once started;
+        the node runs its :meth:`~KernelEngine.run` task."""
+        self._kernel_ready: set[str] = set()
 
     # ------------------------------------------------------------------ start
 
@@ -98,8 +110,12 @@ class DataPlane:
         )
 
     async def start(self) -> None:
-        """Start the relay loop, bind every forwarder, start the workers.
-        Raises BindError (call :meth:`close` afterwards either way)."""
+        """Start the relay loop, bind every forwarder, start the workers; or
+        load the kernel engine's table. Raises BindError, KernelEngineError
+        (call :meth:`close` afterwards either way)."""
+        if self.config.forwarding.engine is Engine.KERNEL:
+            await self._start_kernel()
+            return
         self._start_relay()
         for s in self.config.services:
             forwarder = self._forwarder(s, self.pools[s.name], self.budget)
@@ -114,6 +130,56 @@ class DataPlane:
                                                self.budget.tcp_connections_per_source or None),
                                            max_pipes=self.budget.pipes or None,
                                            clock=self.clock)
+
+    async def _start_kernel(self) -> None:
+        from anycast_lb.kernel.engine import KernelEngine  # nft is only needed here
+
+        self.kernel = KernelEngine(self.config, clock=self.clock)
+        await self.kernel.start()
+        for s in self.config.services:
+            self.addresses[s.name] = (str(s.vip), s.port)
+            log.event("forwarder.listening", service=s.name, protocol=s.protocol.value,
+                      address=format_host_port(*self.addresses[s.name]), engine="kernel")
+
+    def desired(self, service: str) -> tuple[ServiceConfig, Collection[str], Collection[str]]:
+        """What the kernel engine's tables of ``service`` are to hold (its
+        pool: config, up backend keys, admin-drained keys). With consensus
+        the pool's up set is the agreed one."""
+        pool = self.pools[service]
+        return (pool.service, [b.key for b in pool.backends if b.up],
+                [b.key for b in pool.backends if b.config.drain])
+
+    def _kernel_listening(self, service: str) -> bool:
+        """The kernel forwards ``service`` (its current table names a
+        backend). The first time, also: every backend had its first health
+        verdict and the kernel holds the tables they call for, so a node
+        that starts announces the same table as its peers (flows ECMP moves
+        to it keep their backend). Latched per service afterwards, so a
+        change being applied never withdraws the VIP."""
+        assert self.kernel is not None
+        if service not in self._kernel_ready:
+            pool = self.pools.get(service)
+            if (pool is None or self.kernel.pending(service)
+                    or any(b.last_check is None for b in pool.backends)):
+                return False
+            if self.kernel.serving(service):
+                self._kernel_ready.add(service)
+        return self.kernel.serving(service)
+
+    async def settled(self, service: str) -> bool:
+        """Wait until the kernel engine holds what ``service``'s pool calls
+        for (at most ``APPLIED_TIMEOUT_S`` s; True at once without it)."""
+        if self.kernel is None:
+            return True
+        from anycast_lb.kernel.engine import APPLIED_TIMEOUT_S
+
+        return await self.kernel.wait_applied(service, APPLIED_TIMEOUT_S)
+
+    def pool_changed(self, service: str) -> None:
+        """``service``'s pool changed (health, drain, weights, backends):
+        the kernel engine reconciles its tables (a diff, one transaction)."""
+        if self.kernel is not None:
+            self.kernel.poke(service)
 
     # ------------------------------------------------------------------ live apply
 
@@ -157,6 +223,8 @@ class DataPlane:
     # ------------------------------------------------------------------ state
 
     def listening(self, service: str) -> bool:
+        if self.kernel is not None:
+            return self._kernel_listening(service)
         forwarder = self.forwarders.get(service)
         return forwarder is not None and forwarder.listening
 
@@ -249,7 +317,10 @@ class DataPlane:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every part to go idle; True if all did."""
-        results = await asyncio.gather(*(p.wait_idle(timeout) for p in self.parts()))
+        waits = [p.wait_idle(timeout) for p in self.parts()]
+        if self.kernel is not None:
+            waits.append(self.kernel.wait_idle(timeout))
+        results = await asyncio.gather(*waits)
         return all(results)
 
     async def close(self) -> None:
@@ -261,3 +332,5 @@ class DataPlane:
             await self.workers.close()
         if self.relay is not None:
             self.relay.stop()
+        if self.kernel is not None:
+            await self.kernel.stop()

@@ -243,7 +243,7 @@ def describe(action: Action) -> str:
 
 
 def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False,
-            cluster: bool = False) -> str | None:
+            cluster: bool = False, kernel: bool = False) -> str | None:
     """Why ``actions`` (``plan(old, ...)``) cannot be applied live, or None.
 
     ``workers``: relay worker processes run (``forwarding.workers`` > 1);
@@ -251,6 +251,10 @@ def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False
     backend and service changes of TCP services are refused while they run.
     ``cluster``: flow survival runs; its steering is built for the services
     the node started with, so services cannot be added or removed.
+    ``kernel``: the kernel engine runs (``forwarding.engine: kernel``); its
+    nftables table holds the services and jhash seeds it started with, so
+    services cannot be added or removed and ``maglev_table_size`` (part of
+    the seed) cannot change; backends, weights and drains can.
     """
     reasons: list[str] = []
     tcp = {s.name for s in old.services if s.protocol is Transport.TCP}
@@ -267,6 +271,14 @@ def refusal(old: NodeConfig, actions: Sequence[Action], *, workers: bool = False
                 elif workers and s.name in tcp:
                     reasons.append(f"service {s.name}: settings of a TCP service cannot change "
                                    "live with relay workers (forwarding.workers > 1)")
+                elif kernel and "maglev_table_size" in names:
+                    reasons.append(f"restart needed: service {s.name}: maglev_table_size is part "
+                                   "of the kernel engine's jhash seed and map (fixed at start)")
+            case AddService() | RemoveService() if kernel:
+                name = action.service.name if isinstance(action, AddService) else action.name
+                reasons.append(f"service {name}: services cannot be added or removed live with "
+                               "forwarding.engine: kernel (one table built at start): "
+                               "restart needed")
             case AddService() | RemoveService() if cluster:
                 name = action.service.name if isinstance(action, AddService) else action.name
                 reasons.append(f"service {name}: services cannot be added or removed live with "

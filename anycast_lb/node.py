@@ -4,7 +4,9 @@ It constructs the parts, connects them and runs them in one
 ``asyncio.TaskGroup``; the decisions live in the parts:
 
 - :class:`~anycast_lb.dataplane.DataPlane`: a forwarder per service, the
-  relay engine's loop and worker processes;
+  relay engine's loop and worker processes, or the kernel engine's
+  nftables table (``forwarding.engine: kernel``, whose writer task runs
+  here: pool changes reach it as diffs);
 - :class:`~anycast_lb.health.monitor.HealthMonitor`: backend health;
 - :class:`~anycast_lb.drainer.Drainer`: the one writer of the drain state
   (the pure :class:`~anycast_lb.drain.DrainMachine`);
@@ -300,6 +302,8 @@ class Node:
         yield generation
         if self.cluster is not None:
             yield from self.cluster.metric_families()
+        if self.data.kernel is not None:
+            yield from self.data.kernel.metric_families()
         if self.speaker is not None:
             yield from self.speaker.metric_families()
         if self.routes is not None:
@@ -307,6 +311,8 @@ class Node:
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
+        if self.data.kernel is not None and not self.data.listening(service):
+            self._routes_changed()  # the kernel engine announces once every backend was checked
 
     def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
         if self.data.workers is not None:
@@ -315,7 +321,9 @@ class Node:
 
     def _pool_changed(self, service: str) -> None:
         """The eligible set of ``service`` may have changed (health, drain):
-        log a service health transition, re-evaluate routes."""
+        the kernel engine's tables follow, log a service health transition,
+        re-evaluate routes."""
+        self.data.pool_changed(service)
         healthy = self.pools[service].healthy
         if healthy != self._service_healthy.get(service):
             self._service_healthy[service] = healthy
@@ -437,7 +445,8 @@ class Node:
         actions = liveapply.plan(old, new)
         described = tuple(liveapply.describe(a) for a in actions)
         reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
-                                   cluster=self.cluster is not None)
+                                   cluster=self.cluster is not None,
+                                   kernel=self.data.kernel is not None)
         if reason is None and (self._tasks is None or self.drainer.state.stopping):
             reason = "the node is not running, or is stopping"
         budget = self.budget
@@ -599,6 +608,7 @@ class Node:
             if result.applied:
                 self._overrides = overrides
         if result.applied:
+            await self.data.settled(change.service)  # the kernel engine holds it too
             log.event("backend.runtime_change", service=change.service, backend=change.backend,
                       change=change.describe(), scope="node", revision=None, applied=True)
         return runtime.BackendAnswer(applied=result.applied, scope="node", revision=None,
@@ -679,6 +689,12 @@ class Node:
             runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
+                if self.data.kernel is not None:
+                    # Health and drains reach the kernel table through this one writer.
+                    kernel_started = asyncio.Event()
+                    tg.create_task(self.data.kernel.run(self.data.desired, kernel_started,
+                                                        lambda _: self._routes_changed()))
+                    await kernel_started.wait()
                 if self.cluster is not None:
                     # Steering is up before any route is announced.
                     cluster_started = asyncio.Event()

@@ -89,6 +89,36 @@ class DampingStatus(_Model):
     """Seconds until the prefix is reused; 0.0 when not suppressed."""
 
 
+class KernelBackendCounters(_Model):
+    packets: int
+    bytes: int
+    """Bytes of the packets (IP header on), client to backend: replies
+    bypass the node (direct server return)."""
+
+
+class KernelServiceStatus(_Model):
+    """A service's nftables tables (``forwarding.engine: kernel``,
+    docs/kernel.md). Two nodes with equal ``seed`` and ``digest`` forward
+    every 5-tuple to the same backend."""
+
+    seed: str
+    """The jhash seed, ``0x`` and 8 hex digits (a function of the service config)."""
+    table_size: int
+    """Slots of the Maglev table (M)."""
+    generation: int
+    """Bumped at each change of the service's tables on this node."""
+    digest: str
+    """12 hex digits of sha256 over the current and previous tables."""
+    draining: list[str]
+    """Backends (``addr:port``) draining: new flows avoid them, flows moved
+    here from another node keep them (previous table) until the promotion."""
+    drained: list[str]
+    """Drained backends past their promotion: only flows this node learned reach them."""
+    backends: dict[str, KernelBackendCounters]
+    """Per backend address: what this node forwarded to it since it entered
+    the tables (read at most a second ago)."""
+
+
 class ServiceStatus(_Model):
     name: str
     vip: str
@@ -123,6 +153,9 @@ class ServiceStatus(_Model):
     table_revision: int | None = None
     """With consensus: the etcd revision of the view whose agreed set the
     table holds (None standalone)."""
+    kernel: KernelServiceStatus | None = None
+    """``forwarding.engine: kernel`` only: the service's nftables tables
+    and per-backend packet and byte counters."""
 
 
 class BgpStatus(_Model):
@@ -390,5 +423,6 @@ def service_status(
         "refused": data.refused(service.name)[0],
         "table_digest": pool.table_digest(),
         "table_revision": table_revision,
+        "kernel": data.kernel.snapshot().get(service.name) if data.kernel is not None else None,
         **bgp_fields,
     })

@@ -12,6 +12,7 @@ message; the kernel is then unchanged (the transaction aborted whole).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import shutil
@@ -67,17 +68,18 @@ async def check_on_link(
     """Refuse backends the node cannot reach at L2 on ``interface``: direct
     server return forwards by the backend's MAC on that segment. Raises
     KernelEngineError naming every such backend."""
-    problems = []
-    for address in sorted(set(backends)):
+    async def problem(address: ipaddress.IPv4Address) -> str | None:
         try:
             answer = json.loads(await runner(["ip", "-j", "route", "get", str(address)]) or "[]")
         except (ClusterError, ValueError) as exc:
-            problems.append(f"{address}: no route ({exc})")
-            continue
+            return f"{address}: no route ({exc})"
         first = answer[0] if isinstance(answer, list) and answer else {}
         why = off_link(interface, first if isinstance(first, dict) else {})
-        if why is not None:
-            problems.append(f"{address}: {why}")
+        return None if why is None else f"{address}: {why}"
+
+    # One lookup per backend, side by side (a node starts faster).
+    answers = await asyncio.gather(*(problem(a) for a in sorted(set(backends))))
+    problems = [p for p in answers if p is not None]
     if problems:
         raise KernelEngineError("forwarding.engine: kernel needs backends on the L2 segment of "
                                 f"{interface!r}: " + "; ".join(problems))

@@ -14,6 +14,12 @@ A drain starts with :meth:`ServiceTables.drain` (only ``current`` changes)
 and ends with :meth:`ServiceTables.end_drain` (``previous`` catches up: the
 promotion). A backend that fails leaves both tables at once: it cannot
 serve its flows anyway.
+
+:meth:`ServiceTables.reconcile` is what a node drives: the service's
+config, the up backends and the admin-drained ones (``BackendConfig.drain``)
+at a time ``now``; a backend drained since ``promote_after`` seconds is
+promoted. Every node applies the same config revision with the same
+``drain.timeout``, so they promote within their apply skew of each other.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class ServiceTables:
         self._up: frozenset[str] = frozenset()
         self._draining: frozenset[str] = frozenset()
         self._drained: frozenset[str] = frozenset()
+        self._since: dict[str, float] = {}
+        """When each draining backend's drain started (s, the caller's clock)."""
         self.generation = 0
         """Bumped each time the tables change."""
         self.tables = render.Tables()
@@ -42,6 +50,11 @@ class ServiceTables:
     @property
     def draining(self) -> frozenset[str]:
         return self._draining
+
+    @property
+    def drained(self) -> frozenset[str]:
+        """Drained backends past their promotion (only learned flows reach them)."""
+        return self._drained
 
     def _marks(self, keys: frozenset[str]) -> tuple[int, ...]:
         chosen = [b for b in self._service.backends if b.key in keys]
@@ -83,6 +96,38 @@ class ServiceTables:
         self._draining -= {key}
         self._drained -= {key}
         return self._recompute()
+
+    def reconcile(self, service: ServiceConfig, up: Collection[str], drained: Collection[str],
+                  now: float, promote_after: float) -> render.Tables:
+        """Take the tables to what ``service`` (its backends and weights),
+        the ``up`` backends and the admin-``drained`` ones (keys) call for at
+        ``now`` (s): a newly drained backend starts its drain (only the
+        current table changes); one drained for ``promote_after`` s or more
+        is promoted (the previous table drops it too); one no longer
+        drained takes new flows again. Unknown keys are ignored."""
+        self._service = service
+        keys = {b.key for b in service.backends}
+        admin = frozenset(drained) & keys
+        self._draining &= keys
+        self._drained &= keys
+        for key in sorted(admin - self._draining - self._drained):
+            self._draining |= {key}
+            self._since[key] = now
+        back = (self._draining | self._drained) - admin
+        self._draining -= back
+        self._drained -= back
+        due = {k for k in self._draining if now - self._since.get(k, now) >= promote_after}
+        self._draining -= due
+        self._drained |= due
+        self._since = {k: t for k, t in self._since.items() if k in self._draining}
+        self._up = frozenset(up) & keys
+        return self._recompute()
+
+    def next_promotion(self, promote_after: float) -> float | None:
+        """When (s, the clock :meth:`reconcile` was given) the next drain
+        reaches its promotion; None while nothing drains."""
+        times = [self._since[k] + promote_after for k in self._draining if k in self._since]
+        return min(times, default=None)
 
     def digest(self) -> str:
         """12 hex digits of sha256 over both tables: two nodes with equal

@@ -7,11 +7,13 @@ ECMP may move flows between nodes with no shared connection state. The
 backend holds the VIP on ``lo`` and answers the client directly.
 
 One ``netdev`` table, owned whole by the node, hooked at ``ingress`` on the
-LAN-facing interface (the only family with ``fwd``)::
+LAN-facing interface IFACE, or on ``forwarding.kernel.ingress`` when client
+packets arrive on another (the only family with ``fwd``)::
 
-    ingress (filter, device IFACE)
+    ingress (filter, device IFACE or the ingress interface)
       VIP . port of service i       -> jump s<i>
     s<i>
+      SYN without ACK               -> delete its 5-tuple from @s<i>_flow
       5-tuple in @s<i>_flow         -> mark = its backend, goto s<i>_fwd
       mark = jhash(5-tuple) mod M seed S      (the slot)
       SYN without ACK               -> mark = @s<i>_cur[slot], goto s<i>_fwd
@@ -108,8 +110,15 @@ class KernelSettings:
     table: str
     """Name of the ``netdev`` table (validated: letters, digits, underscore)."""
     interface: str
-    """The LAN-facing interface: packets arrive and leave on it (validated)."""
+    """The LAN-facing interface: packets leave on it for the backend (validated)."""
     services: tuple[KernelService, ...]
+    ingress: str = ""
+    """The interface VIP packets arrive on (the netdev ingress hook); empty:
+    ``interface``."""
+
+    @property
+    def hook_device(self) -> str:
+        return self.ingress or self.interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +191,11 @@ def _service_decl(s: KernelSettings, svc: KernelService) -> list[str]:
     p = svc.prefix
     syn = ["\t\ttcp flags & (syn | ack) == syn "
            f"meta mark set meta mark map @{p}_cur goto {p}_fwd"] if svc.protocol == "tcp" else []
+    # A SYN starts a new connection: forget what the flow map learned for
+    # an earlier one on the same 5-tuple (``update`` refreshes an entry's
+    # timeout but never its backend), so a reused port follows the tables.
+    forget = [f"\t\ttcp flags & (syn | ack) == syn delete @{p}_flow {{ {svc.tuple} : meta mark }}"
+              ] if svc.protocol == "tcp" else []
     later = f"{p}_prev" if svc.protocol == "tcp" else f"{p}_cur"
     return [
         f"\tmap {p}_cur {{ type mark : mark; }}",
@@ -191,6 +205,7 @@ def _service_decl(s: KernelSettings, svc: KernelService) -> list[str]:
         f"\tmap {p}_flow {{ type {FLOW_KEY_TYPE} : mark; size {svc.flow_map_size}; "
         f"flags dynamic,timeout; timeout {svc.flow_timeout}s; }}",
         f"\tchain {p} {{",
+        *forget,
         f"\t\tmeta mark set {svc.tuple} map @{p}_flow goto {p}_fwd",
         f"\t\tmeta mark set jhash {svc.tuple} mod {svc.size} seed {svc.seed:#010x}",
         *syn,
@@ -216,7 +231,7 @@ def render_table(s: KernelSettings, tables: Mapping[int, Tables]) -> str:
         f"delete table {fam}",
         f"table {fam} {{",
         "\tchain ingress {",
-        f'\t\ttype filter hook ingress device "{s.interface}" priority filter; policy accept;',
+        f'\t\ttype filter hook ingress device "{s.hook_device}" priority filter; policy accept;',
         *(f"\t\tip daddr {svc.vip} {svc.protocol} dport {svc.port} jump {svc.prefix}"
           for svc in s.services),
         "\t}",
@@ -318,6 +333,7 @@ def render_probe(table: str, device: str = "lo") -> str:
         "\tchain c {\n"
         f'\t\ttype filter hook ingress device "{device}" priority filter; policy accept;\n'
         f"\t\tmeta mark set jhash {TCP_TUPLE} mod 7 seed 0x1\n"
+        f"\t\ttcp flags & (syn | ack) == syn delete @f {{ {TCP_TUPLE} : meta mark }}\n"
         f"\t\tupdate @f {{ {TCP_TUPLE} : meta mark }}\n"
         "\t\tcounter name meta mark map @n\n"
         f'\t\tfwd ip to meta mark map @a device "{device}"\n'

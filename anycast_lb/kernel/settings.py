@@ -32,7 +32,8 @@ def kernel_settings(cfg: NodeConfig) -> render.KernelSettings:
             render.derive_seed(vip, service.port, protocol, size),
             kernel.flow_timeout, kernel.flow_map_size,
         ))
-    return render.KernelSettings(kernel.table, kernel.interface, tuple(services))
+    return render.KernelSettings(kernel.table, kernel.interface, tuple(services),
+                                 kernel.ingress or "")
 
 
 def up_backends(service: ServiceConfig, up: Collection[str]) -> list[BackendConfig]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anycast_lb.errors import LabError
+from anycast_lb.kernel import backend as dsr
 from anycast_lb.lab import etcd, frr, netns, nodes, state
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.fib import FibReader
@@ -59,6 +60,7 @@ CLIENT_SYSCTLS: dict[str, str | int] = {
     "net.ipv4.tcp_tw_reuse": 1,
 }
 MODES = ("node", "static")
+ENGINES = ("relay", "kernel")
 
 
 @dataclass
@@ -87,7 +89,8 @@ def load() -> Lab:
                        f"{state.STATE_FILE}); start one with `anycast-lb lab up`")
     t = st.topology
     topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")),
-                  bool(t.get("flow_survival")), bool(t.get("consensus")))
+                  bool(t.get("flow_survival")), bool(t.get("consensus")),
+                  t.get("engine") == "kernel")
     return Lab(topo, st, state.RUN_DIR, str(t.get("mode", "node")))
 
 
@@ -125,8 +128,27 @@ def _link(lab: Lab) -> None:
         netns.veth(be.ns, be.lan_if, topo.lan_ns, be.bridge_port)
         netns.run(["ip", "link", "set", be.bridge_port, "master", "br0"], ns=topo.lan_ns)
         netns.addr(be.ns, be.lan_if, f"{be.address}/{topo.lan_prefixlen}")
+    if topo.kernel:
+        _direct_return(topo)
     if topo.consensus:
         etcd.link(lab.state, topo)
+
+
+def _direct_return(topo: Topology) -> None:
+    """The kernel engine's direct server return: the router's leg on the
+    LAN is the backends' gateway (replies go to the client without a node),
+    and each backend gets the set-up ``anycast-lb backend-setup --apply``
+    does (:mod:`anycast_lb.kernel.backend`: the VIP on ``lo``,
+    ``arp_ignore=1``, ``arp_announce=2``)."""
+    r = topo.router_ns
+    netns.veth(r, topo.router_lan_if, topo.lan_ns, topo.router_bridge_port)
+    netns.run(["ip", "link", "set", topo.router_bridge_port, "master", "br0"], ns=topo.lan_ns)
+    netns.addr(r, topo.router_lan_if, f"{topo.router_lan_address}/{topo.lan_prefixlen}")
+    for be in topo.backends:
+        netns.run(dsr.vip_argv(topo.vip), ns=be.ns)
+        netns.sysctls(be.ns, {key.replace("/", "."): value for key, value in dsr.SYSCTLS})
+        netns.run(["ip", "route", "add", "default", "via", str(topo.router_lan_address)],
+                  ns=be.ns)
 
 
 def start_backend(lab: Lab, index: int) -> None:
@@ -171,8 +193,12 @@ def start_node(lab: Lab, node: Node) -> None:
 
 
 def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "node",
-       timeout: float = 30.0, flow_survival: bool = False, consensus: bool = False) -> Lab:
+       timeout: float = 30.0, flow_survival: bool = False, consensus: bool = False,
+       engine: str = "relay") -> Lab:
     """Build the lab and wait until the router has one next hop per node.
+
+    ``engine``: the nodes' ``forwarding.engine``, ``relay`` or ``kernel``
+    (direct server return: see :mod:`anycast_lb.lab.topology`).
 
     ``consensus``: also a 3-member etcd cluster on the management segment
     (:mod:`anycast_lb.lab.etcd`), ready (every member answering, a leader)
@@ -186,6 +212,11 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
         raise LabError("flow survival needs the real node (--mode node)")
     if consensus and mode != "node":
         raise LabError("consensus needs the real node (--mode node)")
+    if engine not in ENGINES:
+        raise LabError(f"engine must be one of {', '.join(ENGINES)}")
+    if engine == "kernel" and (mode != "node" or flow_survival):
+        raise LabError("--engine kernel needs the real node (--mode node) and no flow "
+                       "survival (every node hashes a flow to the same backend)")
     if consensus and shutil.which("etcd") is None:
         raise LabError("consensus: etcd is not installed (scripts/install.sh installs "
                        "Debian's etcd-server and etcd-client)")
@@ -193,7 +224,7 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     if state.load() is not None or netns.lab_namespaces():
         raise LabError("a lab is already up (or left over): run `anycast-lb lab down` first")
     netns.check_root_namespace()
-    topo = T.plan(n_nodes, n_backends, bfd, flow_survival, consensus)
+    topo = T.plan(n_nodes, n_backends, bfd, flow_survival, consensus, engine == "kernel")
     if flow_survival:
         nodes.check_cluster_support(topo)  # before anything is built
     run_dir = state.RUN_DIR
@@ -201,7 +232,8 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
         shutil.rmtree(run_dir)
     st = LabState(topology={"nodes": n_nodes, "backends": n_backends, "bfd": bfd,
                             "mode": mode, "vip": str(topo.vip),
-                            "flow_survival": flow_survival, "consensus": consensus})
+                            "flow_survival": flow_survival, "consensus": consensus,
+                            "engine": engine})
     st.save()
     lab = Lab(topo, st, run_dir, mode)
     for name in topo.namespaces:

@@ -67,21 +67,27 @@ def lab() -> None:
 @click.option("--consensus", is_flag=True,
               help="A 3-member etcd cluster on a management segment (alb-etcd1..3) and a "
                    "consensus: section in each node config.")
+@click.option("--engine", type=click.Choice(builder.ENGINES), default="relay",
+              show_default=True,
+              help="The nodes' forwarding.engine. kernel: nftables with direct server "
+                   "return (the router on the backend LAN as the backends' gateway, the "
+                   "VIP on each backend's lo, echo service on VIP port 9000).")
 def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool,
-       consensus: bool) -> None:
+       consensus: bool, engine: str) -> None:
     """Build the lab and wait until the router has one ECMP path per node."""
     _need_root()
     started = time.monotonic()
     with _errors():
         try:
             lab_ = builder.up(n_nodes, n_backends, bfd, mode, flow_survival=flow_survival,
-                              consensus=consensus)
+                              consensus=consensus, engine=engine)
         except (AnycastLBError, KeyboardInterrupt):
             builder.down()
             raise
     click.echo(f"lab up in {time.monotonic() - started:.1f} s: VIP {lab_.topo.vip} via "
                f"{n_nodes} node(s), {n_backends} backend(s), mode {mode}"
                + (", BFD" if bfd else "") + (", flow survival" if flow_survival else "")
+               + (", kernel engine" if engine == "kernel" else "")
                + (f", etcd {', '.join(lab_.topo.etcd_urls())}" if consensus else ""))
     click.echo(f"try: ip netns exec {lab_.topo.client_ns} curl http://{lab_.topo.vip}:"
                f"{T.WEB_PORT}/   |   anycast-lb lab status")
@@ -267,11 +273,57 @@ def down() -> None:
               help="Run etcd (3 members) and give the nodes a consensus: section; adds "
                    "etcd-leader-kill and etcd-quorum-loss (any consensus scenario with "
                    "--scenario).")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(builder.ENGINES),
+              default=("relay",), show_default=True,
+              help="Phases, in order relay then kernel (repeatable). kernel: a second lab "
+                   "with the kernel engine running ecmp and the flow scenarios ("
+                   + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + "; with --bfd also "
+                   "flows-node-silent); results under "
+                   "OUT/kernel/. --engine kernel alone runs only that phase.")
 def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-         flow_survival: bool, consensus: bool) -> None:
+         flow_survival: bool, consensus: bool, engines: tuple[str, ...]) -> None:
     """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
     _need_root()
-    all_results = []
+    all_results: list[dict[str, Any]] = []
+    if "relay" in engines:
+        all_results += _relay_phase(out_dir, bfd, mode, only, flow_survival, consensus)
+    if "kernel" in engines:
+        all_results += _kernel_phase(out_dir / "kernel", bfd, only)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    _print_results(all_results)
+    click.echo(f"results and plots under {out_dir}/")
+
+
+def _kernel_phase(out_dir: Path, bfd: bool, only: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A lab with the kernel engine, the kernel scenarios on it, down."""
+    # A silent node stalls its flows until the router notices: within the
+    # 1 s hang limit with BFD only.
+    kernel = [*flow_scenarios.KERNEL_SCENARIOS, *(["flows-node-silent"] if bfd else [])]
+    names = [n for n in kernel if not only or n in only]
+    results: list[dict[str, Any]] = []
+    if not names:
+        return results
+    with _errors():
+        started = time.monotonic()
+        try:
+            lab_ = builder.up(3, 3, bfd, "node", engine="kernel")
+            click.echo(f"lab up in {time.monotonic() - started:.1f} s (kernel engine)")
+            for name in names:
+                sc = flow_scenarios.FLOW_SCENARIOS.get(name)
+                description = sc.description if sc is not None else \
+                    scenarios.SCENARIOS[name].description
+                click.echo(f"running {name} (kernel engine): {description}")
+                results.append(_run_any(lab_, name, out_dir / name))
+        finally:
+            builder.down()
+    return results
+
+
+def _relay_phase(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
+                 flow_survival: bool, consensus: bool) -> list[dict[str, Any]]:
+    """The relay engine's lab and every scenario of the demo on it, down."""
+    all_results: list[dict[str, Any]] = []
     flow_survival = flow_survival and mode == "node"  # static mode runs no node
     agreed = consensus_scenarios.CONSENSUS_SCENARIOS
     if any(name in agreed for name in only):
@@ -286,7 +338,7 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
                        + (" (consensus)" if consensus else ""))
             descriptions = {**{n: (s.description, s.needs_node, s.in_demo)
                                for n, s in scenarios.SCENARIOS.items()},
-                            **{n: (s.description, True, True)
+                            **{n: (s.description, True, s.in_demo)
                                for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
                             **{n: (s.description, True, s.in_demo)
                                for n, s in abuse.ABUSE_SCENARIOS.items()
@@ -303,10 +355,7 @@ def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
                 all_results.append(_run_any(lab_, name, out_dir / name))
         finally:
             builder.down()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    _print_results(all_results)
-    click.echo(f"results and plots under {out_dir}/")
+    return all_results
 
 
 @lab.command("export")

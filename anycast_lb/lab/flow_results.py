@@ -125,6 +125,29 @@ def analyse(scenario: str, traffic: dict[str, Any], event_s: float,
         1 for f in established if conv - 1.0 <= f["open_s"] < conv)
     result["opened_1s_after_fib_change"] = None if conv is None else sum(
         1 for f in established if conv <= f["open_s"] < conv + 1.0)
+    # The longest wait between two echoes of a flow that did not break
+    # (nominal: the client's interval); a moved flow waits for TCP's
+    # retransmission on top of it.
+    survivors = [f for f in established if f["failed_s"] is None and f.get("max_gap_s")]
+    longest = max(survivors, key=lambda f: f["max_gap_s"], default=None)
+    result["longest_gap_ms"] = None if longest is None else round(longest["max_gap_s"] * 1000, 1)
+    result["longest_gap_at_ms"] = (None if longest is None or longest.get("max_gap_at_s") is None
+                                   else _ms(longest["max_gap_at_s"], event_s))
+    # The longest gap the event caused: one overlapping the time from the
+    # event to 1 s after the FIB settled (3 s after the event if it never did).
+    window_end = (conv + 1.0) if conv is not None else event_s + 3.0
+
+    def caused(t: float, g: float) -> bool:
+        return t >= event_s and t - g <= window_end
+
+    at_event = [g for f in survivors for t, g in f.get("slow", []) if caused(t, g)]
+    result["longest_gap_at_event_ms"] = round(max(at_event) * 1000, 1) if at_event else None
+    result["flows_slowed_at_event"] = sum(
+        1 for f in survivors if any(caused(t, g) for t, g in f.get("slow", [])))
+    gaps = sorted(f["max_gap_s"] * 1000 for f in survivors)
+    result["flows_gap_over_500ms"] = sum(1 for g in gaps if g > 500)
+    result["established_by_backend"] = dict(sorted(Counter(
+        str(f.get("backend") or "?") for f in established).items()))
     result["fib_changes"] = [{"ms": _ms(t, event_s),
                               "nexthops": [node_of_hop.get(h, h) for h in hops]}
                              for t, hops in changes]

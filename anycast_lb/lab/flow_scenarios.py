@@ -19,7 +19,18 @@ every 100 ms, while one event hits the victim (``lb1`` unless told):
 ``flows-node-silent``  the victim goes silent on every link at once (nft
                        drops everything but loopback in its namespace); the
                        router notices by hold time, or by BFD with ``--bfd``
+``flows-backend-drain`` backend ``be1`` is drained on every node (``POST
+                       /backends/echo/ADDR:PORT/drain``), then the victim
+                       drains (its flows move to the other nodes); 60 new
+                       flows opened after the move must avoid ``be1``
 =====================  =====================================================
+
+With the kernel engine (``lab up --engine kernel``) every node hashes a
+flow to the same backend and the backend answers the client directly, so
+every scenario's target is 0 broken flows, node-kill included: the router
+moves the dead node's flows to a live node, which sends them to the same
+backend. The backend then sees the client's address (not a node's): the
+per-node split of flows is not known, only the split per backend.
 
 Why churn-join undrains instead of starting a process: a starting node
 joins when its BGP session comes up, 1-6 s after the start here (ExaBGP's
@@ -169,6 +180,77 @@ table inet {SILENT_TABLE} {{
 """)
 
 
+DRAINED_BACKEND = 1
+"""``flows-backend-drain`` drains backend ``be1``."""
+PROBE_FLOWS = 60
+"""New flows opened after the move in ``flows-backend-drain``."""
+
+
+def _backend_change(run: FlowRun, action: str) -> None:
+    """Drain or undrain ``be<DRAINED_BACKEND>`` of the echo service on every
+    running node (standalone: each node's runtime override)."""
+    lab = run.lab
+    be = lab.topo.backends[DRAINED_BACKEND - 1]
+    path = f"/backends/echo/{be.address}:{T.BACKEND_ECHO_PORT}/{action}"
+    for n in lab.topo.nodes:
+        if not builder.node_running(lab, n):
+            continue
+        status, body = nodes.api_request(n.ns, "POST", path, token=T.ADMIN_TOKEN)
+        if status != 200:
+            raise LabError(f"POST {path} on {n.name}: {status} {body}")
+    run.extras["drained_backend"] = be.name
+    if lab.topo.kernel:
+        # The answer comes once the node applied the config; the kernel
+        # takes the diff a moment later: wait until every node's tables
+        # hold the drain (or no longer do).
+        key = f"{be.address}:{T.BACKEND_ECHO_PORT}"
+        for n in lab.topo.nodes:
+            if builder.node_running(lab, n):
+                netns.wait_for(lambda n=n: (key in _kernel_drains(n)) == (action == "drain"),
+                               10.0, f"{n.name}'s kernel tables to {action} {be.name}",
+                               interval=0.05)
+
+
+def _kernel_drains(node: Node) -> list[str]:
+    """Backends of the echo service draining or drained in the node's kernel tables."""
+    status, body = nodes.api_request(node.ns, "GET", "/status")
+    if status != 200 or not isinstance(body, dict):
+        raise LabError(f"GET /status on {node.name}: {status}")
+    echo = next(s for s in body["services"] if s["name"] == "echo")
+    kernel = echo.get("kernel") or {}
+    return [*kernel.get("draining", []), *kernel.get("drained", [])]
+
+
+def _backend_drain(run: FlowRun) -> None:
+    _backend_change(run, "drain")
+    run.extras["backend_drained_ms"] = round((time.monotonic() - run.event) * 1000, 1)
+    _drain(run)
+
+
+def _backend_undrain(run: FlowRun) -> None:
+    _undrain(run)
+    _backend_change(run, "undrain")
+
+
+def _probe_new_flows(run: FlowRun, out: Path) -> None:
+    """Open PROBE_FLOWS new flows for a second; record which backends took
+    them (``flows-backend-drain``: none may reach the drained one)."""
+    lab = run.lab
+    argv = ["ip", "netns", "exec", lab.topo.client_ns, sys.executable, "-m",
+            "anycast_lb.lab.flows", "--ns", lab.topo.client_ns, "--vip", str(lab.topo.vip),
+            "--port", str(lab.topo.service_port), "--flows", str(PROBE_FLOWS),
+            "--out", str(out), "--late", "0", "--max-duration", "1"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+    flows = json.loads(out.read_text())["flows"]
+    opened = [f for f in flows if f["open_s"] is not None]
+    drained = run.extras.get("drained_backend")
+    run.extras["new_flows_probed"] = len(opened)
+    run.extras["new_flows_by_backend"] = {b: sum(1 for f in opened if f["backend"] == b)
+                                          for b in sorted({f["backend"] for f in opened})}
+    run.extras["new_flows_to_drained_backend"] = sum(1 for f in opened
+                                                     if f["backend"] == drained)
+
+
 def _unsilence(run: FlowRun) -> None:
     netns.run(["nft", "delete", "table", "inet", SILENT_TABLE], ns=run.victim.ns, check=False)
 
@@ -194,12 +276,28 @@ class FlowScenario:
     (then a hang is allowed); None: ``DEAD_OWNER_RESET_MS``, no hang."""
     late_s: float = 3.0
     """Seconds the client keeps listening for a RST after a hang."""
+    fib_timeout_s: float = FIB_TIMEOUT_S
+    """Seconds the FIB may take to reach the expected next hops after the
+    event (a join starts a node process: Python, checks, ExaBGP, the BGP
+    session; on a loaded 2-core machine that took 15-16 s)."""
+    in_demo: bool = True
+    """Part of the relay engine's ``lab demo`` without ``--scenario``."""
+    probe_new_flows: bool = False
+    """After the FIB change, open new flows and count those that reached
+    the drained backend (``flows-backend-drain``)."""
 
 
 def target(lab: Lab, sc: FlowScenario, n_flows: int) -> FlowTarget:
     """The scenario's target in this lab: flow survival's, or plain anycast's
     baseline (a valid run, figures only)."""
     churn = " (opening across the join)" if sc.churn else ""
+    if lab.topo.kernel:
+        # A join starts a node process: the FIB may take as long as the wait allows.
+        within = max(FlowTarget.fib_within_ms, sc.fib_timeout_s * 1000)
+        return FlowTarget(min_established=n_flows, max_broken=0, churn=sc.churn,
+                          fib_within_ms=within,
+                          text=f"0 broken of >= {n_flows} established flows{churn} (kernel "
+                               "engine: every node sends a flow to the same backend)")
     if not lab.topo.flow_survival:
         return FlowTarget(min_established=n_flows, churn=sc.churn,
                           text=f"baseline (plain anycast): >= {n_flows} flows established"
@@ -223,7 +321,8 @@ FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
                  _drain, _undrain,
                  min_observe_s=lambda lab: nodes.DRAIN_GRACE_S + OBSERVE_S),
     FlowScenario("flows-join", "the victim's node starts (joins ECMP) under 300 long-lived "
-                 "flows", _start_victim, _ensure_victim, joins=True, prepare=_stop_victim),
+                 "flows", _start_victim, _ensure_victim, joins=True, prepare=_stop_victim,
+                 fib_timeout_s=2 * FIB_TIMEOUT_S),
     FlowScenario("flows-churn-join", "the drained victim is undrained (joins ECMP) while "
                  f"flows keep opening ({CHURN_RATE:.0f}/s)", _undrain, _undrain, joins=True,
                  churn=True, prepare=_drain_withdrawn),
@@ -239,14 +338,22 @@ FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
                  reset_bound_ms=lambda lab: None if lab.topo.bfd else SILENT_NO_BFD_RESET_MS,
                  late_s=7.0,
                  min_observe_s=lambda lab: 2.0 if lab.topo.bfd else 7.5),
+    FlowScenario("flows-backend-drain", "be1 drained on every node, then the victim drains "
+                 "(its flows move) under 300 long-lived flows; new flows avoid be1",
+                 _backend_drain, _backend_undrain, probe_new_flows=True, in_demo=False,
+                 min_observe_s=lambda lab: nodes.DRAIN_GRACE_S + OBSERVE_S),
 ]}
+
+KERNEL_SCENARIOS = ("ecmp", "flows-drain", "flows-join", "flows-churn-join", "flows-node-kill",
+                    "flows-backend-drain")
+"""What ``lab demo --engine kernel`` runs on the kernel engine's lab."""
 
 
 def _start_client(lab: Lab, out: Path, n_flows: int, churn: bool, late_s: float
                   ) -> tuple[subprocess.Popen[str], float]:
     argv = ["ip", "netns", "exec", lab.topo.client_ns, sys.executable, "-m",
             "anycast_lb.lab.flows", "--ns", lab.topo.client_ns, "--vip", str(lab.topo.vip),
-            "--port", str(T.SERVICE_PORT), "--flows", str(n_flows), "--out", str(out),
+            "--port", str(lab.topo.service_port), "--flows", str(n_flows), "--out", str(out),
             "--late", str(late_s), "--max-duration", "120"]
     if churn:
         argv += ["--open-rate", str(CHURN_RATE)]
@@ -335,7 +442,9 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
         run.extras["inject_ms"] = round((time.monotonic() - run.event) * 1000, 1)
         with lab.fib() as fib:
             fib_at, _ = fib.wait(lab.vip_prefix(), lambda h: sorted(h) == expected,
-                                 FIB_TIMEOUT_S)
+                                 sc.fib_timeout_s)
+        if sc.probe_new_flows:
+            _probe_new_flows(run, out_dir / "probe.json")
         if sc.churn:
             # Pacing: flows keep opening after the join, and until n_flows were due.
             time.sleep(max(0.0, max(fib_at + CHURN_AFTER_S, started + n_flows / CHURN_RATE)
@@ -372,15 +481,22 @@ def run_flow_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     changes = [(t - t0, hops) for t, hops in watch.changes if t < recover_start]
     node_of_peer = lab.topo.node_by_lan_address()
     result = flow_results.analyse(
-        name, traffic, run.event - t0, changes, expected, node.name, sc.victim_dies,
+        name, traffic, run.event - t0, changes, expected, node.name,
+        sc.victim_dies and not lab.topo.kernel,  # kernel: the victim's flows live on
         node_of_peer, lab.topo.node_by_router_address(),
         target(lab, sc, n_flows))
     result["description"] = sc.description
+    result["engine"] = "kernel" if lab.topo.kernel else "relay"
     result["flow_survival"] = lab.topo.flow_survival
     result["bfd"] = lab.topo.bfd
     result["fib_poll_ms"] = scenarios.POLL_S * 1000
     result.update(run.extras)
     result.update(watch.report())
+    if sc.probe_new_flows:
+        result["checks"]["new_flows_avoid_drained_backend"] = (
+            run.extras.get("new_flows_probed", 0) >= PROBE_FLOWS // 2
+            and run.extras.get("new_flows_to_drained_backend") == 0)
+        result["pass"] = all(result["checks"].values())
 
     def draw() -> None:
         from anycast_lb.lab import plot
@@ -399,14 +515,17 @@ def summary_row(result: dict[str, Any]) -> list[str]:
     rst = "-" if not reset or reset.get("max") is None else \
         f"{reset['median']:.0f}/{reset['max']:.0f}"
     hang = result.get("dead_owner_hang")
-    return [result["scenario"], "on" if result["flow_survival"] else "off",
+    gap = result.get("longest_gap_at_event_ms")
+    gaps = f"{fmt(gap)}/{fmt(result.get('longest_gap_ms'))}"
+    return [result["scenario"], result.get("engine", "relay"),
+            "on" if result["flow_survival"] else "off",
             f"{result['established_broken']}/{result['established_total']}",
             f"{result['victim_broken']}/{result['victim_flows']}",
             str(result["collateral_broken"]), rst, fmt(hang),
-            fmt(result.get("fib_converged_ms")), result["target"],
+            fmt(result.get("fib_converged_ms")), gaps, result["target"],
             "PASS" if result["pass"] else "FAIL"]
 
 
-SUMMARY_HEADER = ["scenario", "flow survival", "established broken", "victim's broken",
-                  "collateral", "dead-owner RST ms (median/max)", "hang",
-                  "fib_converged_ms", "target", "verdict"]
+SUMMARY_HEADER = ["scenario", "engine", "flow survival", "established broken",
+                  "victim's broken", "collateral", "dead-owner RST ms (median/max)", "hang",
+                  "fib_converged_ms", "longest gap ms (event/run)", "target", "verdict"]

@@ -44,7 +44,7 @@ import asyncio
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from anycast_lb.errors import UnsafeLab
@@ -55,6 +55,7 @@ OPEN_CONCURRENCY = 50
 MAX_FLOWS = 2000
 MAX_DURATION_S = 300.0
 CONNECT_TIMEOUT_S = 2.0
+MAX_SLOW = 50
 
 
 @dataclass
@@ -81,6 +82,15 @@ class Flow:
     """When the message that failed was sent."""
     late_kind: str = ""
     late_s: float | None = None
+    max_gap_s: float = 0.0
+    """Longest time between two echoes received in a row (from the greeting
+    for the first): about ``--interval`` while the path is steady; a route
+    move shows as the retransmission wait on top of it."""
+    max_gap_at_s: float | None = None
+    """When that gap ended (its second echo arrived)."""
+    slow: list[tuple[float, float]] = field(default_factory=list)
+    """(when it ended, gap) of gaps longer than 1.5 ``--interval``, the
+    first MAX_SLOW of them: which ones a routing event caused."""
 
 
 def _kind(exc: BaseException) -> str:
@@ -196,7 +206,14 @@ class FlowClient:
                 try:
                     await self._echo(reader, writer, f"{flow.index}-{seq}\n".encode())
                     flow.messages += 1
+                    previous = flow.last_ok_s if flow.last_ok_s is not None else flow.open_s
                     flow.last_ok_s = self.now()
+                    gap = flow.last_ok_s - previous if previous is not None else 0.0
+                    if gap > flow.max_gap_s:
+                        flow.max_gap_s = round(gap, 4)
+                        flow.max_gap_at_s = flow.last_ok_s
+                    if gap > 1.5 * self.interval and len(flow.slow) < MAX_SLOW:
+                        flow.slow.append((flow.last_ok_s, round(gap, 4)))
                     await self._quiet(reader, max(0.0, tick - time.monotonic()))
                 except (OSError, TimeoutError, EOFError, ValueError, RuntimeError) as exc:
                     if self.stop.is_set():

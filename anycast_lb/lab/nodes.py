@@ -80,7 +80,7 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
         "api": {"listen": T.API_LISTEN, "admin_token_file": str(token_file)},
         "drain": {"timeout": DRAIN_TIMEOUT_S, "announce_grace": DRAIN_GRACE_S},
         "services": [
-            {"name": "echo", "vip": str(topo.vip), "port": T.SERVICE_PORT, "protocol": "tcp",
+            {"name": "echo", "vip": str(topo.vip), "port": topo.service_port, "protocol": "tcp",
              "backends": backends(T.BACKEND_ECHO_PORT), "health": health},
             {"name": "web", "vip": str(topo.vip), "port": T.WEB_PORT, "protocol": "tcp",
              "backends": backends(T.BACKEND_HTTP_PORT), "health": health},
@@ -103,10 +103,22 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
     }
     if topo.flow_survival:
         config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
+    if topo.kernel:
+        # Client packets arrive on the uplink, leave on the LAN leg for the
+        # backend (direct server return). M = 4099 (>= 100 x 8 backends):
+        # three nodes filling 3 x 2 x 65537 map elements at once on a
+        # 2-core machine take seconds.
+        config["forwarding"] = {"engine": "kernel", "kernel": {
+            "interface": node.lan_if, "ingress": node.uplink_if}}
+        for service in config["services"]:
+            service["maglev_table_size"] = KERNEL_TABLE_SIZE
     if topo.consensus:
         config["consensus"] = consensus_section(topo)
     return config
 
+
+KERNEL_TABLE_SIZE = 4099
+"""Maglev table size of the kernel engine's lab services (a prime)."""
 
 CONSENSUS_LEASE_TTL_S = 2.0
 CONSENSUS_REQUEST_TIMEOUT_S = 0.5

@@ -445,7 +445,7 @@ def _start_traffic(lab: Lab, out: Path, rate: float, duration: float, n_long: in
                    ) -> tuple[subprocess.Popen[str], float]:
     argv = ["ip", "netns", "exec", lab.topo.client_ns, sys.executable, "-m",
             "anycast_lb.lab.traffic", "--ns", lab.topo.client_ns, "--vip", str(lab.topo.vip),
-            "--port", str(T.SERVICE_PORT), "--rate", str(rate), "--duration", str(duration),
+            "--port", str(lab.topo.service_port), "--rate", str(rate), "--duration", str(duration),
             "--long", str(n_long), "--out", str(out)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -478,6 +478,8 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     wait_full(lab, 20.0)
     if name == "ecmp":
         rate = rate or 400.0
+        if lab.topo.kernel:
+            n_long = 0  # the spread comes from packet counts: short connections only
         duration = max(3000 / rate + 0.5, 8.0)
     else:
         rate = rate or RATE
@@ -486,6 +488,7 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     watch = FibWatch(FibReader(lab.topo.router_ns), lab.vip_prefix(), duration + 15.0)
     watch.start()
     bgp_watch = BgpWatch(lab, node, duration + 5.0) if name == "drain" else None
+    packets_before = kernel_packets(lab) if lab.topo.kernel else {}
     proc, t0 = _start_traffic(lab, traffic_file, rate, duration, n_long)
     run.t0 = t0
     event_s: float | None = None
@@ -537,6 +540,24 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     result = results.analyse(name, traffic, changes_in_run, event_s, expected, all_hops(lab),
                              lab.topo.node_by_lan_address(), lab.topo.node_by_router_address(),
                              len(lab.topo.nodes), sc.target(lab))
+    if lab.topo.kernel and name == "ecmp":
+        # Direct server return: the backend sees the client, not the node;
+        # each node's own nft counters tell its share (packets, of
+        # connections of the same size). The nodes read their counters every
+        # COUNTER_INTERVAL_S: wait out one read after the traffic ended.
+        from anycast_lb.kernel.engine import COUNTER_INTERVAL_S
+        time.sleep(COUNTER_INTERVAL_S + 0.3)
+        after = kernel_packets(lab)
+        result["ecmp_spread"] = {n: after.get(n, 0) - packets_before.get(n, 0)
+                                 for n in sorted(after)}
+        result["ecmp_spread_unit"] = "packets forwarded (nft counters)"
+        result["ecmp_max_deviation_pct"] = round(100 * results.max_deviation(
+            result["ecmp_spread"], len(lab.topo.nodes)), 1)
+        result["checks"]["ecmp_even"] = (
+            len(result["ecmp_spread"]) == len(lab.topo.nodes)
+            and result["ecmp_max_deviation_pct"] <= 100 * 0.10)
+        result["pass"] = all(result["checks"].values())
+    result["engine"] = "kernel" if lab.topo.kernel else "relay"
     result["victim"] = None if name == "ecmp" else node.name
     result["description"] = sc.description
     result["mode"] = lab.mode
@@ -569,6 +590,19 @@ def run_scenario(lab: Lab, name: str, out_dir: Path, victim: str = "lb1",
     plot_timeline(draw, result)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def kernel_packets(lab: Lab) -> dict[str, int]:
+    """Packets each running node's kernel engine forwarded so far (every
+    service and backend, ``/status``). Raises LabError."""
+    out: dict[str, int] = {}
+    for n in lab.topo.nodes:
+        status, body = nodes.api_request(n.ns, "GET", "/status")
+        if status != 200 or not isinstance(body, dict):
+            raise LabError(f"GET /status on {n.name}: {status}")
+        out[n.name] = sum(c["packets"] for s in body["services"] if s.get("kernel")
+                          for c in s["kernel"]["backends"].values())
+    return out
 
 
 def summary_row(result: dict[str, Any]) -> list[str]:

@@ -24,6 +24,16 @@
   peer port 2380. The router has no leg on it and no route to it, so the
   client cannot reach etcd; the nodes reach it directly.
 
+- With ``--engine kernel`` only: the router has a leg on the LAN bridge too
+  (198.51.100.254, interface ``lan``), the backends' default gateway, so
+  the backends answer clients directly (direct server return: replies never
+  cross a node). Each backend holds the VIP on ``lo`` with ``arp_ignore=1``
+  and ``arp_announce=2`` (:mod:`anycast_lb.kernel.backend`), and serves
+  the TCP and UDP echo on the VIP's service ports (DSR cannot translate
+  ports: the echo service is on port 9000 of the VIP, not 80). Client
+  packets reach a node on its uplink (the nft ingress hook) and leave on
+  its LAN leg for the backend.
+
 Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
 never 192.0.2.0/24, which the machine's uplink may use.
 """
@@ -156,6 +166,9 @@ class Topology:
     flow_survival: bool = False
     """Nodes get a ``cluster:`` section: they share which flows they own over
     the backend LAN (the node LAN) and steer misdirected packets to the owner."""
+    kernel: bool = False
+    """Nodes run ``forwarding.engine: kernel`` (direct server return): the
+    router has a LAN leg, backends hold the VIP on ``lo``."""
     etcd: tuple[EtcdMember, ...] = ()
     """With consensus: the etcd members on the management segment (empty
     without: the lab is built exactly as before)."""
@@ -170,6 +183,17 @@ class Topology:
     vip: ipaddress.IPv4Address = VIP
     lan_prefixlen: int = 25
     links_prefixlen: int = 30
+    router_lan_address: ipaddress.IPv4Address = ipaddress.IPv4Address("198.51.100.254")
+    """The router's leg on the LAN (``kernel`` only): the backends' gateway."""
+    router_lan_if: str = "lan"
+    router_bridge_port: str = "p-router"
+
+    @property
+    def service_port(self) -> int:
+        """The VIP port of the TCP echo service (the flow scenarios' target):
+        SERVICE_PORT, or the backends' own port with the kernel engine
+        (direct server return keeps the port)."""
+        return BACKEND_ECHO_PORT if self.kernel else SERVICE_PORT
 
     @property
     def namespaces(self) -> list[str]:
@@ -211,9 +235,11 @@ class Topology:
 
 
 def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
-         flow_survival: bool = False, consensus: bool = False) -> Topology:
+         flow_survival: bool = False, consensus: bool = False,
+         kernel: bool = False) -> Topology:
     """The address plan for ``nodes`` nodes and ``backends`` backends
-    (``consensus``: plus ETCD_MEMBERS etcd members on the management segment).
+    (``consensus``: plus ETCD_MEMBERS etcd members on the management segment;
+    ``kernel``: the kernel engine's direct server return, see above).
 
     Raises ValueError outside 1..MAX_NODES / 1..MAX_BACKENDS.
     """
@@ -255,8 +281,11 @@ def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
                    mgmt_if="mgmt0", bridge_port=f"p-etcd{k}")
         for k in range(1, ETCD_MEMBERS + 1)
     ) if consensus else ()
+    if kernel and flow_survival:
+        raise ValueError("the kernel engine needs no flow survival (every node hashes a flow "
+                         "to the same backend)")
     return Topology(nodes=node_list, backends=backend_list, bfd=bfd,
-                    flow_survival=flow_survival, etcd=etcd)
+                    flow_survival=flow_survival, etcd=etcd, kernel=kernel)
 
 
 def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
@@ -265,6 +294,8 @@ def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
     for n in topo.nodes:
         out += [n.address, n.router_address, n.lan_address]
     out += [b.address for b in topo.backends]
+    if topo.kernel:
+        out.append(topo.router_lan_address)
     if topo.consensus:
         out += [mgmt_address(n) for n in topo.nodes] + [m.address for m in topo.etcd]
     return out

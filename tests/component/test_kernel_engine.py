@@ -384,6 +384,34 @@ def test_engine_drain_promotion_and_status(backends: None) -> None:
         asyncio.run(each(lambda e: e.stop()))
 
 
+def test_a_reused_five_tuple_follows_the_tables(nodes: dict[str, NftForwarder]) -> None:
+    """A connection on a 5-tuple the flow map learned for an earlier one
+    (reset, so the client may reuse its port at once) starts with a SYN,
+    which forgets the old entry: after a drain it avoids the drained
+    backend. Without the SYN's ``delete`` it would reach b1 again."""
+    route("n1")
+    sports = range(47000, 47040)
+    first = {}
+    for sport in sports:
+        s = connect(sport)
+        first[sport] = ask(s)
+        reset(s)
+    on_b1 = [p for p, b in first.items() if b == "b1"]
+    assert on_b1
+
+    async def drain() -> None:
+        f = nodes["n1"]
+        await f.update(0, render.start_drain(f.tables(0), _marks(["b2"])))
+
+    asyncio.run(drain())
+    again = []
+    for sport in on_b1:
+        s = connect(sport)
+        again.append(ask(s))
+        reset(s)
+    assert set(again) == {"b2"}
+
+
 def test_udp_same_five_tuples_same_backend_through_either_node(
     nodes: dict[str, NftForwarder],
 ) -> None:
@@ -432,3 +460,140 @@ def test_refuses_a_missing_interface_and_off_link_backends(lab: None) -> None:
     assert "203.0.113.5: behind gateway 198.51.100.21" in message
     assert "192.0.2.99: no route" in message
     assert str(BACKENDS["b2"]) + ":" not in message
+
+
+HEALTH_PORT = 8081
+
+
+def _http(method: str, path: str, token: str | None = None) -> tuple[int, str]:
+    """One request to the node's API on n1's loopback (port 9180)."""
+    import http.client
+
+    sock = in_netns("n1", lambda: socket.create_connection(("127.0.0.1", 9180), timeout=5))
+    conn = http.client.HTTPConnection("127.0.0.1", 9180, timeout=5)
+    conn.sock = sock
+    conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    return response.status, body
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    from tests.waiting import wait_until
+
+    def safe() -> bool:
+        try:
+            return predicate()
+        except OSError:
+            return False  # the API is not listening yet
+
+    asyncio.run(wait_until(safe, timeout=timeout, interval=0.1, what=what))
+
+
+def _web_status() -> dict[str, Any]:
+    import json
+
+    status, body = _http("GET", "/status")
+    assert status == 200, body
+    return next(s for s in json.loads(body)["services"] if s["name"] == "web")
+
+
+@pytest.fixture
+def health_listeners(backends: None) -> Iterator[None]:
+    """Each backend accepts TCP health checks on its own address."""
+    listeners = []
+    for name, addr in BACKENDS.items():
+        def listen(addr: ipaddress.IPv4Address = addr) -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((str(addr), HEALTH_PORT))
+            s.listen(64)
+            return s
+        listener = in_netns(name, listen)
+        listeners.append(listener)
+        threading.Thread(target=_serve, args=(listener, b"ok"), daemon=True).start()
+    yield
+    for listener in listeners:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
+def test_node_runs_the_engine(health_listeners: None, tmp_path: Any) -> None:
+    """``anycast-lb run`` with ``engine: kernel`` on n1: health brings the
+    backends into the table, ``POST /backends/.../drain`` drains one (its
+    flows stay, new flows avoid it), ``/status`` and ``/metrics`` show the
+    tables and counters, and SIGTERM removes the table."""
+    import signal
+
+    import yaml
+
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    token.chmod(0o600)
+    table = "albt_node_test"
+    config = {
+        "node": {"name": "n1"},
+        "api": {"listen": "127.0.0.1:9180", "admin_token_file": str(token)},
+        "drain": {"timeout": 3, "announce_grace": 0},
+        "forwarding": {"engine": "kernel", "kernel": {"interface": "lan0", "table": table}},
+        "services": [{"name": "web", "vip": str(VIP), "port": PORT, "maglev_table_size": SIZE,
+                      "health": {"kind": "tcp", "port": HEALTH_PORT, "interval": 0.5,
+                                 "timeout": 0.4, "rise": 1, "fall": 2},
+                      "backends": [{"address": str(a), "port": PORT}
+                                   for a in BACKENDS.values()]}],
+    }
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "node.log").open("w")
+    proc = subprocess.Popen(["ip", "netns", "exec", ns("n1"), sys.executable, "-m", "anycast_lb",
+                             "run", "--config", str(path)], stdout=log, stderr=log)
+    flows: list[socket.socket] = []
+    try:
+        def serving() -> bool:
+            assert proc.poll() is None, (tmp_path / "node.log").read_text()[-2000:]
+            web = _web_status()
+            return bool(web["listening"] and web["up_backends"] == 2)
+
+        _wait(serving, "the node to serve web with both backends")
+        kernel = _web_status()["kernel"]
+        assert kernel["seed"] == f"{render.derive_seed(VIP, PORT, 'tcp', SIZE):#010x}"
+        assert kernel["table_size"] == SIZE and kernel["generation"] >= 1
+        route("n1")
+        flows = [connect(sport) for sport in range(46000, 46030)]
+        before = [ask(s) for s in flows]
+        assert set(before) == {"b1", "b2"}
+        drained = f"{BACKENDS['b1']}:{PORT}"
+        status, body = _http("POST", f"/backends/web/{drained}/drain", token="secret-token")
+        assert status == 200, body
+        _wait(lambda: _web_status()["kernel"]["draining"] == [drained], "the drain to start")
+        assert [ask(s) for s in flows] == before  # the flow map keeps them on b1
+        fresh = [connect(sport) for sport in range(46100, 46120)]
+        try:
+            assert {ask(s) for s in fresh} == {"b2"}
+        finally:
+            for s in fresh:
+                reset(s)
+        _wait(lambda: _web_status()["kernel"]["backends"].get(str(BACKENDS["b1"]), {})
+              .get("packets", 0) > 0, "b1's packet counter in /status")
+        status, metrics = _http("GET", "/metrics")
+        assert status == 200
+        assert (f'anycast_lb_kernel_backend_packets_total{{backend="{BACKENDS["b2"]}",'
+                'service="web"}') in metrics
+        assert 'anycast_lb_kernel_draining_backends{service="web"} 1.0' in metrics
+        # drain.timeout (3 s) later the drain is promoted: learned flows stay.
+        _wait(lambda: _web_status()["kernel"]["drained"] == [drained], "the promotion", 10.0)
+        assert [ask(s) for s in flows] == before
+    finally:
+        for s in flows:
+            reset(s)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        log.close()
+    assert code == 0, (tmp_path / "node.log").read_text()[-2000:]
+    tables = sh("ip", "netns", "exec", ns("n1"), "nft", "list", "tables")
+    assert table not in tables  # the node deleted its table at stop

@@ -73,7 +73,21 @@ def test_table_rules(protocol: str, expected: list[str]) -> None:
             "size 1024; flags dynamic,timeout; timeout 300s; }") in lines
     if protocol == "udp":
         assert "s0_prev goto" not in text  # no SYN in UDP: every miss uses the current table
+        assert "delete @s0_flow" not in text
+    else:
+        # A SYN forgets an earlier connection's entry first (a reused 5-tuple).
+        forget = lines.index("\t\ttcp flags & (syn | ack) == syn delete @s0_flow "
+                             "{ ip saddr . tcp sport . ip daddr . tcp dport : meta mark }")
+        assert forget < lines.index(expected[1])
     assert "flush" not in text and "typeof" not in text
+
+
+def test_ingress_on_another_interface() -> None:
+    """``forwarding.kernel.ingress``: the hook on the uplink, ``fwd`` out of the LAN leg."""
+    settings = render.KernelSettings("anycast_lb_fwd", "lan0", (_svc(),), ingress="up0")
+    lines = render.render_table(settings, {}).splitlines()
+    assert '\t\ttype filter hook ingress device "up0" priority filter; policy accept;' in lines
+    assert '\t\tfwd ip to meta mark map @s0_addr device "lan0"' in lines
 
 
 def test_table_loads_the_maps() -> None:

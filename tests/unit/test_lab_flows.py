@@ -134,3 +134,21 @@ def test_flow_client_refuses_to_run_outside_its_namespace(tmp_path: Any) -> None
     assert flows.main(["--ns", "alb-client", "--vip", "198.51.100.10",
                        "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_longest_gaps_over_the_run_and_at_the_event() -> None:
+    """The run's longest gap between two echoes of a surviving flow, and the
+    longest one the event caused (overlapping event .. FIB settled + 1 s);
+    a broken flow's gaps do not count; per backend counts."""
+    quiet = {**flow("203.0.113.2"), "max_gap_s": 0.4, "max_gap_at_s": 5.0,
+             "slow": [(5.0, 0.4)], "backend": "be1"}
+    moved = {**flow("203.0.113.2"), "max_gap_s": 0.23, "max_gap_at_s": 2.2,
+             "slow": [(2.2, 0.23), (0.9, 0.3)], "backend": "be2"}
+    broken = {**flow("203.0.113.2", failed_s=2.1, kind="reset"), "max_gap_s": 0.9,
+              "max_gap_at_s": 2.05, "slow": [(2.05, 0.9)]}
+    r = run([quiet, moved, broken], FlowTarget(min_established=3))
+    assert r["longest_gap_ms"] == 400.0 and r["longest_gap_at_ms"] == 3000.0
+    assert r["longest_gap_at_event_ms"] == 230.0 and r["flows_slowed_at_event"] == 1
+    assert r["flows_gap_over_500ms"] == 0
+    assert r["established_by_backend"] == {"be1": 2, "be2": 1}
+    assert run([flow("203.0.113.2")], FlowTarget(min_established=1))["longest_gap_ms"] is None

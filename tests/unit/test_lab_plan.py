@@ -195,3 +195,26 @@ def test_namespace_prefix_accepts_lab_names(value: str) -> None:
 def test_namespace_prefix_refuses_other_names(value: str) -> None:
     with pytest.raises(ValueError):
         topology._ns_prefix(value)
+
+
+def test_kernel_engine_plan_and_node_config() -> None:
+    """``lab up --engine kernel``: the router's LAN leg (the backends'
+    gateway) in the lab's prefixes and unique; the echo service on the
+    backends' port (DSR keeps ports); nodes hook the uplink and forward on
+    the LAN leg; no flow survival with it."""
+    from anycast_lb.config import Engine, parse_config
+    from anycast_lb.lab import nodes
+
+    topo = topology.plan(kernel=True)
+    assert topo.kernel and topo.service_port == topology.BACKEND_ECHO_PORT
+    assert topology.plan().service_port == topology.SERVICE_PORT
+    addresses = topology.all_addresses(topo)
+    assert topo.router_lan_address in addresses and len(set(addresses)) == len(addresses)
+    assert all(topology.in_lab_prefixes(a) for a in addresses)
+    cfg = parse_config(nodes.node_config(topo, topo.nodes[0], Path("/nonexistent/token")))
+    assert cfg.forwarding.engine is Engine.KERNEL and cfg.forwarding.kernel is not None
+    assert (cfg.forwarding.kernel.interface, cfg.forwarding.kernel.ingress) == ("lan0", "up0")
+    assert {s.port for s in cfg.services if s.name == "echo"} == {topology.BACKEND_ECHO_PORT}
+    assert {s.maglev_table_size for s in cfg.services} == {nodes.KERNEL_TABLE_SIZE}
+    with pytest.raises(ValueError, match="no flow survival"):
+        topology.plan(kernel=True, flow_survival=True)

@@ -166,3 +166,19 @@ def test_manage_address_cannot_change_on_a_running_service() -> None:
     old = cfg()
     reason = refusal(old, plan(old, cfg(_with(manage_address=True))))
     assert reason is not None and "manage_address cannot change on a running listener" in reason
+
+
+@pytest.mark.parametrize("change, refused", [
+    (_add_tcp, "cannot be added or removed live with forwarding.engine: kernel"),
+    (lambda d: d["services"].pop(1), "cannot be added or removed live with forwarding.engine: kernel"),
+    (_with(maglev_table_size=257), "maglev_table_size is part of the kernel engine's jhash seed"),
+    (_backends, None),  # backends, weights and drains become table diffs
+    (_with(min_healthy=2), None),
+])
+def test_refusal_with_the_kernel_engine(change: Any, refused: str | None) -> None:
+    old = cfg()
+    reason = refusal(old, plan(old, cfg(change)), kernel=True)
+    assert (reason is None) if refused is None else (reason is not None and refused in reason)
+    if refused is not None:
+        assert refusal(old, plan(old, cfg(change))) is None or "kernel" not in (
+            refusal(old, plan(old, cfg(change))) or "")
