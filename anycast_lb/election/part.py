@@ -186,6 +186,12 @@ class OwnershipPart:
         not win an election)."""
         if self.l2 is not None:
             self.l2.announcer.open()
+            # A node starts holding no VIP: an address left on the interface
+            # by an earlier run that died (SIGKILL, crash) would make this
+            # node's kernel answer ARP/NDP for a VIP another node owns.
+            for vip, l2 in self.vips.items():
+                if l2:
+                    await self.l2.addresses.remove(vip)
         if self._own_store:
             self.store.connect()
         try:

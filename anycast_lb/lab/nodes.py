@@ -105,7 +105,44 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
         config["cluster"] = cluster_section(topo, node, token_file.with_name(CLUSTER_KEY))
     if topo.consensus:
         config["consensus"] = consensus_section(topo)
+    if topo.l2:
+        config["services"] += l2_services(topo, health)
+        config["election"] = l2_election_section(node)
     return config
+
+
+L2_LEASE_TTL_S = 1.0
+L2_REQUEST_TIMEOUT_S = 0.2
+L2_SAFETY_MARGIN_S = 0.25
+
+
+def l2_priority(node: Node) -> int:
+    """lb1 200, lb2 150, lb3 100...: lb1 owns the elected VIPs when it can."""
+    return max(0, 250 - 50 * node.index)
+
+
+def l2_election_section(node: Node) -> dict[str, Any]:
+    """The node's ``election:`` section in the L2 lab (docs/l2.md)."""
+    return {"priority": l2_priority(node), "preempt": True,
+            "safety_margin": L2_SAFETY_MARGIN_S, "interface": node.lan_if}
+
+
+def l2_services(topo: Topology, health: dict[str, Any]) -> list[dict[str, Any]]:
+    """TCP echo (port 80) and UDP echo (port 9000) on each elected VIP, ``via: l2``."""
+    announce = {"mode": "active_passive", "via": "l2"}
+    out: list[dict[str, Any]] = []
+    for suffix, vip in (("", T.L2_VIP), ("6", T.L2_VIP6)):
+        out += [
+            {"name": f"l2-echo{suffix}", "vip": str(vip), "port": T.SERVICE_PORT,
+             "protocol": "tcp", "announce": announce, "health": health,
+             "backends": [{"address": str(b.address), "port": T.BACKEND_ECHO_PORT}
+                          for b in topo.backends]},
+            {"name": f"l2-udp{suffix}", "vip": str(vip), "port": T.UDP_PORT,
+             "protocol": "udp", "announce": announce, "health": health,
+             "backends": [{"address": str(b.address), "port": T.BACKEND_ECHO_PORT}
+                          for b in topo.backends]},
+        ]
+    return out
 
 
 CONSENSUS_LEASE_TTL_S = 2.0
@@ -114,10 +151,11 @@ CONSENSUS_REQUEST_TIMEOUT_S = 0.5
 
 def consensus_section(topo: Topology) -> dict[str, Any]:
     """The node's ``consensus:`` section: the lab's etcd members on the
-    management segment, cluster ``lab``."""
+    management segment, cluster ``lab`` (L2 lab: ``lease_ttl`` 1 s)."""
     return {"endpoints": topo.etcd_urls(), "cluster": T.CONSENSUS_CLUSTER,
-            "lease_ttl": CONSENSUS_LEASE_TTL_S,
-            "request_timeout": CONSENSUS_REQUEST_TIMEOUT_S}
+            "lease_ttl": L2_LEASE_TTL_S if topo.l2 else CONSENSUS_LEASE_TTL_S,
+            "request_timeout": L2_REQUEST_TIMEOUT_S if topo.l2
+            else CONSENSUS_REQUEST_TIMEOUT_S}
 
 
 CLUSTER_KEY = "cluster.key"
