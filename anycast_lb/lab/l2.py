@@ -302,7 +302,11 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
     capture = sorted(traffic["capture"])
     frames = [[round((t - event) * 1000, 1), name(mac), kind] for t, mac, kind in capture]
     before = [f for f in frames if f[0] < 0]
-    old = before[-1][1] if before else None
+    # The owner before the fault: the one MAC answering the prober just
+    # before it (else the last announcement before it).
+    answered_before = [a for a in answering if a[0] < 0 and len(a[1]) == 1]
+    old = (answered_before[-1][1][0] if answered_before
+           else before[-1][1] if before else None)
     new_frames = [f for f in frames if f[0] >= 0 and f[1] != old]
     new = new_frames[0][1] if new_frames else None
     overlap_ms = 0.0

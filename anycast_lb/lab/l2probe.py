@@ -5,7 +5,7 @@ For ``--duration`` s it runs, each in a thread:
 
 - a UDP stream to VIP:port, one datagram every ``--interval-ms`` (1 ms),
   each carrying its sequence number; the UDP echo behind the VIP returns
-  it. Per datagram: send time and first reply time (None: lost);
+  it (after a "name peer " prefix). Per datagram: send time and first reply time (None: lost);
 - ``--flows`` long-lived TCP flows to VIP:port (the lab's echo: a greeting
   line, then every line echoed), one line every 100 ms each. A flow that
   fails (error, EOF, no echo within 1 s) is recorded as broken and
@@ -161,7 +161,8 @@ class Measure:
                 continue
             now = time.monotonic()
             if len(data) >= 8:
-                seq = struct.unpack("!Q", data[:8])[0]
+                # The lab's UDP echo puts "name peer " before the datagram.
+                seq = struct.unpack("!Q", data[-8:])[0]
                 if seq < self.count and self.recv[seq] is None:
                     self.recv[seq] = now
                     self.first_reply.set()
