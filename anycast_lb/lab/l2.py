@@ -227,7 +227,7 @@ def _scenarios() -> dict[str, L2Scenario]:
         L2Scenario("l2-drain", "POST /drain to the owner (planned move)", 4, True,
                    _drain, _undrain, 3.0),
         L2Scenario("l2-preempt", "the higher-priority node starts again and preempts "
-                   "(planned move)", 4, True, _start_owner, _nothing, 10.0,
+                   "(planned move)", 4, True, _start_owner, _nothing, 15.0,
                    setup=_stop_owner, expect_owner="lb1"),
         L2Scenario("l2-owner-kill-v6", "SIGKILL of the owner's anycast-lb, IPv6 VIP", 6,
                    False, _kill, _restart, 4.0),
@@ -262,13 +262,13 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
                and first is not None and i >= first]
     lost = [i for i in counted if recv[i] is None]
     lost_before = [i for i in lost if (sent[i] or 0.0) < event]
-    resumed_ms = 0.0
+    resumed_ms: float | None = 0.0
     outage_ms = 0.0
     if lost:
         last_lost = lost[-1]
         after = next((i for i in counted if i > last_lost and recv[i] is not None), None)
         if after is None:
-            resumed_ms = float("inf")
+            resumed_ms = None  # not within the measurement
         else:
             resumed_ms = ((sent[after] or 0.0) - event) * 1000
             outage_ms = ((sent[after] or 0.0) - (sent[lost[0]] or 0.0)) * 1000
@@ -299,7 +299,9 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
         if not answering or answering[-1][1] != key:
             answering.append([round((probes[k] - event) * 1000, 1), key])
 
-    capture = sorted(traffic["capture"])
+    capture = sorted(c for c in traffic["capture"] if c[2] != "client-asks")
+    asks = [[round((t - event) * 1000, 1), name(mac)] for t, mac, kind in traffic["capture"]
+            if kind == "client-asks"]
     frames = [[round((t - event) * 1000, 1), name(mac), kind] for t, mac, kind in capture]
     before = [f for f in frames if f[0] < 0]
     # The owner before the fault: the one MAC answering the prober just
@@ -327,7 +329,8 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
     if s.planned:
         checks["zero_lost"] = len(lost) == 0
     else:
-        checks["resumed_within_bound"] = resumed_ms <= unplanned_bound_ms
+        checks["resumed_within_bound"] = resumed_ms is not None \
+            and resumed_ms <= unplanned_bound_ms
     return {
         "scenario": s.name,
         "description": s.description,
@@ -337,7 +340,7 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
         "udp_sent": len(counted),
         "udp_lost": len(lost),
         "udp_lost_before_event": len(lost_before),
-        "resumed_ms": round(resumed_ms, 1),
+        "resumed_ms": None if resumed_ms is None else round(resumed_ms, 1),
         "outage_ms": round(outage_ms, 1),
         "split_brain_ms": split_brain_ms,
         "split_brain_spans_ms": split_spans,
@@ -346,6 +349,9 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
         "new_owner": new,
         "first_announcement_ms": first_announce_ms,
         "announcements": frames,
+        "client_asked": asks,
+        "lost_from_ms": (round(((sent[lost[0]] or 0.0) - event) * 1000, 1)
+                         if lost else None),
         "probe_answering": answering,
         "probe_rounds": len(probes),
         "tcp_flows": len(flows),
@@ -442,7 +448,7 @@ SUMMARY_HEADER = ["scenario", "lost", "resumed", "split brain", "moved", "tcp br
 
 def summary_row(r: dict[str, Any]) -> list[str]:
     return [r["scenario"], f"{r['udp_lost']}/{r['udp_sent']}",
-            f"{r['resumed_ms']:.0f} ms",
+            "never" if r["resumed_ms"] is None else f"{r['resumed_ms']:.0f} ms",
             f"{r['split_brain_ms']:.0f} ms (passive {r['passive_overlap_ms']:.0f})",
             f"{r['old_owner']}->{r['new_owner']}",
             f"{r['tcp_broken']}/{r['tcp_flows']}",
@@ -478,8 +484,9 @@ def plot(path: Path, traffic: dict[str, Any], event: float, result: dict[str, An
            label="UDP lost")
     ax.axvline(0, color="black", linestyle="--", linewidth=1)
     ax.set_ylabel("datagrams / 10 ms")
+    resumed = "never" if result["resumed_ms"] is None else f"{result['resumed_ms']:.0f} ms"
     ax.set_title(f"{result['scenario']}: {result['udp_lost']} lost, resumed "
-                 f"{result['resumed_ms']:.0f} ms, split brain {result['split_brain_ms']:.0f} ms, "
+                 f"{resumed}, split brain {result['split_brain_ms']:.0f} ms, "
                  f"{result['old_owner']} -> {result['new_owner']}")
     ax.legend(loc="lower left", fontsize=8)
     names = sorted(set(mac_names.values()))
@@ -488,8 +495,10 @@ def plot(path: Path, traffic: dict[str, Any], event: float, result: dict[str, An
         n = mac_names.get(mac, mac)
         if n in rows:
             ax2.plot([(t - event) * 1000], [rows[n]], "|", color="#1971c2", markersize=8)
-    for t, mac, _kind in traffic["capture"]:
+    for t, mac, kind in traffic["capture"]:
         n = mac_names.get(mac, mac)
+        if kind == "client-asks":
+            continue
         if n in rows:
             ax2.plot([(t - event) * 1000], [rows[n] + 0.3], "v", color="#e8590c", markersize=6)
     ax2.plot([], [], "|", color="#1971c2", label="answers the prober")

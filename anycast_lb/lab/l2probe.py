@@ -86,6 +86,22 @@ def parse_answer(frame: bytes, vip: IPAddress) -> tuple[str, str] | None:
     return None
 
 
+def parse_question(frame: bytes, vip: IPAddress) -> str | None:
+    """The destination MAC when ``frame`` asks who has ``vip`` (an ARP
+    request for it, or a Neighbor Solicitation with it as target)."""
+    if len(frame) < 42:
+        return None
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == ETH_P_ARP and vip.version == 4:
+        if struct.unpack("!H", frame[20:22])[0] == 1 and frame[38:42] == vip.packed \
+                and frame[28:32] != vip.packed:
+            return mac_text(frame[0:6])
+    if ethertype == ETH_P_IPV6 and vip.version == 6 and len(frame) >= 78:
+        if frame[20] == 58 and frame[54] == ND_NEIGHBOR_SOLICIT and frame[62:78] == vip.packed:
+            return mac_text(frame[0:6])
+    return None
+
+
 def arp_request(mac: bytes, sender: ipaddress.IPv4Address, vip: ipaddress.IPv4Address) -> bytes:
     """A broadcast ARP request (RFC 826) for ``vip`` from ``sender``/``mac``."""
     arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, sender.packed,
@@ -223,6 +239,8 @@ class Measure:
             except TimeoutError:
                 continue
             if addr[2] == PACKET_OUTGOING:
+                if into is self.capture and (asked := parse_question(frame, self.vip)):
+                    into.append([time.monotonic(), asked, "client-asks"])
                 continue
             found = parse_answer(frame, self.vip)
             if found is not None:

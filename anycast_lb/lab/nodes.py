@@ -271,9 +271,9 @@ def api_request(ns: str, method: str, path: str, token: str | None = None,
     Returns (status, parsed JSON body or text). Raises LabError when the
     API cannot be reached."""
     host, port = parse_host_port(T.API_LISTEN)
+    with entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        with entered(ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect((str(host), port))
         conn = http.client.HTTPConnection(str(host), port, timeout=timeout)
@@ -284,6 +284,7 @@ def api_request(ns: str, method: str, path: str, token: str | None = None,
         body = response.read().decode("utf-8", "replace")
         conn.close()
     except OSError as exc:
+        sock.close()
         raise LabError(f"node API in {ns} ({T.API_LISTEN}): {exc}") from exc
     try:
         return response.status, json.loads(body)
