@@ -75,6 +75,10 @@ class _Key:
     lease: int
 
 
+ADVERTISE_RETRY = 1.0
+"""s before a candidate advertisement that failed is sent again."""
+
+
 class L2VipActions:
     """The callbacks for ``via: l2`` on one interface: take adds the VIP and
     announces it, announce sends again, quiet (a resign: make before break)
@@ -264,7 +268,9 @@ class VipOwnership:
                     retry.add_done_callback(self._retries.discard)
 
     async def _advertise_again(self, vip: IPAddress, on: bool) -> None:
-        await self._clock.sleep(self._retry)
+        # Not urgent (a missing candidate key costs the priority order, not
+        # safety), and one log line a second per VIP while etcd is away.
+        await self._clock.sleep(max(self._retry, ADVERTISE_RETRY))
         self._feed([vip], lambda m, now: m.advertise_failed(on, now))
 
     async def _remote_action(self, vip: IPAddress, action: Action) -> None:

@@ -16,7 +16,9 @@ Figures (:func:`analyse`):
 - ``udp_lost``: datagrams sent after the first reply and at least
   ``TAIL_S`` before the end that got no reply;
 - ``resumed_ms``: from the fault to the send time of the first answered
-  datagram after the last lost one (0 when none was lost);
+  datagram after the fault's first loss from which ``RESUMED_STREAK`` in a
+  row (100 ms) were answered (0 when none was lost after the fault; None
+  when traffic never resumed); ``outage_ms``: from that first loss to then;
 - ``split_brain_ms``: probe rounds answered by two or more MACs, times the
   probe interval (what "two nodes answered for the VIP" means, seen
   directly); ``passive_overlap_ms``: from the new owner's first
@@ -67,6 +69,8 @@ PROBE_MS = 10.0
 TAIL_S = 0.3
 READY_TIMEOUT_S = 10.0
 OWNER_TIMEOUT_S = 30.0
+RESUMED_STREAK = 100
+"""Datagrams in a row answered (100 ms) for traffic to count as resumed."""
 RESUME_SLACK_S = 0.5
 """Unplanned target: resumed within ``lease_ttl`` + this (docs/l2.md)."""
 
@@ -264,14 +268,26 @@ def analyse(traffic: dict[str, Any], event: float, mac_names: dict[str, str],
     lost_before = [i for i in lost if (sent[i] or 0.0) < event]
     resumed_ms: float | None = 0.0
     outage_ms = 0.0
-    if lost:
-        last_lost = lost[-1]
-        after = next((i for i in counted if i > last_lost and recv[i] is not None), None)
-        if after is None:
+    after_fault = [i for i in lost if (sent[i] or 0.0) >= event]
+    if after_fault:
+        # Resumed: the first answered datagram after the fault's first loss
+        # from which RESUMED_STREAK in a row were answered.
+        streak, start = 0, None
+        for i in counted:
+            if i <= after_fault[0]:
+                continue
+            if recv[i] is None:
+                streak, start = 0, None
+                continue
+            start = i if start is None else start
+            streak += 1
+            if streak >= RESUMED_STREAK:
+                break
+        if start is None or streak < RESUMED_STREAK:
             resumed_ms = None  # not within the measurement
         else:
-            resumed_ms = ((sent[after] or 0.0) - event) * 1000
-            outage_ms = ((sent[after] or 0.0) - (sent[lost[0]] or 0.0)) * 1000
+            resumed_ms = ((sent[start] or 0.0) - event) * 1000
+            outage_ms = ((sent[start] or 0.0) - (sent[after_fault[0]] or 0.0)) * 1000
 
     def name(mac: str) -> str:
         return mac_names.get(mac, mac)

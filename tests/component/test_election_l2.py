@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ import pytest
 
 from anycast_lb.config import ConsensusConfig, ElectionConfig, ServiceConfig
 from anycast_lb.election.etcd import IPAddress, L2VipActions
+from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.part import OwnershipPart
 from tests.component.etcd import EtcdMember
@@ -131,10 +132,39 @@ class NsAddresses(VipAddresses):
             popns()
 
 
+class NsFence(KernelFence):
+    """The kernel fence's nftables commands run inside ``ns``."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__()
+        self.ns = ns
+
+    def run(self, script: str) -> None:
+        from pyroute2.netns import popns, pushns
+
+        pushns(self.ns)
+        try:
+            super().run(script)
+        finally:
+            popns()
+
+
 class NsActions(L2VipActions):
     def __init__(self, ns: str, interface: str) -> None:
+        self.ns = ns
         self.addresses = NsAddresses(ns, interface)
+        self.quiet_addresses = NsAddresses(ns, "lo")
         self.announcer = NsAnnouncer(ns, interface)
+        self.fence = NsFence(ns)
+
+    def prepare(self, vips: Sequence[IPAddress] = ()) -> None:
+        from pyroute2.netns import popns, pushns
+
+        pushns(self.ns)  # the interface's sysctls are the namespace's
+        try:
+            super().prepare(vips)
+        finally:
+            popns()
 
 
 def part(name: str, priority: int, dev: str, ns: str, etcd: EtcdMember,
