@@ -186,6 +186,8 @@ class VipAddresses:
                         return
                     raise L2Error(f"{command} {vip} on {self.interface}: {exc}") from exc
         finally:
+            # One turn so the closed transport's callbacks run, then close.
+            loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
     async def add(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
