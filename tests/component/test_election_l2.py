@@ -35,6 +35,7 @@ from anycast_lb.election.etcd import IPAddress, L2VipActions
 from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.part import OwnershipPart
+from anycast_lb.lab.netns import entered
 from tests.component.etcd import EtcdMember
 from tests.waiting import wait_until
 
@@ -105,13 +106,8 @@ class NsAnnouncer(L2Announcer):
         self.sent_at.append(time.monotonic())
 
     def open(self) -> None:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)
-        try:
+        with entered(self.ns):
             super().open()
-        finally:
-            popns()
 
 
 class NsAddresses(VipAddresses):
@@ -123,13 +119,8 @@ class NsAddresses(VipAddresses):
         self.ns = ns
 
     def _call(self, command: str, vip: IPAddress) -> None:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)
-        try:
+        with entered(self.ns):
             super()._call(command, vip)
-        finally:
-            popns()
 
 
 class NsFence(KernelFence):
@@ -140,13 +131,8 @@ class NsFence(KernelFence):
         self.ns = ns
 
     def run(self, script: str) -> None:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)
-        try:
+        with entered(self.ns):
             super().run(script)
-        finally:
-            popns()
 
 
 class NsActions(L2VipActions):
@@ -158,13 +144,8 @@ class NsActions(L2VipActions):
         self.fence = NsFence(ns)
 
     def prepare(self, vips: Sequence[IPAddress] = ()) -> None:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)  # the interface's sysctls are the namespace's
-        try:
+        with entered(self.ns):  # the interface's sysctls are the namespace's
             super().prepare(vips)
-        finally:
-            popns()
 
 
 def part(name: str, priority: int, dev: str, ns: str, etcd: EtcdMember,
