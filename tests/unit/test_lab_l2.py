@@ -105,3 +105,39 @@ def test_probes_ask_for_the_vip_with_valid_frames() -> None:
     assert ns[21] == 255 and ns[54] == 135 and ns[62:78] == V6.packed
     assert icmpv6_checksum(sender6, group, ns[54:]) == 0  # checksum verifies
     assert parse_question(ns, V6) == "33:33:ff:00:00:10"
+
+
+def test_the_l2_plan_adds_a_client_and_a_prober_on_the_backend_lan() -> None:
+    from anycast_lb.lab import topology as T
+
+    topo = T.plan(3, 3, l2=True)
+    assert topo.consensus and len(topo.etcd) == 3  # l2 implies consensus
+    assert topo.namespaces[-2:] == [topo.arp_ns, topo.probe_ns]
+    addresses = T.all_addresses(topo)
+    assert len(set(addresses)) == len(addresses)
+    assert all(T.in_lab_prefixes(a) for a in addresses)
+    lan = ipaddress.ip_network("198.51.100.128/25")
+    assert all(a in lan for a in (T.L2_VIP, T.L2_CLIENT, T.L2_PROBE))
+    six = [T.l2_node_address6(n) for n in topo.nodes] + [T.L2_VIP6, T.L2_CLIENT6, T.L2_PROBE6]
+    assert len(set(six)) == len(six) and all(a in T.L2_PREFIX6 for a in six)
+    assert T.plan(3, 3, consensus=True).namespaces == [
+        n for n in topo.namespaces if n not in (topo.arp_ns, topo.probe_ns)]
+
+
+def test_l2_node_configs_elect_the_vips_by_priority_an_ipv6_one_beside_ipv4_bgp() -> None:
+    from pathlib import Path
+
+    from anycast_lb.config import AnnounceVia, parse_config
+    from anycast_lb.lab import nodes
+    from anycast_lb.lab import topology as T
+
+    topo = T.plan(3, 3, l2=True)
+    priorities = []
+    for node in topo.nodes:
+        config = parse_config(nodes.node_config(topo, node, Path("/x/admin-token")), "test")
+        l2 = [s for s in config.services if s.announce.via is AnnounceVia.L2]
+        assert {str(s.vip) for s in l2} == {str(T.L2_VIP), str(T.L2_VIP6)} and len(l2) == 4
+        assert config.election.interface == node.lan_if and config.election.preempt
+        assert config.consensus is not None and config.consensus.lease_ttl == 1.0
+        priorities.append(config.election.priority)
+    assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == 3
