@@ -144,6 +144,10 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
         "backends": [{"name": b.name, "namespace": b.ns, "address": str(b.address),
                       "pid": pid("server", b.name)} for b in topo.backends],
         "consensus": topo.consensus,
+        "l2": ({"client": {"namespace": topo.arp_ns, "address": str(T.L2_CLIENT)},
+                "prober": {"namespace": topo.probe_ns, "address": str(T.L2_PROBE)},
+                "vips": {vip: l2_.holders(lab_, vip) for vip in l2_.vips(lab_)}}
+               if topo.l2 else None),
         "etcd": {"management_prefix": str(T.MGMT_PREFIX) if topo.consensus else None,
                  "cluster": T.CONSENSUS_CLUSTER if topo.consensus else None,
                  "members": etcd.members_status(st, topo)},
@@ -172,6 +176,9 @@ def status(as_json: bool) -> None:
                    f"anycast-lb {p['anycast_lb']} exabgp {p['exabgp']}  api {n['api']}")
     for b in data["backends"]:
         click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
+    if data["l2"]:
+        for vip, held in data["l2"]["vips"].items():
+            click.echo(f"  L2 VIP {vip} held by {', '.join(held) or 'nobody'}")
     for m in data["etcd"]["members"]:
         click.echo(f"  {m['name']:5} ns {m['namespace']:10} {m['client_url']:26} pid {m['pid']} "
                    + ("leader" if m["leader"] else "answering" if m["answering"] else "DOWN"))

@@ -288,7 +288,10 @@ class Measure:
         for t in threads:
             t.start()
         if self.first_reply.wait(max(0.1, self.end - time.monotonic())):
-            Path(self.args.ready).write_text(f"{time.monotonic()}\n")
+            # Written whole, then renamed: the runner polls for the file.
+            tmp = Path(self.args.ready + ".tmp")
+            tmp.write_text(f"{time.monotonic()}\n")
+            tmp.replace(self.args.ready)
         for t in threads:
             t.join(max(0.1, self.end + 2.0 - time.monotonic()))
         return {
