@@ -832,7 +832,8 @@ class NodeConfig(_Model):
                 )
             listeners.add(listener)
         if self.bgp is not None:
-            for service in self.services:
+            # via: l2 VIPs are never announced over BGP.
+            for service in (s for s in self.services if s.announce.via is not AnnounceVia.L2):
                 try:
                     self.bgp.next_hop(service.vip.version)
                 except ValueError as exc:

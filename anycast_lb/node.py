@@ -64,6 +64,7 @@ from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
 from anycast_lb.config import (
     AnnounceMode,
+    AnnounceVia,
     NodeConfig,
     ServiceConfig,
     StandbyMode,
@@ -259,7 +260,8 @@ class Node:
                 ServiceView(name=s.name, prefix=s.prefix, healthy=self._healthy(s.name),
                             listening=self.data.listening(s.name),
                             ownership=self._ownership(s))
-                for s in self.config.services
+                # via: l2 VIPs move by ARP/NA only, never over BGP.
+                for s in self.config.services if s.announce.via is not AnnounceVia.L2
             ),
             standby_prepend=self.config.election.standby is StandbyMode.PREPEND,
         )

@@ -30,11 +30,13 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from anycast_lb import log
 from anycast_lb.clock import Clock, SystemClock, wait_event
 from anycast_lb.consensus.keys import Layout
 from anycast_lb.consensus.store import Delete, ModRevisionIs, Put, Store
+from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.machine import (
     Action,
@@ -50,7 +52,7 @@ from anycast_lb.election.machine import (
     Take,
     VipState,
 )
-from anycast_lb.errors import ConsensusCompacted, ConsensusError, LeaseLost
+from anycast_lb.errors import ConsensusCompacted, ConsensusError, L2Error, LeaseLost
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 TakeCallback = Callable[[IPAddress, int], Awaitable[None]]
@@ -73,23 +75,68 @@ class _Key:
     lease: int
 
 
+ADVERTISE_RETRY = 1.0
+"""s before a candidate advertisement that failed is sent again."""
+
+
 class L2VipActions:
-    """The three callbacks for ``via: l2`` on one interface: take adds the VIP
-    and announces it, announce sends again, drop removes it."""
+    """The callbacks for ``via: l2`` on one interface: take adds the VIP and
+    announces it, announce sends again, quiet (a resign: make before break)
+    moves the VIP to ``lo``, drop removes it.
+
+    Quiet is what keeps a planned move free of a split brain: on ``lo`` the
+    old owner still accepts the VIP's packets from neighbours whose entry
+    has not moved yet, but answers no ARP request (the interface has
+    ``arp_ignore`` 1, see :meth:`prepare`) and no Neighbor Solicitation
+    (Linux answers NS only for addresses on the receiving interface), so
+    from the successor's first announcement on only one MAC answers."""
 
     def __init__(self, interface: str) -> None:
         self.addresses = VipAddresses(interface)
+        self.quiet_addresses = VipAddresses("lo")
         self.announcer = L2Announcer(interface)
+        self.fence = KernelFence()
+
+    def prepare(self, vips: Sequence[IPAddress] = ()) -> None:
+        """Open the raw socket and set the interface's ``arp_ignore`` to 1
+        (answer ARP only for addresses on the interface itself, so a VIP on
+        ``lo`` is not answered) and ``arp_announce`` to 2 (ARP requests the
+        node sends carry the interface's own address, never a VIP), and
+        sets up the kernel fence for ``vips`` (:mod:`anycast_lb.election.fence`:
+        the kernel answers for none of them until :meth:`KernelFence.hold`).
+        Raises L2Error when the interface is missing, the sysctls cannot
+        be written or nftables refuses (root or ``CAP_NET_ADMIN``)."""
+        self.announcer.open()
+        self.fence.setup(vips)
+        base = Path("/proc/sys/net/ipv4/conf") / self.announcer.interface
+        for name, value in (("arp_ignore", "1"), ("arp_announce", "2")):
+            path = base / name
+            try:
+                if path.read_text().strip() != value:
+                    path.write_text(value + "\n")
+            except OSError as exc:
+                raise L2Error(f"{path}: {exc} (via: l2 needs {name}={value} on "
+                              f"{self.announcer.interface})") from exc
+
+    async def clear(self, vip: IPAddress) -> None:
+        """Remove ``vip`` from the interface and ``lo`` (start-up, drop)."""
+        await self.addresses.remove(vip)
+        await self.quiet_addresses.remove(vip)
 
     async def take(self, vip: IPAddress, term: int) -> None:
         await self.addresses.add(vip)
         self.announcer.announce(vip)
+        await self.quiet_addresses.remove(vip)
 
     async def announce(self, vip: IPAddress, term: int) -> None:
         self.announcer.announce(vip)
 
-    async def drop(self, vip: IPAddress, term: int, reason: str) -> None:
+    async def quiet(self, vip: IPAddress, term: int) -> None:
+        await self.quiet_addresses.add(vip)
         await self.addresses.remove(vip)
+
+    async def drop(self, vip: IPAddress, term: int, reason: str) -> None:
+        await self.clear(vip)
 
 
 class VipOwnership:
@@ -112,6 +159,7 @@ class VipOwnership:
         on_take: TakeCallback,
         on_announce: TakeCallback,
         on_drop: DropCallback,
+        on_resign: TakeCallback | None = None,
         clock: Clock | None = None,
         retry: float = 0.2,
     ) -> None:
@@ -123,6 +171,8 @@ class VipOwnership:
         self.machines = {vip: ElectionMachine(settings) for vip in vips}
         self._keys: dict[str, _Key] = {}
         self._on_take, self._on_announce, self._on_drop = on_take, on_announce, on_drop
+        self._on_resign = on_resign
+        self._retries: set[asyncio.Task[None]] = set()
         self._local: asyncio.Queue[tuple[IPAddress, Action]] = asyncio.Queue()
         self._remote: asyncio.Queue[tuple[IPAddress, Action]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -164,8 +214,12 @@ class VipOwnership:
         self._wake.set()
 
     def _dispatch(self, vip: IPAddress, actions: list[Action]) -> None:
+        holding = self.machines[vip].has_vip
         for action in actions:
-            local = isinstance(action, (Take, Announce, Drop))
+            # A resign while holding the VIP goes through the local queue
+            # first (on_resign: L2 goes quiet), then to etcd.
+            local = isinstance(action, (Take, Announce, Drop)) or (
+                isinstance(action, Resign) and holding and self._on_resign is not None)
             (self._local if local else self._remote).put_nowait((vip, action))
             _log_action(vip, self.settings.node, action)
 
@@ -190,6 +244,12 @@ class VipOwnership:
                     await self._on_announce(vip, action.term)
                 elif isinstance(action, Drop):
                     await self._on_drop(vip, action.term, action.reason)
+                elif isinstance(action, Resign):
+                    try:
+                        if self._on_resign is not None:
+                            await self._on_resign(vip, action.term)
+                    finally:
+                        self._remote.put_nowait((vip, action))
             except Exception as exc:
                 log.error("vip.action_failed", vip=str(vip), action=type(action).__name__,
                           error=str(exc))
@@ -202,6 +262,16 @@ class VipOwnership:
             except ConsensusError as exc:
                 log.warning("vip.etcd_failed", vip=str(vip), action=type(action).__name__,
                             error=str(exc))
+                if isinstance(action, Advertise):
+                    retry = asyncio.create_task(self._advertise_again(vip, action.on))
+                    self._retries.add(retry)
+                    retry.add_done_callback(self._retries.discard)
+
+    async def _advertise_again(self, vip: IPAddress, on: bool) -> None:
+        # Not urgent (a missing candidate key costs the priority order, not
+        # safety), and one log line a second per VIP while etcd is away.
+        await self._clock.sleep(max(self._retry, ADVERTISE_RETRY))
+        self._feed([vip], lambda m, now: m.advertise_failed(on, now))
 
     async def _remote_action(self, vip: IPAddress, action: Action) -> None:
         s, key = self.settings, owner_key(self._layout, vip)

@@ -167,21 +167,31 @@ class VipAddresses:
         from pyroute2 import IPRoute  # imported at use: Linux only
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with IPRoute() as ipr:
-            links = ipr.link_lookup(ifname=self.interface)
-            if not links:
-                raise L2Error(f"interface {self.interface!r} not found")
-            args: dict[str, Any] = {"index": links[0], "address": str(vip),
-                                    "prefixlen": vip.max_prefixlen}
-            if vip.version == 6:
-                args["flags"] = IFA_F_NODAD
-            try:
-                ipr.addr(command, **args)
-            except NetlinkError as exc:
-                if (command, exc.code) in (("add", errno.EEXIST), ("del", errno.EADDRNOTAVAIL)):
-                    return False
-                raise L2Error(f"{command} {vip} on {self.interface}: {exc}") from exc
-        return True
+        # pyroute2 runs its own event loop in this thread. A standard one:
+        # under the node's uvloop policy a new loop would be uvloop's, which
+        # cannot open a netlink (AF_NETLINK) socket.
+        loop = asyncio.SelectorEventLoop()
+        try:
+            with IPRoute(use_event_loop=loop) as ipr:
+                links = ipr.link_lookup(ifname=self.interface)
+                if not links:
+                    raise L2Error(f"interface {self.interface!r} not found")
+                args: dict[str, Any] = {"index": links[0], "address": str(vip),
+                                        "prefixlen": vip.max_prefixlen}
+                if vip.version == 6:
+                    args["flags"] = IFA_F_NODAD
+                try:
+                    ipr.addr(command, **args)
+                except NetlinkError as exc:
+                    if (command, exc.code) in (("add", errno.EEXIST),
+                                               ("del", errno.EADDRNOTAVAIL)):
+                        return False
+                    raise L2Error(f"{command} {vip} on {self.interface}: {exc}") from exc
+            return True
+        finally:
+            # One turn so the closed transport's callbacks run, then close.
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
 
     async def add(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return await asyncio.to_thread(self._call, "add", vip)

@@ -204,6 +204,14 @@ class ElectionMachine:
             self.lease_ok_at = sent_at
         return self._reconcile(now)
 
+    def advertise_failed(self, on: bool, now: float) -> list[Action]:
+        """The ``Advertise(on)`` sent last did not reach etcd: send it again
+        (a candidate key that never got written would hide this node from
+        the election: no preemption, no priority order)."""
+        if self._advertised == on:
+            self._advertised = not on
+        return self._reconcile(now)
+
     def lease_lost(self, now: float) -> list[Action]:
         self.lease_id = self.lease_ttl = self.lease_ok_at = None
         self._advertised = False  # etcd deleted the candidate key with the lease

@@ -39,8 +39,11 @@ from anycast_lb.config import (
 )
 from anycast_lb.consensus.store import Store
 from anycast_lb.election.etcd import IPAddress, L2VipActions, VipOwnership
-from anycast_lb.election.machine import ElectionSettings, VipState
+from anycast_lb.election.machine import ElectionSettings, Role, VipState
+from anycast_lb.errors import L2Error
 
+FENCE_REFRESH = 0.05
+"""s between checks of the kernel fence against the fencing deadline."""
 HANDOVER_TIMEOUT = 1.0
 """s a resigning owner keeps the VIP waiting for its successor's announce."""
 
@@ -85,8 +88,10 @@ class OwnershipPart:
         self.ownership = VipOwnership(self.store, consensus.cluster, self.settings,
                                       list(self.vips), on_take=self._take,
                                       on_announce=self._announce, on_drop=self._drop,
-                                      clock=self._clock)
+                                      on_resign=self._resign, clock=self._clock)
         self._qualifies: dict[IPAddress, bool] = {}
+        self._held: dict[IPAddress, float | None] = {}
+        """L2: the deadline each VIP's kernel fence was last set to."""
         self._leaving = False
         self._moved = asyncio.Event()
 
@@ -185,14 +190,26 @@ class OwnershipPart:
         process lacks ``CAP_NET_RAW`` (a node that could never announce must
         not win an election)."""
         if self.l2 is not None:
-            self.l2.announcer.open()
+            self.l2.prepare([vip for vip, l2 in self.vips.items() if l2])
+            # A node starts holding no VIP: an address left on the interface
+            # by an earlier run that died (SIGKILL, crash) would make this
+            # node's kernel answer ARP/NDP for a VIP another node owns.
+            for vip, l2 in self.vips.items():
+                if l2:
+                    await self.l2.clear(vip)
         if self._own_store:
             self.store.connect()
         try:
-            await self.ownership.run()
+            if self.l2 is not None:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._fence_loop())
+                    await self.ownership.run()
+            else:
+                await self.ownership.run()
         finally:
             if self.l2 is not None:
                 self.l2.announcer.close()
+                self.l2.fence.close()
             if self._own_store:
                 await self.store.close()
 
@@ -202,8 +219,44 @@ class OwnershipPart:
         self._moved.set()
         self._on_change()
 
+    def _hold(self, vip: IPAddress) -> None:
+        """Kernel fence: let the kernel answer for ``vip`` until this
+        node's fencing deadline (or stop it when that has passed)."""
+        assert self.l2 is not None
+        deadline = self.ownership.machines[vip].fence_deadline()
+        self._held[vip] = deadline
+        if deadline is None:
+            self.l2.fence.release(vip)
+        else:
+            self.l2.fence.hold(vip, deadline, self._clock.monotonic())
+
+    def _release(self, vip: IPAddress) -> None:
+        assert self.l2 is not None
+        self._held[vip] = None
+        try:
+            self.l2.fence.release(vip)
+        except L2Error as exc:  # the address goes anyway
+            log.error("vip.fence_failed", vip=str(vip), error=str(exc))
+
+    async def _fence_loop(self) -> None:
+        """Move each held L2 VIP's kernel fence to the deadline of the last
+        renewed lease (checked every FENCE_REFRESH s; a call only when the
+        deadline moved). A process that stops here leaves the kernel to
+        stop answering at the last deadline by itself."""
+        while True:
+            for vip, l2 in self.vips.items():
+                machine = self.ownership.machines[vip]
+                if l2 and machine.has_vip and machine.role is Role.OWNER \
+                        and machine.fence_deadline() != self._held.get(vip):
+                    try:
+                        self._hold(vip)
+                    except L2Error as exc:
+                        log.error("vip.fence_failed", vip=str(vip), error=str(exc))
+            await self._clock.sleep(FENCE_REFRESH)
+
     async def _take(self, vip: IPAddress, term: int) -> None:
         if self.vips.get(vip) and self.l2 is not None:
+            self._hold(vip)
             await self.l2.take(vip, term)
         self._changed()
 
@@ -211,9 +264,15 @@ class OwnershipPart:
         if self.vips.get(vip) and self.l2 is not None:
             await self.l2.announce(vip, term)
 
+    async def _resign(self, vip: IPAddress, term: int) -> None:
+        if self.vips.get(vip) and self.l2 is not None:
+            self._release(vip)
+            await self.l2.quiet(vip, term)
+
     async def _drop(self, vip: IPAddress, term: int, reason: str) -> None:
         try:
             if self.vips.get(vip) and self.l2 is not None:
+                self._release(vip)
                 await self.l2.drop(vip, term, reason)
         finally:
             self._changed()

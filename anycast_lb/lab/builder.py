@@ -90,7 +90,7 @@ def load() -> Lab:
     t = st.topology
     topo = T.plan(int(t.get("nodes", 3)), int(t.get("backends", 3)), bool(t.get("bfd")),
                   bool(t.get("flow_survival")), bool(t.get("consensus")),
-                  t.get("engine") == "kernel")
+                  t.get("engine") == "kernel", bool(t.get("l2")))
     return Lab(topo, st, state.RUN_DIR, str(t.get("mode", "node")))
 
 
@@ -132,6 +132,33 @@ def _link(lab: Lab) -> None:
         _direct_return(topo)
     if topo.consensus:
         etcd.link(lab.state, topo)
+    if topo.l2:
+        _link_l2(topo)
+
+
+L2_NODE_SYSCTLS: dict[str, str | int] = {
+    # A standby's listeners bind the elected VIPs it does not hold (the owner
+    # adds the address on lan0 when it wins, docs/l2.md).
+    "net.ipv4.ip_nonlocal_bind": 1,
+    "net.ipv6.ip_nonlocal_bind": 1,
+}
+
+
+def _link_l2(topo: Topology) -> None:
+    """The L2 lab: the ARP client and the prober on the backend LAN's bridge,
+    IPv6 on that LAN, and the node sysctls ``via: l2`` needs."""
+    plen6 = T.L2_PREFIX6.prefixlen
+    for node in topo.nodes:
+        netns.sysctls(node.ns, L2_NODE_SYSCTLS)
+        netns.run(["ip", "addr", "add", f"{T.l2_node_address6(node)}/{plen6}", "dev",
+                   node.lan_if, "nodad"], ns=node.ns)
+    for ns, port, v4, v6 in ((topo.arp_ns, "p-arp", T.L2_CLIENT, T.L2_CLIENT6),
+                             (topo.probe_ns, "p-probe", T.L2_PROBE, T.L2_PROBE6)):
+        netns.veth(ns, "lan0", topo.lan_ns, port)
+        netns.run(["ip", "link", "set", port, "master", "br0"], ns=topo.lan_ns)
+        netns.addr(ns, "lan0", f"{v4}/{topo.lan_prefixlen}")
+        netns.run(["ip", "addr", "add", f"{v6}/{plen6}", "dev", "lan0", "nodad"], ns=ns)
+        netns.sysctls(ns, CLIENT_SYSCTLS)
 
 
 def _direct_return(topo: Topology) -> None:
@@ -194,7 +221,7 @@ def start_node(lab: Lab, node: Node) -> None:
 
 def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "node",
        timeout: float = 30.0, flow_survival: bool = False, consensus: bool = False,
-       engine: str = "relay") -> Lab:
+       engine: str = "relay", l2: bool = False) -> Lab:
     """Build the lab and wait until the router has one next hop per node.
 
     ``engine``: the nodes' ``forwarding.engine``, ``relay`` or ``kernel``
@@ -203,11 +230,15 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     ``consensus``: also a 3-member etcd cluster on the management segment
     (:mod:`anycast_lb.lab.etcd`), ready (every member answering, a leader)
     before the nodes start; each node config gets a ``consensus:`` section.
+    ``l2`` (implies ``consensus``): the ARP client and prober on the backend
+    LAN and ``via: l2`` services on every node (:mod:`anycast_lb.lab.l2`);
+    also waits until the highest-priority node owns both elected VIPs.
 
     Raises LabError (UnsafeLab for safety refusals); on failure the caller
     should run :func:`down` (the CLI does)."""
     if mode not in MODES:
         raise LabError(f"mode must be one of {', '.join(MODES)}")
+    consensus = consensus or l2
     if flow_survival and mode != "node":
         raise LabError("flow survival needs the real node (--mode node)")
     if consensus and mode != "node":
@@ -224,7 +255,7 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     if state.load() is not None or netns.lab_namespaces():
         raise LabError("a lab is already up (or left over): run `anycast-lb lab down` first")
     netns.check_root_namespace()
-    topo = T.plan(n_nodes, n_backends, bfd, flow_survival, consensus, engine == "kernel")
+    topo = T.plan(n_nodes, n_backends, bfd, flow_survival, consensus, engine == "kernel", l2)
     if flow_survival:
         nodes.check_cluster_support(topo)  # before anything is built
     run_dir = state.RUN_DIR
@@ -233,7 +264,7 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
     st = LabState(topology={"nodes": n_nodes, "backends": n_backends, "bfd": bfd,
                             "mode": mode, "vip": str(topo.vip),
                             "flow_survival": flow_survival, "consensus": consensus,
-                            "engine": engine})
+                            "engine": engine, "l2": l2})
     st.save()
     lab = Lab(topo, st, run_dir, mode)
     for name in topo.namespaces:
@@ -251,6 +282,10 @@ def up(n_nodes: int = 3, n_backends: int = 3, bfd: bool = False, mode: str = "no
         netns.wait_for(lambda ns=be.ns: _listening(ns, T.BACKEND_ECHO_PORT), 10.0,
                        f"backend server in {be.ns}")
     wait_complete(lab, timeout)
+    if topo.l2:
+        from anycast_lb.lab import l2 as l2lab
+
+        l2lab.wait_owner(lab, topo.nodes[0], timeout)
     return lab
 
 

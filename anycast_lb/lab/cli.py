@@ -30,6 +30,7 @@ from anycast_lb.lab import (
     scenarios,
     state,
 )
+from anycast_lb.lab import l2 as l2_
 from anycast_lb.lab import topology as T
 
 
@@ -72,15 +73,19 @@ def lab() -> None:
               help="The nodes' forwarding.engine. kernel: nftables with direct server "
                    "return (the router on the backend LAN as the backends' gateway, the "
                    "VIP on each backend's lo, echo service on VIP port 9000).")
+@click.option("--l2", is_flag=True,
+              help="Implies --consensus: an ARP client (alb-arp) and a prober (alb-probe) "
+                   "on the backend LAN, and via: l2 services (VIPs 198.51.100.140, "
+                   "2001:db8:100::10) on every node (docs/l2.md).")
 def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool,
-       consensus: bool, engine: str) -> None:
+       consensus: bool, engine: str, l2: bool) -> None:
     """Build the lab and wait until the router has one ECMP path per node."""
     _need_root()
     started = time.monotonic()
     with _errors():
         try:
             lab_ = builder.up(n_nodes, n_backends, bfd, mode, flow_survival=flow_survival,
-                              consensus=consensus, engine=engine)
+                              consensus=consensus, engine=engine, l2=l2)
         except (AnycastLBError, KeyboardInterrupt):
             builder.down()
             raise
@@ -88,7 +93,8 @@ def up(n_nodes: int, n_backends: int, bfd: bool, mode: str, flow_survival: bool,
                f"{n_nodes} node(s), {n_backends} backend(s), mode {mode}"
                + (", BFD" if bfd else "") + (", flow survival" if flow_survival else "")
                + (", kernel engine" if engine == "kernel" else "")
-               + (f", etcd {', '.join(lab_.topo.etcd_urls())}" if consensus else ""))
+               + (f", etcd {', '.join(lab_.topo.etcd_urls())}" if lab_.topo.consensus else "")
+               + (f", L2 VIPs {T.L2_VIP} and {T.L2_VIP6} owned by lb1" if l2 else ""))
     click.echo(f"try: ip netns exec {lab_.topo.client_ns} curl http://{lab_.topo.vip}:"
                f"{T.WEB_PORT}/   |   anycast-lb lab status")
 
@@ -144,6 +150,10 @@ def status_data(lab_: builder.Lab) -> dict[str, Any]:
         "backends": [{"name": b.name, "namespace": b.ns, "address": str(b.address),
                       "pid": pid("server", b.name)} for b in topo.backends],
         "consensus": topo.consensus,
+        "l2": ({"client": {"namespace": topo.arp_ns, "address": str(T.L2_CLIENT)},
+                "prober": {"namespace": topo.probe_ns, "address": str(T.L2_PROBE)},
+                "vips": {vip: l2_.holders(lab_, vip) for vip in l2_.vips(lab_)}}
+               if topo.l2 else None),
         "etcd": {"management_prefix": str(T.MGMT_PREFIX) if topo.consensus else None,
                  "cluster": T.CONSENSUS_CLUSTER if topo.consensus else None,
                  "members": etcd.members_status(st, topo)},
@@ -172,19 +182,24 @@ def status(as_json: bool) -> None:
                    f"anycast-lb {p['anycast_lb']} exabgp {p['exabgp']}  api {n['api']}")
     for b in data["backends"]:
         click.echo(f"  {b['name']:4} ns {b['namespace']:9} {b['address']:14} pid {b['pid']}")
+    if data["l2"]:
+        for vip, held in data["l2"]["vips"].items():
+            click.echo(f"  L2 VIP {vip} held by {', '.join(held) or 'nobody'}")
     for m in data["etcd"]["members"]:
         click.echo(f"  {m['name']:5} ns {m['namespace']:10} {m['client_url']:26} pid {m['pid']} "
                    + ("leader" if m["leader"] else "answering" if m["answering"] else "DOWN"))
 
 
 ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS, *abuse.ABUSE_SCENARIOS,
-                 *consensus_scenarios.CONSENSUS_SCENARIOS]
+                 *consensus_scenarios.CONSENSUS_SCENARIOS, *l2_.L2_SCENARIOS]
 
 
 def _run_any(lab_: builder.Lab, name: str, out_dir: Path, victim: str = "lb1",
              rate: float | None = None) -> dict[str, Any]:
     if name in flow_scenarios.FLOW_SCENARIOS:
         return flow_scenarios.run_flow_scenario(lab_, name, out_dir, victim)
+    if name in l2_.L2_SCENARIOS:
+        return l2_.run_l2_scenario(lab_, name, out_dir, victim)
     return scenarios.run_scenario(
         lab_, name, out_dir, victim, rate,
         scenario=abuse.ABUSE_SCENARIOS.get(name)
@@ -197,12 +212,14 @@ def _print_results(results: list[dict[str, Any]]) -> None:
     agreed = consensus_scenarios.CONSENSUS_SCENARIOS
     failover = [scenarios.summary_row(r) for r in results
                 if "flows_total" not in r and r["scenario"] not in abuse.ABUSE_SCENARIOS
-                and r["scenario"] not in agreed]
+                and r["scenario"] not in agreed and r["scenario"] not in l2_.L2_SCENARIOS]
     flows = [flow_scenarios.summary_row(r) for r in results if "flows_total" in r]
     attacks = [abuse.summary_row(r) for r in results if r["scenario"] in abuse.ABUSE_SCENARIOS]
     consensus = [consensus_scenarios.summary_row(r) for r in results if r["scenario"] in agreed]
+    owned = [l2_.summary_row(r) for r in results if r["scenario"] in l2_.L2_SCENARIOS]
     tables = [(failover, scenarios.SUMMARY_HEADER), (flows, flow_scenarios.SUMMARY_HEADER),
-              (attacks, abuse.SUMMARY_HEADER), (consensus, consensus_scenarios.SUMMARY_HEADER)]
+              (attacks, abuse.SUMMARY_HEADER), (consensus, consensus_scenarios.SUMMARY_HEADER),
+              (owned, l2_.SUMMARY_HEADER)]
     for i, (rows, header) in enumerate(t for t in tables if t[0]):
         if i:
             click.echo("")
@@ -280,13 +297,17 @@ def down() -> None:
                    + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + "; with --bfd also "
                    "flows-node-silent); results under "
                    "OUT/kernel/. --engine kernel alone runs only that phase.")
+@click.option("--l2", is_flag=True,
+              help="The L2 lab (implies --consensus, no flow survival); adds the l2-* "
+                   "scenarios (VIP moved by gratuitous ARP / NA, docs/l2.md).")
 def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-         flow_survival: bool, consensus: bool, engines: tuple[str, ...]) -> None:
+         flow_survival: bool, consensus: bool, l2: bool,
+         engines: tuple[str, ...]) -> None:
     """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
     _need_root()
     all_results: list[dict[str, Any]] = []
     if "relay" in engines:
-        all_results += _relay_phase(out_dir, bfd, mode, only, flow_survival, consensus)
+        all_results += _relay_phase(out_dir, bfd, mode, only, flow_survival, consensus, l2)
     if "kernel" in engines:
         all_results += _kernel_phase(out_dir / "kernel", bfd, only)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,21 +342,27 @@ def _kernel_phase(out_dir: Path, bfd: bool, only: tuple[str, ...]) -> list[dict[
 
 
 def _relay_phase(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-                 flow_survival: bool, consensus: bool) -> list[dict[str, Any]]:
+                 flow_survival: bool, consensus: bool, l2: bool) -> list[dict[str, Any]]:
     """The relay engine's lab and every scenario of the demo on it, down."""
     all_results: list[dict[str, Any]] = []
     flow_survival = flow_survival and mode == "node"  # static mode runs no node
     agreed = consensus_scenarios.CONSENSUS_SCENARIOS
     if any(name in agreed for name in only):
         consensus = True
+    if any(name in l2_.L2_SCENARIOS for name in only):
+        l2 = True
+    # Flow survival takes IPv4 VIPs only, and the elected VIPs have one
+    # owner at a time anyway: the L2 demo runs without it.
+    flow_survival = flow_survival and not l2
     with _errors():
         started = time.monotonic()
         try:
             lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival,
-                              consensus=consensus)
+                              consensus=consensus, l2=l2)
             click.echo(f"lab up in {time.monotonic() - started:.1f} s"
                        + (" (flow survival)" if flow_survival else "")
-                       + (" (consensus)" if consensus else ""))
+                       + (" (consensus)" if lab_.topo.consensus else "")
+                       + (" (L2)" if l2 else ""))
             descriptions = {**{n: (s.description, s.needs_node, s.in_demo)
                                for n, s in scenarios.SCENARIOS.items()},
                             **{n: (s.description, True, s.in_demo)
@@ -344,12 +371,16 @@ def _relay_phase(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
                                for n, s in abuse.ABUSE_SCENARIOS.items()
                                if flow_survival or not s.needs_flow_survival},
                             **{n: (s.description, True, s.in_demo)
-                               for n, s in agreed.items() if consensus}}
+                               for n, s in agreed.items() if consensus},
+                            **{n: (s.description, True, s.in_demo)
+                               for n, s in l2_.L2_SCENARIOS.items() if l2}}
             for name, (description, needs_node, in_demo) in descriptions.items():
                 if (only and name not in only) or (not only and not in_demo) \
                         or (needs_node and mode == "static"):
                     continue
-                target = (agreed[name].target(lab_).text if name in agreed else "")
+                target = (agreed[name].target(lab_).text if name in agreed
+                          else l2_.target_text(l2_.L2_SCENARIOS[name], nodes.L2_LEASE_TTL_S)
+                          if name in l2_.L2_SCENARIOS else "")
                 click.echo(f"running {name}: {description}"
                            + (f" (target: {target})" if target else ""))
                 all_results.append(_run_any(lab_, name, out_dir / name))

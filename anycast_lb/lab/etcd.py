@@ -34,7 +34,11 @@ from anycast_lb.lab import topology as T
 from anycast_lb.lab.state import LabState, Proc
 from anycast_lb.lab.topology import EtcdMember, Topology
 
-DATA_DIR = Path(os.environ.get("ANYCAST_LB_LAB_DATA", "/var/lib/anycast-lb-lab"))
+DATA_DIR = Path(os.environ.get(
+    "ANYCAST_LB_LAB_DATA",
+    "/var/lib/anycast-lb-lab" + ("" if T.NS_PREFIX == "alb-" else "-" + T.NS_PREFIX[:-1])))
+"""One per namespace prefix, so two labs side by side never share (or
+remove) each other's etcd data."""
 ROLE = "etcd"
 HEARTBEAT_MS = 50
 ELECTION_MS = 500

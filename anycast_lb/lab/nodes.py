@@ -114,11 +114,49 @@ def node_config(topo: Topology, node: Node, token_file: Path) -> dict[str, Any]:
             service["maglev_table_size"] = KERNEL_TABLE_SIZE
     if topo.consensus:
         config["consensus"] = consensus_section(topo)
+    if topo.l2:
+        config["services"] += l2_services(topo, health)
+        config["election"] = l2_election_section(node)
     return config
 
 
 KERNEL_TABLE_SIZE = 4099
 """Maglev table size of the kernel engine's lab services (a prime)."""
+
+
+L2_LEASE_TTL_S = 1.0
+L2_REQUEST_TIMEOUT_S = 0.2
+L2_SAFETY_MARGIN_S = 0.25
+
+
+def l2_priority(node: Node) -> int:
+    """lb1 200, lb2 150, lb3 100...: lb1 owns the elected VIPs when it can."""
+    return max(0, 250 - 50 * node.index)
+
+
+def l2_election_section(node: Node) -> dict[str, Any]:
+    """The node's ``election:`` section in the L2 lab (docs/l2.md)."""
+    return {"priority": l2_priority(node), "preempt": True,
+            "safety_margin": L2_SAFETY_MARGIN_S, "interface": node.lan_if}
+
+
+def l2_services(topo: Topology, health: dict[str, Any]) -> list[dict[str, Any]]:
+    """TCP echo (port 80) and UDP echo (port 9000) on each elected VIP, ``via: l2``."""
+    announce = {"mode": "active_passive", "via": "l2"}
+    out: list[dict[str, Any]] = []
+    for suffix, vip in (("", T.L2_VIP), ("6", T.L2_VIP6)):
+        out += [
+            {"name": f"l2-echo{suffix}", "vip": str(vip), "port": T.SERVICE_PORT,
+             "protocol": "tcp", "announce": announce, "health": health,
+             "backends": [{"address": str(b.address), "port": T.BACKEND_ECHO_PORT}
+                          for b in topo.backends]},
+            {"name": f"l2-udp{suffix}", "vip": str(vip), "port": T.UDP_PORT,
+             "protocol": "udp", "announce": announce, "health": health,
+             "backends": [{"address": str(b.address), "port": T.BACKEND_ECHO_PORT}
+                          for b in topo.backends]},
+        ]
+    return out
+
 
 CONSENSUS_LEASE_TTL_S = 2.0
 CONSENSUS_REQUEST_TIMEOUT_S = 0.5
@@ -126,10 +164,11 @@ CONSENSUS_REQUEST_TIMEOUT_S = 0.5
 
 def consensus_section(topo: Topology) -> dict[str, Any]:
     """The node's ``consensus:`` section: the lab's etcd members on the
-    management segment, cluster ``lab``."""
+    management segment, cluster ``lab`` (L2 lab: ``lease_ttl`` 1 s)."""
     return {"endpoints": topo.etcd_urls(), "cluster": T.CONSENSUS_CLUSTER,
-            "lease_ttl": CONSENSUS_LEASE_TTL_S,
-            "request_timeout": CONSENSUS_REQUEST_TIMEOUT_S}
+            "lease_ttl": L2_LEASE_TTL_S if topo.l2 else CONSENSUS_LEASE_TTL_S,
+            "request_timeout": L2_REQUEST_TIMEOUT_S if topo.l2
+            else CONSENSUS_REQUEST_TIMEOUT_S}
 
 
 CLUSTER_KEY = "cluster.key"
@@ -245,9 +284,9 @@ def api_request(ns: str, method: str, path: str, token: str | None = None,
     Returns (status, parsed JSON body or text). Raises LabError when the
     API cannot be reached."""
     host, port = parse_host_port(T.API_LISTEN)
+    with entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        with entered(ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect((str(host), port))
         conn = http.client.HTTPConnection(str(host), port, timeout=timeout)
@@ -258,6 +297,7 @@ def api_request(ns: str, method: str, path: str, token: str | None = None,
         body = response.read().decode("utf-8", "replace")
         conn.close()
     except OSError as exc:
+        sock.close()
         raise LabError(f"node API in {ns} ({T.API_LISTEN}): {exc}") from exc
     try:
         return response.status, json.loads(body)

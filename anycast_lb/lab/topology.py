@@ -33,6 +33,12 @@
   ports: the echo service is on port 9000 of the VIP, not 80). Client
   packets reach a node on its uplink (the nft ingress hook) and leave on
   its LAN leg for the backend.
+- With L2 (``lab up --l2``, implies consensus): the backend LAN is also the
+  VIPs' segment. An ARP client ``alb-arp`` (198.51.100.190,
+  2001:db8:100::be) and a prober ``alb-probe`` (198.51.100.191,
+  2001:db8:100::bf) sit on its bridge; node i also has 2001:db8:100::(80+i)
+  on ``lan0``. The elected VIPs 198.51.100.140 and 2001:db8:100::10 are on
+  no node until the owner adds one.
 
 Every address comes from 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737);
 never 192.0.2.0/24, which the machine's uplink may use.
@@ -79,6 +85,15 @@ client, not the router."""
 CONSENSUS_CLUSTER = "lab"
 """Keys live under ``/anycast-lb/lab/``."""
 MAX_BACKENDS = 8
+L2_VIP = ipaddress.IPv4Address("198.51.100.140")
+"""L2 lab: the elected IPv4 VIP on the backend LAN (moved by gratuitous ARP)."""
+L2_PREFIX6 = ipaddress.IPv6Network("2001:db8:100::/64")
+L2_VIP6 = ipaddress.IPv6Address("2001:db8:100::10")
+"""L2 lab: the elected IPv6 VIP (moved by unsolicited NA)."""
+L2_CLIENT = ipaddress.IPv4Address("198.51.100.190")
+L2_CLIENT6 = ipaddress.IPv6Address("2001:db8:100::be")
+L2_PROBE = ipaddress.IPv4Address("198.51.100.191")
+L2_PROBE6 = ipaddress.IPv6Address("2001:db8:100::bf")
 ROUTER_AS = 65000
 NODE_AS = 65100
 VIP = ipaddress.IPv4Address("198.51.100.10")
@@ -172,12 +187,19 @@ class Topology:
     etcd: tuple[EtcdMember, ...] = ()
     """With consensus: the etcd members on the management segment (empty
     without: the lab is built exactly as before)."""
+    l2: bool = False
+    """The L2 lab: an ARP client and a prober on the backend LAN, and
+    ``via: l2`` services (elected VIPs L2_VIP, L2_VIP6) on every node."""
     mgmt_ns: str = NS_PREFIX + "mgmt"
     mgmt_if: str = "mgmt0"
     """Interface name of a node on the management segment."""
     client_ns: str = NS_PREFIX + "client"
     router_ns: str = NS_PREFIX + "router"
     lan_ns: str = NS_PREFIX + "lan"
+    arp_ns: str = NS_PREFIX + "arp"
+    """L2 lab: the client on the VIPs' segment (traffic and capture)."""
+    probe_ns: str = NS_PREFIX + "probe"
+    """L2 lab: asks who has the VIPs (broadcast ARP, NS) and records who answers."""
     client_address: ipaddress.IPv4Address = ipaddress.IPv4Address("203.0.113.2")
     router_client_address: ipaddress.IPv4Address = ipaddress.IPv4Address("203.0.113.1")
     vip: ipaddress.IPv4Address = VIP
@@ -203,6 +225,7 @@ class Topology:
             + ([self.mgmt_ns] + [m.ns for m in self.etcd] if self.etcd else [])
             + [n.ns for n in self.nodes]
             + [b.ns for b in self.backends]
+            + ([self.arp_ns, self.probe_ns] if self.l2 else [])
         )
 
     @property
@@ -234,12 +257,18 @@ class Topology:
         return {str(n.address): n.name for n in self.nodes}
 
 
+def l2_node_address6(node: Node) -> ipaddress.IPv6Address:
+    """L2 lab: node i's IPv6 address on the backend LAN."""
+    return L2_PREFIX6.network_address + 0x80 + node.index
+
+
 def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
          flow_survival: bool = False, consensus: bool = False,
-         kernel: bool = False) -> Topology:
+         kernel: bool = False, l2: bool = False) -> Topology:
     """The address plan for ``nodes`` nodes and ``backends`` backends
     (``consensus``: plus ETCD_MEMBERS etcd members on the management segment;
-    ``kernel``: the kernel engine's direct server return, see above).
+    ``kernel``: the kernel engine's direct server return, see above;
+    ``l2`` implies ``consensus``).
 
     Raises ValueError outside 1..MAX_NODES / 1..MAX_BACKENDS.
     """
@@ -280,12 +309,12 @@ def plan(nodes: int = 3, backends: int = 3, bfd: bool = False,
                    address=MGMT_PREFIX.network_address + 16 + k,
                    mgmt_if="mgmt0", bridge_port=f"p-etcd{k}")
         for k in range(1, ETCD_MEMBERS + 1)
-    ) if consensus else ()
+    ) if consensus or l2 else ()
     if kernel and flow_survival:
         raise ValueError("the kernel engine needs no flow survival (every node hashes a flow "
                          "to the same backend)")
     return Topology(nodes=node_list, backends=backend_list, bfd=bfd,
-                    flow_survival=flow_survival, etcd=etcd, kernel=kernel)
+                    flow_survival=flow_survival, etcd=etcd, kernel=kernel, l2=l2)
 
 
 def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
@@ -298,6 +327,8 @@ def all_addresses(topo: Topology) -> list[ipaddress.IPv4Address]:
         out.append(topo.router_lan_address)
     if topo.consensus:
         out += [mgmt_address(n) for n in topo.nodes] + [m.address for m in topo.etcd]
+    if topo.l2:
+        out += [L2_VIP, L2_CLIENT, L2_PROBE]
     return out
 
 

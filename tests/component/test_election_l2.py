@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,8 +32,10 @@ import pytest
 
 from anycast_lb.config import ConsensusConfig, ElectionConfig, ServiceConfig
 from anycast_lb.election.etcd import IPAddress, L2VipActions
+from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.part import OwnershipPart
+from anycast_lb.lab.netns import entered
 from tests.component.etcd import EtcdMember
 from tests.waiting import wait_until
 
@@ -104,13 +106,8 @@ class NsAnnouncer(L2Announcer):
         self.sent_at.append(time.monotonic())
 
     def open(self) -> None:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)
-        try:
+        with entered(self.ns):
             super().open()
-        finally:
-            popns()
 
 
 class NsAddresses(VipAddresses):
@@ -122,19 +119,33 @@ class NsAddresses(VipAddresses):
         self.ns = ns
 
     def _call(self, command: str, vip: IPAddress) -> bool:
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.ns)
-        try:
+        with entered(self.ns):
             return super()._call(command, vip)
-        finally:
-            popns()
+
+
+class NsFence(KernelFence):
+    """The kernel fence's nftables commands run inside ``ns``."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__()
+        self.ns = ns
+
+    def run(self, script: str) -> None:
+        with entered(self.ns):
+            super().run(script)
 
 
 class NsActions(L2VipActions):
     def __init__(self, ns: str, interface: str) -> None:
+        self.ns = ns
         self.addresses = NsAddresses(ns, interface)
+        self.quiet_addresses = NsAddresses(ns, "lo")
         self.announcer = NsAnnouncer(ns, interface)
+        self.fence = NsFence(ns)
+
+    def prepare(self, vips: Sequence[IPAddress] = ()) -> None:
+        with entered(self.ns):  # the interface's sysctls are the namespace's
+            super().prepare(vips)
 
 
 def part(name: str, priority: int, dev: str, ns: str, etcd: EtcdMember,

@@ -281,3 +281,16 @@ def test_another_owner_with_a_higher_term_supersedes_a_stale_self_view() -> None
     m.keepalive_ok(0.3, 0.3)
     assert m.observe(OwnerRecord("b", 15, 8, True), (), 15, 0.4) == [Drop(10, "superseded")]
     assert m.role is Role.STANDBY
+
+
+def test_an_advertisement_that_did_not_reach_etcd_is_sent_again() -> None:
+    m = machine()
+    out = m.lease_granted(LEASE, 1.0, 0.0, 0.0) + m.set_qualifies(True, 0.0)
+    assert out.count(Advertise(True)) == 1
+    assert Advertise(True) not in m.tick(0.1)
+    assert Advertise(True) in m.advertise_failed(True, 0.2)
+    # A failed withdrawal of the candidate key is sent again as well.
+    assert m.set_qualifies(False, 0.3).count(Advertise(False)) == 1
+    assert Advertise(False) in m.advertise_failed(False, 0.4)
+    # A failure report about a state the machine has left changes nothing.
+    assert Advertise(True) not in m.advertise_failed(True, 0.5)
