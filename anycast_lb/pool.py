@@ -111,17 +111,21 @@ class _Table:
     indexes into ``backends``; ``ready`` is set at the same time.
     """
 
-    __slots__ = ("backends", "table", "ready", "digest")
+    __slots__ = ("backends", "table", "ready", "digest", "ready_at")
 
     def __init__(self, backends: tuple[Backend, ...], table: array[int] | None = None) -> None:
         self.backends = backends
         self.table = table
         self.ready = threading.Event()
         self.digest: str | None = None
+        self.ready_at: float | None = None
+        """Wall clock s since the epoch when the table was in place."""
         if table is not None:
+            self.ready_at = time.time()
             self.ready.set()
 
     def fill(self, table: array[int]) -> None:
+        self.ready_at = time.time()
         self.table = table  # one assignment: readers see None or all of it
         self.ready.set()
 
@@ -233,6 +237,47 @@ class Pool:
         h.update(built.tobytes())
         table.digest = h.hexdigest()[:12]
         return table.digest
+
+    def table_since(self) -> float | None:
+        """Wall clock s since the epoch when the current selection's table
+        was in place (published with a cached or trivial table, or filled by
+        its build); None while it is being built. The moment
+        :meth:`table_digest` became true of the pool."""
+        return self._selection.table.ready_at
+
+    def prepare(self, keys: Collection[str]) -> bool:
+        """Build, in the background and into the table cache, the Maglev
+        table the pool would need if exactly ``keys`` were its up backends,
+        so a later :meth:`set_up_set` of that set publishes a ready table at
+        once instead of answering from the fallback while it builds (tens of
+        ms at 65537 slots, hundreds on a loaded machine). With consensus the
+        agent prepares the set without a backend as soon as one member votes
+        it down, before a majority does. Returns True when a build started;
+        nothing is published and no state changes."""
+        if self.service.balance is not Balance.MAGLEV:
+            return False
+        wanted = frozenset(keys)
+        up = tuple(b for b in self.backends if b.key in wanted and not b.config.drain)
+        if len(up) < 2:
+            return False
+        key = _table_key(up, self.service.maglev_table_size)
+        if _TABLES.peek(key) or not _PREPARING.claim(key):
+            return False
+
+        def job() -> None:
+            try:
+                _cached_table(*key, pause=_GilYield())
+            except Exception as exc:  # a bug; the set's own build retries
+                log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
+            finally:
+                _PREPARING.release(key)
+        try:
+            self.run_build(job)
+        except Exception as exc:
+            _PREPARING.release(key)
+            log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
+            return False
+        return True
 
     def set_up_set(self, keys: Collection[str]) -> list[Backend]:
         """Make exactly ``keys`` the up backends, published as one selection
@@ -447,6 +492,11 @@ class _TableCache:
                 self._tables.move_to_end(key)
             return table
 
+    def peek(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> bool:
+        """Whether ``key`` is cached (its place in the LRU order unchanged)."""
+        with self._lock:
+            return key in self._tables
+
     def put(self, key: tuple[tuple[str, ...], tuple[int, ...], int], table: array[int]) -> None:
         with self._lock:
             self._tables[key] = table
@@ -460,6 +510,28 @@ class _TableCache:
 
 
 _TABLES = _TableCache(capacity=8)
+
+
+class _Claims:
+    """Table keys being prepared (:meth:`Pool.prepare`): one build each."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[tuple[str, ...], tuple[int, ...], int]] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> bool:
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+
+_PREPARING = _Claims()
 
 
 def _cached_table(

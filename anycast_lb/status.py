@@ -123,6 +123,9 @@ class ServiceStatus(_Model):
     table_revision: int | None = None
     """With consensus: the etcd revision of the view whose agreed set the
     table holds (None standalone)."""
+    table_since: float | None = None
+    """Wall clock s since the epoch when the table of ``table_digest`` was
+    in place on this node (None while it is being built)."""
 
 
 class BgpStatus(_Model):
@@ -390,5 +393,6 @@ def service_status(
         "refused": data.refused(service.name)[0],
         "table_digest": pool.table_digest(),
         "table_revision": table_revision,
+        "table_since": pool.table_since(),
         **bgp_fields,
     })
