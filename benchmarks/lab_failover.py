@@ -2,10 +2,10 @@
 
 Runs, each in a fresh lab of three nodes:
 
-1. ``anycast-lb lab demo --no-flow-survival``: every scenario (failover and
-   flows-*) with plain anycast, the baseline;
-2. ``anycast-lb lab demo``: the same with flow survival (skipped with
-   ``--no-flow-survival``, as are 5);
+1. ``anycast-lb lab demo --no-flow-survival --no-consensus``: every
+   scenario (failover and flows-*) with plain anycast, the baseline;
+2. ``anycast-lb lab demo --no-consensus``: the same with flow survival
+   (skipped with ``--no-flow-survival``, as are 5);
 3. ``anycast-lb lab demo --no-flow-survival --bfd --scenario node-silent``:
    silent node death with FRR bfdd beside ExaBGP;
 4. ``anycast-lb lab demo --no-flow-survival --bfd --scenario flows-...``: the
@@ -146,9 +146,11 @@ def main() -> int:
         if args.group == "consensus":
             continue
         plain = "--no-flow-survival"
-        results += run_demo(base, plain)
+        # The consensus scenarios ran above, in a lab of their own.
+        results += run_demo(base, plain, "--no-consensus")
         if not args.no_flow_survival:
-            results += run_demo(base.with_name(base.name + "-fs"), "--flow-survival")
+            results += run_demo(base.with_name(base.name + "-fs"), "--flow-survival",
+                                "--no-consensus")
         results += run_demo(base.with_name(base.name + "-bfd"), plain, "--bfd",
                             "--scenario", "node-silent")
         results += run_demo(base.with_name(base.name + "-flows-bfd"), plain, "--bfd",

@@ -860,35 +860,36 @@ CONSENSUS_SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
                 "victim isolated within 5 s and resynced within 5 s of the heal",
                 zero_new_failures=True, fib_unchanged=True),
              post_s=lambda lab: PARTITION_S + 7.0, prepare=_prepare, setup=_need_consensus,
-             finish=_finish_partition, in_demo=False),
+             finish=_finish_partition),
     Scenario("config-push", "cluster push of a pool adding be3 and removing be1 (baseline "
              "be1+be2)", _push_inject, _push_recover, False,
              _t("same new digest on every node within 1 s of the push, 0 failed new "
                 "connections, flows on the removed backend end cleanly",
                 zero_new_failures=True, fib_unchanged=True),
              post_s=lambda lab: 4.0, prepare=_push_prepare, setup=_push_setup,
-             finish=_push_finish, in_demo=False),
+             finish=_push_finish),
     Scenario("health-disagreement", "the victim alone loses reach to be1 (nft reject)",
              _lose_be1, _clear_and_mark, False,
              _t("agreed set keeps be1, digests equal throughout, 0 failed new connections",
                 zero_new_failures=True, fib_unchanged=True),
              post_s=lambda lab: 4.0, prepare=_disagree_prepare, setup=_need_consensus,
-             finish=_disagree_finish, in_demo=False),
+             finish=_disagree_finish),
     Scenario("backend-kill-agreed", f"SIGKILL of be1, {KILLS} times (restarted in between)",
              _kill_loop, _restart_backend, False,
              _t(f"majority detection -> identical new digest everywhere, p99 <= "
                 f"{KILL_P99_MS:.0f} ms over >= {KILLS} kills; 0 withdraws",
                 fib_unchanged=True),
              post_s=lambda lab: KILL_LOOP_S + 2.0, prepare=_kill_prepare,
-             setup=_need_consensus, finish=_kill_finish, in_demo=False),
+             setup=_need_consensus, finish=_kill_finish),
     Scenario("rolling-drain", "POST /drain to all three nodes within 100 ms",
              _drain_all, _undrain_all, False,
              _t("at most one drains at a time, withdraws one by one (>= 2 announce while "
                 "the first drains), all end drained"),
              post_s=lambda lab: 3 * (nodes.DRAIN_GRACE_S + nodes.DRAIN_TIMEOUT_S) + 4.0,
-             prepare=_prepare, setup=_need_consensus, finish=_drain_finish, in_demo=False),
+             prepare=_prepare, setup=_need_consensus, finish=_drain_finish),
 ]}
-"""``in_demo``: run by ``lab demo --consensus`` without ``--scenario``."""
+"""All of them run in ``lab demo`` (unless ``--no-consensus``), after the
+flows-* scenarios and before the floods."""
 
 
 def summary_row(result: dict[str, Any]) -> list[str]:
