@@ -84,11 +84,20 @@ class Backend:
     packets_in: int = 0
     packets_out: int = 0
     _key: str = field(init=False, repr=False)
+    _host: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Computed once: ``BackendConfig.key`` formats the address (~5 us),
-        # and a transition of a 1000-backend pool reads every key.
+        # and a transition of a 1000-backend pool reads every key. The key
+        # never changes (``Pool.update`` gives a backend a config of the
+        # same key only), so neither does the address.
         self._key = self.config.key
+        self._host = str(self.config.address)
+
+    @property
+    def host(self) -> str:
+        """The address as text (``str(config.address)``, formatted once)."""
+        return self._host
 
     @property
     def key(self) -> str:
@@ -101,7 +110,7 @@ class Backend:
 
     @property
     def sockaddr(self) -> tuple[str, int]:
-        return str(self.config.address), self.config.port
+        return self._host, self.config.port
 
 
 class _Table:

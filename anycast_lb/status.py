@@ -376,7 +376,7 @@ def service_status(
         "active_connections": data.service_active(service.name),
         "backends": [
             {
-                "address": str(b.config.address),
+                "address": b.host,
                 "port": b.config.port,
                 "weight": b.config.weight,
                 "state": "up" if b.up else "down",
