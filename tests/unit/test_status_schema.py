@@ -43,6 +43,7 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                           "connections_total": 120, "connect_failures": 0,
                           "bytes_in": 5120, "bytes_out": 81920}],
             "table_digest": "3f2a9c0d41be", "table_revision": 57,
+            "table_since": 1795813199.25,
         }],
         "bgp": None, "cluster": None, "workers": None,
         "limits": {"limit": 1024, "reserve": {"base": 16, "listeners": 1, "health": 1, "api": 257,
