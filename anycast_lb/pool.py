@@ -518,7 +518,11 @@ class _TableCache:
             self._tables.clear()
 
 
-_TABLES = _TableCache(capacity=8)
+TABLE_CACHE = 24
+"""Maglev tables kept (about 0.5 MB each at 65537 slots): the current ones,
+the previous ones a flap returns to, and those prepared ahead for single
+failures (:meth:`Pool.prepare`)."""
+_TABLES = _TableCache(capacity=TABLE_CACHE)
 
 
 class _Claims:

@@ -82,10 +82,14 @@ OnPoolChange = Callable[[str, Backend, bool], None]
 
 FAILED_READS = 2
 """Linearizable reads failing in a row that make a node isolated."""
-PREPARE_PER_SERVICE = 2
-"""Tables prepared ahead per service, one per backend some member votes
-down (the table cache holds 8; many contested backends at once are an
-outage of their own, where the builds on agreement are the lesser cost)."""
+PREPARE_CONTESTED = 2
+"""Tables prepared per service at each view, one per agreed-up backend some
+member votes down (many contested backends at once are an outage of their
+own, where the builds on agreement are the lesser cost)."""
+PREPARE_ALL_UP_TO = 8
+"""When a service's agreed set changes and holds at most this many
+backends, the table for each single failure is prepared too (the table
+cache holds ``pool.TABLE_CACHE`` tables, about 0.5 MB each at 65537 slots)."""
 
 
 class State(str, Enum):
@@ -375,14 +379,21 @@ class ConsensusAgent:
         pools = self._pools()
         agreed = view.agreed({s: [b.key for b in p.backends] for s, p in pools.items()})
         # Tables the next agreement may need, built before a majority forms
-        # (off the event loop), so it publishes a ready table at once.
+        # (off the event loop), so it publishes a ready table at once: first
+        # those without a backend some member already votes down.
         for service, backends in contested(agreed, view.members.keys(), view.votes).items():
-            for key in sorted(backends)[:PREPARE_PER_SERVICE]:
+            for key in sorted(backends)[:PREPARE_CONTESTED]:
                 pools[service].prepare(agreed[service] - {key})
         for service, up in agreed.items():
             changed = pools[service].set_up_set(up)
             previous = self.tables.get(service)
             self.tables[service] = ServiceTable(up, view.revision)
+            if (changed or previous is None) and len(up) <= PREPARE_ALL_UP_TO:
+                # A new agreed set: each single failure's table, ahead of
+                # time (a build takes ~50 ms of CPU, seconds on a starved
+                # machine; the contested head start alone is 100-300 ms).
+                for key in sorted(up):
+                    pools[service].prepare(up - {key})
             if changed:
                 log.event("consensus.agreed", service=service, revision=view.revision,
                           up=",".join(sorted(b.key for b in changed if b.up)),
