@@ -905,7 +905,9 @@ def summary_row(result: dict[str, Any]) -> list[str]:
         "health-disagreement": f"digest changes {result.get('digest_changed_views')}",
         "backend-kill-agreed": f"p50/p99 {result.get('agree_latency_p50_ms')}/"
                                f"{result.get('agree_latency_p99_ms')} ms "
-                               f"({result.get('kills_measured')} kills)",
+                               f"({result.get('kills_measured')} kills; polled "
+                               f"{result.get('visible_latency_p50_ms')}/"
+                               f"{result.get('visible_latency_p99_ms')})",
         "rolling-drain": f"most draining {result.get('most_draining_at_once')}, "
                          f"withdraws at {result.get('withdraw_ms')} ms",
     }.get(result["scenario"], "")
