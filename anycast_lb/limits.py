@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from anycast_lb.config import Engine, HealthKind, NodeConfig, Transport
@@ -126,9 +126,17 @@ class Budget:
         return self.limit - self.reserve.total
 
     def as_dict(self) -> dict[str, Any]:
-        """For ``/status``: every figure, with the reserve itemised."""
-        out = asdict(self)
-        out["reserve"]["total"] = self.reserve.total
+        """For ``/status``: every figure, with the reserve itemised. Built
+        field by field: ``dataclasses.asdict`` deep-copies every value and
+        took about a third of a ``/status`` answer."""
+        reserve: dict[str, Any] = {name: getattr(self.reserve, name)
+                                   for name in self.reserve.__dataclass_fields__}
+        reserve["total"] = self.reserve.total
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = reserve if name == "reserve" else (
+                dict(value) if isinstance(value, dict) else value)
         out["data"] = self.data
         return out
 

@@ -84,11 +84,20 @@ class Backend:
     packets_in: int = 0
     packets_out: int = 0
     _key: str = field(init=False, repr=False)
+    _host: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Computed once: ``BackendConfig.key`` formats the address (~5 us),
-        # and a transition of a 1000-backend pool reads every key.
+        # and a transition of a 1000-backend pool reads every key. The key
+        # never changes (``Pool.update`` gives a backend a config of the
+        # same key only), so neither does the address.
         self._key = self.config.key
+        self._host = str(self.config.address)
+
+    @property
+    def host(self) -> str:
+        """The address as text (``str(config.address)``, formatted once)."""
+        return self._host
 
     @property
     def key(self) -> str:
@@ -101,7 +110,7 @@ class Backend:
 
     @property
     def sockaddr(self) -> tuple[str, int]:
-        return str(self.config.address), self.config.port
+        return self._host, self.config.port
 
 
 class _Table:
@@ -111,17 +120,21 @@ class _Table:
     indexes into ``backends``; ``ready`` is set at the same time.
     """
 
-    __slots__ = ("backends", "table", "ready", "digest")
+    __slots__ = ("backends", "table", "ready", "digest", "ready_at")
 
     def __init__(self, backends: tuple[Backend, ...], table: array[int] | None = None) -> None:
         self.backends = backends
         self.table = table
         self.ready = threading.Event()
         self.digest: str | None = None
+        self.ready_at: float | None = None
+        """Wall clock s since the epoch when the table was in place."""
         if table is not None:
+            self.ready_at = time.time()
             self.ready.set()
 
     def fill(self, table: array[int]) -> None:
+        self.ready_at = time.time()
         self.table = table  # one assignment: readers see None or all of it
         self.ready.set()
 
@@ -233,6 +246,47 @@ class Pool:
         h.update(built.tobytes())
         table.digest = h.hexdigest()[:12]
         return table.digest
+
+    def table_since(self) -> float | None:
+        """Wall clock s since the epoch when the current selection's table
+        was in place (published with a cached or trivial table, or filled by
+        its build); None while it is being built. The moment
+        :meth:`table_digest` became true of the pool."""
+        return self._selection.table.ready_at
+
+    def prepare(self, keys: Collection[str]) -> bool:
+        """Build, in the background and into the table cache, the Maglev
+        table the pool would need if exactly ``keys`` were its up backends,
+        so a later :meth:`set_up_set` of that set publishes a ready table at
+        once instead of answering from the fallback while it builds (tens of
+        ms at 65537 slots, hundreds on a loaded machine). With consensus the
+        agent prepares the set without a backend as soon as one member votes
+        it down, before a majority does. Returns True when a build started;
+        nothing is published and no state changes."""
+        if self.service.balance is not Balance.MAGLEV:
+            return False
+        wanted = frozenset(keys)
+        up = tuple(b for b in self.backends if b.key in wanted and not b.config.drain)
+        if len(up) < 2:
+            return False
+        key = _table_key(up, self.service.maglev_table_size)
+        if _TABLES.peek(key) or not _PREPARING.claim(key):
+            return False
+
+        def job() -> None:
+            try:
+                _cached_table(*key, pause=_GilYield())
+            except Exception as exc:  # a bug; the set's own build retries
+                log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
+            finally:
+                _PREPARING.release(key)
+        try:
+            self.run_build(job)
+        except Exception as exc:
+            _PREPARING.release(key)
+            log.error("maglev.build_failed", service=self.service.name, error=repr(exc))
+            return False
+        return True
 
     def set_up_set(self, keys: Collection[str]) -> list[Backend]:
         """Make exactly ``keys`` the up backends, published as one selection
@@ -447,6 +501,11 @@ class _TableCache:
                 self._tables.move_to_end(key)
             return table
 
+    def peek(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> bool:
+        """Whether ``key`` is cached (its place in the LRU order unchanged)."""
+        with self._lock:
+            return key in self._tables
+
     def put(self, key: tuple[tuple[str, ...], tuple[int, ...], int], table: array[int]) -> None:
         with self._lock:
             self._tables[key] = table
@@ -459,7 +518,33 @@ class _TableCache:
             self._tables.clear()
 
 
-_TABLES = _TableCache(capacity=8)
+TABLE_CACHE = 24
+"""Maglev tables kept (about 0.5 MB each at 65537 slots): the current ones,
+the previous ones a flap returns to, and those prepared ahead for single
+failures (:meth:`Pool.prepare`)."""
+_TABLES = _TableCache(capacity=TABLE_CACHE)
+
+
+class _Claims:
+    """Table keys being prepared (:meth:`Pool.prepare`): one build each."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[tuple[str, ...], tuple[int, ...], int]] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> bool:
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def release(self, key: tuple[tuple[str, ...], tuple[int, ...], int]) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+
+_PREPARING = _Claims()
 
 
 def _cached_table(

@@ -156,6 +156,9 @@ class ServiceStatus(_Model):
     kernel: KernelServiceStatus | None = None
     """``forwarding.engine: kernel`` only: the service's nftables tables
     and per-backend packet and byte counters."""
+    table_since: float | None = None
+    """Wall clock s since the epoch when the table of ``table_digest`` was
+    in place on this node (None while it is being built)."""
 
 
 class BgpStatus(_Model):
@@ -406,7 +409,7 @@ def service_status(
         "active_connections": data.service_active(service.name),
         "backends": [
             {
-                "address": str(b.config.address),
+                "address": b.host,
                 "port": b.config.port,
                 "weight": b.config.weight,
                 "state": "up" if b.up else "down",
@@ -424,5 +427,6 @@ def service_status(
         "table_digest": pool.table_digest(),
         "table_revision": table_revision,
         "kernel": data.kernel.snapshot().get(service.name) if data.kernel is not None else None,
+        "table_since": pool.table_since(),
         **bgp_fields,
     })

@@ -2,10 +2,12 @@
 
 Runs, each in a fresh lab of three nodes:
 
-1. ``anycast-lb lab demo --no-flow-survival``: every scenario (failover and
-   flows-*) with plain anycast, the baseline;
-2. ``anycast-lb lab demo``: the same with flow survival (skipped with
-   ``--no-flow-survival``, as are 5);
+(each relay run with ``--engine relay --no-l2``: the relay phase only)
+
+1. ``anycast-lb lab demo --full --no-flow-survival --no-consensus``: every
+   scenario (failover and flows-*) with plain anycast, the baseline;
+2. ``anycast-lb lab demo --full --no-consensus``: the same with flow survival
+   (skipped with ``--no-flow-survival``, as are 5);
 3. ``anycast-lb lab demo --no-flow-survival --bfd --scenario node-silent``:
    silent node death with FRR bfdd beside ExaBGP;
 4. ``anycast-lb lab demo --no-flow-survival --bfd --scenario flows-...``: the
@@ -17,6 +19,11 @@ Runs, each in a fresh lab of three nodes:
 7. ``anycast-lb lab demo --consensus --scenario etcd-leader-kill ...``: the
    consensus group (a 3-member etcd on the management segment; every
    scenario of ``CONSENSUS_SCENARIOS``; skipped with ``--no-consensus``),
+8. ``anycast-lb lab demo --engine kernel --no-l2 --full [--bfd]``: the
+   kernel engine's lab and its flow scenarios (with BFD also
+   flows-node-silent),
+9. ``anycast-lb lab demo --scenario l2-...``: the L2 lab and every l2-*
+   scenario (skipped with ``--no-consensus``: it needs etcd),
 
 then prints one table of failover figures, one of broken flows and one of
 the attacks (withdraws seen by the router, failed health checks, new
@@ -45,6 +52,9 @@ ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
 FLOW_SCENARIOS = ["flows-drain", "flows-join", "flows-churn-join", "flows-node-kill",
                   "flows-node-silent"]
 ABUSE_SCENARIOS = ["udp-flood", "tcp-flood", "sync-forgery"]
+L2_SCENARIOS = ["l2-owner-kill", "l2-owner-hang", "l2-owner-isolated", "l2-drain", "l2-preempt",
+                "l2-owner-kill-v6", "l2-drain-v6"]
+RELAY_ONLY = ("--engine", "relay", "--no-l2")
 CONSENSUS_SCENARIOS = ["etcd-leader-kill", "etcd-quorum-loss", "etcd-partition", "config-push",
                        "health-disagreement", "backend-kill-agreed", "rolling-drain"]
 
@@ -53,6 +63,11 @@ def run_demo(out: Path, *extra: str) -> list[dict[str, Any]]:
     subprocess.run([*ANYCAST_LB, "lab", "demo", "--out", str(out), *extra], check=True)
     results: list[dict[str, Any]] = json.loads((out / "summary.json").read_text())
     return results
+
+
+def run_relay(out: Path, *extra: str) -> list[dict[str, Any]]:
+    return run_demo(out, *RELAY_ONLY, *extra)
+
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -120,6 +135,14 @@ def _print_consensus(rows: list[dict[str, Any]]) -> None:
               f"{'PASS' if r['pass'] else 'FAIL':7}  {failed}")
 
 
+def _print_l2(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'scenario':24} {'UDP lost':>12} {'resumed':>9} {'split brain':>11}  verdict")
+    for r in rows:
+        resumed = "never" if r.get("resumed_ms") is None else f"{r['resumed_ms']:.0f} ms"
+        print(f"{r['scenario']:24} {r['udp_lost']!s:>5}/{r['udp_sent']!s:<6} {resumed:>9} "
+              f"{r['split_brain_ms']:>8.0f} ms  {'PASS' if r['pass'] else 'FAIL'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("lab-results/benchmark"))
@@ -141,31 +164,38 @@ def main() -> int:
     for i in range(args.repeat):
         base = args.out / f"run{i + 1}"
         if not args.no_consensus:
-            results += run_demo(base.with_name(base.name + "-consensus"), "--consensus",
-                                *only_consensus)
+            results += run_relay(base.with_name(base.name + "-consensus"), "--consensus",
+                                 *only_consensus)
+            results += run_demo(base.with_name(base.name + "-l2"),
+                                *[arg for name in L2_SCENARIOS for arg in ("--scenario", name)])
         if args.group == "consensus":
             continue
         plain = "--no-flow-survival"
-        results += run_demo(base, plain)
+        # The consensus scenarios ran above, in a lab of their own.
+        results += run_relay(base, plain, "--no-consensus", "--full")
         if not args.no_flow_survival:
-            results += run_demo(base.with_name(base.name + "-fs"), "--flow-survival")
-        results += run_demo(base.with_name(base.name + "-bfd"), plain, "--bfd",
-                            "--scenario", "node-silent")
-        results += run_demo(base.with_name(base.name + "-flows-bfd"), plain, "--bfd",
-                            *only_flows)
+            results += run_relay(base.with_name(base.name + "-fs"), "--flow-survival",
+                                 "--no-consensus", "--full")
+        results += run_relay(base.with_name(base.name + "-bfd"), plain, "--bfd",
+                             "--scenario", "node-silent")
+        results += run_relay(base.with_name(base.name + "-flows-bfd"), plain, "--bfd",
+                             *only_flows)
         if not args.no_flow_survival:
-            results += run_demo(base.with_name(base.name + "-flows-bfd-fs"), "--bfd",
-                                "--flow-survival", *only_flows)
+            results += run_relay(base.with_name(base.name + "-flows-bfd-fs"), "--bfd",
+                                 "--flow-survival", *only_flows)
         abuse = [n for n in ABUSE_SCENARIOS
                  if not (args.no_flow_survival and n == "sync-forgery")]
-        results += run_demo(base.with_name(base.name + "-abuse"),
-                            "--no-flow-survival" if args.no_flow_survival else "--flow-survival",
-                            *[arg for name in abuse for arg in ("--scenario", name)])
+        results += run_relay(base.with_name(base.name + "-abuse"),
+                             "--no-flow-survival" if args.no_flow_survival else "--flow-survival",
+                             *[arg for name in abuse for arg in ("--scenario", name)])
+        results += run_demo(base.with_name(base.name + "-kernel"), "--engine", "kernel",
+                            "--no-l2", "--full", "--bfd")
     _print_failover([r for r in results if "flows_total" not in r
-                     and r["scenario"] not in ABUSE_SCENARIOS + CONSENSUS_SCENARIOS])
+                     and r["scenario"] not in ABUSE_SCENARIOS + CONSENSUS_SCENARIOS + L2_SCENARIOS])
     _print_flows([r for r in results if "flows_total" in r])
     _print_abuse([r for r in results if r["scenario"] in ABUSE_SCENARIOS])
     _print_consensus([r for r in results if r["scenario"] in CONSENSUS_SCENARIOS])
+    _print_l2([r for r in results if r["scenario"] in L2_SCENARIOS])
     missed = sum(1 for r in results if not r["pass"])
     print(f"\n{len(results) - missed} of {len(results)} scenario runs met their targets")
     return 1 if missed else 0

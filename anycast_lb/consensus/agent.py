@@ -50,7 +50,7 @@ from anycast_lb import __version__, log
 from anycast_lb.clock import Clock, SystemClock, wait_event
 from anycast_lb.config import ConsensusConfig, NodeConfig
 from anycast_lb.consensus import document
-from anycast_lb.consensus.agree import disagreement
+from anycast_lb.consensus.agree import contested, disagreement
 from anycast_lb.consensus.history import ConfigHistory
 from anycast_lb.consensus.keys import Layout
 from anycast_lb.consensus.members import (
@@ -82,6 +82,14 @@ OnPoolChange = Callable[[str, Backend, bool], None]
 
 FAILED_READS = 2
 """Linearizable reads failing in a row that make a node isolated."""
+PREPARE_CONTESTED = 2
+"""Tables prepared per service at each view, one per agreed-up backend some
+member votes down (many contested backends at once are an outage of their
+own, where the builds on agreement are the lesser cost)."""
+PREPARE_ALL_UP_TO = 8
+"""When a service's agreed set changes and holds at most this many
+backends, the table for each single failure is prepared too (the table
+cache holds ``pool.TABLE_CACHE`` tables, about 0.5 MB each at 65537 slots)."""
 
 
 class State(str, Enum):
@@ -192,6 +200,8 @@ class ConsensusAgent:
         self._slots_moved = asyncio.Event()
         self._synced = asyncio.Event()
         self._watch_mark: tuple[tuple[str, str, str], bool, float] | None = None
+        self._vote_since: float | None = None
+        """Monotonic s of the oldest local transition not yet written."""
         self.watch_lag = 0.0
         """s from this node's last vote write to its arrival through the watch."""
         self._failed_reads = 0
@@ -205,6 +215,8 @@ class ConsensusAgent:
     def local_changed(self, service: str, backend: Backend, up: bool) -> None:
         """The health monitor's transition (its ``on_change``): a vote."""
         self.local_health[(service, backend.key)] = up
+        if self._vote_since is None:
+            self._vote_since = self._clock.monotonic()
         self._votes_dirty.set()
         if self.view is None:
             # Never synced (etcd unreachable since start): nothing agreed to
@@ -366,10 +378,22 @@ class ConsensusAgent:
             return
         pools = self._pools()
         agreed = view.agreed({s: [b.key for b in p.backends] for s, p in pools.items()})
+        # Tables the next agreement may need, built before a majority forms
+        # (off the event loop), so it publishes a ready table at once: first
+        # those without a backend some member already votes down.
+        for service, backends in contested(agreed, view.members.keys(), view.votes).items():
+            for key in sorted(backends)[:PREPARE_CONTESTED]:
+                pools[service].prepare(agreed[service] - {key})
         for service, up in agreed.items():
             changed = pools[service].set_up_set(up)
             previous = self.tables.get(service)
             self.tables[service] = ServiceTable(up, view.revision)
+            if (changed or previous is None) and len(up) <= PREPARE_ALL_UP_TO:
+                # A new agreed set: each single failure's table, ahead of
+                # time (a build takes ~50 ms of CPU, seconds on a starved
+                # machine; the contested head start alone is 100-300 ms).
+                for key in sorted(up):
+                    pools[service].prepare(up - {key})
             if changed:
                 log.event("consensus.agreed", service=service, revision=view.revision,
                           up=",".join(sorted(b.key for b in changed if b.up)),
@@ -417,10 +441,18 @@ class ConsensusAgent:
             # one transaction (one revision, one agreed-set change).
             await asyncio.sleep(0)
             self._votes_dirty.clear()
+            since, self._vote_since = self._vote_since, None
             written = await votes.vote_many(dict(self.local_health), lease_id)
             if written:
+                now = self._clock.monotonic()
                 service, backend, up = written[-1]
-                self._watch_mark = ((service, backend, self.name), up, self._clock.monotonic())
+                self._watch_mark = ((service, backend, self.name), up, now)
+                # One line per health transition written: the first stage of
+                # an agreement (transition -> vote committed), for tracing.
+                log.event("consensus.voted", revision=votes.revision, votes=len(written),
+                          up=",".join(sorted({b for _, b, u in written if u})),
+                          down=",".join(sorted({b for _, b, u in written if not u})),
+                          commit_ms=round((now - since) * 1000, 1) if since is not None else None)
 
     async def _check_quorum(self, store: Store, keeper: LeaseKeeper) -> None:
         """Every ``lease_ttl / 3`` s: a linearizable read, then the rule."""

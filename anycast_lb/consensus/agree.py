@@ -74,3 +74,21 @@ def disagreement(
         if diff:
             result[service] = diff
     return result
+
+
+def contested(
+    agreed: Mapping[str, frozenset[str]],
+    members: Collection[str],
+    votes: Mapping[Vote, bool],
+) -> dict[str, frozenset[str]]:
+    """Per service, the agreed-up backends that at least one live member
+    votes down: the ones the next agreement may take out. A node prepares
+    the table without each of them ahead of the majority
+    (:meth:`anycast_lb.pool.Pool.prepare`), so the table is ready when the
+    agreed set moves. Services without one are left out."""
+    live = frozenset(members)
+    out: dict[str, set[str]] = {}
+    for (service, backend, node), is_up in votes.items():
+        if not is_up and node in live and backend in agreed.get(service, ()):
+            out.setdefault(service, set()).add(backend)
+    return {s: frozenset(b) for s, b in out.items()}

@@ -76,6 +76,8 @@ class VoteWriter:
         self._written: dict[tuple[str, str], bool] = {}
         self.wanted: dict[tuple[str, str], bool] = {}
         """Latest observation per (service, backend), written or not."""
+        self.revision = 0
+        """The etcd revision of the last vote write (0: none yet)."""
 
     async def vote(self, service: str, backend: str, up: bool, lease_id: int) -> bool:
         """Record and write one observation; True if a write was sent.
@@ -101,7 +103,7 @@ class VoteWriter:
                    if self._written.get((s, b)) is not up]
         for start in range(0, len(changed), TXN_OPS):
             chunk = changed[start:start + TXN_OPS]
-            await self._store.transact([], [
+            _, self.revision = await self._store.transact([], [
                 Put(self._layout.vote(s, b, self._node), UP if up else DOWN, lease_id)
                 for s, b, up in chunk])
             for s, b, up in chunk:

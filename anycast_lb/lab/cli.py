@@ -190,6 +190,9 @@ def status(as_json: bool) -> None:
                    + ("leader" if m["leader"] else "answering" if m["answering"] else "DOWN"))
 
 
+KERNEL_DEMO = ("flows-node-kill", "flows-backend-drain")
+"""The kernel phase of the demo without --full."""
+
 ALL_SCENARIOS = [*scenarios.SCENARIOS, *flow_scenarios.FLOW_SCENARIOS, *abuse.ABUSE_SCENARIOS,
                  *consensus_scenarios.CONSENSUS_SCENARIOS, *l2_.L2_SCENARIOS]
 
@@ -281,112 +284,137 @@ def down() -> None:
 @click.option("--bfd", is_flag=True)
 @click.option("--mode", type=click.Choice(builder.MODES), default="node", show_default=True)
 @click.option("--scenario", "only", multiple=True,
-              type=click.Choice(ALL_SCENARIOS), help="Run only these (repeatable).")
+              type=click.Choice(ALL_SCENARIOS),
+              help="Run only these (repeatable), in every phase that has them.")
+@click.option("--full", is_flag=True,
+              help="Every scenario of every phase (the full matrix, about 20 min) instead "
+                   "of the representative set (each capability once, a few minutes).")
 @click.option("--flow-survival/--no-flow-survival", default=True, show_default=True,
               help="Nodes share their flows over the node LAN and steer packets to the "
                    "owner (a cluster: section on every node); --no-flow-survival: plain "
                    "anycast, the baseline.")
-@click.option("--consensus", is_flag=True,
-              help="Run etcd (3 members) and give the nodes a consensus: section; adds "
-                   "etcd-leader-kill and etcd-quorum-loss (any consensus scenario with "
-                   "--scenario).")
+@click.option("--consensus/--no-consensus", default=None,
+              help="Run etcd (3 members) in the relay phase and give the nodes a consensus: "
+                   "section, with the consensus scenarios after the flows-* ones. Default: "
+                   "on, unless --scenario names only scenarios that need no etcd.")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(builder.ENGINES),
-              default=("relay",), show_default=True,
-              help="Phases, in order relay then kernel (repeatable). kernel: a second lab "
-                   "with the kernel engine running ecmp and the flow scenarios ("
-                   + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + "; with --bfd also "
-                   "flows-node-silent); results under "
-                   "OUT/kernel/. --engine kernel alone runs only that phase.")
-@click.option("--l2", is_flag=True,
-              help="The L2 lab (implies --consensus, no flow survival); adds the l2-* "
-                   "scenarios (VIP moved by gratuitous ARP / NA, docs/l2.md).")
-def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-         flow_survival: bool, consensus: bool, l2: bool,
-         engines: tuple[str, ...]) -> None:
-    """Up, run every scenario (failover, then flows-*), print figures vs targets, down."""
+              default=builder.ENGINES, show_default=True,
+              help="Phases (repeatable): relay, the lab above; kernel, a lab of its own with "
+                   "forwarding.engine: kernel (" + ", ".join(KERNEL_DEMO) + "; --full: "
+                   + ", ".join(flow_scenarios.KERNEL_SCENARIOS) + ", with --bfd also "
+                   "flows-node-silent), results under OUT/kernel/.")
+@click.option("--l2/--no-l2", default=True, show_default=True,
+              help="The L2 phase: a lab of its own (etcd, VIPs moved by gratuitous ARP / NA, "
+                   "no flow survival) with the l2-* scenarios, results under OUT/l2/ "
+                   "(docs/l2.md).")
+def demo(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...], full: bool,
+         flow_survival: bool, consensus: bool | None, engines: tuple[str, ...],
+         l2: bool) -> None:
+    """Up, run the scenarios of each phase (relay: failover, flows-*,
+    consensus, udp-flood; kernel; L2), print figures vs targets, down."""
     _need_root()
     all_results: list[dict[str, Any]] = []
     if "relay" in engines:
-        all_results += _relay_phase(out_dir, bfd, mode, only, flow_survival, consensus, l2)
-    if "kernel" in engines:
-        all_results += _kernel_phase(out_dir / "kernel", bfd, only)
+        all_results += _relay_phase(out_dir, bfd, mode, only, full, flow_survival, consensus)
+    if "kernel" in engines and mode == "node":
+        all_results += _kernel_phase(out_dir / "kernel", bfd, only, full)
+    if l2 and mode == "node":
+        all_results += _l2_phase(out_dir / "l2", only, full)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(all_results, indent=2) + "\n")
     _print_results(all_results)
     click.echo(f"results and plots under {out_dir}/")
 
 
-def _kernel_phase(out_dir: Path, bfd: bool, only: tuple[str, ...]) -> list[dict[str, Any]]:
-    """A lab with the kernel engine, the kernel scenarios on it, down."""
-    # A silent node stalls its flows until the router notices: within the
-    # 1 s hang limit with BFD only.
-    kernel = [*flow_scenarios.KERNEL_SCENARIOS, *(["flows-node-silent"] if bfd else [])]
-    names = [n for n in kernel if not only or n in only]
+def _chosen(names: list[str], in_demo: dict[str, bool], only: tuple[str, ...],
+            full: bool) -> list[str]:
+    """The scenarios of one phase that run: those named with --scenario,
+    else every one (--full), else the demo's representative set."""
+    if only:
+        return [n for n in names if n in only]
+    return [n for n in names if full or in_demo.get(n, False)]
+
+
+def _run_phase(out_dir: Path, names: list[str], label: str,
+               up: Any, descriptions: dict[str, str],
+               target: Any = None) -> list[dict[str, Any]]:
+    """Build one lab with ``up()``, run ``names`` on it, take it down."""
     results: list[dict[str, Any]] = []
     if not names:
         return results
     with _errors():
         started = time.monotonic()
         try:
-            lab_ = builder.up(3, 3, bfd, "node", engine="kernel")
-            click.echo(f"lab up in {time.monotonic() - started:.1f} s (kernel engine)")
+            lab_ = up()
+            click.echo(f"lab up in {time.monotonic() - started:.1f} s{label}")
             for name in names:
-                sc = flow_scenarios.FLOW_SCENARIOS.get(name)
-                description = sc.description if sc is not None else \
-                    scenarios.SCENARIOS[name].description
-                click.echo(f"running {name} (kernel engine): {description}")
+                text = target(lab_, name) if target is not None else ""
+                click.echo(f"running {name}: {descriptions[name]}"
+                           + (f" (target: {text})" if text else ""))
                 results.append(_run_any(lab_, name, out_dir / name))
         finally:
             builder.down()
     return results
 
 
-def _relay_phase(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...],
-                 flow_survival: bool, consensus: bool, l2: bool) -> list[dict[str, Any]]:
-    """The relay engine's lab and every scenario of the demo on it, down."""
-    all_results: list[dict[str, Any]] = []
+def _kernel_phase(out_dir: Path, bfd: bool, only: tuple[str, ...],
+                  full: bool) -> list[dict[str, Any]]:
+    """A lab with the kernel engine, the kernel scenarios on it, down."""
+    # A silent node stalls its flows until the router notices: within the
+    # 1 s hang limit with BFD only.
+    kernel = [*flow_scenarios.KERNEL_SCENARIOS, *(["flows-node-silent"] if bfd else [])]
+    names = _chosen(kernel, {n: n in KERNEL_DEMO for n in kernel}, only, full)
+    descriptions = {n: (flow_scenarios.FLOW_SCENARIOS[n].description
+                        if n in flow_scenarios.FLOW_SCENARIOS
+                        else scenarios.SCENARIOS[n].description) for n in kernel}
+    return _run_phase(out_dir, names, " (kernel engine)",
+                      lambda: builder.up(3, 3, bfd, "node", engine="kernel"), descriptions)
+
+
+def _l2_phase(out_dir: Path, only: tuple[str, ...], full: bool) -> list[dict[str, Any]]:
+    """The L2 lab (etcd, no flow survival: it takes IPv4 VIPs only, and an
+    elected VIP has one owner at a time anyway), the l2-* scenarios, down."""
+    registry = l2_.L2_SCENARIOS
+    names = _chosen(list(registry), {n: s.in_demo for n, s in registry.items()}, only, full)
+    return _run_phase(
+        out_dir, names, " (L2: etcd, VIPs moved by ARP/NA)",
+        lambda: builder.up(3, 3, False, "node", consensus=True, l2=True),
+        {n: s.description for n, s in registry.items()},
+        lambda lab_, n: l2_.target_text(registry[n], nodes.L2_LEASE_TTL_S))
+
+
+def _relay_phase(out_dir: Path, bfd: bool, mode: str, only: tuple[str, ...], full: bool,
+                 flow_survival: bool, consensus: bool | None) -> list[dict[str, Any]]:
+    """The relay engine's lab and its scenarios (failover, flows-*,
+    consensus, floods last), down."""
     flow_survival = flow_survival and mode == "node"  # static mode runs no node
     agreed = consensus_scenarios.CONSENSUS_SCENARIOS
-    if any(name in agreed for name in only):
-        consensus = True
-    if any(name in l2_.L2_SCENARIOS for name in only):
-        l2 = True
-    # Flow survival takes IPv4 VIPs only, and the elected VIPs have one
-    # owner at a time anyway: the L2 demo runs without it.
-    flow_survival = flow_survival and not l2
-    with _errors():
-        started = time.monotonic()
-        try:
-            lab_ = builder.up(3, 3, bfd, mode, flow_survival=flow_survival,
-                              consensus=consensus, l2=l2)
-            click.echo(f"lab up in {time.monotonic() - started:.1f} s"
-                       + (" (flow survival)" if flow_survival else "")
-                       + (" (consensus)" if lab_.topo.consensus else "")
-                       + (" (L2)" if l2 else ""))
-            descriptions = {**{n: (s.description, s.needs_node, s.in_demo)
-                               for n, s in scenarios.SCENARIOS.items()},
-                            **{n: (s.description, True, s.in_demo)
-                               for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
-                            **{n: (s.description, True, s.in_demo)
-                               for n, s in abuse.ABUSE_SCENARIOS.items()
-                               if flow_survival or not s.needs_flow_survival},
-                            **{n: (s.description, True, s.in_demo)
-                               for n, s in agreed.items() if consensus},
-                            **{n: (s.description, True, s.in_demo)
-                               for n, s in l2_.L2_SCENARIOS.items() if l2}}
-            for name, (description, needs_node, in_demo) in descriptions.items():
-                if (only and name not in only) or (not only and not in_demo) \
-                        or (needs_node and mode == "static"):
-                    continue
-                target = (agreed[name].target(lab_).text if name in agreed
-                          else l2_.target_text(l2_.L2_SCENARIOS[name], nodes.L2_LEASE_TTL_S)
-                          if name in l2_.L2_SCENARIOS else "")
-                click.echo(f"running {name}: {description}"
-                           + (f" (target: {target})" if target else ""))
-                all_results.append(_run_any(lab_, name, out_dir / name))
-        finally:
-            builder.down()
-    return all_results
+    named = [name for name in only if name in agreed]
+    if named and consensus is False:
+        raise click.UsageError(f"{', '.join(named)} need etcd: drop --no-consensus")
+    if consensus is None:
+        consensus = mode == "node" and (not only or bool(named))
+    if consensus and mode != "node":
+        raise click.UsageError("--consensus needs --mode node")
+    registry: dict[str, tuple[str, bool, bool]] = {
+        **{n: (s.description, s.needs_node, s.in_demo) for n, s in scenarios.SCENARIOS.items()},
+        **{n: (s.description, True, s.in_demo)
+           for n, s in flow_scenarios.FLOW_SCENARIOS.items()},
+        **{n: (s.description, True, s.in_demo) for n, s in agreed.items() if consensus},
+        # The floods last: they leave the nodes at 1,024 open files (a
+        # consensus scenario would restart them).
+        **{n: (s.description, True, s.in_demo) for n, s in abuse.ABUSE_SCENARIOS.items()
+           if flow_survival or not s.needs_flow_survival}}
+    runnable = [n for n, (_, needs_node, _) in registry.items()
+                if not (needs_node and mode == "static")]
+    names = _chosen(runnable, {n: v[2] for n, v in registry.items()}, only, full)
+    label = ((" (flow survival)" if flow_survival else "")
+             + (" (consensus)" if consensus else ""))
+    return _run_phase(
+        out_dir, names, label,
+        lambda: builder.up(3, 3, bfd, mode, flow_survival=flow_survival, consensus=consensus),
+        {n: v[0] for n, v in registry.items()},
+        lambda lab_, n: agreed[n].target(lab_).text if n in agreed else "")
 
 
 @lab.command("export")

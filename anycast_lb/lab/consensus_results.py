@@ -22,8 +22,11 @@ document or None when the node did not answer.
 
 from __future__ import annotations
 
+import calendar
 import math
-from collections.abc import Callable, Iterable, Sequence
+import re
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,3 +239,114 @@ def not_available(result: dict[str, Any], what: str) -> None:
     missing: list[str] = result.setdefault("not_available", [])
     if what not in missing:
         missing.append(what)
+
+
+# --- node logs: the stages of one agreement ---------------------------------------
+
+_KV = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    t: float
+    """Wall clock s since the epoch (the line's ``ts``, millisecond precision)."""
+    event: str
+    fields: dict[str, str]
+
+
+def parse_log(lines: Iterable[str], events: Collection[str]) -> list[LogEvent]:
+    """The ``kv`` log lines (:mod:`anycast_lb.log`) whose event is one of
+    ``events``, in file order; lines of another shape are skipped."""
+    out: list[LogEvent] = []
+    for line in lines:
+        fields = {k: (v[1:-1].replace('\\"', '"') if v.startswith('"') else v)
+                  for k, v in _KV.findall(line)}
+        name, ts = fields.pop("event", None), fields.pop("ts", None)
+        if name not in events or ts is None:
+            continue
+        try:
+            when = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) \
+                + int(ts[20:23]) / 1000
+        except (ValueError, IndexError):
+            continue
+        out.append(LogEvent(when, name, fields))
+    return out
+
+
+TRACE_EVENTS = ("health.transition", "consensus.voted", "consensus.agreed")
+
+
+def _names(field_value: str) -> set[str]:
+    return set(filter(None, field_value.split(",")))
+
+
+def agreement_trace(logs: dict[str, list[LogEvent]], backends: Collection[str],
+                    kill: float, until: float,
+                    tables: dict[str, float | None]) -> dict[str, Any]:
+    """The stages of one agreed "down" of ``backends`` (``addr:port`` keys of
+    one backend host, one per service) after a kill at wall time ``kill``
+    (s), from each node's log (:data:`TRACE_EVENTS`) up to ``until``, and
+    ``tables``: per node the wall time its table for the new agreed set was
+    in place (``services[].table_since`` of the first sample showing the new
+    digests), None when not seen.
+
+    Per node: ``detect`` (its own check's transition to down; a node whose
+    last transition before the kill was already down counts at the kill),
+    ``voted`` (its vote committed: etcd answered), ``agreed`` (the agreed set
+    took the backend out: last service), ``table`` (the new table in place).
+    ``majority`` is the (n//2 + 1)-th detection; each stage is given in ms
+    after it, and ``latency_ms`` = last node's ``table`` - ``majority``.
+    """
+    keys = set(backends)
+    nodes = sorted(logs)
+    per: dict[str, dict[str, float | None]] = {}
+    for node in nodes:
+        detect = voted = agreed = None
+        before: bool | None = None
+        for e in logs[node]:
+            if e.event == "health.transition" and e.fields.get("backend") in keys:
+                if e.t < kill:
+                    before = e.fields.get("state") == "down"
+                elif e.t < until and detect is None and e.fields.get("state") == "down":
+                    detect = e.t
+            elif not kill <= e.t < until:
+                continue
+            elif e.event == "consensus.voted" and voted is None \
+                    and _names(e.fields.get("down", "")) & keys:
+                voted = e.t
+            elif e.event == "consensus.agreed" and _names(e.fields.get("down", "")) & keys:
+                agreed = e.t if agreed is None else max(agreed, e.t)
+        if detect is None and before:
+            detect = kill  # never saw it back up: its vote was down already
+            voted = kill if voted is None else voted
+        per[node] = {"detect": detect, "voted": voted, "agreed": agreed,
+                     "table": tables.get(node)}
+    detects = sorted(d for n in nodes if (d := per[n]["detect"]) is not None)
+    need = len(nodes) // 2 + 1
+    majority = detects[need - 1] if len(detects) >= need else None
+    votes = sorted(v for n in nodes if (v := per[n]["voted"]) is not None)
+    out: dict[str, Any] = {
+        "majority_detect_ms": ms(majority, kill),
+        "stages_ms": {n: {k: (None if v is None or majority is None else ms(v, majority))
+                          for k, v in per[n].items()} for n in nodes},
+        "majority_vote_committed_ms": (ms(votes[need - 1], majority)
+                                       if majority is not None and len(votes) >= need
+                                       else None),
+    }
+    tables_in = [t for n in nodes if (t := per[n]["table"]) is not None]
+    out["latency_ms"] = (None if majority is None or len(tables_in) < len(nodes)
+                         else round(max(0.0, max(tables_in) - majority) * 1000, 1))
+    return out
+
+
+def table_since(status: dict[str, Any] | None) -> float | None:
+    """The latest ``services[].table_since`` of a sample (the moment its
+    whole set of tables was in place), None when a service shows none."""
+    services = status.get("services") if isinstance(status, dict) else None
+    if not isinstance(services, list) or not services:
+        return None
+    raw = [s.get("table_since") for s in services if isinstance(s, dict)]
+    got = [float(g) for g in raw if isinstance(g, (int, float))]
+    if not got or len(got) < len(raw):
+        return None
+    return max(got)

@@ -34,11 +34,21 @@ from anycast_lb.lab import topology as T
 from anycast_lb.lab.state import LabState, Proc
 from anycast_lb.lab.topology import EtcdMember, Topology
 
-DATA_DIR = Path(os.environ.get(
-    "ANYCAST_LB_LAB_DATA",
-    "/var/lib/anycast-lb-lab" + ("" if T.NS_PREFIX == "alb-" else "-" + T.NS_PREFIX[:-1])))
-"""One per namespace prefix, so two labs side by side never share (or
-remove) each other's etcd data."""
+
+def _data_dir(prefix: str) -> Path:
+    """Where the members' data directories go: ``ANYCAST_LB_LAB_DATA``, else
+    ``/var/lib/anycast-lb-lab`` for the default prefix ``alb-`` and
+    ``/var/lib/anycast-lb-lab-<prefix without the dash>`` for another one, so
+    a second lab's ``lab up`` or ``lab down`` never removes the first one's
+    data under its running members."""
+    env = os.environ.get("ANYCAST_LB_LAB_DATA")
+    if env:
+        return Path(env)
+    base = "/var/lib/anycast-lb-lab"
+    return Path(base if prefix == "alb-" else f"{base}-{prefix.rstrip('-')}")
+
+
+DATA_DIR = _data_dir(T.NS_PREFIX)
 ROLE = "etcd"
 HEARTBEAT_MS = 50
 ELECTION_MS = 500

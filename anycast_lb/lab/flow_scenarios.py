@@ -322,15 +322,15 @@ FLOW_SCENARIOS: dict[str, FlowScenario] = {s.name: s for s in [
                  min_observe_s=lambda lab: nodes.DRAIN_GRACE_S + OBSERVE_S),
     FlowScenario("flows-join", "the victim's node starts (joins ECMP) under 300 long-lived "
                  "flows", _start_victim, _ensure_victim, joins=True, prepare=_stop_victim,
-                 fib_timeout_s=2 * FIB_TIMEOUT_S),
+                 fib_timeout_s=2 * FIB_TIMEOUT_S, in_demo=False),
     FlowScenario("flows-churn-join", "the drained victim is undrained (joins ECMP) while "
                  f"flows keep opening ({CHURN_RATE:.0f}/s)", _undrain, _undrain, joins=True,
-                 churn=True, prepare=_drain_withdrawn),
+                 churn=True, prepare=_drain_withdrawn, in_demo=False),
     FlowScenario("flows-node-kill", "SIGKILL of the victim's anycast-lb under 300 "
                  "long-lived flows", _kill, _restart, victim_dies=True, prepare=_kill_prepare),
     FlowScenario("flows-node-silent", "the victim drops every packet on every link "
                  "(silent death) under 300 long-lived flows", _silent, _unsilence,
-                 victim_dies=True,
+                 victim_dies=True, in_demo=False,
                  # BFD 100 ms x 3 is well inside the 1 s; hold time 3 s is not.
                  # Without BFD the RST comes with the client's first TCP
                  # retransmission after the router drops the node (<= 3.3 s);

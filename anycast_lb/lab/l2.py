@@ -225,18 +225,18 @@ def _scenarios() -> dict[str, L2Scenario]:
         L2Scenario("l2-owner-kill", "SIGKILL of the owner's anycast-lb", 4, False,
                    _kill, _restart, 4.0),
         L2Scenario("l2-owner-hang", "SIGSTOP of the owner's anycast-lb (SIGCONT after)", 4,
-                   False, _hang, _cont, 4.0),
+                   False, _hang, _cont, 4.0, in_demo=False),
         L2Scenario("l2-owner-isolated", "owner cut from etcd only (nft drop on mgmt0), "
-                   "still on the LAN", 4, False, _isolate, _heal, 4.0),
+                   "still on the LAN", 4, False, _isolate, _heal, 4.0, in_demo=False),
         L2Scenario("l2-drain", "POST /drain to the owner (planned move)", 4, True,
                    _drain, _undrain, 3.0),
         L2Scenario("l2-preempt", "the higher-priority node starts again and preempts "
                    "(planned move)", 4, True, _start_owner, _nothing, 15.0,
-                   setup=_stop_owner, expect_owner="lb1"),
+                   setup=_stop_owner, expect_owner="lb1", in_demo=False),
         L2Scenario("l2-owner-kill-v6", "SIGKILL of the owner's anycast-lb, IPv6 VIP", 6,
-                   False, _kill, _restart, 4.0),
+                   False, _kill, _restart, 4.0, in_demo=False),
         L2Scenario("l2-drain-v6", "POST /drain to the owner, IPv6 VIP (planned move)", 6,
-                   True, _drain, _undrain, 3.0),
+                   True, _drain, _undrain, 3.0, in_demo=False),
     ]
     return {s.name: s for s in base}
 

@@ -296,3 +296,68 @@ async def test_stop_waits_for_a_slot_at_most_slot_timeout(
         assert a.agent.slot is not None  # a still holds it: b drained without one
         writer.close()
         await writer.wait_closed()
+
+
+@pytest.mark.parametrize("ahead", ["single failures", "contested only"])
+async def test_table_without_a_backend_is_ready_before_the_majority_agrees(
+        etcd_member: EtcdMember, etcd_cluster: str, ahead: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Node a and two members written by the test (x, y). With three agreed-up
+    # backends a prepares the table for each single failure at once; with
+    # that off ("contested only") it prepares the table without be1 when
+    # one member (y) votes be1 down, still agreed up (2 of 3). Either way
+    # the agreement that follows (x down too) publishes a ready table.
+    from anycast_lb import pool as pool_module
+    from anycast_lb.consensus import agent as agent_module
+    from anycast_lb.consensus.members import MemberInfo, MemberWriter, VoteWriter
+    from anycast_lb.consensus.store import LeaseKeeper
+
+    if ahead == "contested only":
+        monkeypatch.setattr(agent_module, "PREPARE_ALL_UP_TO", 0)
+    pool_module._TABLES.clear()  # no table of an earlier test's backends
+
+    servers = [TcpNameEcho(f"be{i}") for i in (1, 2, 3)]
+    ports = [await s.start() for s in servers]
+    layout = Layout(etcd_cluster)
+    cfg = config("a", etcd_member, etcd_cluster, ports)
+    cfg["services"][0]["maglev_table_size"] = 65537
+    try:
+        async with running(cfg) as a, Store([etcd_member.client_url], 1.0) as store, \
+                asyncio.TaskGroup() as tg:
+            keeping, voters = [], {}
+            for name in ("x", "y"):
+                keeper = LeaseKeeper(store, 2.0)
+                lease = await keeper.grant()
+                keeping.append(tg.create_task(keeper.run()))
+                await MemberWriter(store, layout, MemberInfo(name, "", "", "0", 0.0)
+                                   ).register(lease.id)
+                voters[name] = (VoteWriter(store, layout, name), lease.id)
+                await voters[name][0].vote_many({("web", k): True for k in keys(ports)},
+                                                lease.id)
+            await wait_until(lambda: a.agent.view is not None and len(a.agent.view.members) == 3
+                             and a.up() == keys(ports), timeout=10, what="three members, all up")
+            rest = [b for b in a.node.pools["web"].backends if b.config.port != ports[0]]
+            key = pool_module._table_key(tuple(rest), 65537)
+            if ahead == "single failures":
+                await wait_until(lambda: pool_module._TABLES.peek(key), timeout=5,
+                                 what="the table without be1 prepared with no down vote")
+            else:
+                assert not pool_module._TABLES.peek(key)
+
+            writer, lease_id = voters["y"]
+            await writer.vote_many({("web", f"127.0.0.1:{ports[0]}"): False}, lease_id)
+            await wait_until(lambda: pool_module._TABLES.peek(key), timeout=5,
+                             what="the table without be1 prepared")
+            assert a.up() == keys(ports), "one down vote of three: be1 stays agreed up"
+
+            writer, lease_id = voters["x"]
+            await writer.vote_many({("web", f"127.0.0.1:{ports[0]}"): False}, lease_id)
+            await wait_until(lambda: a.up() == keys(ports[1:]), timeout=5, what="be1 agreed down")
+            assert a.node.pools["web"].table_ready
+            _, body = await a.http("GET", "/status")
+            assert body["services"][0]["table_since"] is not None
+            for task in keeping:  # the test is over: x and y leave with their leases
+                task.cancel()
+    finally:
+        for s in servers:
+            await s.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anycast_lb.consensus.agree import Vote, agree, disagreement
+from anycast_lb.consensus.agree import Vote, agree, contested, disagreement
 
 B1, B2 = "10.0.0.1:80", "10.0.0.2:80"
 SERVICES = {"web": (B1, B2)}
@@ -63,3 +63,14 @@ def test_disagreement_lists_both_directions() -> None:
     agreed = {"web": frozenset({B1}), "dns": frozenset()}
     assert disagreement(agreed, {"web": {B2}}) == {"web": frozenset({B1, B2})}
     assert disagreement(agreed, {"web": {B1}}) == {}
+
+
+def test_contested_lists_agreed_up_backends_a_live_member_votes_down() -> None:
+    agreed = {"web": frozenset({"a:1", "b:1"}), "dns": frozenset({"a:53"})}
+    votes: dict[Vote, bool] = {
+        ("web", "a:1", "n1"): False, ("web", "a:1", "n2"): True, ("web", "a:1", "n3"): True,
+        ("web", "b:1", "gone"): False,   # not a live member
+        ("web", "c:1", "n1"): False,     # already agreed down
+        ("dns", "a:53", "n1"): True,
+    }
+    assert contested(agreed, {"n1", "n2", "n3"}, votes) == {"web": frozenset({"a:1"})}

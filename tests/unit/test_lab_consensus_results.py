@@ -142,3 +142,58 @@ def test_config_push_documents_validate(tmp_path: Any) -> None:
     for service in doc.services:
         assert [str(b.address) for b in service.backends] == ["198.51.100.194",
                                                               "198.51.100.195"]
+
+
+def _line(ts: str, event: str, **fields: str) -> str:
+    rest = " ".join(f'{k}="{v}"' if " " in v else f"{k}={v}" for k, v in fields.items())
+    return f"ts=2026-12-03T14:33:{ts}Z level=info event={event} {rest}"
+
+
+def test_parse_log_reads_kv_lines_of_the_named_events() -> None:
+    lines = [_line("12.984", "health.transition", backend="a:1", state="down",
+                   detail="connect refused"),
+             "not a log line", _line("13.000", "route.announce", prefix="x")]
+    events = C.parse_log(lines, C.TRACE_EVENTS)
+    assert len(events) == 1
+    assert events[0].fields["detail"] == "connect refused"
+    assert events[0].t == pytest.approx(1796308392.984)
+
+
+def test_agreement_trace_from_node_times() -> None:
+    kill = 1796308390.0  # 14:33:10.000
+    logs = {
+        # n1 never saw the backend back up: it counts as detected (and voted) at the kill
+        "n1": C.parse_log([_line("05.000", "health.transition", backend="a:1", state="down"),
+                           _line("10.150", "consensus.agreed", down="a:1")], C.TRACE_EVENTS),
+        "n2": C.parse_log([_line("10.100", "health.transition", backend="a:1", state="down"),
+                           _line("10.140", "consensus.voted", down="a:1"),
+                           _line("10.145", "consensus.agreed", down="a:1")], C.TRACE_EVENTS),
+        "n3": C.parse_log([_line("10.300", "health.transition", backend="a:1", state="down"),
+                           _line("10.160", "consensus.agreed", down="a:1")], C.TRACE_EVENTS),
+    }
+    tables = {"n1": kill + 0.151, "n2": kill + 0.146, "n3": kill + 0.170}
+    trace = C.agreement_trace(logs, {"a:1"}, kill, kill + 5, tables)
+    assert trace["majority_detect_ms"] == 100.0
+    assert trace["majority_vote_committed_ms"] == 40.0
+    assert trace["stages_ms"]["n3"]["detect"] == 200.0
+    assert trace["latency_ms"] == 70.0
+    assert C.agreement_trace(logs, {"a:1"}, kill, kill + 5, {**tables, "n3": None}
+                             )["latency_ms"] is None
+
+
+def test_table_since_is_the_latest_service_table() -> None:
+    status = {"services": [{"table_since": 5.0}, {"table_since": 7.5}]}
+    assert C.table_since(status) == 7.5
+    assert C.table_since({"services": [{"table_since": 5.0}, {}]}) is None
+    assert C.table_since(None) is None
+
+
+def test_etcd_data_dir_follows_the_namespace_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from anycast_lb.lab import etcd
+    monkeypatch.delenv("ANYCAST_LB_LAB_DATA", raising=False)
+    assert etcd._data_dir("alb-") == Path("/var/lib/anycast-lb-lab")
+    assert etcd._data_dir("albx-") == Path("/var/lib/anycast-lb-lab-albx")
+    monkeypatch.setenv("ANYCAST_LB_LAB_DATA", "/srv/lab")
+    assert etcd._data_dir("albx-") == Path("/srv/lab")

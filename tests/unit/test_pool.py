@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -385,3 +386,39 @@ def test_readers_on_other_threads_never_see_a_half_updated_pool() -> None:
         sys.setswitchinterval(interval)
     assert not errors, errors[0]
     assert answers > 0 and not reader.is_alive()
+
+
+def test_prepare_builds_the_table_a_later_up_set_publishes_ready() -> None:
+    held = HeldBuilds()
+    pool = make_pool(service(), run_build=held)
+    pool.set_up_set(KEYS)
+    held.run()
+    assert pool.table_ready
+    assert pool.prepare(KEYS[1:])
+    assert not pool.prepare(KEYS[1:]), "one build per table while it is being prepared"
+    assert pool.generation == 1 and pool.up_count == 4, "preparing publishes nothing"
+    assert held.run() == 1
+    assert not pool.prepare(KEYS[1:]), "already cached"
+    pool.set_up_set(KEYS[1:])
+    assert pool.table_ready, "published with the prepared table, no build"
+    assert held.jobs == []
+    assert firsts(pool) == maglev_firsts(KEYS[1:])
+
+
+def test_prepare_skips_what_needs_no_build() -> None:
+    held = HeldBuilds()
+    pool = make_pool(service(), run_build=held)
+    assert not pool.prepare(KEYS[:1]), "one backend: built on the spot when published"
+    assert not make_pool(service(balance="round_robin"), run_build=held).prepare(KEYS[1:])
+    assert held.jobs == []
+
+
+def test_table_since_is_when_the_current_table_was_in_place() -> None:
+    held = HeldBuilds()
+    pool = make_pool(service(), run_build=held)
+    before = time.time()
+    pool.set_up_set(KEYS)
+    assert pool.table_since() is None, "being built"
+    held.run()
+    since = pool.table_since()
+    assert since is not None and before <= since <= time.time()

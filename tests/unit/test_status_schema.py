@@ -47,6 +47,7 @@ def test_documented_example_validates_and_unknown_fields_do_not() -> None:
                        "digest": "a1b2c3d4e5f6", "draining": ["198.51.100.21:80"],
                        "drained": [], "backends": {"198.51.100.21": {"packets": 12,
                                                                      "bytes": 840}}},
+            "table_since": 1795813199.25,
         }],
         "bgp": None, "cluster": None, "workers": None,
         "limits": {"limit": 1024, "reserve": {"base": 16, "listeners": 1, "health": 1, "api": 257,
