@@ -541,12 +541,15 @@ class Bench:
         procs = self.cluster_nodes(survival)
         try:
             peer = {"peer": [procs[1].pid]}
-            profile = None
-            if survival and self.args.profile:
-                profile = self._profile(procs[0].pid)
+            spies = []
+            if self.args.profile:
+                tag = "fs" if survival else "plain"
+                spies = [self._profile(p.pid, f"{where}-{tag}")
+                         for p, where in zip(procs, ("n1", "n2"), strict=True)]
             short = self.short([procs[0].pid], extra=peer)
-            if profile is not None:
-                profile.wait(self.args.duration + 30)
+            for spy in spies:
+                if spy is not None:
+                    spy.wait(self.args.duration + 30)
             paced = self.paced([procs[0].pid], self.args.fs_rate, peer)
             cluster = api_status(self.net, "n1")["cluster"]
             return {"short": short, "paced": paced,
@@ -557,7 +560,7 @@ class Bench:
             for proc in procs:
                 self.sup.stop(proc)
 
-    def _profile(self, pid: int) -> subprocess.Popen[bytes] | None:
+    def _profile(self, pid: int, name: str) -> subprocess.Popen[bytes] | None:
         spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
         if not Path(spy).exists():
             print("py-spy not found: no profile", file=sys.stderr)
@@ -566,7 +569,7 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         return subprocess.Popen([spy, "record", "-p", str(pid), "--threads", "--subprocesses",
                                  "-r", "200", "-d", str(int(self.args.duration)), "-f", "raw",
-                                 "-o", str(out / "node-fs.txt")],
+                                 "-o", str(out / f"{name}.txt")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -712,7 +715,7 @@ def main() -> None:
     parser.add_argument("--update-runs", type=int, default=5,
                         help="kernel_update.py runs (0: skip)")
     parser.add_argument("--profile", default=None,
-                        help="directory: py-spy profile of n1 under wrk with flow survival")
+                        help="directory: py-spy profiles (raw) of n1 and n2 under wrk, flow survival on and off")
     parser.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}",
                         help="taskset CPU list for every process (default: all)")
     parser.add_argument("--prefix", default=os.environ.get("ANYCAST_LB_LAB_NS_PREFIX", "albb-"))
