@@ -38,7 +38,9 @@ involved CPU minus the no-LB path's in the same repetition.
 
 The flow survival section runs ``anycast-lb run`` (relay) on n1 and n2 with
 a ``cluster`` section (peers n1 and n2, sync on the node LAN), the VIP
-routed to n1, once with ``flow_survival: false`` and once with ``true``:
+routed to n1, with ``flow_survival: false``, with ``true`` and every flow
+published (``publish_min_age: 0``, the behaviour before that setting), and
+with ``true`` and the default ``publish_min_age``:
 wrk's closed-loop rate and latency, loadgen's open-loop latency at
 ``--fs-rate`` connections/s, and the CPU of both nodes per connection.
 
@@ -92,6 +94,12 @@ VIP = "192.0.2.10"
 WEB, BULK = 8080, 5201
 API_PORT = 9180
 MODES = ("nolb", "kernel", "relay", "haproxy")
+FS_VARIANTS: dict[str, tuple[bool, float | None]] = {
+    "plain": (False, None), "fs-age0": (True, 0.0), "fs": (True, None)}
+"""Flow survival configs: (``flow_survival``, ``publish_min_age``; None: the default)."""
+FS_LABELS = {"plain": "flow_survival: false",
+             "fs-age0": "flow_survival: true, publish_min_age: 0 (every flow published)",
+             "fs": "flow_survival: true (default publish_min_age)"}
 CLONE_NEWNET = 0x40000000
 TOOLS = ("ip", "nft", "haproxy", "nginx", "iperf3", "wrk", "gcc", "taskset")
 
@@ -502,7 +510,8 @@ class Bench:
 
     # -------------------------------------------------------- flow survival
 
-    def cluster_nodes(self, survival: bool) -> list[subprocess.Popen[bytes]]:
+    def cluster_nodes(self, variant: str) -> list[subprocess.Popen[bytes]]:
+        survival, min_age = FS_VARIANTS[variant]
         net = self.net
         key = self.workdir / "cluster.key"
         if not key.exists():
@@ -512,14 +521,14 @@ class Bench:
             net.vip_on_lo(where, True)
             cluster = {"flow_survival": survival, "address": addr, "interface": "lan0",
                        "peers": [N1, N2], "key_file": str(key)}
-            if self.args.fs_publish_delay is not None:
-                cluster["publish_delay"] = self.args.fs_publish_delay
+            if min_age is not None:
+                cluster["publish_min_age"] = min_age
             data = self._node_config(cluster)
             data["node"]["name"] = where
             conf = self.workdir / f"cluster-{where}.yaml"
             conf.write_text(yaml.safe_dump(data, sort_keys=False))
             procs.append(self.sup.start(
-                f"cluster-{where}-{'fs' if survival else 'plain'}",
+                f"cluster-{where}-{variant}",
                 ["ip", "netns", "exec", net.ns(where), str(ROOT / ".venv" / "bin" / "anycast-lb"),
                  "run", "--config", str(conf)], self.cpus))
         net.route_vip(N1)
@@ -537,14 +546,13 @@ class Bench:
             raise
         return procs
 
-    def flow_survival(self, survival: bool) -> dict[str, Any]:
-        procs = self.cluster_nodes(survival)
+    def flow_survival(self, variant: str) -> dict[str, Any]:
+        procs = self.cluster_nodes(variant)
         try:
             peer = {"peer": [procs[1].pid]}
             spies = []
             if self.args.profile:
-                tag = "fs" if survival else "plain"
-                spies = [self._profile(p.pid, f"{where}-{tag}")
+                spies = [self._profile(p.pid, f"{where}-{variant}")
                          for p, where in zip(procs, ("n1", "n2"), strict=True)]
             short = self.short([procs[0].pid], extra=peer)
             for spy in spies:
@@ -654,31 +662,53 @@ def targets(summary: dict[str, dict[str, float | None]]) -> list[str]:
 
 
 def fs_table(runs: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The flow survival table (medians over repetitions) and, per variant
+    with flow survival, the median over repetitions of its ratio to the
+    plain run of the same repetition (paired: the machine's load moves
+    less within one repetition than across them)."""
+    variants = [v for v in FS_VARIANTS if any(v in r for r in runs)]
     rows = {}
-    for key in ("plain", "fs"):
+    for key in variants:
         got = [r[key] for r in runs if key in r]
         rows[key] = {
             "rate": median([g["short"]["rate"] for g in got]),
             "wrk_p50": median([g["short"]["wrk_p50_us"] / 1000 for g in got]),
             "wrk_p99": median([g["short"]["wrk_p99_us"] / 1000 for g in got]),
-            "p50": median([g["paced"]["p50_us"] / 1000 for g in got]),
-            "p99": median([g["paced"]["p99_us"] / 1000 for g in got]),
-            "lb_us": median([(g["short"]["cpu_s"]["lb"] + g["short"]["cpu_s"].get("peer", 0))
-                             / max(g["short"]["connections"], 1) * 1e6 for g in got]),
+            "p50": median([(g["paced"]["p50_us"] or 0) / 1000 for g in got]),
+            "p99": median([(g["paced"]["p99_us"] or 0) / 1000 for g in got]),
+            "cpu_us": median([_nodes_us(g) for g in got]),
             "errors": sum(g["short"]["errors"] + g["paced"]["failed"] for g in got),
         }
-    lines = ["| relay, cluster | short conn/s (wrk) | wrk p50 / p99 ms | paced p50 / p99 ms "
-             "| nodes' CPU us/conn | failed |", "|---|---:|---:|---:|---:|---:|"]
-    for key, label in (("plain", "flow_survival: false"), ("fs", "flow_survival: true")):
+    lines = ["| relay, two nodes | short conn/s (wrk) | wrk p50 / p99 ms | paced p50 / p99 ms "
+             "| both nodes' CPU us/conn | failed |", "|---|---:|---:|---:|---:|---:|"]
+    for key in variants:
         r = rows[key]
-        lines.append(f"| {label} | {fmt(r['rate'], ',.0f')} | {fmt(r['wrk_p50'], '.2f')} / "
-                     f"{fmt(r['wrk_p99'], '.2f')} | {fmt(r['p50'], '.2f')} / "
-                     f"{fmt(r['p99'], '.2f')} | {fmt(r['lb_us'], '.0f')} | {r['errors']:.0f} |")
-    p, f = rows["plain"], rows["fs"]
-    notes = [f"flow survival: rate {fmt(ratio(f['rate'], p['rate']), '.2f')}x plain "
-             f"(target >= 0.8), wrk p50 {fmt(ratio(f['wrk_p50'], p['wrk_p50']), '.2f')}x, "
-             f"paced p50 {fmt(ratio(f['p50'], p['p50']), '.2f')}x (target <= 1.2)"]
+        lines.append(f"| {FS_LABELS[key]} | {fmt(r['rate'], ',.0f')} | "
+                     f"{fmt(r['wrk_p50'], '.2f')} / {fmt(r['wrk_p99'], '.2f')} | "
+                     f"{fmt(r['p50'], '.2f')} / {fmt(r['p99'], '.2f')} | "
+                     f"{fmt(r['cpu_us'], '.0f')} | {r['errors']:.0f} |")
+    notes = []
+    for key in variants:
+        if key == "plain":
+            continue
+        pairs = [r for r in runs if key in r and "plain" in r]
+
+        def paired(get: Callable[[dict[str, Any]], float | None],
+                   pairs: Sequence[dict[str, Any]] = pairs, key: str = key) -> float | None:
+            return median([ratio(get(r[key]), get(r["plain"])) for r in pairs])
+        notes.append(
+            f"{FS_LABELS[key]}, paired with plain ({len(pairs)} pairs): rate "
+            f"{fmt(paired(lambda g: g['short']['rate']), '.2f')}x (target >= 0.8), "
+            f"wrk p50 {fmt(paired(lambda g: g['short']['wrk_p50_us']), '.2f')}x, paced p50 "
+            f"{fmt(paired(lambda g: g['paced']['p50_us']), '.2f')}x (target <= 1.2), "
+            f"CPU per connection {fmt(paired(_nodes_us), '.2f')}x")
     return "\n".join(lines), notes
+
+
+def _nodes_us(g: dict[str, Any]) -> float:
+    """Both nodes' CPU (n1 with its nft children, n2) per short connection, us."""
+    cpu = g["short"]["cpu_s"]
+    return float((cpu["lb"] + cpu.get("peer", 0.0)) / max(g["short"]["connections"], 1) * 1e6)
 
 
 def build_loadgen() -> Path:
@@ -709,9 +739,11 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--no-flow-survival", action="store_true", help="skip that section")
     parser.add_argument("--fs-only", action="store_true", help="only the flow survival section")
-    parser.add_argument("--fs-rate", type=float, default=1000.0,
+    parser.add_argument("--fs-variants", default=",".join(FS_VARIANTS),
+                        help="flow survival configs to compare: " + ", ".join(
+                            f"{k} ({v})" for k, v in FS_LABELS.items()))
+    parser.add_argument("--fs-rate", type=float, default=400.0,
                         help="open-loop connections/s for the flow survival latency")
-    parser.add_argument("--fs-publish-delay", type=float, default=None)
     parser.add_argument("--update-runs", type=int, default=5,
                         help="kernel_update.py runs (0: skip)")
     parser.add_argument("--profile", default=None,
@@ -754,11 +786,12 @@ def main() -> None:
                 runs.append(run)
             if not args.no_flow_survival:
                 fs: dict[str, Any] = {}
-                for survival in ((False, True) if rep % 2 == 0 else (True, False)):
-                    fs["fs" if survival else "plain"] = bench.flow_survival(survival)
-                print(f"run {rep + 1} flow survival: plain "
-                      f"{fs['plain']['short']['rate']:,.0f} conn/s, fs "
-                      f"{fs['fs']['short']['rate']:,.0f} conn/s", file=sys.stderr)
+                variants = [v for v in args.fs_variants.split(",") if v]
+                for variant in (variants if rep % 2 == 0 else variants[::-1]):
+                    fs[variant] = bench.flow_survival(variant)
+                print(f"run {rep + 1} flow survival: " + ", ".join(
+                    f"{v} {fs[v]['short']['rate']:,.0f} conn/s" for v in variants),
+                    file=sys.stderr)
                 fs_runs.append(fs)
         sup.close()
     finally:
