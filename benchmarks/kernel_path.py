@@ -251,6 +251,12 @@ def listening(pid: int, port: int) -> bool:
     return False
 
 
+def all_up(net: Net, where: str) -> bool:
+    """The node in ``where`` listens on every service with every backend up."""
+    services = api_status(net, where)["services"]
+    return all(s["listening"] and s["up_backends"] == len(s["backends"]) for s in services)
+
+
 def api_status(net: Net, where: str) -> dict[str, Any]:
     def get() -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/status", timeout=2) as r:
@@ -503,7 +509,8 @@ class Bench:
             proc = self.sup.start("haproxy", ["ip", "netns", "exec", net.ns("n1"), "haproxy",
                                               "-db", "-f", str(conf)], self.cpus)
         try:
-            wait_until(mode, lambda: listening(proc.pid, BULK) and http_ok(net), 20, proc)
+            wait_until(mode, lambda: listening(proc.pid, BULK) and http_ok(net)
+                       and (mode != "relay" or all_up(net, "n1")), 20, proc)
             yield Path_(mode, [proc.pid])
         finally:
             self.sup.stop(proc)
@@ -537,7 +544,7 @@ class Bench:
         def ready() -> bool:
             status = api_status(net, "n1")["cluster"]
             return bool(status["flow_survival"] == want and status["live_peers"] == 1
-                        and http_ok(net))
+                        and all_up(net, "n1") and http_ok(net))
         try:
             wait_until(f"cluster ({want})", ready, 30, procs[0])
         except BaseException:
@@ -646,19 +653,58 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def targets(summary: dict[str, dict[str, float | None]]) -> list[str]:
-    k, n, h = summary["kernel"], summary["nolb"], summary["haproxy"]
+def paired(runs: Sequence[dict[str, Any]], a: str, b: str,
+           get: Callable[[dict[str, Any]], float | None]) -> float | None:
+    """Median over repetitions of ``get(run[a]) / get(run[b])`` (paired within
+    a repetition: the machine's load moves less within one than across)."""
+    return median([ratio(get(r[a]), get(r[b])) for r in runs if a in r and b in r])
+
+
+def _lb_cost(run: dict[str, Any], mode: str, load: str, unit: str) -> float | None:
+    mine, base = run[mode][load][unit]["involved"], run["nolb"][load][unit]["involved"]
+    return None if mine is None or base is None else mine - base
+
+
+def targets(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The issue's targets, as paired ratios (see :func:`paired`)."""
     out = []
     for streams in (1, 8):
-        g = f"bulk{streams}_gbps"
-        r1, r2 = ratio(k[g], n[g]), ratio(k[g], h[g])
-        out.append(f"kernel throughput, {streams} stream(s): {fmt(r1, '.2f')}x no-LB "
-                   f"(target >= 0.9), {fmt(r2, '.2f')}x HAProxy (target >= 2)")
-        c = f"bulk{streams}_lb_s_per_gb"
-        out.append(f"kernel LB cost per GB, {streams} stream(s): {fmt(ratio(k[c], h[c]), '.2f')}x "
-                   f"HAProxy's (target <= 0.3); all involved: "
-                   f"{fmt(ratio(k[f'bulk{streams}_s_per_gb'], h[f'bulk{streams}_s_per_gb']), '.2f')}x")
+        load = f"bulk{streams}"
+
+        def gbps(r: dict[str, Any], load: str = load) -> float:
+            return float(r[load]["gbps"])
+        to_nolb = paired(runs, "kernel", "nolb", gbps)
+        to_haproxy = paired(runs, "kernel", "haproxy", gbps)
+        cost = median([ratio(_lb_cost(r, "kernel", load, "per_gb"),
+                             _lb_cost(r, "haproxy", load, "per_gb")) for r in runs])
+        total = paired(runs, "kernel", "haproxy",
+                       lambda r, load=load: r[load]["per_gb"]["involved"])
+        out.append(f"kernel, {streams} stream(s): throughput {fmt(to_nolb, '.2f')}x no-LB "
+                   f"(target >= 0.9), {fmt(to_haproxy, '.2f')}x HAProxy (target >= 2); "
+                   f"LB cost per GB {fmt(cost, '.2f')}x HAProxy's (target <= 0.3), "
+                   f"all involved CPU per GB {fmt(total, '.2f')}x")
+    rate = paired(runs, "kernel", "haproxy", lambda r: r["short"]["rate"])
+    out.append(f"kernel, short connections: {fmt(rate, '.2f')}x HAProxy's rate, "
+               f"{fmt(paired(runs, 'kernel', 'nolb', lambda r: r['short']['rate']), '.2f')}x "
+               "no-LB's")
     return out
+
+
+def breakdown_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Median CPU per GB (1 stream) and per short connection of each process
+    group, and the machine's softirq time over the same span."""
+    parts = ("client", "server", "lb", "ksoftirqd", "softirq")
+    lines = ["| path | 1 stream s/GB: " + " / ".join(parts) + " | short us/conn: "
+             + " / ".join(parts) + " |", "|---|---|---|"]
+    for mode in MODES:
+        rows = [r[mode] for r in runs if mode in r]
+        if not rows:
+            continue
+        gb = [fmt(median([r["bulk1"]["per_gb"].get(p) for r in rows]), ".3f") for p in parts]
+        us = [fmt(median([(r["short"]["per_conn"].get(p) or 0) * 1e6 for r in rows]), ".1f")
+              for p in parts]
+        lines.append(f"| {mode} | {' / '.join(gb)} | {' / '.join(us)} |")
+    return "\n".join(lines)
 
 
 def fs_table(runs: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -750,6 +796,9 @@ def main() -> None:
                         help="directory: py-spy profiles (raw) of n1 and n2 under wrk, flow survival on and off")
     parser.add_argument("--cpus", default=f"0-{(os.cpu_count() or 1) - 1}",
                         help="taskset CPU list for every process (default: all)")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness of every process started (below 0 wins the CPU from "
+                        "other work on a shared machine)")
     parser.add_argument("--prefix", default=os.environ.get("ANYCAST_LB_LAB_NS_PREFIX", "albb-"))
     parser.add_argument("--out", default="lab-results/kernel_path.json")
     args = parser.parse_args()
@@ -764,7 +813,7 @@ def main() -> None:
     workdir.mkdir(parents=True)
     loadgen = build_loadgen()
     net = Net(args.prefix)
-    sup = Supervisor(workdir)
+    sup = Supervisor(workdir, nice=args.nice)
     runs: list[dict[str, Any]] = []
     fs_runs: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
@@ -798,8 +847,9 @@ def main() -> None:
         sup.close()
         net.down()
     updates = update_time(args.update_runs) if args.update_runs else {}
-    print(f"\nload average at start {load:.1f}, repetitions {args.repeat}, "
-          f"{args.duration:g} s per load, CPUs {args.cpus}")
+    print(f"\nload average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}; "
+          f"repetitions {args.repeat}, {args.duration:g} s per load, CPUs {args.cpus}, "
+          f"nice {args.nice}")
     result: dict[str, Any] = {"args": vars(args), "load_average": load, "runs": runs,
                               "flow_survival": fs_runs, "update": updates,
                               "kernel_status": bench.kernel_status if bench else []}
@@ -807,8 +857,12 @@ def main() -> None:
         summary = summarize(runs)
         result["summary"] = summary
         print(table(summary))
-        for line in targets(summary):
+        print()
+        print(breakdown_table(runs))
+        print()
+        for line in targets(runs):
             print(line)
+        print()
     if fs_runs:
         text, notes = fs_table(fs_runs)
         print(text)
