@@ -868,6 +868,11 @@ def main() -> None:
         print(text)
         for line in notes:
             print(line)
+    if bench is not None and bench.kernel_status:
+        packets = sum(b["packets"] for st in bench.kernel_status for svc in st.values()
+                      for b in svc["backends"].values())
+        print(f"kernel engine: {packets:,} packets counted by its nft counters over "
+              f"{len(bench.kernel_status)} runs (client to backend only: replies bypass n1)")
     for label, fig in updates.items():
         print(f"table update, {label}: {fig['slots']:.0f} slots, render+apply median "
               f"{fig['total']:.1f} ms (max {fig['max']:.1f}), CPU {fig['cpu']:.1f} ms")
