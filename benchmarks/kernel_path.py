@@ -172,6 +172,10 @@ class Net:
             for scope in ("all", "default"):
                 self.sysctl(where, f"net.ipv4.conf.{scope}.rp_filter", "0")
         self.sysctl("rt", "net.ipv4.ip_forward", "1")
+        # The client opens tens of thousands of short connections per minute:
+        # the widest port range makes it reuse a 4-tuple still in TIME-WAIT on
+        # the server side (a SYN then waits a retransmission) as rarely as can be.
+        self.sysctl("cl", "net.ipv4.ip_local_port_range", "1024 65535")
         sh("ip", "netns", "exec", self.ns("be"), sys.executable, "-m", "anycast_lb",
            "backend-setup", "--vip", VIP, "--apply")
 
