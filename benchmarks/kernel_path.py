@@ -84,7 +84,7 @@ from anycast_lb.cluster.keys import new_key_line, write_key_file  # noqa: E402
 from anycast_lb.config import parse_config  # noqa: E402
 from anycast_lb.errors import ClusterError  # noqa: E402
 from anycast_lb.kernel.engine import KernelEngine  # noqa: E402
-from benchmarks.lbbench import configs, cpuacct  # noqa: E402
+from benchmarks.lbbench import configs, cpuacct, procfs  # noqa: E402
 from benchmarks.lbbench.processes import BenchError, Supervisor  # noqa: E402
 
 T = TypeVar("T")
@@ -307,8 +307,9 @@ def paced_tcp(host: str, port: int, rate: float, count: int, timeout_s: float = 
             started += 1
         wake = t0 + started / rate if started < count else now + 0.05
         for key, _ in sel.select(max(0.0, min(wake - time.monotonic(), 0.05))):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            sock = ready
             state = live[sock]
             try:
                 if not state[2]:
@@ -399,7 +400,7 @@ class Bench:
         if "error" in result:
             raise BenchError(f"iperf3: {result['error']}")
         received = result["end"]["sum_received"]
-        cpu = cpuacct.breakdown(before, after, cpuacct.procfs.CLOCK_TICKS)
+        cpu = cpuacct.breakdown(before, after, procfs.CLOCK_TICKS)
         gb = received["bytes"] / 1e9
         return {"gbps": received["bytes"] * 8 / received["seconds"] / 1e9, "bytes": received["bytes"],
                 "cpu_s": cpu.processes, "softirq_s": cpu.softirq_s, "other_s": cpu.other_s,
@@ -420,7 +421,7 @@ class Bench:
             raise BenchError(f"wrk printed no summary: {out[-300:]!r}")
         wrk = json.loads(line)
         done = wrk["requests"]
-        cpu = cpuacct.breakdown(before, after, cpuacct.procfs.CLOCK_TICKS)
+        cpu = cpuacct.breakdown(before, after, procfs.CLOCK_TICKS)
         return {"rate": done / (wrk["duration_us"] / 1e6), "connections": done,
                 "errors": wrk["errors"], "wrk_p50_us": wrk["lat_p50_us"],
                 "wrk_p99_us": wrk["lat_p99_us"], "cpu_s": cpu.processes,
@@ -436,7 +437,7 @@ class Bench:
                           lambda: paced_tcp(VIP, WEB, rate, count),
                           timeout=count / rate + 30)
         after = cpuacct.sample(groups)
-        cpu = cpuacct.breakdown(before, after, cpuacct.procfs.CLOCK_TICKS)
+        cpu = cpuacct.breakdown(before, after, procfs.CLOCK_TICKS)
         return {**result, "cpu_s": cpu.processes, "per_conn": cpuacct.per_unit(cpu, result["ok"])}
 
     def loads(self, proxies: Sequence[int]) -> dict[str, Any]:
@@ -681,8 +682,10 @@ def targets(runs: Sequence[dict[str, Any]]) -> list[str]:
         to_haproxy = paired(runs, "kernel", "haproxy", gbps)
         cost = median([ratio(_lb_cost(r, "kernel", load, "per_gb"),
                              _lb_cost(r, "haproxy", load, "per_gb")) for r in runs])
-        total = paired(runs, "kernel", "haproxy",
-                       lambda r, load=load: r[load]["per_gb"]["involved"])
+        def per_gb(r: dict[str, Any], load: str = load) -> float | None:
+            value: float | None = r[load]["per_gb"]["involved"]
+            return value
+        total = paired(runs, "kernel", "haproxy", per_gb)
         out.append(f"kernel, {streams} stream(s): throughput {fmt(to_nolb, '.2f')}x no-LB "
                    f"(target >= 0.9), {fmt(to_haproxy, '.2f')}x HAProxy (target >= 2); "
                    f"LB cost per GB {fmt(cost, '.2f')}x HAProxy's (target <= 0.3), "
@@ -883,6 +886,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"every run in {out}; process logs in {workdir}")
 
 
 if __name__ == "__main__":
