@@ -28,7 +28,7 @@ The router routes the VIP (``192.0.2.10/32``) to:
 
 For the relay and HAProxy the VIP is on n1's ``lo`` and both directions
 cross n1. Figures per path, each load bounded in time (iperf3 ``-t``, wrk
-``-d``, loadgen's count): iperf3 1 and 8 streams (Gbit/s at the server),
+``-d``, the open-loop client's count and timeout): iperf3 1 and 8 streams (Gbit/s at the server),
 wrk short connections (``Connection: close``, 1 thread, 32 connections), and
 the CPU of every process involved (client tool, server, the proxy with its
 waited-for children, ``ksoftirqd``) per GB and per connection, with the
@@ -41,11 +41,12 @@ a ``cluster`` section (peers n1 and n2, sync on the node LAN), the VIP
 routed to n1, with ``flow_survival: false``, with ``true`` and every flow
 published (``publish_min_age: 0``, the behaviour before that setting), and
 with ``true`` and the default ``publish_min_age``:
-wrk's closed-loop rate and latency, loadgen's open-loop latency at
-``--fs-rate`` connections/s, and the CPU of both nodes per connection.
+wrk's closed-loop rate and latency, an open-loop latency at ``--fs-rate``
+connections/s (:func:`paced_tcp`), and the CPU of both nodes per connection.
 
-Last, ``benchmarks/kernel_update.py`` (its own scratch namespace) times one
-backend change at 1000 backends and 65537 slots.
+Last, ``benchmarks/kernel_update.py`` (its own scratch namespace,
+``<prefix>kern-update``) times one backend change at 1000 backends and
+65537 slots.
 
 Every process is stopped by its PID; namespaces are deleted by name at the
 end (also on Ctrl-C). Traffic stays inside the namespaces.
@@ -774,9 +775,9 @@ def build_loadgen() -> Path:
     return binary
 
 
-def update_time(runs: int) -> dict[str, dict[str, float]]:
+def update_time(runs: int, namespace: str) -> dict[str, dict[str, float]]:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_update.py"),
-                          "--runs", str(runs)], capture_output=True, text=True, timeout=600,
+                          "--runs", str(runs), "--namespace", namespace], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise BenchError(f"kernel_update.py: {out.stderr.strip()[-300:]}")
@@ -853,7 +854,7 @@ def main() -> None:
     finally:
         sup.close()
         net.down()
-    updates = update_time(args.update_runs) if args.update_runs else {}
+    updates = update_time(args.update_runs, f"{args.prefix}kern-update") if args.update_runs else {}
     print(f"\nload average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}; "
           f"repetitions {args.repeat}, {args.duration:g} s per load, CPUs {args.cpus}, "
           f"nice {args.nice}")
