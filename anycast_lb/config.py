@@ -748,6 +748,12 @@ class ClusterConfig(_Model):
     """Seconds between full snapshots of the owned flows to each peer."""
     publish_delay: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.01
     """Seconds new and closed flows are gathered before one delta goes out."""
+    publish_min_age: Annotated[StrictFloat, Field(ge=0, le=60)] = 0.2
+    """Seconds a flow must have lived before it is published to the peers (0:
+    at once). Shorter flows cost the peers no steering-map change; if ECMP
+    moves one, the second chance (a copy to each live peer) still finds its
+    owner. Only a silently dead owner's flows younger than this get no fast
+    RST (they are in no dead set)."""
     apply_interval: Annotated[StrictFloat, Field(gt=0, le=5)] = 0.05
     """Least seconds between two batched updates of the steering map (``nft -f``
     transactions); an update starts as soon as there is work."""

@@ -79,7 +79,10 @@ def make_cluster(index: int) -> Any:
 
     config = ClusterConfig.model_validate({
         "address": f"203.0.113.{index}", "interface": "lan0",
-        "peers": ["203.0.113.1", "203.0.113.2"], "key_file": str(bench_key_file()), "nft_table": "albt_bench"})
+        "peers": ["203.0.113.1", "203.0.113.2"], "key_file": str(bench_key_file()), "nft_table": "albt_bench",
+        # Every flow published at once: the lag measured is the sync's own
+        # (from accept to the peer's map), as before publish_min_age existed.
+        "publish_min_age": 0.0})
     service = ServiceConfig.model_validate({"name": "web", "vip": VIP, "port": 80,
                                             "backends": [{"address": "127.0.0.1", "port": 9}]})
     return Cluster(config, [service], name=f"s{index}")

@@ -36,7 +36,7 @@ def _tables(addrs: Sequence[ipaddress.IPv4Address], size: int) -> tuple[int, ...
 
 
 async def _main(args: argparse.Namespace) -> None:
-    ns = f"albt-kern-bench-{os.getpid()}"
+    ns = args.namespace or f"albt-kern-bench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name",
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--size", type=int, default=65537)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--namespace", default=None,
+                        help="name of the scratch namespace (default albt-kern-bench-PID)")
     asyncio.run(_main(parser.parse_args()))
 
 

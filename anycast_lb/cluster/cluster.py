@@ -3,7 +3,8 @@
 ::
 
     forwarder --on_flow(opened, key)--> deque --publish--> deltas to peers
-                     (any thread)              (every publish_delay s)
+                     (any thread)              (every publish_delay s; a flow
+                                               once publish_min_age s old)
     peers --heartbeats, deltas, snapshots--> Membership (pure)
     apply (when work arrives, at most every apply_interval s): expire peers,
         Steering.plan (pure), ``nft -f`` transactions, abort our stale sockets
@@ -223,7 +224,8 @@ class Cluster:
     def _flush(self) -> None:
         """Publish the changes gathered since the last flush (deltas, in seq order)."""
         self._drain_events()
-        added, removed, touched = self.local.take_delta()
+        added, removed, touched = self.local.take_delta(
+            self._now_ms(), round(self.config.publish_min_age * 1000))
         if touched:
             self._effects.touched |= touched
             self._dirty.set()
@@ -244,7 +246,7 @@ class Cluster:
         self._flush()
         self._snapshot_id = (self._snapshot_id + 1) & 0xFFFFFFFF
         datagrams = wire.encode_snapshot(self.epoch, self.seq, self._now_ms(), self._snapshot_id,
-                                         self.local.owned, self.config.max_datagram)
+                                         self.local.published(), self.config.max_datagram)
         for index in to:
             for data in datagrams:
                 self.endpoint.send(index, data)
@@ -304,8 +306,14 @@ class Cluster:
             sleeper.cancel()
 
     async def _publish_loop(self) -> None:
+        """Flush after each wake-up (a flow opened or closed), and when the
+        oldest flow too young to publish comes of age."""
         while True:
-            await self._wake.wait()
+            due = self.local.next_due_ms
+            if due is None:
+                await self._wake.wait()
+            else:
+                await self._wait(self._wake, max(due - self._now_ms(), 0) / 1000)
             self._wake.clear()
             if self.config.publish_delay > 0:
                 await self.clock.sleep(self.config.publish_delay)
@@ -441,7 +449,9 @@ class Cluster:
         self._dirty.set()
 
     def _record_lag(self, since: Iterable[int]) -> None:
-        now_ms = self._now_ms()
+        # A flow is published once publish_min_age s old (the same on every
+        # node): the lag counts from then, not from its accept.
+        now_ms = self._now_ms() - round(self.config.publish_min_age * 1000)
         for value in since:
             lag = max(now_ms - value, 0) / 1000.0
             self.lag_samples.append(lag)

@@ -91,13 +91,22 @@ class LocalFlows:
     """The flows this node owns (client connections it accepted).
 
     ``take_delta`` returns what changed since it was last called: a flow
-    opened and closed in between is never published.
+    opened and closed in between is never published. With a minimum age, a
+    flow is published only once it has lived that long: a short connection
+    that ends before then is never published at all, so it costs its peers
+    no steering-map change (two ``nft`` transactions each otherwise).
     """
 
     def __init__(self) -> None:
         self.owned: dict[FlowKey, int] = {}
-        # Keys changed since the last delta, with what was published before.
+        # Keys changed since they were last published, with what was published
+        # then (None: nothing). A young flow waits here until it is old enough.
         self._before: dict[FlowKey, int | None] = {}
+        # Keys changed since the last take_delta (for the steering plan).
+        self._touched: set[FlowKey] = set()
+        self.next_due_ms: int | None = None
+        """Wall ms at which the oldest flow still too young to publish comes
+        of age (None: none waits); set by :meth:`take_delta`."""
 
     def __len__(self) -> int:
         return len(self.owned)
@@ -106,6 +115,7 @@ class LocalFlows:
         if key not in self._before:
             self._before[key] = self.owned.get(key)
         self.owned[key] = since_ms
+        self._touched.add(key)
 
     def closed(self, key: FlowKey) -> None:
         if key not in self.owned:
@@ -113,21 +123,44 @@ class LocalFlows:
         if key not in self._before:
             self._before[key] = self.owned[key]
         del self.owned[key]
+        self._touched.add(key)
 
-    def take_delta(self) -> tuple[dict[FlowKey, int], list[FlowKey], set[FlowKey]]:
-        """(added with since_ms, removed, every key touched) since the last call."""
+    def take_delta(self, now_ms: int = 0, min_age_ms: int = 0
+                   ) -> tuple[dict[FlowKey, int], list[FlowKey], set[FlowKey]]:
+        """(added with since_ms, removed, every key touched) since the last
+        call. A flow accepted less than ``min_age_ms`` before ``now_ms``
+        (wall ms) is not added yet: it stays pending and :attr:`next_due_ms`
+        says when it comes of age; a pending flow that closes is never
+        published. Removals of published flows are never held back."""
         added: dict[FlowKey, int] = {}
         removed: list[FlowKey] = []
+        pending: dict[FlowKey, int | None] = {}
+        cutoff = now_ms - min_age_ms
+        due: int | None = None
         for key, before in self._before.items():
             now = self.owned.get(key)
             if now is None:
                 if before is not None:
                     removed.append(key)
             elif now != before:
+                if min_age_ms and now > cutoff:
+                    pending[key] = before
+                    if due is None or now < due:
+                        due = now
+                    continue
                 added[key] = now
-        touched = set(self._before)
-        self._before.clear()
+        touched, self._touched = self._touched, set()
+        self._before = pending
+        self.next_due_ms = None if due is None else due + min_age_ms
         return added, removed, touched
+
+    def published(self) -> dict[FlowKey, int]:
+        """The owned flows as peers know them after the last :meth:`take_delta`:
+        every owned flow but those still waiting to come of age."""
+        before = self._before
+        if not before:
+            return dict(self.owned)
+        return {k: v for k, v in self.owned.items() if k not in before or before[k] is not None}
 
 
 class PeerFlows:

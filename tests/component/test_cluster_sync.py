@@ -147,6 +147,21 @@ async def test_deltas_reach_the_peer_map_and_removals_leave_it(key_file: Path) -
         assert b.status()["packets"]["steered"] == 3
 
 
+async def test_flows_are_published_once_of_age_and_short_ones_never(key_file: Path) -> None:
+    async with pair(key_file, publish_min_age=0.3) as (a, b, _, kb, _):
+        await wait_until(lambda: kb.live == (0,), what="b steers to a")
+        a.on_flow(True, KEY)
+        a.on_flow(False, KEY)  # a short connection: closed long before 0.3 s
+        opened = time.monotonic()
+        a.on_flow(True, KEY2)
+        await wait_until(lambda: KEY2 in kb.owner, what="b's map holds a's older flow")
+        assert time.monotonic() - opened >= 0.3
+        assert a.deltas_sent == 1 and KEY not in kb.owner
+        assert a.status()["flows_owned"] == 1
+        lag = b.lag_p99()  # counted from when the flow may be published
+        assert lag is not None and 0 <= lag < 0.3
+
+
 async def test_a_clean_stop_says_leaving_and_its_flows_go_to_the_dead_set(key_file: Path) -> None:
     async with pair(key_file) as (a, _b, ka, kb, _):
         a.on_flow(True, KEY)

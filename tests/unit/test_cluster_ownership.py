@@ -62,6 +62,46 @@ def test_local_deltas_publish_opens_closes_and_reopens() -> None:
     assert local.owned == {B: 2000}
 
 
+def test_local_flow_younger_than_min_age_waits_and_is_published_once_of_age() -> None:
+    local = LocalFlows()
+    local.opened(A, 1000)
+    assert local.take_delta(1100, 200) == ({}, [], {A})
+    assert local.next_due_ms == 1200
+    assert local.published() == {}
+    local.opened(B, 1150)
+    assert local.take_delta(1199, 200) == ({}, [], {B})  # A still one ms short
+    assert local.next_due_ms == 1200
+    assert local.take_delta(1200, 200)[:2] == ({A: 1000}, [])
+    assert local.next_due_ms == 1350
+    assert local.published() == {A: 1000}
+    assert local.take_delta(1400, 200) == ({B: 1150}, [], set())
+    assert local.next_due_ms is None
+    assert local.published() == {A: 1000, B: 1150}
+
+
+def test_local_flow_closed_before_min_age_is_never_published() -> None:
+    local = LocalFlows()
+    local.opened(A, 1000)
+    assert local.take_delta(1010, 200)[:2] == ({}, [])
+    local.closed(A)
+    assert local.take_delta(1050, 200) == ({}, [], {A})
+    assert local.take_delta(5000, 200) == ({}, [], set())
+    assert local.next_due_ms is None and len(local) == 0
+
+
+def test_local_removal_of_published_flow_is_not_held_back_by_min_age() -> None:
+    local = LocalFlows()
+    local.opened(A, 1000)
+    assert local.take_delta(2000, 200)[:2] == ({A: 1000}, [])
+    local.closed(A)
+    local.opened(A, 2100)  # the 4-tuple reused: the old claim (ours) stands until of age
+    assert local.take_delta(2150, 200)[:2] == ({}, [])
+    assert local.published() == {A: 2100}
+    assert local.take_delta(2300, 200)[:2] == ({A: 2100}, [])
+    local.closed(A)
+    assert local.take_delta(2310, 200)[:2] == ({}, [A])
+
+
 # ------------------------------------------------------------------ sequences
 
 def test_deltas_in_order_apply_and_a_duplicate_is_ignored() -> None:
