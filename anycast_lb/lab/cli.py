@@ -287,7 +287,7 @@ def down() -> None:
               type=click.Choice(ALL_SCENARIOS),
               help="Run only these (repeatable), in every phase that has them.")
 @click.option("--full", is_flag=True,
-              help="Every scenario of every phase (the full matrix, about 20 min) instead "
+              help="Every scenario of every phase (the full matrix) instead "
                    "of the representative set (each capability once, a few minutes).")
 @click.option("--flow-survival/--no-flow-survival", default=True, show_default=True,
               help="Nodes share their flows over the node LAN and steer packets to the "
