@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from anycast_lb.lab import abuse, consensus_scenarios, flow_scenarios, scenarios
 from anycast_lb.lab import l2 as l2_
 from anycast_lb.lab.cli import KERNEL_DEMO, _chosen
 
 
-def _demo_set(registry: dict[str, object]) -> list[str]:
-    return [n for n, s in registry.items() if getattr(s, "in_demo")]
+def _demo_set(registry: Mapping[str, Any]) -> list[str]:
+    return [n for n, s in registry.items() if s.in_demo]
 
 
 def test_chosen_default_full_and_named() -> None:
