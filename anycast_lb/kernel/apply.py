@@ -94,6 +94,10 @@ class NftForwarder:
         self._shadow: dict[int, render.Tables] = {}
         self._by_index = {svc.index: svc for svc in settings.services}
         self.transactions = 0
+        """``nft -f`` transactions the kernel applied."""
+        self.refused = 0
+        """``nft -f`` transactions the kernel (or ``nft``) refused; the
+        table and the shadow stay as they were."""
         self.last_apply_s = 0.0
         """Seconds the last transaction took (render excluded)."""
 
@@ -106,6 +110,7 @@ class NftForwarder:
         try:
             await self._run(["nft", "-f", "-"], script)
         except ClusterError as exc:
+            self.refused += 1
             raise KernelEngineError(str(exc)) from exc
         self.last_apply_s = time.perf_counter() - started
         self.transactions += 1

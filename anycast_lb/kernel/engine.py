@@ -333,7 +333,11 @@ class KernelEngine:
         transactions = CounterMetricFamily(
             "anycast_lb_kernel_transactions", "nft transactions the kernel engine applied")
         transactions.add_metric([], self._nft.transactions)
-        yield from (packets, nbytes, generation, draining, transactions)
+        refused = CounterMetricFamily(
+            "anycast_lb_kernel_transaction_failures",
+            "nft transactions the kernel refused (a refused diff is retried)")
+        refused.add_metric([], self._nft.refused)
+        yield from (packets, nbytes, generation, draining, transactions, refused)
 
     async def status(self) -> dict[str, ServiceStatus]:
         """:meth:`snapshot` with the counters read now. Raises KernelEngineError."""

@@ -105,6 +105,7 @@ async def test_a_refused_transaction_is_retried_and_unknown_pokes_ignored() -> N
     nft, clock, pool, applied = FakeNft(), FakeClock(), Pool(CFG), []
     engine, task = await _started(nft, clock, pool, applied)
     try:
+        assert _transactions(engine) == (1, 0)  # the load
         nft.refuse = 1
         pool.up = {K1}
         engine.poke("web")
@@ -112,12 +113,21 @@ async def test_a_refused_transaction_is_retried_and_unknown_pokes_ignored() -> N
         await wait_until(lambda: clock.sleepers > 0 and not nft.refuse, interval=0,
                          what="the refused transaction")
         assert not engine.serving("web") and engine.pending("web") and applied == []
+        assert _transactions(engine) == (1, 1)
         await clock.advance(1.0)  # RETRY_S
         await wait_until(lambda: engine.serving("web"), interval=0, what="the retry")
         assert applied == ["web"] and len(nft.scripts) == 2
+        assert _transactions(engine) == (2, 1)
         await engine.stop()
         assert not engine.installed and not engine.serving("web")
         assert "delete table netdev anycast_lb_fwd" in nft.scripts[-1]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _transactions(engine: KernelEngine) -> tuple[float, float]:
+    """(applied, refused) as ``/metrics`` shows them."""
+    found = {s.name: s.value for m in engine.metric_families() for s in m.samples}
+    return (found["anycast_lb_kernel_transactions_total"],
+            found["anycast_lb_kernel_transaction_failures_total"])
