@@ -34,6 +34,10 @@ REQUIRED_ALERTS = {
     "AnycastLBVIPDamped",
     "AnycastLBBackendsDown",
     "AnycastLBConsensusIsolated",
+    "AnycastLBElectedVIPNoOwner",  # elected VIP unserved
+    "AnycastLBElectedVIPSplitBrain",  # two nodes hold an elected VIP
+    "AnycastLBElectedVIPFlapping",
+    "AnycastLBKernelTransactionsRefused",
 }
 _FAMILY = re.compile(r"\b(anycast_lb_[a-z0-9_]+)")
 _SUFFIXES = ("_bucket", "_count", "_sum")
@@ -132,7 +136,8 @@ def test_dashboard_has_the_operator_panels() -> None:
     assert {"anycast_lb_bgp_route_announced", "anycast_lb_bgp_peer_up", "anycast_lb_backend_up",
             "anycast_lb_backend_active_connections", "anycast_lb_flows_refused_total",
             "anycast_lb_health_check_duration_seconds",
-            "anycast_lb_consensus_state"} <= used
+            "anycast_lb_consensus_state", "anycast_lb_vip_is_owner", "anycast_lb_vip_owner",
+            "anycast_lb_kernel_transaction_failures_total"} <= used
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
