@@ -13,11 +13,11 @@ Topology (namespaces ``<prefix>cl``, ``rt``, ``n1``, ``n2``, ``be``; prefix
     client 203.0.113.2 --- router --- node LAN 198.51.100.0/24 (a bridge in the router)
                                       |-- n1 198.51.100.11 (the load balancer)
                                       |-- n2 198.51.100.12 (flow survival peer only)
-                                      `-- backend 198.51.100.21 (VIP 192.0.2.10 on lo,
+                                      `-- backend 198.51.100.21 (VIP 203.0.113.200 on lo,
                                           arp_ignore=1, arp_announce=2; nginx :8080,
                                           iperf3 -s :5201)
 
-The router routes the VIP (``192.0.2.10/32``) to:
+The router routes the VIP (``203.0.113.200/32``) to:
 
 - ``nolb``: the backend itself (no load balancer at all);
 - ``kernel``: n1, where :class:`anycast_lb.kernel.engine.KernelEngine` holds
@@ -91,7 +91,7 @@ from benchmarks.lbbench.processes import BenchError, Supervisor  # noqa: E402
 T = TypeVar("T")
 CLIENT, ROUTER_OUT = "203.0.113.2", "203.0.113.1"
 ROUTER_LAN, N1, N2, BACKEND = "198.51.100.1", "198.51.100.11", "198.51.100.12", "198.51.100.21"
-VIP = "192.0.2.10"
+VIP = "203.0.113.200"
 WEB, BULK = 8080, 5201
 API_PORT = 9180
 MODES = ("nolb", "kernel", "relay", "haproxy")
@@ -157,9 +157,9 @@ class Net:
         self.ip("rt", "link", "set", "br0", "up")
         self.ip("rt", "link", "add", "rt0", "type", "veth", "peer", "name", "eth0", "netns",
                 self.ns("cl"))
-        self.ip("rt", "addr", "add", f"{ROUTER_OUT}/24", "dev", "rt0")
+        self.ip("rt", "addr", "add", f"{ROUTER_OUT}/25", "dev", "rt0")
         self.ip("rt", "link", "set", "rt0", "up")
-        self.ip("cl", "addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        self.ip("cl", "addr", "add", f"{CLIENT}/25", "dev", "eth0")
         self.ip("cl", "link", "set", "eth0", "up")
         self.ip("cl", "route", "add", "default", "via", ROUTER_OUT)
         for where, addr in (("n1", N1), ("n2", N2), ("be", BACKEND)):

@@ -53,7 +53,7 @@ async def _main(args: argparse.Namespace) -> None:
 
         base = int(ipaddress.IPv4Address("198.18.0.1"))
         addrs = [ipaddress.IPv4Address(base + i) for i in range(args.backends)]
-        vip = ipaddress.IPv4Address("192.0.2.10")
+        vip = ipaddress.IPv4Address("203.0.113.200")
         svc = render.KernelService(0, vip, 80, "tcp", args.size,
                                    render.derive_seed(vip, 80, "tcp", args.size), 300, 262144)
         settings = render.KernelSettings("anycast_lb_fwd", "lan0", (svc,))

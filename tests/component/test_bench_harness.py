@@ -254,7 +254,7 @@ def test_loadgen_paced_tcp_measures_every_connection(loadgen: Path, http_server:
 
 
 def test_loadgen_refuses_non_loopback_targets(loadgen: Path) -> None:
-    done = subprocess.run([str(loadgen), "paced-tcp", "192.0.2.1", "80", "10", "1", "100"],
+    done = subprocess.run([str(loadgen), "paced-tcp", "203.0.113.1", "80", "10", "1", "100"],
                           capture_output=True, text=True, timeout=10, check=False)
     assert done.returncode == 2 and "loopback" in done.stderr
 

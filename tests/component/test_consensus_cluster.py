@@ -198,7 +198,7 @@ async def test_drain_slots_admit_one_node_at_a_time(etcd_member: EtcdMember,
 
 def test_members_command(etcd_member: EtcdMember, etcd_cluster: str) -> None:
     layout = Layout(etcd_cluster)
-    info = MemberInfo("lb7", "127.0.0.1:9187", "192.0.2.7", "0.1.0", 1_700_000_000.0)
+    info = MemberInfo("lb7", "127.0.0.1:9187", "203.0.113.7", "0.1.0", 1_700_000_000.0)
 
     async def register() -> None:
         async with Store([etcd_member.client_url], 2.0) as store:

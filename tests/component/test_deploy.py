@@ -100,8 +100,8 @@ def test_a_failing_rules_test_fails(tmp_path: Path) -> None:
     """promtool test rules exits non-zero when an expectation is wrong (so the
     test above can fail)."""
     (tmp_path / RULES.name).write_text(RULES.read_text())
-    wrong = RULES_TEST.read_text().replace('summary: "BGP session to 192.0.2.1',
-                                           'summary: "BGP session to 192.0.2.9')
+    wrong = RULES_TEST.read_text().replace('summary: "BGP session to 203.0.113.1',
+                                           'summary: "BGP session to 203.0.113.9')
     assert wrong != RULES_TEST.read_text()
     (tmp_path / "wrong.test.yml").write_text(wrong)
     assert promtool("test", "rules", tmp_path / "wrong.test.yml").returncode != 0

@@ -21,7 +21,7 @@ from anycast_lb.errors import ConsensusUnavailable
 from tests.component.etcd import EtcdMember
 from tests.waiting import wait_until
 
-VIP = ipaddress.ip_address("192.0.2.100")
+VIP = ipaddress.ip_address("198.51.100.100")
 TTL, MARGIN = 1.0, 0.25
 
 

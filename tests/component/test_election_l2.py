@@ -40,7 +40,7 @@ from tests.component.etcd import EtcdMember
 from tests.waiting import wait_until
 
 NS_A, NS_B, NS_C = "albt-l2w-a", "albt-l2w-b", "albt-l2w-c"
-VIP = ipaddress.ip_address("192.0.2.100")
+VIP = ipaddress.ip_address("198.51.100.100")
 TTL = 1.0
 LESSOR_CHECK = 0.5
 """s between etcd's checks for expired leases (its lessor loop): a lease is
@@ -77,13 +77,13 @@ def segment() -> Iterator[dict[str, str]]:
             sh("ip", "netns", "add", ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(NS_C, "ip", "link", "add", "br0", "type", "bridge")
-        in_ns(NS_C, "ip", "addr", "add", "192.0.2.3/24", "dev", "br0")
+        in_ns(NS_C, "ip", "addr", "add", "198.51.100.3/24", "dev", "br0")
         in_ns(NS_C, "ip", "link", "set", "br0", "up")
         macs = {}
         for ns, dev, n in ((NS_A, "l2a", 1), (NS_B, "l2b", 2)):
             in_ns(ns, "ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p",
                   "netns", NS_C)
-            in_ns(ns, "ip", "addr", "add", f"192.0.2.{n}/24", "dev", dev)
+            in_ns(ns, "ip", "addr", "add", f"198.51.100.{n}/24", "dev", dev)
             in_ns(ns, "ip", "link", "set", dev, "up")
             in_ns(NS_C, "ip", "link", "set", f"{dev}p", "master", "br0", "up")
             macs[ns] = json.loads(in_ns(ns, "ip", "-j", "link", "show", dev))[0]["address"]

@@ -12,7 +12,7 @@ backends answer the client directly (direct server return).
   backend while new flows avoid it.
 
 Namespaces are named ``albt-kern-<pid>-*`` and deleted at the end.
-Addresses: 198.51.100.0/24 (the LAN) and 192.0.2.10 (the VIP), RFC 5737.
+Addresses: 198.51.100.0/24 (the LAN) and 203.0.113.200 (the VIP), RFC 5737.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PREFIX = f"albt-kern-{os.getpid()}"
-VIP = ipaddress.IPv4Address("192.0.2.10")
+VIP = ipaddress.IPv4Address("203.0.113.200")
 PORT = 80
 CLIENT = "198.51.100.100"
 NODES = {"n1": "198.51.100.11", "n2": "198.51.100.12"}
@@ -449,16 +449,16 @@ def test_refuses_a_missing_interface_and_off_link_backends(lab: None) -> None:
     run = _runner("n1")
     with pytest.raises(KernelEngineError, match="cannot run the engine's table on 'nosuch0'"):
         asyncio.run(check_support("nosuch0", run))  # type: ignore[arg-type]
-    sh("ip", "-n", ns("n1"), "route", "add", "203.0.113.0/24", "via", BACKENDS["b1"].exploded)
+    sh("ip", "-n", ns("n1"), "route", "add", "203.0.113.0/25", "via", BACKENDS["b1"].exploded)
     try:
         with pytest.raises(KernelEngineError) as info:
             asyncio.run(check_on_link("lan0", [BACKENDS["b2"], ipaddress.IPv4Address(
-                "203.0.113.5"), ipaddress.IPv4Address("192.0.2.99")], run))  # type: ignore[arg-type]
+                "203.0.113.5"), ipaddress.IPv4Address("203.0.113.250")], run))  # type: ignore[arg-type]
     finally:
-        sh("ip", "-n", ns("n1"), "route", "del", "203.0.113.0/24")
+        sh("ip", "-n", ns("n1"), "route", "del", "203.0.113.0/25")
     message = str(info.value)
     assert "203.0.113.5: behind gateway 198.51.100.21" in message
-    assert "192.0.2.99: no route" in message
+    assert "203.0.113.250: no route" in message
     assert str(BACKENDS["b2"]) + ":" not in message
 
 

@@ -2,7 +2,7 @@
 
 Three namespaces of this test's own on one bridge: two announcers
 (``albt-l2-a``, ``albt-l2-b``) and an observer (``albt-l2-c``) whose bridge
-joins their veth peers. Documentation prefixes only (192.0.2.0/24,
+joins their veth peers. Documentation prefixes only (198.51.100.0/24,
 2001:db8:12::/64). The observer resolves the VIP once (a real ARP / NS
 exchange answered by announcer a's kernel); then b adds the VIP, which moves
 nothing by itself, and announces it: the observer's entry moves to b's MAC
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 NS_A, NS_B, NS_C = "albt-l2-a", "albt-l2-b", "albt-l2-c"
-VIP4, VIP6 = "192.0.2.100", "2001:db8:12::100"
+VIP4, VIP6 = "198.51.100.100", "2001:db8:12::100"
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -71,14 +71,14 @@ def segment() -> Iterator[dict[str, str]]:
             sh("ip", "netns", "add", ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(NS_C, "ip", "link", "add", "br0", "type", "bridge")
-        in_ns(NS_C, "ip", "addr", "add", "192.0.2.3/24", "dev", "br0")
+        in_ns(NS_C, "ip", "addr", "add", "198.51.100.3/24", "dev", "br0")
         in_ns(NS_C, "ip", "addr", "add", "2001:db8:12::3/64", "dev", "br0", "nodad")
         in_ns(NS_C, "ip", "link", "set", "br0", "up")
         macs = {}
         for ns, dev, n in ((NS_A, "l2a", 1), (NS_B, "l2b", 2)):
             in_ns(ns, "ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p",
                   "netns", NS_C)
-            in_ns(ns, "ip", "addr", "add", f"192.0.2.{n}/24", "dev", dev)
+            in_ns(ns, "ip", "addr", "add", f"198.51.100.{n}/24", "dev", dev)
             in_ns(ns, "ip", "addr", "add", f"2001:db8:12::{n}/64", "dev", dev, "nodad")
             in_ns(ns, "ip", "link", "set", dev, "up")
             in_ns(NS_C, "ip", "link", "set", f"{dev}p", "master", "br0", "up")

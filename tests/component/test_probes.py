@@ -316,7 +316,7 @@ async def test_exec_gets_backend_env_and_inherits_environment(
 
 
 async def test_exec_env_does_not_leak_into_this_process() -> None:
-    assert (await ExecProbe(["/bin/true"], "192.0.2.1", 1, 2.0).check()).ok
+    assert (await ExecProbe(["/bin/true"], "203.0.113.1", 1, 2.0).check()).ok
     assert "BACKEND_ADDRESS" not in os.environ
 
 

@@ -150,7 +150,7 @@ def test_spec_and_counters_round_trip() -> None:
 
 def test_flow_survival_refused_with_workers() -> None:
     config = node_config([9001], Path("/nonexistent"), workers=3)
-    config["cluster"] = {"address": "192.0.2.1", "interface": "eth1", "peers": ["192.0.2.2"],
+    config["cluster"] = {"address": "203.0.113.1", "interface": "eth1", "peers": ["203.0.113.2"],
                          "key_file": "/nonexistent/cluster.key"}
     with pytest.raises(ConfigError, match=r"forwarding\.workers: 3 cannot be combined with "
                                           r"cluster\.flow_survival: true"):
