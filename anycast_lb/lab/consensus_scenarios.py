@@ -56,7 +56,7 @@ from anycast_lb.lab import consensus_results as C
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
 from anycast_lb.lab.results import Target
-from anycast_lb.lab.scenarios import FAULT_TABLE, Run, Scenario, nft, nft_clear
+from anycast_lb.lab.scenarios import FAULT_TABLE, Run, Scenario, cut_interface, nft, nft_clear
 from anycast_lb.lab.topology import EtcdMember
 
 SAMPLE_S = 0.02
@@ -348,18 +348,7 @@ def _finish_two(run: Run, result: dict[str, Any]) -> None:
 
 def _cut(run: Run) -> None:
     ifname = run.lab.topo.mgmt_if
-    nft(run.victim.ns, f"""
-table inet {FAULT_TABLE} {{
-  chain in {{
-    type filter hook input priority -300; policy accept;
-    iifname "{ifname}" drop
-  }}
-  chain out {{
-    type filter hook output priority -300; policy accept;
-    oifname "{ifname}" drop
-  }}
-}}
-""")
+    cut_interface(run.victim.ns, ifname)
 
     def heal() -> None:
         time.sleep(max(0.0, run.event + PARTITION_S - time.monotonic()))  # the outage

@@ -60,7 +60,7 @@ from anycast_lb.errors import LabError
 from anycast_lb.lab import builder, netns, nodes, scenarios
 from anycast_lb.lab import topology as T
 from anycast_lb.lab.builder import Lab
-from anycast_lb.lab.scenarios import FAULT_TABLE, Run, nft, nft_clear
+from anycast_lb.lab.scenarios import Run, nft_clear
 from anycast_lb.lab.topology import Node
 
 PRE_S = 1.0
@@ -172,18 +172,7 @@ def _cont(run: Run) -> None:
 def _isolate(run: Run) -> None:
     ifname = run.lab.topo.mgmt_if
     run.event = time.monotonic()
-    nft(run.victim.ns, f"""
-table inet {FAULT_TABLE} {{
-  chain in {{
-    type filter hook input priority -300; policy accept;
-    iifname "{ifname}" drop
-  }}
-  chain out {{
-    type filter hook output priority -300; policy accept;
-    oifname "{ifname}" drop
-  }}
-}}
-""")
+    scenarios.cut_interface(run.victim.ns, ifname)
 
 
 def _heal(run: Run) -> None:

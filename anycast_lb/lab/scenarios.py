@@ -111,6 +111,23 @@ def nft(ns: str, ruleset: str) -> None:
     netns.run(["nft", "-f", "-"], ns=ns, input=ruleset)
 
 
+def cut_interface(ns: str, ifname: str) -> None:
+    """Drop every packet in and out of ``ifname`` in namespace ``ns`` (the
+    fault table; :func:`nft_clear` heals it)."""
+    nft(ns, f"""
+table inet {FAULT_TABLE} {{
+  chain in {{
+    type filter hook input priority -300; policy accept;
+    iifname "{ifname}" drop
+  }}
+  chain out {{
+    type filter hook output priority -300; policy accept;
+    oifname "{ifname}" drop
+  }}
+}}
+""")
+
+
 def nft_clear(ns: str) -> None:
     netns.run(["nft", "delete", "table", "inet", FAULT_TABLE], ns=ns, check=False)
 
