@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -36,7 +35,9 @@ from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.part import OwnershipPart
 from anycast_lb.lab.netns import entered
+from tests.component import l2segment
 from tests.component.etcd import EtcdMember
+from tests.component.l2segment import in_ns
 from tests.waiting import wait_until
 
 NS_A, NS_B, NS_C = "albt-l2w-a", "albt-l2w-b", "albt-l2w-c"
@@ -56,40 +57,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def in_ns(ns: str, *argv: str) -> str:
-    return sh("ip", "netns", "exec", ns, *argv)
-
-
-def delete_namespaces() -> None:
-    for ns in (NS_A, NS_B, NS_C):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def segment() -> Iterator[dict[str, str]]:
-    delete_namespaces()
-    try:
-        for ns in (NS_A, NS_B, NS_C):
-            sh("ip", "netns", "add", ns)
-            in_ns(ns, "ip", "link", "set", "lo", "up")
-        in_ns(NS_C, "ip", "link", "add", "br0", "type", "bridge")
-        in_ns(NS_C, "ip", "addr", "add", "198.51.100.3/24", "dev", "br0")
-        in_ns(NS_C, "ip", "link", "set", "br0", "up")
-        macs = {}
-        for ns, dev, n in ((NS_A, "l2a", 1), (NS_B, "l2b", 2)):
-            in_ns(ns, "ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p",
-                  "netns", NS_C)
-            in_ns(ns, "ip", "addr", "add", f"198.51.100.{n}/24", "dev", dev)
-            in_ns(ns, "ip", "link", "set", dev, "up")
-            in_ns(NS_C, "ip", "link", "set", f"{dev}p", "master", "br0", "up")
-            macs[ns] = json.loads(in_ns(ns, "ip", "-j", "link", "show", dev))[0]["address"]
+    with l2segment.segment(NS_A, NS_B, NS_C) as macs:
         yield macs
-    finally:
-        delete_namespaces()
 
 
 class NsAnnouncer(L2Announcer):

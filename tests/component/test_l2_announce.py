@@ -22,6 +22,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.component import l2segment
+from tests.component.l2segment import in_ns
+
 NS_A, NS_B, NS_C = "albt-l2-a", "albt-l2-b", "albt-l2-c"
 VIP4, VIP6 = "198.51.100.100", "2001:db8:12::100"
 
@@ -50,42 +53,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def in_ns(ns: str, *argv: str) -> str:
-    return sh("ip", "netns", "exec", ns, *argv)
-
-
-def delete_namespaces() -> None:
-    for ns in (NS_A, NS_B, NS_C):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 @pytest.fixture
 def segment() -> Iterator[dict[str, str]]:
-    delete_namespaces()
-    try:
-        for ns in (NS_A, NS_B, NS_C):
-            sh("ip", "netns", "add", ns)
-            in_ns(ns, "ip", "link", "set", "lo", "up")
-        in_ns(NS_C, "ip", "link", "add", "br0", "type", "bridge")
-        in_ns(NS_C, "ip", "addr", "add", "198.51.100.3/24", "dev", "br0")
-        in_ns(NS_C, "ip", "addr", "add", "2001:db8:12::3/64", "dev", "br0", "nodad")
-        in_ns(NS_C, "ip", "link", "set", "br0", "up")
-        macs = {}
-        for ns, dev, n in ((NS_A, "l2a", 1), (NS_B, "l2b", 2)):
-            in_ns(ns, "ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p",
-                  "netns", NS_C)
-            in_ns(ns, "ip", "addr", "add", f"198.51.100.{n}/24", "dev", dev)
-            in_ns(ns, "ip", "addr", "add", f"2001:db8:12::{n}/64", "dev", dev, "nodad")
-            in_ns(ns, "ip", "link", "set", dev, "up")
-            in_ns(NS_C, "ip", "link", "set", f"{dev}p", "master", "br0", "up")
-            macs[ns] = json.loads(in_ns(ns, "ip", "-j", "link", "show", dev))[0]["address"]
+    with l2segment.segment(NS_A, NS_B, NS_C, ipv6=True) as macs:
         yield macs
-    finally:
-        delete_namespaces()
 
 
 def run(ns: str, action: str, dev: str) -> None:
