@@ -20,6 +20,7 @@ as in the Maglev table.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -112,3 +113,13 @@ class Layout:
             return None
         tail = key[len(self.drain_slots):]
         return int(tail) if tail.isdigit() else None
+
+
+def json_object(value: bytes) -> dict[str, object]:
+    """A key's value as a JSON object; ``{}`` for anything else (not JSON,
+    or JSON that is not an object): a reader skips what it cannot use."""
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

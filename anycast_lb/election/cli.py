@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from anycast_lb.consensus.keys import Layout
+from anycast_lb.consensus.keys import Layout, json_object
 
 
 @dataclass
@@ -34,14 +34,6 @@ class VipOwners:
     candidates: list[str] = field(default_factory=list)
 
 
-def _doc(value: bytes) -> dict[str, object]:
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def owners_from(items: list[tuple[str, bytes, int]], layout: Layout) -> list[VipOwners]:
     """(key, value, create revision) under ``layout.owners`` -> per VIP,
     sorted by VIP text. Pure."""
@@ -50,7 +42,7 @@ def owners_from(items: list[tuple[str, bytes, int]], layout: Layout) -> list[Vip
         rest = key[len(layout.owners):]
         vip, _, leaf = rest.partition("/")
         row = vips.setdefault(vip, VipOwners(vip))
-        doc = _doc(value)
+        doc = json_object(value)
         if leaf == "owner":
             node, since = doc.get("node"), doc.get("since")
             row.owner = node if isinstance(node, str) else None

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from anycast_lb import log
 from anycast_lb.clock import Clock, SystemClock, wait_event
-from anycast_lb.consensus.keys import Layout
+from anycast_lb.consensus.keys import Layout, json_object
 from anycast_lb.consensus.store import Delete, ModRevisionIs, Put, Store
 from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
@@ -364,26 +364,18 @@ class VipOwnership:
         key = owner_key(self._layout, vip)
         owner = None
         if (raw := self._keys.get(key)) is not None:
-            doc = _doc(raw.value)
+            doc = json_object(raw.value)
             owner = OwnerRecord(str(doc.get("node", "")), raw.create_revision, raw.lease,
                                 bool(doc.get("announced", False)))
         base = candidate_key(self._layout, vip, "")
         candidates = []
         for k, raw in sorted(self._keys.items()):
             if k.startswith(base):
-                doc = _doc(raw.value)
+                doc = json_object(raw.value)
                 priority = doc.get("priority")
                 candidates.append(Candidate(k[len(base):], priority if isinstance(priority, int)
                                             else 0, doc.get("preempt") is True))
         return owner, tuple(candidates)
-
-
-def _doc(value: bytes) -> dict[str, object]:
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _log_action(vip: IPAddress, node: str, action: Action) -> None:
