@@ -17,6 +17,7 @@ success, 1 etcd trouble or a refused push, 2 invalid file or usage.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import socket
@@ -118,17 +119,36 @@ def _summary(rev: Revision) -> dict[str, object]:
             "services": [s.name for s in rev.shared.services]}
 
 
+def etcd_target(group: Callable[[click.Context], None]) -> Callable[..., None]:
+    """Decorate a command group with the options that name an etcd cluster
+    (``--endpoints`` and ``--cluster``, or ``--config``; ``--request-timeout``)
+    and keep their values in ``ctx.obj`` for :func:`_run`. The group's own
+    body runs after (it takes the context only)."""
+    @functools.wraps(group)
+    def stored(ctx: click.Context, endpoints: str | None, cluster_name: str | None,
+               config: Path | None, request_timeout: float | None) -> None:
+        ctx.obj = {"endpoints": endpoints, "cluster": cluster_name, "config": config,
+                   "request_timeout": request_timeout}
+        group(ctx)
+    decorated: Callable[..., None] = click.pass_context(stored)
+    for option in reversed(_TARGET_OPTIONS):
+        decorated = option(decorated)
+    return decorated
+
+
+_TARGET_OPTIONS = (
+    click.option("--endpoints", help="etcd client URLs, comma-separated (http://IPV4:PORT)"),
+    click.option("--cluster", "cluster_name", help="cluster name (keys under /anycast-lb/NAME/)"),
+    click.option("--config", type=click.Path(path_type=Path),
+                 help="node file with a consensus section"),
+    click.option("--request-timeout", type=float, help="seconds per etcd call (default 2)"),
+)
+
+
 @click.group()
-@click.option("--endpoints", help="etcd client URLs, comma-separated (http://IPV4:PORT)")
-@click.option("--cluster", "cluster_name", help="cluster name (keys under /anycast-lb/NAME/)")
-@click.option("--config", type=click.Path(path_type=Path), help="node file with a consensus section")
-@click.option("--request-timeout", type=float, help="seconds per etcd call (default 2)")
-@click.pass_context
-def cluster(ctx: click.Context, endpoints: str | None, cluster_name: str | None,
-            config: Path | None, request_timeout: float | None) -> None:
+@etcd_target
+def cluster(ctx: click.Context) -> None:
     """The cluster's shared config, its history and its members (etcd)."""
-    ctx.obj = {"endpoints": endpoints, "cluster": cluster_name, "config": config,
-               "request_timeout": request_timeout}
 
 
 @cluster.command()

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import click
 
+from anycast_lb.consensus.cli import etcd_target
 from anycast_lb.consensus.keys import Layout, json_object
 
 
@@ -61,16 +61,9 @@ def _when(wall: float | None) -> str:
 
 
 @click.group()
-@click.option("--endpoints", help="etcd client URLs, comma-separated (http://IPV4:PORT)")
-@click.option("--cluster", "cluster_name", help="cluster name (keys under /anycast-lb/NAME/)")
-@click.option("--config", type=click.Path(path_type=Path), help="node file with a consensus section")
-@click.option("--request-timeout", type=float, help="seconds per etcd call (default 2)")
-@click.pass_context
-def vip(ctx: click.Context, endpoints: str | None, cluster_name: str | None,
-        config: Path | None, request_timeout: float | None) -> None:
+@etcd_target
+def vip(ctx: click.Context) -> None:
     """Elected VIPs (announce.mode: active_passive) on etcd."""
-    ctx.obj = {"endpoints": endpoints, "cluster": cluster_name, "config": config,
-               "request_timeout": request_timeout}
 
 
 @vip.command()
