@@ -162,19 +162,7 @@ def _clear_fault(run: Run) -> None:
 
 
 def _silent(run: Run) -> None:
-    up = run.victim.uplink_if
-    nft(run.victim.ns, f"""
-table inet {FAULT_TABLE} {{
-  chain in {{
-    type filter hook input priority -300; policy accept;
-    iifname "{up}" drop
-  }}
-  chain out {{
-    type filter hook output priority -300; policy accept;
-    oifname "{up}" drop
-  }}
-}}
-""")
+    cut_interface(run.victim.ns, run.victim.uplink_if)
 
 
 def _api_post(run: Run, path: str) -> None:
