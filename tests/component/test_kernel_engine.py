@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import ipaddress
 import os
 import shutil
@@ -61,6 +62,16 @@ def sh(*argv: str) -> str:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
     return done.stdout
+
+
+def _tcp_listener(address: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``address:port`` (made inside a namespace
+    by :func:`in_netns`)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((address, port))
+    s.listen(backlog)
+    return s
 
 
 def in_netns(name: str, fn: Callable[[], T]) -> T:
@@ -155,13 +166,7 @@ def backends(lab: None) -> Iterator[None]:
         listeners.append(echo)
         threading.Thread(target=_answer_datagrams, args=(echo, name.encode()),
                          daemon=True).start()
-        def listen() -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((str(VIP), PORT))
-            s.listen(256)
-            return s
-        listener = in_netns(name, listen)
+        listener = in_netns(name, functools.partial(_tcp_listener, str(VIP), PORT, 256))
         listeners.append(listener)
         threading.Thread(target=_serve, args=(listener, name.encode()), daemon=True).start()
     yield
@@ -504,13 +509,7 @@ def health_listeners(backends: None) -> Iterator[None]:
     """Each backend accepts TCP health checks on its own address."""
     listeners = []
     for name, addr in BACKENDS.items():
-        def listen(addr: ipaddress.IPv4Address = addr) -> socket.socket:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((str(addr), HEALTH_PORT))
-            s.listen(64)
-            return s
-        listener = in_netns(name, listen)
+        listener = in_netns(name, functools.partial(_tcp_listener, str(addr), HEALTH_PORT, 64))
         listeners.append(listener)
         threading.Thread(target=_serve, args=(listener, b"ok"), daemon=True).start()
     yield
