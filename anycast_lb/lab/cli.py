@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -336,8 +336,9 @@ def _chosen(names: list[str], in_demo: dict[str, bool], only: tuple[str, ...],
 
 
 def _run_phase(out_dir: Path, names: list[str], label: str,
-               up: Any, descriptions: dict[str, str],
-               target: Any = None) -> list[dict[str, Any]]:
+               up: Callable[[], builder.Lab], descriptions: dict[str, str],
+               target: Callable[[builder.Lab, str], str] | None = None
+               ) -> list[dict[str, Any]]:
     """Build one lab with ``up()``, run ``names`` on it, take it down."""
     results: list[dict[str, Any]] = []
     if not names:
