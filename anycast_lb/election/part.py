@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from anycast_lb import log
 from anycast_lb.clock import Clock, SystemClock, wait_event
@@ -94,6 +94,8 @@ class OwnershipPart:
         """L2: the deadline each VIP's kernel fence was last set to."""
         self._leaving = False
         self._moved = asyncio.Event()
+        self.fence_failures = 0
+        """L2: kernel fence writes (hold or release) libnftables refused."""
 
     # -- what the node reads ---------------------------------------------------
 
@@ -119,7 +121,9 @@ class OwnershipPart:
 
     def metric_families(self) -> Iterator[Metric]:
         """``anycast_lb_vip_owner{vip,owner}`` (1 for the owner observed),
-        ``anycast_lb_vip_term{vip}`` and ``anycast_lb_vip_is_owner{vip}``."""
+        ``anycast_lb_vip_term{vip}``, ``anycast_lb_vip_is_owner{vip}`` and
+        ``anycast_lb_vip_fence_failures_total`` (L2 kernel fence writes
+        refused)."""
         owner = GaugeMetricFamily("anycast_lb_vip_owner",
                                   "Owner of an elected VIP as observed on etcd (1)",
                                   labels=["vip", "owner"])
@@ -133,9 +137,13 @@ class OwnershipPart:
             if state.term is not None:
                 term.add_metric([str(vip)], state.term)
             mine.add_metric([str(vip)], 1 if state.has_vip else 0)
+        fence = CounterMetricFamily("anycast_lb_vip_fence_failures",
+                                    "L2 kernel fence writes (hold or release) nftables refused")
+        fence.add_metric([], float(self.fence_failures))
         yield owner
         yield term
         yield mine
+        yield fence
 
     def wall(self, monotonic: float | None) -> float | None:
         """A monotonic time of :meth:`states` as epoch seconds."""
@@ -225,10 +233,14 @@ class OwnershipPart:
         assert self.l2 is not None
         deadline = self.ownership.machines[vip].fence_deadline()
         self._held[vip] = deadline
-        if deadline is None:
-            self.l2.fence.release(vip)
-        else:
-            self.l2.fence.hold(vip, deadline, self._clock.monotonic())
+        try:
+            if deadline is None:
+                self.l2.fence.release(vip)
+            else:
+                self.l2.fence.hold(vip, deadline, self._clock.monotonic())
+        except L2Error as exc:
+            self._fence_failed(vip, exc)
+            raise
 
     def _release(self, vip: IPAddress) -> None:
         assert self.l2 is not None
@@ -236,7 +248,11 @@ class OwnershipPart:
         try:
             self.l2.fence.release(vip)
         except L2Error as exc:  # the address goes anyway
-            log.error("vip.fence_failed", vip=str(vip), error=str(exc))
+            self._fence_failed(vip, exc)
+
+    def _fence_failed(self, vip: IPAddress, exc: L2Error) -> None:
+        self.fence_failures += 1
+        log.error("vip.fence_failed", vip=str(vip), error=str(exc))
 
     async def _fence_loop(self) -> None:
         """Move each held L2 VIP's kernel fence to the deadline of the last
@@ -250,8 +266,8 @@ class OwnershipPart:
                         and machine.fence_deadline() != self._held.get(vip):
                     try:
                         self._hold(vip)
-                    except L2Error as exc:
-                        log.error("vip.fence_failed", vip=str(vip), error=str(exc))
+                    except L2Error:  # counted and logged; retried at the next check
+                        pass
             await self._clock.sleep(FENCE_REFRESH)
 
     async def _take(self, vip: IPAddress, term: int) -> None:

@@ -38,6 +38,8 @@ REQUIRED_ALERTS = {
     "AnycastLBElectedVIPSplitBrain",  # two nodes hold an elected VIP
     "AnycastLBElectedVIPFlapping",
     "AnycastLBKernelTransactionsRefused",
+    "AnycastLBSteeringTransactionsRefused",
+    "AnycastLBFenceWritesRefused",
 }
 _FAMILY = re.compile(r"\b(anycast_lb_[a-z0-9_]+)")
 _SUFFIXES = ("_bucket", "_count", "_sum")

@@ -34,6 +34,7 @@ from anycast_lb.election.etcd import IPAddress, L2VipActions
 from anycast_lb.election.fence import KernelFence
 from anycast_lb.election.l2 import L2Announcer, VipAddresses
 from anycast_lb.election.part import OwnershipPart
+from anycast_lb.errors import L2Error
 from anycast_lb.lab.netns import entered
 from tests.component import l2segment
 from tests.component.etcd import EtcdMember
@@ -206,3 +207,25 @@ async def test_killing_the_owner_moves_the_neighbour_entry_within_the_lease(
         assert b.owns(VIP) and b.states()[VIP].term > a.states()[VIP].term  # type: ignore[operator]
         assert await asyncio.to_thread(holds_address, NS_B, "l2b")
         assert not await asyncio.to_thread(holds_address, NS_A, "l2a")
+
+
+class RefusingFence(NsFence):
+    """A kernel fence whose element writes nftables refuses (the table itself
+    is set up)."""
+
+    def hold(self, vip: IPAddress, until: float, now: float | None = None) -> bool:
+        raise L2Error(f"nft refused the element for {vip}")
+
+
+async def test_a_refused_fence_write_is_counted_and_exported(
+        segment: dict[str, str], etcd_member: EtcdMember, etcd_cluster: str) -> None:
+    a = part("a", 200, "l2a", NS_A, etcd_member, etcd_cluster)
+    assert a.l2 is not None
+    a.l2.fence = RefusingFence(NS_A)
+    async with running(a):
+        a.qualify({VIP: True})
+        await wait_until(lambda: a.fence_failures >= 1, timeout=10,
+                         what="the refused hold counted")
+    exported = {m.name: m.samples[0].value for m in a.metric_families()
+                if m.name == "anycast_lb_vip_fence_failures"}
+    assert exported == {"anycast_lb_vip_fence_failures": float(a.fence_failures)}
