@@ -50,7 +50,7 @@ import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,8 +73,8 @@ from anycast_lb.config import (
 )
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
-from anycast_lb.drainer import Drainer, DrainSlots
-from anycast_lb.errors import AnycastLBError, BindError, ConfigError
+from anycast_lb.drainer import Drainer, HandOverFirst
+from anycast_lb.errors import AnycastLBError, BindError, ConfigError, first_leaf
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
@@ -192,7 +192,7 @@ class Node:
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=(_HandOverFirst(self.consensus, self._hand_over)
+                               slots=(HandOverFirst(self.consensus, self._hand_over)
                                       if self.owners is not None and self.consensus is not None
                                       else self.consensus),
                                wait_idle=self.data.wait_idle,
@@ -368,7 +368,7 @@ class Node:
         is refused when every slot is held. Raises ConsensusError (``wait``
         False) when etcd cannot say."""
         if not self.draining and self.drainer.holds_slot:
-            await self._hand_over()  # else once the slot is taken (_HandOverFirst)
+            await self._hand_over()  # else once the slot is taken (HandOverFirst)
         draining = await self.drainer.request_drain(reason, wait=wait)
         if not draining and self.owners is not None:
             self.owners.rejoin(self.serving())
@@ -727,7 +727,7 @@ class Node:
         except* _Stopped:
             pass
         except* AnycastLBError as group:
-            raise _first_leaf(group) from None
+            raise first_leaf(group) from None
         finally:
             self._tasks = None
             await self.data.close()
@@ -815,36 +815,6 @@ def _retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
         forwarder.service = service
         forwarder.connect_timeout = service.connect_timeout
         forwarder.proxy_protocol = service.proxy_protocol
-
-
-def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    assert isinstance(error, AnycastLBError)
-    return error
-
-
-class _HandOverFirst:
-    """The drain slots (``DrainSlots``) with the elected VIPs handed over
-    once a slot is taken and before the drainer feeds ``Drain``: a drain
-    queued for a slot keeps its VIPs while it waits."""
-
-    def __init__(self, slots: DrainSlots, hand_over: Callable[[], Awaitable[None]]) -> None:
-        self._slots, self._hand_over = slots, hand_over
-
-    async def acquire(self) -> None:
-        await self._slots.acquire()
-        await self._hand_over()
-
-    async def try_acquire(self) -> bool:
-        held = await self._slots.try_acquire()
-        if held:
-            await self._hand_over()
-        return held
-
-    async def release(self) -> None:
-        await self._slots.release()
 
 
 class _Stopped(Exception):
