@@ -46,7 +46,6 @@ that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
 import tempfile
@@ -81,6 +80,7 @@ from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
 from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
+from anycast_lb.loopback import IPAddress, LoopbackVips
 from anycast_lb.metrics import NodeMetrics, vip_families
 from anycast_lb.pool import Backend, Pool
 from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
@@ -91,11 +91,6 @@ if TYPE_CHECKING:
     from anycast_lb.election.part import OwnershipPart
 
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-LOOPBACK = "lo"
-"""Where ``manage_address`` puts a VIP: local to the node (it accepts and
-answers from it) whatever the node's interfaces; routers reach it by BGP."""
 # Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
 # already in flight towards this node while routers converge still succeed.
 _WITHDRAW_SETTLE = 1.0
@@ -215,9 +210,7 @@ class Node:
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
-        self.vips_added: list[IPAddress] = []
-        """VIPs this node put on ``lo`` at start (``manage_address``): the
-        only ones it takes off at stop."""
+        self.loopback = LoopbackVips(config.managed_vips)
 
     # ------------------------------------------------------------------ parts
 
@@ -228,6 +221,11 @@ class Node:
     @property
     def workers(self) -> WorkerGroup | None:
         return self.data.workers
+
+    @property
+    def vips_added(self) -> list[IPAddress]:
+        """VIPs this node put on ``lo`` at start (``manage_address``)."""
+        return self.loopback.added
 
     @property
     def service_addresses(self) -> dict[str, tuple[str, int]]:
@@ -686,7 +684,7 @@ class Node:
         when ExaBGP cannot be started), unwrapped from the task group."""
         runner: api.ApiServer | None = None
         try:
-            await self._add_vips()
+            await self.loopback.add()
             await self.data.start()
             runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
@@ -733,44 +731,8 @@ class Node:
             await self.data.close()
             if runner is not None:
                 await runner.cleanup()
-            await self._remove_vips()
+            await self.loopback.remove()
             log.event("node.stopped", name=self.config.node.name)
-
-    async def _add_vips(self) -> None:
-        """Put each ``manage_address`` VIP on ``lo`` before the listeners
-        bind. One that is already there is left alone, and left at stop.
-        Raises L2Error (no ``CAP_NET_ADMIN``, say); the ones added before
-        it are taken off again by :meth:`run`'s cleanup."""
-        if not self.config.managed_vips:
-            return
-        from anycast_lb.election.l2 import VipAddresses  # pyroute2: Linux only
-
-        lo = VipAddresses(LOOPBACK)
-        for vip in self.config.managed_vips:
-            if await lo.add(vip):
-                self.vips_added.append(vip)
-                log.event("vip.address_added", interface=LOOPBACK, vip=str(vip))
-            else:
-                log.event("vip.address_present", interface=LOOPBACK, vip=str(vip))
-
-    async def _remove_vips(self) -> None:
-        """Take off ``lo`` the VIPs :meth:`_add_vips` put there, after the
-        listeners closed. A failure is logged, never raised (the node is
-        stopping, and another error may be on its way out)."""
-        if not self.vips_added:
-            return
-        from anycast_lb.election.l2 import VipAddresses
-
-        lo = VipAddresses(LOOPBACK)
-        while self.vips_added:
-            vip = self.vips_added.pop()
-            try:
-                await lo.remove(vip)
-            except AnycastLBError as exc:
-                log.warning("vip.address_remove_failed", error=str(exc), interface=LOOPBACK,
-                            vip=str(vip))
-            else:
-                log.event("vip.address_removed", interface=LOOPBACK, vip=str(vip))
 
     async def _graceful_stop(self) -> None:
         log.event("node.stopping", drain_timeout=self.config.drain.timeout)
