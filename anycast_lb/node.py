@@ -71,7 +71,7 @@ from anycast_lb.config import (
     load_config,
 )
 from anycast_lb.dataplane import DataPlane
-from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
+from anycast_lb.drain import DrainMachine, Outcome, Undrain
 from anycast_lb.drainer import Drainer, HandOverFirst
 from anycast_lb.errors import AnycastLBError, BindError, ConfigError, first_leaf
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
@@ -84,6 +84,7 @@ from anycast_lb.loopback import IPAddress, LoopbackVips
 from anycast_lb.metrics import NodeMetrics, vip_families
 from anycast_lb.pool import Backend, Pool
 from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
+from anycast_lb.stopping import GracefulStop, settle_withdraw
 
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
@@ -91,9 +92,6 @@ if TYPE_CHECKING:
     from anycast_lb.election.part import OwnershipPart
 
 
-# Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
-# already in flight towards this node while routers converge still succeed.
-_WITHDRAW_SETTLE = 1.0
 # Seconds between looks at a removed backend's connection count (a plain int
 # kept by the data path: there is no event to wait on).
 _BACKEND_DRAIN_POLL = 0.1
@@ -206,6 +204,10 @@ class Node:
             max_jitter=1.0 if check_jitter else 0.0,
             update_pools=self.consensus is None,
         )
+        self.stopping = GracefulStop(config.drain, self.drainer, self.data, self.clock,
+                                     speaker=self.speaker, cluster=self.cluster,
+                                     hand_over=self._hand_over,
+                                     routes_changed=self._routes_changed)
         self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
@@ -534,12 +536,7 @@ class Node:
         withdraw settle, stop listening, wait up to ``drain.timeout`` s for
         its connections, reset what is left."""
         if self.speaker is not None:
-            try:
-                async with asyncio.timeout(_WITHDRAW_SETTLE):
-                    await self.speaker.wait_synced()
-            except TimeoutError:
-                log.warning("route.withdraw_unacked", service=name)
-            await self.clock.sleep(_WITHDRAW_SETTLE)
+            await settle_withdraw(self.speaker, self.clock, service=name)
         forwarder.stop_accepting()
         idle = await forwarder.wait_idle(self.config.drain.timeout)
         if not idle:
@@ -720,7 +717,7 @@ class Node:
                 log.event("node.started", name=self.config.node.name,
                           services=len(self.config.services), bgp=self.speaker is not None)
                 await self._stop.wait()
-                await self._graceful_stop()
+                await self.stopping.run()
                 raise _Stopped
         except* _Stopped:
             pass
@@ -733,38 +730,6 @@ class Node:
                 await runner.cleanup()
             await self.loopback.remove()
             log.event("node.stopped", name=self.config.node.name)
-
-    async def _graceful_stop(self) -> None:
-        log.event("node.stopping", drain_timeout=self.config.drain.timeout)
-        if self.speaker is not None:
-            self.speaker.begin_stop()  # an ExaBGP that exits now stays down
-        await self._hand_over()
-        await self.drainer.stop(self.config.drain.slot_timeout)
-        if self.speaker is not None:
-            await self.drainer.wait_past(Phase.GRACEFUL)
-            try:
-                async with asyncio.timeout(_WITHDRAW_SETTLE):
-                    await self.speaker.wait_synced()
-            except TimeoutError:
-                log.warning("route.withdraw_unacked")
-            await self.clock.sleep(_WITHDRAW_SETTLE)
-        self.data.stop_accepting()
-        self._routes_changed()
-        waited = self.clock.monotonic()
-        idle = await self.data.wait_idle(self.config.drain.timeout)
-        self.drainer.submit(FlowsIdle() if idle else TimedOut())
-        if not idle:
-            log.warning("node.drain_timeout", open_connections=self.data.active)
-        if self.cluster is not None:
-            # Planned drain: peers steer this node's
-            # flows here until it owns none; only then does steering go.
-            left = self.config.drain.timeout - (self.clock.monotonic() - waited)
-            if not await self.cluster.wait_owned_zero(max(left, 0.0)):
-                log.warning("node.drain_timeout", owned_flows=len(self.cluster.local))
-        if self.speaker is not None:
-            # Last: the routes are withdrawn, so closing the sessions changes
-            # nothing the routers still use.
-            await self.speaker.stop_exabgp()
 
 
 def _retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
