@@ -49,13 +49,15 @@ import asyncio
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
-from anycast_lb import api, liveapply, log, runtime
+from anycast_lb import api, log, runtime
+from anycast_lb.applier import LiveApplier
+from anycast_lb.backendctl import BackendControl
 from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
 from anycast_lb.bgp.policy import NodeView, Ownership, ServiceView
@@ -68,12 +70,11 @@ from anycast_lb.config import (
     ServiceConfig,
     StandbyMode,
     format_host_port,
-    load_config,
 )
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, Outcome, Undrain
 from anycast_lb.drainer import Drainer, HandOverFirst
-from anycast_lb.errors import AnycastLBError, BindError, ConfigError, first_leaf
+from anycast_lb.errors import AnycastLBError, first_leaf
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
@@ -83,8 +84,8 @@ from anycast_lb.liveapply import ApplyResult
 from anycast_lb.loopback import IPAddress, LoopbackVips
 from anycast_lb.metrics import NodeMetrics, vip_families
 from anycast_lb.pool import Backend, Pool
-from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
-from anycast_lb.stopping import GracefulStop, settle_withdraw
+from anycast_lb.status import BgpStatus, NodeInfo, Status, service_status
+from anycast_lb.stopping import GracefulStop
 
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
@@ -128,22 +129,9 @@ class Node:
         apply: ApplyConfig | None = None,
         config_path: Path | None = None,
     ) -> None:
-        self.config = config
-        self.config_path = config_path
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
         self._tasks: asyncio.TaskGroup | None = None
-        self._apply_lock = asyncio.Lock()
-        self.generation = 1
-        """The config generation in effect (``liveapply.ApplyResult``)."""
-        self.digest = liveapply.digest(config)
-        self._applied_at = self.clock.wall()
-        self._applies = {"applied": 0, "refused": 0}
-        self._last_refusal: tuple[float, str] | None = None
-        self._base = config
-        """The config without node-local runtime overrides (the file's)."""
-        self._overrides: dict[runtime.BackendId, runtime.Override] = {}
-        """Node-local ``backend drain|undrain|weight`` changes (standalone)."""
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
                               clock=self.clock)
@@ -170,7 +158,8 @@ class Node:
 
             self.consensus = ConsensusAgent(
                 config.consensus, config, running=lambda: self.config, pools=lambda: self.pools,
-                on_pool_change=self._on_backend_change, apply=apply or self._apply_pushed,
+                on_pool_change=self._on_backend_change,
+                apply=apply or (lambda new: self.applier.apply_pushed(new)),
                 api=lambda: format_host_port(*self.api_address) if self.api_address else "",
                 clock=self.clock)
         self.owners: OwnershipPart | None = None
@@ -191,9 +180,6 @@ class Node:
                                wait_idle=self.data.wait_idle,
                                drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
-        self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
-                                   counters=self.data.backend_counters,
-                                   shedding=self.data.shedding, traffic=self.data.traffic)
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
@@ -209,6 +195,19 @@ class Node:
                                      hand_over=self._hand_over,
                                      routes_changed=self._routes_changed)
         self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
+        self.applier = LiveApplier(config, self.budget, self.clock, pools=self.pools,
+                                   data=self.data, checks=self._monitor, hooks=self,
+                                   running=self._running, spawn=self._spawn,
+                                   announce=self.routes, speaker=self.speaker,
+                                   cluster=self.cluster is not None, config_path=config_path)
+        """Live apply (SIGHUP, ``POST /reload``, pushed configs); holds the config in effect."""
+        self.backends = BackendControl(
+            config.node.name, self.applier, self.data, self.clock, consensus=self.consensus,
+            request_timeout=config.consensus.request_timeout if config.consensus else 0.0)
+        """Runtime drain, undrain and weight of single backends."""
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
+                                   counters=self.data.backend_counters,
+                                   shedding=self.data.shedding, traffic=self.data.traffic)
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
@@ -234,6 +233,27 @@ class Node:
         return self.data.addresses
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> NodeConfig:
+        """The config in effect (live apply changes it)."""
+        return self.applier.config
+
+    @property
+    def generation(self) -> int:
+        """The config generation in effect (``liveapply.ApplyResult``)."""
+        return self.applier.record.generation
+
+    @property
+    def digest(self) -> str:
+        return self.applier.record.digest
+
+    def _running(self) -> bool:
+        return self._tasks is not None and not self.drainer.state.stopping
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._tasks is not None
+        self._tasks.create_task(coro)
 
     @property
     def draining(self) -> bool:
@@ -293,15 +313,7 @@ class Node:
             yield from self.consensus.metric_families()
         if self.owners is not None:
             yield from self.owners.metric_families()
-        applies = CounterMetricFamily("anycast_lb_config_applies",
-                                      "Configs offered to live apply, by result", labels=["result"])
-        for result, count in self._applies.items():
-            applies.add_metric([result], count)
-        yield applies
-        generation = GaugeMetricFamily("anycast_lb_config_generation",
-                                       "Generation of the config in effect (1: as started)")
-        generation.add_metric([], self.generation)
-        yield generation
+        yield from self.applier.record.metric_families()
         if self.cluster is not None:
             yield from self.cluster.metric_families()
         if self.data.kernel is not None:
@@ -319,9 +331,15 @@ class Node:
     def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
         if self.data.workers is not None:
             self.data.workers.backend_changed(service, backend.key, up)
-        self._pool_changed(service)
+        self.pool_changed(service)
 
-    def _pool_changed(self, service: str) -> None:
+    def service_added(self, name: str) -> None:
+        self._service_healthy[name] = False
+
+    def service_removed(self, name: str) -> None:
+        self._service_healthy.pop(name, None)
+
+    def pool_changed(self, service: str) -> None:
         """The eligible set of ``service`` may have changed (health, drain):
         the kernel engine's tables follow, log a service health transition,
         re-evaluate routes."""
@@ -389,231 +407,22 @@ class Node:
         self._stop.set()
 
 
-    # ------------------------------------------------------------------ live apply
+    # ------------------------------------------------------------------ live apply, runtime control
 
     async def reload(self) -> ApplyResult:
-        """Re-read ``config_path`` and :meth:`apply_config` it (SIGHUP,
-        ``POST /reload``). A file that cannot be read or fails validation is
-        refused (``config.refused``, counted), never raised."""
-        if self.config_path is None:
-            return self._refuse("this node was not started from a file", ())
-        try:
-            new = await asyncio.to_thread(load_config, self.config_path)
-        except ConfigError as exc:
-            return self._refuse(f"invalid config {exc.source}: {'; '.join(exc.problems)}", (),
-                                str(self.config_path))
-        return await self.apply_config(new, source=str(self.config_path))
-
-    async def _apply_pushed(self, new: NodeConfig) -> bool:
-        """A pushed revision, merged with this node's file, through live apply
-        (the consensus agent's ``ApplyConfig``): True once in effect, False
-        when it needs a restart; raises ConfigError when refused otherwise."""
-        result = await self.apply_config(new, source="consensus")
-        if result.applied:
-            return True
-        if result.reason.startswith("restart needed"):
-            return False
-        raise ConfigError("pushed config", [result.reason])
+        """:meth:`LiveApplier.reload <anycast_lb.applier.LiveApplier.reload>`."""
+        return await self.applier.reload()
 
     async def apply_config(self, new: NodeConfig, *, source: str = "") -> ApplyResult:
-        """Take ``new`` (already validated) without a restart, or refuse it whole.
-
-        The plan (:func:`~anycast_lb.liveapply.plan`) is refused when
-        :func:`~anycast_lb.liveapply.refusal` says so (node-local sections
-        changed, settings fixed at start, relay workers, flow survival), when
-        its caps do not fit the descriptor budget, when a new listener cannot
-        bind, or when the node is not running or stopping; then nothing
-        changes. Otherwise new listeners are bound, then in one step pools,
-        health checks, listeners and route attributes change; a removed
-        backend gets no new flows at once and its connections are reset
-        after ``drain.timeout`` s if still open; a removed service is
-        withdrawn, stops listening after the withdraw settles and is reset
-        after ``drain.timeout`` s. Applies are serialized. Never raises for a
-        config it refuses; logs ``config.applied`` or ``config.refused``.
-
-        Node-local runtime overrides (:mod:`anycast_lb.runtime`) of backends
-        ``new`` still has are kept on top of it.
-        """
-        async with self._apply_lock:
-            overrides = runtime.prune(self._overrides, new)
-            result = await self._apply_locked(runtime.overlay(new, overrides), source)
-            if result.applied:
-                self._base, self._overrides = new, overrides
-            return result
-
-    async def _apply_locked(self, new: NodeConfig, source: str) -> ApplyResult:
-        """:meth:`apply_config` of ``new`` as given; the caller holds ``_apply_lock``."""
-        old = self.config
-        actions = liveapply.plan(old, new)
-        described = tuple(liveapply.describe(a) for a in actions)
-        reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
-                                   cluster=self.cluster is not None,
-                                   kernel=self.data.kernel is not None)
-        if reason is None and (self._tasks is None or self.drainer.state.stopping):
-            reason = "the node is not running, or is stopping"
-        budget = self.budget
-        if reason is None:
-            try:
-                budget = plan(self.budget.limit, new, source=source or "<config>")
-            except ConfigError as exc:
-                reason = f"descriptor budget: {'; '.join(exc.problems)}"
-        if reason is not None:
-            return self._refuse(reason, described, source)
-        if not actions:
-            self.config = self.data.config = new
-            return self._applied(new, (), source)
-        opened: dict[str, tuple[Forwarder, tuple[str, int]]] = {}
-        new_pools = {a.service.name: Pool(a.service) for a in actions
-                     if isinstance(a, liveapply.AddService)}
-        try:
-            for a in actions:
-                if isinstance(a, liveapply.AddService):
-                    opened[a.service.name] = await self.data.open(
-                        new, a.service, new_pools[a.service.name], budget)
-        except BindError as exc:
-            for forwarder, _ in opened.values():
-                forwarder.stop_accepting()
-                forwarder.abort_all()
-            self.data.config = old
-            return self._refuse(str(exc), described, source)
-        self._commit(old, new, actions, new_pools, opened)
-        return self._applied(new, described, source)
-
-    def _commit(self, old: NodeConfig, new: NodeConfig, actions: list[liveapply.Action],
-                new_pools: dict[str, Pool], opened: dict[str, tuple[Forwarder, tuple[str, int]]]
-                ) -> None:
-        """Carry out an accepted plan: no await, so no check, flow or route
-        evaluation sees half of it."""
-        assert self._tasks is not None
-        retiring: list[tuple[str, Forwarder]] = []
-        for a in actions:
-            if isinstance(a, liveapply.RemoveService):
-                forwarder = self.data.retire(a.name)
-                del self.pools[a.name]
-                self._service_healthy.pop(a.name, None)
-                if forwarder is not None:
-                    retiring.append((a.name, forwarder))
-        gone: list[tuple[str, Backend]] = []
-        new_by_name = {s.name: s for s in new.services}
-        for name, pool in self.pools.items():
-            service = new_by_name[name]
-            if pool.service != service:
-                _, removed = pool.update(service)
-                gone += [(name, b) for b in removed]
-                _retune(self.data.forwarders.get(name), service)
-                if name in self._service_healthy:
-                    self._pool_changed(name)  # an admin drain can take the last backend
-        for name, pool in new_pools.items():
-            self.pools[name] = pool
-            self._service_healthy[name] = False
-            forwarder, address = opened[name]
-            self.data.install(name, forwarder, address)
-        # Keep the configuration order of the file in /status and /metrics.
-        ordered = {s.name: self.pools[s.name] for s in new.services}
-        self.pools.clear()
-        self.pools.update(ordered)
-        self.config = self.data.config = new
-        self._monitor.update(new.services, self.pools)
-        if self.routes is not None and new.bgp is not None:
-            self.routes.set_bgp(new.bgp)  # also evaluates the new view: withdraws removed VIPs
-        for name, backend in gone:
-            self._tasks.create_task(self._drain_backend(name, backend))
-        for name, forwarder in retiring:
-            self._tasks.create_task(self._drain_service(name, forwarder))
-
-    async def _drain_backend(self, service: str, backend: Backend) -> None:
-        """A backend removed live: wait up to ``drain.timeout`` s for its
-        connections to end, then reset what is left."""
-        deadline = self.clock.monotonic() + self.config.drain.timeout
-        while backend.active_connections > 0 and self.clock.monotonic() < deadline:
-            await self.clock.sleep(_BACKEND_DRAIN_POLL)
-        forwarder = self.data.forwarders.get(service)
-        reset = forwarder.abort_backend(backend) if forwarder is not None else 0
-        log.event("backend.removed", service=service, backend=backend.key, reset=reset)
-
-    async def _drain_service(self, name: str, forwarder: Forwarder) -> None:
-        """A service removed live, already out of the route view: let the
-        withdraw settle, stop listening, wait up to ``drain.timeout`` s for
-        its connections, reset what is left."""
-        if self.speaker is not None:
-            await settle_withdraw(self.speaker, self.clock, service=name)
-        forwarder.stop_accepting()
-        idle = await forwarder.wait_idle(self.config.drain.timeout)
-        if not idle:
-            forwarder.abort_all()
-        self.data.retired(forwarder)
-        log.event("service.removed", service=name, drained=idle)
-
-    def _result(self, applied: bool, actions: tuple[str, ...], source: str,
-                reason: str = "") -> ApplyResult:
-        return ApplyResult(applied=applied, generation=self.generation, digest=self.digest,
-                           actions=actions, reason=reason, source=source)
-
-    def _applied(self, new: NodeConfig, actions: tuple[str, ...], source: str) -> ApplyResult:
-        self._applies["applied"] += 1
-        digest = liveapply.digest(new)
-        if digest != self.digest:
-            self.generation += 1
-            self.digest = digest
-            self._applied_at = self.clock.wall()
-        log.event("config.applied", generation=self.generation, digest=self.digest,
-                  source=source, actions="; ".join(actions) or "none")
-        return self._result(True, actions, source)
-
-    def _refuse(self, reason: str, actions: tuple[str, ...], source: str = "") -> ApplyResult:
-        self._applies["refused"] += 1
-        self._last_refusal = (self.clock.wall(), reason)
-        log.warning("config.refused", reason=reason, source=source, generation=self.generation)
-        return self._result(False, actions, source, reason)
-
-    # ------------------------------------------------------------------ runtime control
+        """:meth:`LiveApplier.apply_config <anycast_lb.applier.LiveApplier.apply_config>`."""
+        return await self.applier.apply_config(new, source=source)
 
     async def change_backend(self, change: runtime.Change) -> runtime.BackendAnswer:
-        """Drain, undrain or reweight one backend at runtime (``POST
-        /backends/...``, ``anycast-lb backend ...``).
-
-        Standalone: a node-local override of the file, carried out by live
-        apply (never written to the file; ``/status`` marks it
-        ``runtime_override``). With consensus: pushed as the cluster's next
-        config revision (compare-and-swap), which every node applies; waits
-        up to ``3 * consensus.request_timeout`` s for this node to apply it.
-        Raises UnknownBackend for a service or backend not configured,
-        ConsensusError when etcd cannot take the push (ConsensusConflict:
-        another push won)."""
-        if self.consensus is not None:
-            consensus = self.consensus
-            number = await consensus.push_edit(
-                lambda shared: type(shared)(runtime.edit_services(shared.services, change),
-                                            shared.announce),
-                author=f"{self.config.node.name} (runtime control)", message=change.describe())
-            deadline = self.clock.monotonic() + 3 * consensus.settings.request_timeout
-            while consensus.config_revision < number and self.clock.monotonic() < deadline:
-                await self.clock.sleep(_BACKEND_DRAIN_POLL)
-            reached = consensus.config_revision >= number
-            applied = reached and runtime.holds(self.config, change)
-            log.event("backend.runtime_change", service=change.service, backend=change.backend,
-                      change=change.describe(), scope="cluster", revision=number,
-                      applied=applied)
-            return runtime.BackendAnswer(
-                applied=applied, scope="cluster", revision=number, generation=self.generation,
-                pending=not reached,
-                reason="" if applied or not reached else
-                f"revision {number} was not applied on this node (see its config.refused log)")
-        async with self._apply_lock:
-            overrides = runtime.record(self._overrides, self._base, change)
-            result = await self._apply_locked(runtime.overlay(self._base, overrides), "runtime")
-            if result.applied:
-                self._overrides = overrides
-        if result.applied:
-            await self.data.settled(change.service)  # the kernel engine holds it too
-            log.event("backend.runtime_change", service=change.service, backend=change.backend,
-                      change=change.describe(), scope="node", revision=None, applied=True)
-        return runtime.BackendAnswer(applied=result.applied, scope="node", revision=None,
-                                     generation=result.generation, reason=result.reason)
+        """:meth:`BackendControl.change <anycast_lb.backendctl.BackendControl.change>`."""
+        return await self.backends.change(change)
 
     def runtime_overrides(self, service: str) -> frozenset[str]:
-        """Keys of ``service``'s backends changed at runtime on this node only."""
-        return frozenset(key for (name, key) in self._overrides if name == service)
+        return self.applier.runtime_overrides(service)
 
     # ------------------------------------------------------------------ status
 
@@ -635,7 +444,7 @@ class Node:
                                damping=routes.damping_status if routes is not None else None,
                                table_revision=(self.consensus.table_revision(s.name)
                                                if self.consensus is not None else None),
-                               runtime_overrides=self.runtime_overrides(s.name))
+                               runtime_overrides=self.applier.runtime_overrides(s.name))
                 for s in self.config.services
             ],
             "bgp": bgp,
@@ -643,13 +452,7 @@ class Node:
             "workers": self.data.workers.status() if self.data.workers is not None else None,
             "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
             "consensus": self.consensus.status() if self.consensus is not None else None,
-            "config": ConfigStatus(
-                generation=self.generation, digest=self.digest,
-                applied_at=iso_utc(self._applied_at) or "",
-                source=str(self.config_path) if self.config_path is not None else None,
-                applies=self._applies["applied"], refusals=self._applies["refused"],
-                last_refusal=self._last_refusal[1] if self._last_refusal else None,
-                last_refusal_at=iso_utc(self._last_refusal[0]) if self._last_refusal else None),
+            "config": self.applier.record.status(self.applier.config_path),
             "vips": self.owners.status() if self.owners is not None else None,
         })
 
