@@ -249,6 +249,10 @@ class LiveApplier:
                 self._overrides = overrides
             return result
 
+    def config_status(self) -> ConfigStatus:
+        """``/status``'s ``config`` section."""
+        return self.record.status(self.config_path)
+
     def runtime_overrides(self, service: str) -> frozenset[str]:
         """Keys of ``service``'s backends changed at runtime on this node only."""
         return frozenset(key for (name, key) in self._overrides if name == service)

@@ -46,14 +46,11 @@ that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import tempfile
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import Metric
 
 from anycast_lb import api, log, runtime
 from anycast_lb.applier import LiveApplier
@@ -79,12 +76,13 @@ from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwa
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.health.probes import ProbeResult
-from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
+from anycast_lb.limits import Budget, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.loopback import IPAddress, LoopbackVips
-from anycast_lb.metrics import NodeMetrics, vip_families
+from anycast_lb.metrics import NodeMetrics, chain_families
+from anycast_lb.nodestatus import NodeStatus
 from anycast_lb.pool import Backend, Pool
-from anycast_lb.status import BgpStatus, NodeInfo, Status, service_status
+from anycast_lb.status import Status
 from anycast_lb.stopping import GracefulStop
 
 if TYPE_CHECKING:
@@ -205,7 +203,19 @@ class Node:
             config.node.name, self.applier, self.data, self.clock, consensus=self.consensus,
             request_timeout=config.consensus.request_timeout if config.consensus else 0.0)
         """Runtime drain, undrain and weight of single backends."""
-        self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
+        self.report = NodeStatus(self.applier, self.pools, self.data, self.drainer, self.budget,
+                                 speaker=self.speaker, routes=self.routes, cluster=self.cluster,
+                                 consensus=self.consensus, owners=self.owners)
+        """``GET /status``."""
+        families = chain_families(
+            self.consensus.metric_families if self.consensus is not None else None,
+            self.owners.metric_families if self.owners is not None else None,
+            self.applier.record.metric_families,
+            self.cluster.metric_families if self.cluster is not None else None,
+            self.data.metric_families,
+            self.speaker.metric_families if self.speaker is not None else None,
+            self.report.vip_families)
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining, families,
                                    counters=self.data.backend_counters,
                                    shedding=self.data.shedding, traffic=self.data.traffic)
         self._api_listen = api_listen
@@ -307,21 +317,6 @@ class Node:
         if self.consensus is not None:
             return self.consensus.announce_healthy(service)
         return self.pools[service].healthy
-
-    def _metric_families(self) -> Iterator[Metric]:
-        if self.consensus is not None:
-            yield from self.consensus.metric_families()
-        if self.owners is not None:
-            yield from self.owners.metric_families()
-        yield from self.applier.record.metric_families()
-        if self.cluster is not None:
-            yield from self.cluster.metric_families()
-        if self.data.kernel is not None:
-            yield from self.data.kernel.metric_families()
-        if self.speaker is not None:
-            yield from self.speaker.metric_families()
-        if self.routes is not None:
-            yield from vip_families(self.status_model().services, self.routes.changed_at)
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
@@ -428,33 +423,7 @@ class Node:
 
     def status_model(self) -> Status:
         """``GET /status`` (:mod:`anycast_lb.status`)."""
-        bgp = BgpStatus.model_validate(self.speaker.status()) if self.speaker is not None else None
-        routes = self.routes
-        drain = self.drainer.state
-        return Status.model_validate({
-            "node": NodeInfo(name=self.config.node.name, draining=drain.draining,
-                             drain_phase=drain.phase.route_phase.value,
-                             drain_state=drain.phase.value, stopping=drain.stopping,
-                             pid=os.getpid(), drain_waiting=self.drainer.waiting_for_slot),
-            "services": [
-                service_status(s, self.pools[s.name], self.data,
-                               with_bgp=bgp is not None,
-                               decision=routes.decision if routes is not None else None,
-                               acked=bgp.routes if bgp is not None else {},
-                               damping=routes.damping_status if routes is not None else None,
-                               table_revision=(self.consensus.table_revision(s.name)
-                                               if self.consensus is not None else None),
-                               runtime_overrides=self.applier.runtime_overrides(s.name))
-                for s in self.config.services
-            ],
-            "bgp": bgp,
-            "cluster": self.cluster.status() if self.cluster is not None else None,
-            "workers": self.data.workers.status() if self.data.workers is not None else None,
-            "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
-            "consensus": self.consensus.status() if self.consensus is not None else None,
-            "config": self.applier.record.status(self.applier.config_path),
-            "vips": self.owners.status() if self.owners is not None else None,
-        })
+        return self.report.model()
 
     def status(self) -> dict[str, Any]:
         """``GET /status`` as JSON-ready data."""

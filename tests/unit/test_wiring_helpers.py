@@ -1,12 +1,14 @@
 """Small parts the node wires: the drain slots that hand the elected VIPs
-over first, and the first error of a task group."""
+over first, the first error of a task group, the chain of metric families."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from anycast_lb.drainer import HandOverFirst
 from anycast_lb.errors import AnycastLBError, BindError, ConfigError, first_leaf
+from anycast_lb.metrics import chain_families
 
 
 class Slots:
@@ -59,3 +61,19 @@ def test_first_leaf_is_the_first_error_depth_first() -> None:
     group: BaseExceptionGroup[AnycastLBError] = BaseExceptionGroup(
         "outer", [inner, AnycastLBError("later")])
     assert first_leaf(group) is bind
+
+
+def test_chain_families_reads_each_present_source_in_order_at_each_scrape() -> None:
+    scrapes = {"a": 0}
+
+    def a() -> list[Metric]:
+        scrapes["a"] += 1
+        return [GaugeMetricFamily("a", "a")]
+
+    def b() -> list[Metric]:
+        return [GaugeMetricFamily("b1", "b"), GaugeMetricFamily("b2", "b")]
+
+    families = chain_families(None, a, None, b)
+    assert scrapes["a"] == 0  # nothing is read before a scrape
+    assert [m.name for m in families()] == ["a", "b1", "b2"]
+    assert [m.name for m in families()] == ["a", "b1", "b2"] and scrapes["a"] == 2
