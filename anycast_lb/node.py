@@ -56,16 +56,12 @@ from anycast_lb import api, log, runtime
 from anycast_lb.applier import LiveApplier
 from anycast_lb.backendctl import BackendControl
 from anycast_lb.bgp.controller import RouteController
-from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
-from anycast_lb.bgp.policy import NodeView, Ownership, ServiceView
+from anycast_lb.bgp.policy import NodeView
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
 from anycast_lb.config import (
-    AnnounceMode,
-    AnnounceVia,
     NodeConfig,
     ServiceConfig,
-    StandbyMode,
     format_host_port,
 )
 from anycast_lb.dataplane import DataPlane
@@ -80,6 +76,7 @@ from anycast_lb.limits import Budget, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.loopback import IPAddress, LoopbackVips
 from anycast_lb.metrics import NodeMetrics, chain_families
+from anycast_lb.nodestate import NodeState
 from anycast_lb.nodestatus import NodeStatus
 from anycast_lb.pool import Backend, Pool
 from anycast_lb.status import Status
@@ -178,6 +175,9 @@ class Node:
                                wait_idle=self.data.wait_idle,
                                drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
+        self.state = NodeState(lambda: self.config, self.drainer, self.data, self.pools,
+                               consensus=self.consensus, owners=self.owners, speaker=self.speaker)
+        """The node's view for the route policy, the VIPs it could own, its readiness."""
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
@@ -267,56 +267,17 @@ class Node:
 
     @property
     def draining(self) -> bool:
-        return self.drainer.state.draining
+        return self.state.draining
 
     def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "node is draining"
-        if self.speaker is not None:
-            fresh = self.speaker.freshness()
-            if not fresh.confirmed:
-                return False, (f"BGP state unconfirmed: no answer from ExaBGP for "
-                               f"{fresh.age:.1f} s (deadline {CONFIRM_DEADLINE:g} s)")
-        healthy = [s.name for s in self.view().services if s.listening and s.healthy]
-        if not healthy:
-            return False, "no service has min_healthy backends up and a listening forwarder"
-        return True, f"serving: {', '.join(healthy)}"
+        return self.state.readiness()
 
     def view(self) -> NodeView:
         """The node snapshot the route policy decides on."""
-        return NodeView(
-            drain=self.drainer.state.phase.route_phase,
-            services=tuple(
-                ServiceView(name=s.name, prefix=s.prefix, healthy=self._healthy(s.name),
-                            listening=self.data.listening(s.name),
-                            ownership=self._ownership(s))
-                # via: l2 VIPs move by ARP/NA only, never over BGP.
-                for s in self.config.services if s.announce.via is not AnnounceVia.L2
-            ),
-            standby_prepend=self.config.election.standby is StandbyMode.PREPEND,
-        )
-
-    def _ownership(self, service: ServiceConfig) -> Ownership:
-        if service.announce.mode is not AnnounceMode.ACTIVE_PASSIVE:
-            return Ownership.SHARED
-        if self.owners is None:
-            return Ownership.UNELECTED
-        return Ownership.OWNER if self.owners.owns(service.vip) else Ownership.STANDBY
+        return self.state.view()
 
     def serving(self) -> dict[IPAddress, bool]:
-        """Per VIP: this node could own it now (not draining; every service
-        of the VIP listening with ``min_healthy`` backends up)."""
-        out: dict[IPAddress, bool] = {}
-        draining = self.draining
-        for s in self.config.services:
-            ok = (not draining and self.data.listening(s.name) and self._healthy(s.name))
-            out[s.vip] = out.get(s.vip, True) and ok
-        return out
-
-    def _healthy(self, service: str) -> bool:
-        if self.consensus is not None:
-            return self.consensus.announce_healthy(service)
-        return self.pools[service].healthy
+        return self.state.serving()
 
     def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
         self.metrics.observe_check(service, backend.key, result.latency_s)
