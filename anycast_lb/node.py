@@ -71,14 +71,14 @@ from anycast_lb.errors import AnycastLBError, first_leaf
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
-from anycast_lb.health.probes import ProbeResult
 from anycast_lb.limits import Budget, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.loopback import IPAddress, LoopbackVips
 from anycast_lb.metrics import NodeMetrics, chain_families
 from anycast_lb.nodestate import NodeState
 from anycast_lb.nodestatus import NodeStatus
-from anycast_lb.pool import Backend, Pool
+from anycast_lb.pool import Pool
+from anycast_lb.poolevents import PoolEvents
 from anycast_lb.status import Status
 from anycast_lb.stopping import GracefulStop
 
@@ -153,7 +153,7 @@ class Node:
 
             self.consensus = ConsensusAgent(
                 config.consensus, config, running=lambda: self.config, pools=lambda: self.pools,
-                on_pool_change=self._on_backend_change,
+                on_pool_change=lambda *change: self.events.backend_changed(*change),
                 apply=apply or (lambda new: self.applier.apply_pushed(new)),
                 api=lambda: format_host_port(*self.api_address) if self.api_address else "",
                 clock=self.clock)
@@ -178,13 +178,17 @@ class Node:
         self.state = NodeState(lambda: self.config, self.drainer, self.data, self.pools,
                                consensus=self.consensus, owners=self.owners, speaker=self.speaker)
         """The node's view for the route policy, the VIPs it could own, its readiness."""
+        self.events = PoolEvents(self.pools, self.data, routes_changed=self._routes_changed,
+                                 observe=lambda *check: self.metrics.observe_check(*check),
+                                 consensus=self.consensus)
+        """What follows a change of backends or pools."""
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
             self.clock,
-            on_change=(self._on_local_health if self.consensus is not None
-                       else self._on_backend_change),
-            on_check=self._on_check,
+            on_change=(self.events.local_health if self.consensus is not None
+                       else self.events.backend_changed),
+            on_check=self.events.checked,
             max_jitter=1.0 if check_jitter else 0.0,
             update_pools=self.consensus is None,
         )
@@ -192,9 +196,8 @@ class Node:
                                      speaker=self.speaker, cluster=self.cluster,
                                      hand_over=self._hand_over,
                                      routes_changed=self._routes_changed)
-        self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
         self.applier = LiveApplier(config, self.budget, self.clock, pools=self.pools,
-                                   data=self.data, checks=self._monitor, hooks=self,
+                                   data=self.data, checks=self._monitor, hooks=self.events,
                                    running=self._running, spawn=self._spawn,
                                    announce=self.routes, speaker=self.speaker,
                                    cluster=self.cluster is not None, config_path=config_path)
@@ -278,45 +281,6 @@ class Node:
 
     def serving(self) -> dict[IPAddress, bool]:
         return self.state.serving()
-
-    def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
-        self.metrics.observe_check(service, backend.key, result.latency_s)
-        if self.data.kernel is not None and not self.data.listening(service):
-            self._routes_changed()  # the kernel engine announces once every backend was checked
-
-    def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
-        if self.data.workers is not None:
-            self.data.workers.backend_changed(service, backend.key, up)
-        self.pool_changed(service)
-
-    def service_added(self, name: str) -> None:
-        self._service_healthy[name] = False
-
-    def service_removed(self, name: str) -> None:
-        self._service_healthy.pop(name, None)
-
-    def pool_changed(self, service: str) -> None:
-        """The eligible set of ``service`` may have changed (health, drain):
-        the kernel engine's tables follow, log a service health transition,
-        re-evaluate routes."""
-        self.data.pool_changed(service)
-        healthy = self.pools[service].healthy
-        if healthy != self._service_healthy.get(service):
-            self._service_healthy[service] = healthy
-            up_backends = self.pools[service].up_count
-            if healthy:
-                log.event("service.healthy", service=service, up_backends=up_backends)
-            else:  # withdraws the VIP (with a bgp section): a warning
-                log.warning("service.unhealthy", service=service, up_backends=up_backends)
-        self._routes_changed()
-
-    def _on_local_health(self, service: str, backend: Backend, up: bool) -> None:
-        """With consensus: the node's own check becomes a vote, and the
-        announcement is decided again (it needs the agreed backends to pass
-        this node's own checks too, :meth:`ConsensusAgent.announce_healthy`)."""
-        assert self.consensus is not None
-        self.consensus.local_changed(service, backend, up)
-        self._routes_changed()
 
     def _on_drain_change(self, outcome: Outcome) -> None:
         if outcome.routes_changed:
