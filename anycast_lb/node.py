@@ -65,7 +65,8 @@ from anycast_lb.config import (
     format_host_port,
 )
 from anycast_lb.dataplane import DataPlane
-from anycast_lb.drain import DrainMachine, Outcome, Undrain
+from anycast_lb.drain import DrainMachine, Outcome
+from anycast_lb.drainctl import DrainControl
 from anycast_lb.drainer import Drainer, HandOverFirst
 from anycast_lb.errors import AnycastLBError, first_leaf
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
@@ -169,7 +170,7 @@ class Node:
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=(HandOverFirst(self.consensus, self._hand_over)
+                               slots=(HandOverFirst(self.consensus, lambda: self.drains.hand_over())
                                       if self.owners is not None and self.consensus is not None
                                       else self.consensus),
                                wait_idle=self.data.wait_idle,
@@ -178,6 +179,9 @@ class Node:
         self.state = NodeState(lambda: self.config, self.drainer, self.data, self.pools,
                                consensus=self.consensus, owners=self.owners, speaker=self.speaker)
         """The node's view for the route policy, the VIPs it could own, its readiness."""
+        self.drains = DrainControl(self.drainer, self.serving, owners=self.owners,
+                                   consensus=self.consensus)
+        """Drain and undrain requests, the elected VIPs handed over first."""
         self.events = PoolEvents(self.pools, self.data, routes_changed=self._routes_changed,
                                  observe=lambda *check: self.metrics.observe_check(*check),
                                  consensus=self.consensus)
@@ -194,7 +198,7 @@ class Node:
         )
         self.stopping = GracefulStop(config.drain, self.drainer, self.data, self.clock,
                                      speaker=self.speaker, cluster=self.cluster,
-                                     hand_over=self._hand_over,
+                                     hand_over=lambda: self.drains.hand_over(),
                                      routes_changed=self._routes_changed)
         self.applier = LiveApplier(config, self.budget, self.clock, pools=self.pools,
                                    data=self.data, checks=self._monitor, hooks=self.events,
@@ -292,34 +296,15 @@ class Node:
         if self.routes is not None:
             self.routes.poke()
 
-    async def _hand_over(self) -> None:
-        """Planned move of the elected VIPs before a drain (make before break)."""
-        if self.owners is not None:
-            await self.owners.hand_over(self.serving(), self.owners.settings.handover_timeout
-                                        + self.owners.settings.lease_ttl)
-
     # ------------------------------------------------------------------ drain
 
     async def drain(self, reason: str, wait: bool = True) -> api.DrainAnswer:
-        """Start a drain (idempotent). With consensus, once this node holds a
-        drain slot: ``wait`` queues the drain until one frees, otherwise it
-        is refused when every slot is held. Raises ConsensusError (``wait``
-        False) when etcd cannot say."""
-        if not self.draining and self.drainer.holds_slot:
-            await self._hand_over()  # else once the slot is taken (HandOverFirst)
-        draining = await self.drainer.request_drain(reason, wait=wait)
-        if not draining and self.owners is not None:
-            self.owners.rejoin(self.serving())
-        holders = tuple(self.consensus.slot_holders) if self.consensus is not None else ()
-        return api.DrainAnswer(draining=draining, waiting=self.drainer.waiting_for_slot,
-                               holders=() if draining else holders)
+        """:meth:`DrainControl.drain <anycast_lb.drainctl.DrainControl.drain>`."""
+        return await self.drains.drain(reason, wait)
 
     async def undrain(self) -> bool:
         """End a drain. False (and nothing changes) while the node stops."""
-        accepted = self.drainer.submit(Undrain()).accepted
-        if accepted and self.owners is not None:
-            self.owners.rejoin(self.serving())
-        return accepted
+        return self.drains.undrain()
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain, withdraw, let connections finish
