@@ -1,15 +1,20 @@
-"""One anycast-lb node: the only module that knows every part, and wires them.
-
-It constructs the parts, connects them and runs them in one
-``asyncio.TaskGroup``; the decisions live in the parts:
+"""One anycast-lb node: the composition root, the only module that knows
+every part. It constructs the parts, connects their callbacks and runs them
+in one ``asyncio.TaskGroup``; the logic lives in the parts:
 
 - :class:`~anycast_lb.dataplane.DataPlane`: a forwarder per service, the
   relay engine's loop and worker processes, or the kernel engine's
   nftables table (``forwarding.engine: kernel``, whose writer task runs
   here: pool changes reach it as diffs);
-- :class:`~anycast_lb.health.monitor.HealthMonitor`: backend health;
+- :class:`~anycast_lb.health.monitor.HealthMonitor`: backend health; what
+  follows a backend or pool change (workers, kernel tables, consensus
+  votes, service health log, routes decided again) is
+  :class:`~anycast_lb.poolevents.PoolEvents`;
+- :class:`~anycast_lb.nodestate.NodeState`: the route policy's view of the
+  node, the VIPs it could own, its readiness (``/readyz``);
 - :class:`~anycast_lb.drainer.Drainer`: the one writer of the drain state
-  (the pure :class:`~anycast_lb.drain.DrainMachine`);
+  (the pure :class:`~anycast_lb.drain.DrainMachine`); drain requests, the
+  elected VIPs handed over first: :class:`~anycast_lb.drainctl.DrainControl`;
 - :class:`~anycast_lb.bgp.controller.RouteController`: the one writer of
   routes (policy, flap damping), sending them to the BGP speaker (ExaBGP
   child plus this project's announcer) when the config has a ``bgp``
@@ -22,25 +27,20 @@ It constructs the parts, connects them and runs them in one
   and ``active_passive`` services): one owner per VIP, elected on etcd and
   fenced; ``via: l2`` VIPs move by ARP/NA, ``via: bgp`` ones through the
   route policy (docs/l2.md);
-- the HTTP API, whose ``/status`` is :class:`~anycast_lb.status.Status`.
-
-Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): first hand the
-node's elected VIPs over (resign, make before break), then announce with the
-GRACEFUL_SHUTDOWN community 65535:0 (RFC 8326) for ``drain.announce_grace``
-seconds, withdraw, keep serving established connections for up to
-``drain.timeout`` seconds (UDP flows count as finished once idle for
-:data:`~anycast_lb.forward.udp.DRAIN_IDLE` s); on SIGTERM, then stop
-ExaBGP, last (it is never restarted once the stop has begun), then stop.
-
-Live apply (:meth:`Node.apply_config`; SIGHUP and ``POST /reload`` re-read
-the node's file): the pure :func:`~anycast_lb.liveapply.plan` and
-:func:`~anycast_lb.liveapply.refusal` decide; this module carries the plan
-out in one step between awaits (new listeners are bound first, the only part
-that can fail), then drains what was removed in the background.
-
-What ``/status``, ``/readyz`` and ``/metrics`` say about BGP is what ExaBGP
-confirmed within :data:`~anycast_lb.bgp.liveness.CONFIRM_DEADLINE` s; past
-that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
+- :class:`~anycast_lb.applier.LiveApplier`: live apply (SIGHUP, ``POST
+  /reload``, pushed configs) and the config in effect;
+  :class:`~anycast_lb.backendctl.BackendControl`: runtime drain, undrain
+  and weight of one backend;
+- :class:`~anycast_lb.nodestatus.NodeStatus`: ``/status`` (the models of
+  :mod:`anycast_lb.status`); :class:`~anycast_lb.metrics.NodeMetrics`:
+  ``/metrics``, the parts' families chained in order;
+- :class:`~anycast_lb.loopback.LoopbackVips`: ``manage_address`` VIPs on
+  ``lo``, added before the listeners bind and removed after they close;
+- :class:`~anycast_lb.stopping.GracefulStop`: the SIGTERM sequence (hand
+  the VIPs over, GRACEFUL_SHUTDOWN 65535:0 per RFC 8326, withdraw, let
+  connections finish for up to ``drain.timeout`` s, stop ExaBGP last);
+- the HTTP API (:mod:`anycast_lb.api`), calling the thin methods of
+  :class:`Node`.
 """
 
 from __future__ import annotations
@@ -59,17 +59,13 @@ from anycast_lb.bgp.controller import RouteController
 from anycast_lb.bgp.policy import NodeView
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
-from anycast_lb.config import (
-    NodeConfig,
-    ServiceConfig,
-    format_host_port,
-)
+from anycast_lb.config import NodeConfig, format_host_port
 from anycast_lb.dataplane import DataPlane
 from anycast_lb.drain import DrainMachine, Outcome
 from anycast_lb.drainctl import DrainControl
 from anycast_lb.drainer import Drainer, HandOverFirst
 from anycast_lb.errors import AnycastLBError, first_leaf
-from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
+from anycast_lb.forward import Forwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
 from anycast_lb.limits import Budget, plan, soft_nofile
@@ -87,11 +83,6 @@ if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
     from anycast_lb.consensus.agent import ApplyConfig, ConsensusAgent
     from anycast_lb.election.part import OwnershipPart
-
-
-# Seconds between looks at a removed backend's connection count (a plain int
-# kept by the data path: there is no event to wait on).
-_BACKEND_DRAIN_POLL = 0.1
 
 
 class Node:
@@ -311,7 +302,6 @@ class Node:
         for up to ``drain.timeout`` s, then make ``run`` return."""
         self._stop.set()
 
-
     # ------------------------------------------------------------------ live apply, runtime control
 
     async def reload(self) -> ApplyResult:
@@ -412,18 +402,6 @@ class Node:
                 await runner.cleanup()
             await self.loopback.remove()
             log.event("node.stopped", name=self.config.node.name)
-
-
-def _retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
-    """Give a running forwarder the live settings of ``service``
-    (``liveapply.LIVE_SERVICE_FIELDS``: the pool holds the others); new
-    connections use them."""
-    if isinstance(forwarder, TcpForwarder | UdpForwarder):
-        forwarder.service = service
-    elif isinstance(forwarder, RelayForwarder):
-        forwarder.service = service
-        forwarder.connect_timeout = service.connect_timeout
-        forwarder.proxy_protocol = service.proxy_protocol
 
 
 class _Stopped(Exception):
