@@ -102,20 +102,15 @@ class Node:
     through consensus (default: log that it waits for a restart).
     """
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        *,
-        clock: Clock | None = None,
-        run_dir: Path | None = None,
-        bind_overrides: Mapping[str, tuple[str, int]] | None = None,
-        api_listen: tuple[str, int] | None = None,
-        cluster_sock: socket.socket | None = None,
-        check_jitter: bool = True,
-        budget: Budget | None = None,
-        apply: ApplyConfig | None = None,
-        config_path: Path | None = None,
-    ) -> None:
+    def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
+                 run_dir: Path | None = None,
+                 bind_overrides: Mapping[str, tuple[str, int]] | None = None,
+                 api_listen: tuple[str, int] | None = None,
+                 cluster_sock: socket.socket | None = None, check_jitter: bool = True,
+                 budget: Budget | None = None, apply: ApplyConfig | None = None,
+                 config_path: Path | None = None) -> None:
+        # Parts built further down are reached through lambdas: they are
+        # called only once the node runs.
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
         self._tasks: asyncio.TaskGroup | None = None
