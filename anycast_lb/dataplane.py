@@ -13,8 +13,10 @@ and closes them (the kernel table is deleted).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
+
+from prometheus_client.core import Metric
 
 from anycast_lb import log
 from anycast_lb.clock import Clock
@@ -301,6 +303,11 @@ class DataPlane:
                     n += self.workers.accepted(s.name)
                 accepted[s.name] = n
         return Traffic(accepted=accepted, udp_flows=udp_flows, udp_dropped=udp_dropped)
+
+    def metric_families(self) -> Iterator[Metric]:
+        """The kernel engine's families (none with the relay or asyncio engine)."""
+        if self.kernel is not None:
+            yield from self.kernel.metric_families()
 
     # ------------------------------------------------------------------ control
 

@@ -230,6 +230,28 @@ class Drainer:
             self.submit(GraceElapsed())
 
 
+class HandOverFirst:
+    """``slots`` (:class:`DrainSlots`) with ``hand_over`` awaited once a slot
+    is taken and before the drainer feeds ``Drain``: a drain queued for a
+    slot keeps the node's elected VIPs while it waits (make before break)."""
+
+    def __init__(self, slots: DrainSlots, hand_over: Callable[[], Awaitable[None]]) -> None:
+        self._slots, self._hand_over = slots, hand_over
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        await self._hand_over()
+
+    async def try_acquire(self) -> bool:
+        held = await self._slots.try_acquire()
+        if held:
+            await self._hand_over()
+        return held
+
+    async def release(self) -> None:
+        await self._slots.release()
+
+
 def _log(outcome: Outcome) -> None:
     before, after = outcome.before, outcome.after
     if not outcome.phase_changed:

@@ -154,3 +154,13 @@ class LabError(AnycastLBError):
 
 class UnsafeLab(LabError):
     """Refused for network safety (prefix overlap, wrong namespace)."""
+
+
+def first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
+    """The first error of ``group`` that is not itself a group (depth
+    first): the one a ``TaskGroup`` of parts raises for, unwrapped."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, AnycastLBError)
+    return error

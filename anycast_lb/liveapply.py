@@ -31,7 +31,7 @@ and a VIP moving between services keeps a listener:
                            drain): a plan holding it is refused whole
                            (:func:`refusal`); they need a restart
 
-Carrying a plan out is the node's (``Node.apply_config``); this module also
+Carrying a plan out is :mod:`anycast_lb.applier`'s; this module also
 decides, purely, whether a plan can be carried out at all (:func:`refusal`)
 and names the config applied (:func:`digest`).
 """

@@ -277,6 +277,22 @@ def traffic_families(t: Traffic) -> Iterator[Metric]:
         yield family
 
 
+FamilySource = Callable[[], Iterable[Metric]]
+"""A part's metric families, read at scrape time."""
+
+
+def chain_families(*sources: FamilySource | None) -> Callable[[], Iterator[Metric]]:
+    """One source of the families of each of ``sources`` in order (None:
+    a part the node does not run)."""
+    present = [s for s in sources if s is not None]
+
+    def families() -> Iterator[Metric]:
+        for source in present:
+            yield from source()
+
+    return families
+
+
 VIP_STATES: tuple[AnnouncementName, ...] = (
     "announced", "draining", "damped", "withdrawn", "pending", "unconfirmed")
 """Values of the ``state`` label of ``anycast_lb_vip_state`` (``/status``'s

@@ -1,15 +1,20 @@
-"""One anycast-lb node: the only module that knows every part, and wires them.
-
-It constructs the parts, connects them and runs them in one
-``asyncio.TaskGroup``; the decisions live in the parts:
+"""One anycast-lb node: the composition root, the only module that knows
+every part. It constructs the parts, connects their callbacks and runs them
+in one ``asyncio.TaskGroup``; the logic lives in the parts:
 
 - :class:`~anycast_lb.dataplane.DataPlane`: a forwarder per service, the
   relay engine's loop and worker processes, or the kernel engine's
   nftables table (``forwarding.engine: kernel``, whose writer task runs
   here: pool changes reach it as diffs);
-- :class:`~anycast_lb.health.monitor.HealthMonitor`: backend health;
+- :class:`~anycast_lb.health.monitor.HealthMonitor`: backend health; what
+  follows a backend or pool change (workers, kernel tables, consensus
+  votes, service health log, routes decided again) is
+  :class:`~anycast_lb.poolevents.PoolEvents`;
+- :class:`~anycast_lb.nodestate.NodeState`: the route policy's view of the
+  node, the VIPs it could own, its readiness (``/readyz``);
 - :class:`~anycast_lb.drainer.Drainer`: the one writer of the drain state
-  (the pure :class:`~anycast_lb.drain.DrainMachine`);
+  (the pure :class:`~anycast_lb.drain.DrainMachine`); drain requests, the
+  elected VIPs handed over first: :class:`~anycast_lb.drainctl.DrainControl`;
 - :class:`~anycast_lb.bgp.controller.RouteController`: the one writer of
   routes (policy, flap damping), sending them to the BGP speaker (ExaBGP
   child plus this project's announcer) when the config has a ``bgp``
@@ -22,86 +27,62 @@ It constructs the parts, connects them and runs them in one
   and ``active_passive`` services): one owner per VIP, elected on etcd and
   fenced; ``via: l2`` VIPs move by ARP/NA, ``via: bgp`` ones through the
   route policy (docs/l2.md);
-- the HTTP API, whose ``/status`` is :class:`~anycast_lb.status.Status`.
-
-Drain (``POST /drain``, ``anycast-lb drain``, SIGTERM): first hand the
-node's elected VIPs over (resign, make before break), then announce with the
-GRACEFUL_SHUTDOWN community 65535:0 (RFC 8326) for ``drain.announce_grace``
-seconds, withdraw, keep serving established connections for up to
-``drain.timeout`` seconds (UDP flows count as finished once idle for
-:data:`~anycast_lb.forward.udp.DRAIN_IDLE` s); on SIGTERM, then stop
-ExaBGP, last (it is never restarted once the stop has begun), then stop.
-
-Live apply (:meth:`Node.apply_config`; SIGHUP and ``POST /reload`` re-read
-the node's file): the pure :func:`~anycast_lb.liveapply.plan` and
-:func:`~anycast_lb.liveapply.refusal` decide; this module carries the plan
-out in one step between awaits (new listeners are bound first, the only part
-that can fail), then drains what was removed in the background.
-
-What ``/status``, ``/readyz`` and ``/metrics`` say about BGP is what ExaBGP
-confirmed within :data:`~anycast_lb.bgp.liveness.CONFIRM_DEADLINE` s; past
-that, peers are ``unknown``, routes ``unconfirmed`` and the node not ready.
+- :class:`~anycast_lb.applier.LiveApplier`: live apply (SIGHUP, ``POST
+  /reload``, pushed configs) and the config in effect;
+  :class:`~anycast_lb.backendctl.BackendControl`: runtime drain, undrain
+  and weight of one backend;
+- :class:`~anycast_lb.nodestatus.NodeStatus`: ``/status`` (the models of
+  :mod:`anycast_lb.status`); :class:`~anycast_lb.metrics.NodeMetrics`:
+  ``/metrics``, the parts' families chained in order;
+- :class:`~anycast_lb.loopback.LoopbackVips`: ``manage_address`` VIPs on
+  ``lo``, added before the listeners bind and removed after they close;
+- :class:`~anycast_lb.stopping.GracefulStop`: the SIGTERM sequence (hand
+  the VIPs over, GRACEFUL_SHUTDOWN 65535:0 per RFC 8326, withdraw, let
+  connections finish for up to ``drain.timeout`` s, stop ExaBGP last);
+- the HTTP API (:mod:`anycast_lb.api`), calling the thin methods of
+  :class:`Node`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import os
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-from anycast_lb import api, liveapply, log, runtime
+from anycast_lb import api, log, runtime
+from anycast_lb.applier import LiveApplier
+from anycast_lb.backendctl import BackendControl
 from anycast_lb.bgp.controller import RouteController
-from anycast_lb.bgp.liveness import CONFIRM_DEADLINE
-from anycast_lb.bgp.policy import NodeView, Ownership, ServiceView
+from anycast_lb.bgp.policy import NodeView
 from anycast_lb.clock import Clock, SystemClock
 from anycast_lb.cluster import Cluster
-from anycast_lb.config import (
-    AnnounceMode,
-    AnnounceVia,
-    NodeConfig,
-    ServiceConfig,
-    StandbyMode,
-    format_host_port,
-    load_config,
-)
+from anycast_lb.config import NodeConfig, format_host_port
 from anycast_lb.dataplane import DataPlane
-from anycast_lb.drain import DrainMachine, FlowsIdle, Outcome, Phase, TimedOut, Undrain
-from anycast_lb.drainer import Drainer, DrainSlots
-from anycast_lb.errors import AnycastLBError, BindError, ConfigError
-from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
+from anycast_lb.drain import DrainMachine, Outcome
+from anycast_lb.drainctl import DrainControl
+from anycast_lb.drainer import Drainer, HandOverFirst
+from anycast_lb.errors import AnycastLBError, first_leaf
+from anycast_lb.forward import Forwarder
 from anycast_lb.forward.workers import WorkerGroup
 from anycast_lb.health.monitor import HealthMonitor
-from anycast_lb.health.probes import ProbeResult
-from anycast_lb.limits import Budget, open_descriptors, plan, soft_nofile
+from anycast_lb.limits import Budget, plan, soft_nofile
 from anycast_lb.liveapply import ApplyResult
-from anycast_lb.metrics import NodeMetrics, vip_families
-from anycast_lb.pool import Backend, Pool
-from anycast_lb.status import BgpStatus, ConfigStatus, NodeInfo, Status, iso_utc, service_status
+from anycast_lb.loopback import IPAddress, LoopbackVips
+from anycast_lb.metrics import NodeMetrics, chain_families
+from anycast_lb.nodestate import NodeState
+from anycast_lb.nodestatus import NodeStatus
+from anycast_lb.pool import Pool
+from anycast_lb.poolevents import PoolEvents
+from anycast_lb.status import Status
+from anycast_lb.stopping import GracefulStop
 
 if TYPE_CHECKING:
     from anycast_lb.bgp.speaker import BgpSpeaker
     from anycast_lb.consensus.agent import ApplyConfig, ConsensusAgent
     from anycast_lb.election.part import OwnershipPart
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-LOOPBACK = "lo"
-"""Where ``manage_address`` puts a VIP: local to the node (it accepts and
-answers from it) whatever the node's interfaces; routers reach it by BGP."""
-# Seconds between the withdraw and closing the listeners on SIGTERM, so SYNs
-# already in flight towards this node while routers converge still succeed.
-_WITHDRAW_SETTLE = 1.0
-# Seconds between looks at a removed backend's connection count (a plain int
-# kept by the data path: there is no event to wait on).
-_BACKEND_DRAIN_POLL = 0.1
 
 
 class Node:
@@ -121,36 +102,18 @@ class Node:
     through consensus (default: log that it waits for a restart).
     """
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        *,
-        clock: Clock | None = None,
-        run_dir: Path | None = None,
-        bind_overrides: Mapping[str, tuple[str, int]] | None = None,
-        api_listen: tuple[str, int] | None = None,
-        cluster_sock: socket.socket | None = None,
-        check_jitter: bool = True,
-        budget: Budget | None = None,
-        apply: ApplyConfig | None = None,
-        config_path: Path | None = None,
-    ) -> None:
-        self.config = config
-        self.config_path = config_path
+    def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
+                 run_dir: Path | None = None,
+                 bind_overrides: Mapping[str, tuple[str, int]] | None = None,
+                 api_listen: tuple[str, int] | None = None,
+                 cluster_sock: socket.socket | None = None, check_jitter: bool = True,
+                 budget: Budget | None = None, apply: ApplyConfig | None = None,
+                 config_path: Path | None = None) -> None:
+        # Parts built further down are reached through lambdas: they are
+        # called only once the node runs.
         self.budget = budget if budget is not None else plan(soft_nofile(), config)
         self.clock = clock or SystemClock()
         self._tasks: asyncio.TaskGroup | None = None
-        self._apply_lock = asyncio.Lock()
-        self.generation = 1
-        """The config generation in effect (``liveapply.ApplyResult``)."""
-        self.digest = liveapply.digest(config)
-        self._applied_at = self.clock.wall()
-        self._applies = {"applied": 0, "refused": 0}
-        self._last_refusal: tuple[float, str] | None = None
-        self._base = config
-        """The config without node-local runtime overrides (the file's)."""
-        self._overrides: dict[runtime.BackendId, runtime.Override] = {}
-        """Node-local ``backend drain|undrain|weight`` changes (standalone)."""
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
                               clock=self.clock)
@@ -177,7 +140,8 @@ class Node:
 
             self.consensus = ConsensusAgent(
                 config.consensus, config, running=lambda: self.config, pools=lambda: self.pools,
-                on_pool_change=self._on_backend_change, apply=apply or self._apply_pushed,
+                on_pool_change=lambda *change: self.events.backend_changed(*change),
+                apply=apply or (lambda new: self.applier.apply_pushed(new)),
                 api=lambda: format_host_port(*self.api_address) if self.api_address else "",
                 clock=self.clock)
         self.owners: OwnershipPart | None = None
@@ -192,32 +156,65 @@ class Node:
         self.drainer = Drainer(DrainMachine(config.drain.announce_grace,
                                             announces=self.speaker is not None),
                                self.clock, on_change=self._on_drain_change,
-                               slots=(_HandOverFirst(self.consensus, self._hand_over)
+                               slots=(HandOverFirst(self.consensus, lambda: self.drains.hand_over())
                                       if self.owners is not None and self.consensus is not None
                                       else self.consensus),
                                wait_idle=self.data.wait_idle,
                                drain_timeout=config.drain.timeout)
         """The only writer of the drain state."""
-        self.metrics = NodeMetrics(self.pools, lambda: self.draining, self._metric_families,
-                                   counters=self.data.backend_counters,
-                                   shedding=self.data.shedding, traffic=self.data.traffic)
+        self.state = NodeState(lambda: self.config, self.drainer, self.data, self.pools,
+                               consensus=self.consensus, owners=self.owners, speaker=self.speaker)
+        """The node's view for the route policy, the VIPs it could own, its readiness."""
+        self.drains = DrainControl(self.drainer, self.serving, owners=self.owners,
+                                   consensus=self.consensus)
+        """Drain and undrain requests, the elected VIPs handed over first."""
+        self.events = PoolEvents(self.pools, self.data, routes_changed=self._routes_changed,
+                                 observe=lambda *check: self.metrics.observe_check(*check),
+                                 consensus=self.consensus)
+        """What follows a change of backends or pools."""
         self._monitor = HealthMonitor(
             config.services,
             self.pools,
             self.clock,
-            on_change=(self._on_local_health if self.consensus is not None
-                       else self._on_backend_change),
-            on_check=self._on_check,
+            on_change=(self.events.local_health if self.consensus is not None
+                       else self.events.backend_changed),
+            on_check=self.events.checked,
             max_jitter=1.0 if check_jitter else 0.0,
             update_pools=self.consensus is None,
         )
-        self._service_healthy: dict[str, bool] = {s.name: False for s in config.services}
+        self.stopping = GracefulStop(config.drain, self.drainer, self.data, self.clock,
+                                     speaker=self.speaker, cluster=self.cluster,
+                                     hand_over=lambda: self.drains.hand_over(),
+                                     routes_changed=self._routes_changed)
+        self.applier = LiveApplier(config, self.budget, self.clock, pools=self.pools,
+                                   data=self.data, checks=self._monitor, hooks=self.events,
+                                   running=self._running, spawn=self._spawn,
+                                   announce=self.routes, speaker=self.speaker,
+                                   cluster=self.cluster is not None, config_path=config_path)
+        """Live apply (SIGHUP, ``POST /reload``, pushed configs); holds the config in effect."""
+        self.backends = BackendControl(
+            config.node.name, self.applier, self.data, self.clock, consensus=self.consensus,
+            request_timeout=config.consensus.request_timeout if config.consensus else 0.0)
+        """Runtime drain, undrain and weight of single backends."""
+        self.report = NodeStatus(self.applier, self.pools, self.data, self.drainer, self.budget,
+                                 speaker=self.speaker, routes=self.routes, cluster=self.cluster,
+                                 consensus=self.consensus, owners=self.owners)
+        """``GET /status``."""
+        families = chain_families(
+            self.consensus.metric_families if self.consensus is not None else None,
+            self.owners.metric_families if self.owners is not None else None,
+            self.applier.record.metric_families,
+            self.cluster.metric_families if self.cluster is not None else None,
+            self.data.metric_families,
+            self.speaker.metric_families if self.speaker is not None else None,
+            self.report.vip_families)
+        self.metrics = NodeMetrics(self.pools, lambda: self.draining, families,
+                                   counters=self.data.backend_counters,
+                                   shedding=self.data.shedding, traffic=self.data.traffic)
         self._api_listen = api_listen
         self.api_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
-        self.vips_added: list[IPAddress] = []
-        """VIPs this node put on ``lo`` at start (``manage_address``): the
-        only ones it takes off at stop."""
+        self.loopback = LoopbackVips(config.managed_vips)
 
     # ------------------------------------------------------------------ parts
 
@@ -230,119 +227,50 @@ class Node:
         return self.data.workers
 
     @property
+    def vips_added(self) -> list[IPAddress]:
+        """VIPs this node put on ``lo`` at start (``manage_address``)."""
+        return self.loopback.added
+
+    @property
     def service_addresses(self) -> dict[str, tuple[str, int]]:
         return self.data.addresses
 
     # ------------------------------------------------------------------ state
 
     @property
+    def config(self) -> NodeConfig:
+        """The config in effect (live apply changes it)."""
+        return self.applier.config
+
+    @property
+    def generation(self) -> int:
+        """The config generation in effect (``liveapply.ApplyResult``)."""
+        return self.applier.record.generation
+
+    @property
+    def digest(self) -> str:
+        return self.applier.record.digest
+
+    def _running(self) -> bool:
+        return self._tasks is not None and not self.drainer.state.stopping
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._tasks is not None
+        self._tasks.create_task(coro)
+
+    @property
     def draining(self) -> bool:
-        return self.drainer.state.draining
+        return self.state.draining
 
     def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "node is draining"
-        if self.speaker is not None:
-            fresh = self.speaker.freshness()
-            if not fresh.confirmed:
-                return False, (f"BGP state unconfirmed: no answer from ExaBGP for "
-                               f"{fresh.age:.1f} s (deadline {CONFIRM_DEADLINE:g} s)")
-        healthy = [s.name for s in self.view().services if s.listening and s.healthy]
-        if not healthy:
-            return False, "no service has min_healthy backends up and a listening forwarder"
-        return True, f"serving: {', '.join(healthy)}"
+        return self.state.readiness()
 
     def view(self) -> NodeView:
         """The node snapshot the route policy decides on."""
-        return NodeView(
-            drain=self.drainer.state.phase.route_phase,
-            services=tuple(
-                ServiceView(name=s.name, prefix=s.prefix, healthy=self._healthy(s.name),
-                            listening=self.data.listening(s.name),
-                            ownership=self._ownership(s))
-                # via: l2 VIPs move by ARP/NA only, never over BGP.
-                for s in self.config.services if s.announce.via is not AnnounceVia.L2
-            ),
-            standby_prepend=self.config.election.standby is StandbyMode.PREPEND,
-        )
-
-    def _ownership(self, service: ServiceConfig) -> Ownership:
-        if service.announce.mode is not AnnounceMode.ACTIVE_PASSIVE:
-            return Ownership.SHARED
-        if self.owners is None:
-            return Ownership.UNELECTED
-        return Ownership.OWNER if self.owners.owns(service.vip) else Ownership.STANDBY
+        return self.state.view()
 
     def serving(self) -> dict[IPAddress, bool]:
-        """Per VIP: this node could own it now (not draining; every service
-        of the VIP listening with ``min_healthy`` backends up)."""
-        out: dict[IPAddress, bool] = {}
-        draining = self.draining
-        for s in self.config.services:
-            ok = (not draining and self.data.listening(s.name) and self._healthy(s.name))
-            out[s.vip] = out.get(s.vip, True) and ok
-        return out
-
-    def _healthy(self, service: str) -> bool:
-        if self.consensus is not None:
-            return self.consensus.announce_healthy(service)
-        return self.pools[service].healthy
-
-    def _metric_families(self) -> Iterator[Metric]:
-        if self.consensus is not None:
-            yield from self.consensus.metric_families()
-        if self.owners is not None:
-            yield from self.owners.metric_families()
-        applies = CounterMetricFamily("anycast_lb_config_applies",
-                                      "Configs offered to live apply, by result", labels=["result"])
-        for result, count in self._applies.items():
-            applies.add_metric([result], count)
-        yield applies
-        generation = GaugeMetricFamily("anycast_lb_config_generation",
-                                       "Generation of the config in effect (1: as started)")
-        generation.add_metric([], self.generation)
-        yield generation
-        if self.cluster is not None:
-            yield from self.cluster.metric_families()
-        if self.data.kernel is not None:
-            yield from self.data.kernel.metric_families()
-        if self.speaker is not None:
-            yield from self.speaker.metric_families()
-        if self.routes is not None:
-            yield from vip_families(self.status_model().services, self.routes.changed_at)
-
-    def _on_check(self, service: str, backend: Backend, result: ProbeResult) -> None:
-        self.metrics.observe_check(service, backend.key, result.latency_s)
-        if self.data.kernel is not None and not self.data.listening(service):
-            self._routes_changed()  # the kernel engine announces once every backend was checked
-
-    def _on_backend_change(self, service: str, backend: Backend, up: bool) -> None:
-        if self.data.workers is not None:
-            self.data.workers.backend_changed(service, backend.key, up)
-        self._pool_changed(service)
-
-    def _pool_changed(self, service: str) -> None:
-        """The eligible set of ``service`` may have changed (health, drain):
-        the kernel engine's tables follow, log a service health transition,
-        re-evaluate routes."""
-        self.data.pool_changed(service)
-        healthy = self.pools[service].healthy
-        if healthy != self._service_healthy.get(service):
-            self._service_healthy[service] = healthy
-            up_backends = self.pools[service].up_count
-            if healthy:
-                log.event("service.healthy", service=service, up_backends=up_backends)
-            else:  # withdraws the VIP (with a bgp section): a warning
-                log.warning("service.unhealthy", service=service, up_backends=up_backends)
-        self._routes_changed()
-
-    def _on_local_health(self, service: str, backend: Backend, up: bool) -> None:
-        """With consensus: the node's own check becomes a vote, and the
-        announcement is decided again (it needs the agreed backends to pass
-        this node's own checks too, :meth:`ConsensusAgent.announce_healthy`)."""
-        assert self.consensus is not None
-        self.consensus.local_changed(service, backend, up)
-        self._routes_changed()
+        return self.state.serving()
 
     def _on_drain_change(self, outcome: Outcome) -> None:
         if outcome.routes_changed:
@@ -354,309 +282,43 @@ class Node:
         if self.routes is not None:
             self.routes.poke()
 
-    async def _hand_over(self) -> None:
-        """Planned move of the elected VIPs before a drain (make before break)."""
-        if self.owners is not None:
-            await self.owners.hand_over(self.serving(), self.owners.settings.handover_timeout
-                                        + self.owners.settings.lease_ttl)
-
     # ------------------------------------------------------------------ drain
 
     async def drain(self, reason: str, wait: bool = True) -> api.DrainAnswer:
-        """Start a drain (idempotent). With consensus, once this node holds a
-        drain slot: ``wait`` queues the drain until one frees, otherwise it
-        is refused when every slot is held. Raises ConsensusError (``wait``
-        False) when etcd cannot say."""
-        if not self.draining and self.drainer.holds_slot:
-            await self._hand_over()  # else once the slot is taken (_HandOverFirst)
-        draining = await self.drainer.request_drain(reason, wait=wait)
-        if not draining and self.owners is not None:
-            self.owners.rejoin(self.serving())
-        holders = tuple(self.consensus.slot_holders) if self.consensus is not None else ()
-        return api.DrainAnswer(draining=draining, waiting=self.drainer.waiting_for_slot,
-                               holders=() if draining else holders)
+        """:meth:`DrainControl.drain <anycast_lb.drainctl.DrainControl.drain>`."""
+        return await self.drains.drain(reason, wait)
 
     async def undrain(self) -> bool:
         """End a drain. False (and nothing changes) while the node stops."""
-        accepted = self.drainer.submit(Undrain()).accepted
-        if accepted and self.owners is not None:
-            self.owners.rejoin(self.serving())
-        return accepted
+        return self.drains.undrain()
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): drain, withdraw, let connections finish
         for up to ``drain.timeout`` s, then make ``run`` return."""
         self._stop.set()
 
-
-    # ------------------------------------------------------------------ live apply
+    # ------------------------------------------------------------------ live apply, runtime control
 
     async def reload(self) -> ApplyResult:
-        """Re-read ``config_path`` and :meth:`apply_config` it (SIGHUP,
-        ``POST /reload``). A file that cannot be read or fails validation is
-        refused (``config.refused``, counted), never raised."""
-        if self.config_path is None:
-            return self._refuse("this node was not started from a file", ())
-        try:
-            new = await asyncio.to_thread(load_config, self.config_path)
-        except ConfigError as exc:
-            return self._refuse(f"invalid config {exc.source}: {'; '.join(exc.problems)}", (),
-                                str(self.config_path))
-        return await self.apply_config(new, source=str(self.config_path))
-
-    async def _apply_pushed(self, new: NodeConfig) -> bool:
-        """A pushed revision, merged with this node's file, through live apply
-        (the consensus agent's ``ApplyConfig``): True once in effect, False
-        when it needs a restart; raises ConfigError when refused otherwise."""
-        result = await self.apply_config(new, source="consensus")
-        if result.applied:
-            return True
-        if result.reason.startswith("restart needed"):
-            return False
-        raise ConfigError("pushed config", [result.reason])
+        """:meth:`LiveApplier.reload <anycast_lb.applier.LiveApplier.reload>`."""
+        return await self.applier.reload()
 
     async def apply_config(self, new: NodeConfig, *, source: str = "") -> ApplyResult:
-        """Take ``new`` (already validated) without a restart, or refuse it whole.
-
-        The plan (:func:`~anycast_lb.liveapply.plan`) is refused when
-        :func:`~anycast_lb.liveapply.refusal` says so (node-local sections
-        changed, settings fixed at start, relay workers, flow survival), when
-        its caps do not fit the descriptor budget, when a new listener cannot
-        bind, or when the node is not running or stopping; then nothing
-        changes. Otherwise new listeners are bound, then in one step pools,
-        health checks, listeners and route attributes change; a removed
-        backend gets no new flows at once and its connections are reset
-        after ``drain.timeout`` s if still open; a removed service is
-        withdrawn, stops listening after the withdraw settles and is reset
-        after ``drain.timeout`` s. Applies are serialized. Never raises for a
-        config it refuses; logs ``config.applied`` or ``config.refused``.
-
-        Node-local runtime overrides (:mod:`anycast_lb.runtime`) of backends
-        ``new`` still has are kept on top of it.
-        """
-        async with self._apply_lock:
-            overrides = runtime.prune(self._overrides, new)
-            result = await self._apply_locked(runtime.overlay(new, overrides), source)
-            if result.applied:
-                self._base, self._overrides = new, overrides
-            return result
-
-    async def _apply_locked(self, new: NodeConfig, source: str) -> ApplyResult:
-        """:meth:`apply_config` of ``new`` as given; the caller holds ``_apply_lock``."""
-        old = self.config
-        actions = liveapply.plan(old, new)
-        described = tuple(liveapply.describe(a) for a in actions)
-        reason = liveapply.refusal(old, actions, workers=self.data.workers is not None,
-                                   cluster=self.cluster is not None,
-                                   kernel=self.data.kernel is not None)
-        if reason is None and (self._tasks is None or self.drainer.state.stopping):
-            reason = "the node is not running, or is stopping"
-        budget = self.budget
-        if reason is None:
-            try:
-                budget = plan(self.budget.limit, new, source=source or "<config>")
-            except ConfigError as exc:
-                reason = f"descriptor budget: {'; '.join(exc.problems)}"
-        if reason is not None:
-            return self._refuse(reason, described, source)
-        if not actions:
-            self.config = self.data.config = new
-            return self._applied(new, (), source)
-        opened: dict[str, tuple[Forwarder, tuple[str, int]]] = {}
-        new_pools = {a.service.name: Pool(a.service) for a in actions
-                     if isinstance(a, liveapply.AddService)}
-        try:
-            for a in actions:
-                if isinstance(a, liveapply.AddService):
-                    opened[a.service.name] = await self.data.open(
-                        new, a.service, new_pools[a.service.name], budget)
-        except BindError as exc:
-            for forwarder, _ in opened.values():
-                forwarder.stop_accepting()
-                forwarder.abort_all()
-            self.data.config = old
-            return self._refuse(str(exc), described, source)
-        self._commit(old, new, actions, new_pools, opened)
-        return self._applied(new, described, source)
-
-    def _commit(self, old: NodeConfig, new: NodeConfig, actions: list[liveapply.Action],
-                new_pools: dict[str, Pool], opened: dict[str, tuple[Forwarder, tuple[str, int]]]
-                ) -> None:
-        """Carry out an accepted plan: no await, so no check, flow or route
-        evaluation sees half of it."""
-        assert self._tasks is not None
-        retiring: list[tuple[str, Forwarder]] = []
-        for a in actions:
-            if isinstance(a, liveapply.RemoveService):
-                forwarder = self.data.retire(a.name)
-                del self.pools[a.name]
-                self._service_healthy.pop(a.name, None)
-                if forwarder is not None:
-                    retiring.append((a.name, forwarder))
-        gone: list[tuple[str, Backend]] = []
-        new_by_name = {s.name: s for s in new.services}
-        for name, pool in self.pools.items():
-            service = new_by_name[name]
-            if pool.service != service:
-                _, removed = pool.update(service)
-                gone += [(name, b) for b in removed]
-                _retune(self.data.forwarders.get(name), service)
-                if name in self._service_healthy:
-                    self._pool_changed(name)  # an admin drain can take the last backend
-        for name, pool in new_pools.items():
-            self.pools[name] = pool
-            self._service_healthy[name] = False
-            forwarder, address = opened[name]
-            self.data.install(name, forwarder, address)
-        # Keep the configuration order of the file in /status and /metrics.
-        ordered = {s.name: self.pools[s.name] for s in new.services}
-        self.pools.clear()
-        self.pools.update(ordered)
-        self.config = self.data.config = new
-        self._monitor.update(new.services, self.pools)
-        if self.routes is not None and new.bgp is not None:
-            self.routes.set_bgp(new.bgp)  # also evaluates the new view: withdraws removed VIPs
-        for name, backend in gone:
-            self._tasks.create_task(self._drain_backend(name, backend))
-        for name, forwarder in retiring:
-            self._tasks.create_task(self._drain_service(name, forwarder))
-
-    async def _drain_backend(self, service: str, backend: Backend) -> None:
-        """A backend removed live: wait up to ``drain.timeout`` s for its
-        connections to end, then reset what is left."""
-        deadline = self.clock.monotonic() + self.config.drain.timeout
-        while backend.active_connections > 0 and self.clock.monotonic() < deadline:
-            await self.clock.sleep(_BACKEND_DRAIN_POLL)
-        forwarder = self.data.forwarders.get(service)
-        reset = forwarder.abort_backend(backend) if forwarder is not None else 0
-        log.event("backend.removed", service=service, backend=backend.key, reset=reset)
-
-    async def _drain_service(self, name: str, forwarder: Forwarder) -> None:
-        """A service removed live, already out of the route view: let the
-        withdraw settle, stop listening, wait up to ``drain.timeout`` s for
-        its connections, reset what is left."""
-        if self.speaker is not None:
-            try:
-                async with asyncio.timeout(_WITHDRAW_SETTLE):
-                    await self.speaker.wait_synced()
-            except TimeoutError:
-                log.warning("route.withdraw_unacked", service=name)
-            await self.clock.sleep(_WITHDRAW_SETTLE)
-        forwarder.stop_accepting()
-        idle = await forwarder.wait_idle(self.config.drain.timeout)
-        if not idle:
-            forwarder.abort_all()
-        self.data.retired(forwarder)
-        log.event("service.removed", service=name, drained=idle)
-
-    def _result(self, applied: bool, actions: tuple[str, ...], source: str,
-                reason: str = "") -> ApplyResult:
-        return ApplyResult(applied=applied, generation=self.generation, digest=self.digest,
-                           actions=actions, reason=reason, source=source)
-
-    def _applied(self, new: NodeConfig, actions: tuple[str, ...], source: str) -> ApplyResult:
-        self._applies["applied"] += 1
-        digest = liveapply.digest(new)
-        if digest != self.digest:
-            self.generation += 1
-            self.digest = digest
-            self._applied_at = self.clock.wall()
-        log.event("config.applied", generation=self.generation, digest=self.digest,
-                  source=source, actions="; ".join(actions) or "none")
-        return self._result(True, actions, source)
-
-    def _refuse(self, reason: str, actions: tuple[str, ...], source: str = "") -> ApplyResult:
-        self._applies["refused"] += 1
-        self._last_refusal = (self.clock.wall(), reason)
-        log.warning("config.refused", reason=reason, source=source, generation=self.generation)
-        return self._result(False, actions, source, reason)
-
-    # ------------------------------------------------------------------ runtime control
+        """:meth:`LiveApplier.apply_config <anycast_lb.applier.LiveApplier.apply_config>`."""
+        return await self.applier.apply_config(new, source=source)
 
     async def change_backend(self, change: runtime.Change) -> runtime.BackendAnswer:
-        """Drain, undrain or reweight one backend at runtime (``POST
-        /backends/...``, ``anycast-lb backend ...``).
-
-        Standalone: a node-local override of the file, carried out by live
-        apply (never written to the file; ``/status`` marks it
-        ``runtime_override``). With consensus: pushed as the cluster's next
-        config revision (compare-and-swap), which every node applies; waits
-        up to ``3 * consensus.request_timeout`` s for this node to apply it.
-        Raises UnknownBackend for a service or backend not configured,
-        ConsensusError when etcd cannot take the push (ConsensusConflict:
-        another push won)."""
-        if self.consensus is not None:
-            consensus = self.consensus
-            number = await consensus.push_edit(
-                lambda shared: type(shared)(runtime.edit_services(shared.services, change),
-                                            shared.announce),
-                author=f"{self.config.node.name} (runtime control)", message=change.describe())
-            deadline = self.clock.monotonic() + 3 * consensus.settings.request_timeout
-            while consensus.config_revision < number and self.clock.monotonic() < deadline:
-                await self.clock.sleep(_BACKEND_DRAIN_POLL)
-            reached = consensus.config_revision >= number
-            applied = reached and runtime.holds(self.config, change)
-            log.event("backend.runtime_change", service=change.service, backend=change.backend,
-                      change=change.describe(), scope="cluster", revision=number,
-                      applied=applied)
-            return runtime.BackendAnswer(
-                applied=applied, scope="cluster", revision=number, generation=self.generation,
-                pending=not reached,
-                reason="" if applied or not reached else
-                f"revision {number} was not applied on this node (see its config.refused log)")
-        async with self._apply_lock:
-            overrides = runtime.record(self._overrides, self._base, change)
-            result = await self._apply_locked(runtime.overlay(self._base, overrides), "runtime")
-            if result.applied:
-                self._overrides = overrides
-        if result.applied:
-            await self.data.settled(change.service)  # the kernel engine holds it too
-            log.event("backend.runtime_change", service=change.service, backend=change.backend,
-                      change=change.describe(), scope="node", revision=None, applied=True)
-        return runtime.BackendAnswer(applied=result.applied, scope="node", revision=None,
-                                     generation=result.generation, reason=result.reason)
+        """:meth:`BackendControl.change <anycast_lb.backendctl.BackendControl.change>`."""
+        return await self.backends.change(change)
 
     def runtime_overrides(self, service: str) -> frozenset[str]:
-        """Keys of ``service``'s backends changed at runtime on this node only."""
-        return frozenset(key for (name, key) in self._overrides if name == service)
+        return self.applier.runtime_overrides(service)
 
     # ------------------------------------------------------------------ status
 
     def status_model(self) -> Status:
         """``GET /status`` (:mod:`anycast_lb.status`)."""
-        bgp = BgpStatus.model_validate(self.speaker.status()) if self.speaker is not None else None
-        routes = self.routes
-        drain = self.drainer.state
-        return Status.model_validate({
-            "node": NodeInfo(name=self.config.node.name, draining=drain.draining,
-                             drain_phase=drain.phase.route_phase.value,
-                             drain_state=drain.phase.value, stopping=drain.stopping,
-                             pid=os.getpid(), drain_waiting=self.drainer.waiting_for_slot),
-            "services": [
-                service_status(s, self.pools[s.name], self.data,
-                               with_bgp=bgp is not None,
-                               decision=routes.decision if routes is not None else None,
-                               acked=bgp.routes if bgp is not None else {},
-                               damping=routes.damping_status if routes is not None else None,
-                               table_revision=(self.consensus.table_revision(s.name)
-                                               if self.consensus is not None else None),
-                               runtime_overrides=self.runtime_overrides(s.name))
-                for s in self.config.services
-            ],
-            "bgp": bgp,
-            "cluster": self.cluster.status() if self.cluster is not None else None,
-            "workers": self.data.workers.status() if self.data.workers is not None else None,
-            "limits": {**self.budget.as_dict(), "open_descriptors": open_descriptors()},
-            "consensus": self.consensus.status() if self.consensus is not None else None,
-            "config": ConfigStatus(
-                generation=self.generation, digest=self.digest,
-                applied_at=iso_utc(self._applied_at) or "",
-                source=str(self.config_path) if self.config_path is not None else None,
-                applies=self._applies["applied"], refusals=self._applies["refused"],
-                last_refusal=self._last_refusal[1] if self._last_refusal else None,
-                last_refusal_at=iso_utc(self._last_refusal[0]) if self._last_refusal else None),
-            "vips": self.owners.status() if self.owners is not None else None,
-        })
+        return self.report.model()
 
     def status(self) -> dict[str, Any]:
         """``GET /status`` as JSON-ready data."""
@@ -686,7 +348,7 @@ class Node:
         when ExaBGP cannot be started), unwrapped from the task group."""
         runner: api.ApiServer | None = None
         try:
-            await self._add_vips()
+            await self.loopback.add()
             await self.data.start()
             runner = await self._start_api()
             async with asyncio.TaskGroup() as tg:
@@ -722,129 +384,19 @@ class Node:
                 log.event("node.started", name=self.config.node.name,
                           services=len(self.config.services), bgp=self.speaker is not None)
                 await self._stop.wait()
-                await self._graceful_stop()
+                await self.stopping.run()
                 raise _Stopped
         except* _Stopped:
             pass
         except* AnycastLBError as group:
-            raise _first_leaf(group) from None
+            raise first_leaf(group) from None
         finally:
             self._tasks = None
             await self.data.close()
             if runner is not None:
                 await runner.cleanup()
-            await self._remove_vips()
+            await self.loopback.remove()
             log.event("node.stopped", name=self.config.node.name)
-
-    async def _add_vips(self) -> None:
-        """Put each ``manage_address`` VIP on ``lo`` before the listeners
-        bind. One that is already there is left alone, and left at stop.
-        Raises L2Error (no ``CAP_NET_ADMIN``, say); the ones added before
-        it are taken off again by :meth:`run`'s cleanup."""
-        if not self.config.managed_vips:
-            return
-        from anycast_lb.election.l2 import VipAddresses  # pyroute2: Linux only
-
-        lo = VipAddresses(LOOPBACK)
-        for vip in self.config.managed_vips:
-            if await lo.add(vip):
-                self.vips_added.append(vip)
-                log.event("vip.address_added", interface=LOOPBACK, vip=str(vip))
-            else:
-                log.event("vip.address_present", interface=LOOPBACK, vip=str(vip))
-
-    async def _remove_vips(self) -> None:
-        """Take off ``lo`` the VIPs :meth:`_add_vips` put there, after the
-        listeners closed. A failure is logged, never raised (the node is
-        stopping, and another error may be on its way out)."""
-        if not self.vips_added:
-            return
-        from anycast_lb.election.l2 import VipAddresses
-
-        lo = VipAddresses(LOOPBACK)
-        while self.vips_added:
-            vip = self.vips_added.pop()
-            try:
-                await lo.remove(vip)
-            except AnycastLBError as exc:
-                log.warning("vip.address_remove_failed", error=str(exc), interface=LOOPBACK,
-                            vip=str(vip))
-            else:
-                log.event("vip.address_removed", interface=LOOPBACK, vip=str(vip))
-
-    async def _graceful_stop(self) -> None:
-        log.event("node.stopping", drain_timeout=self.config.drain.timeout)
-        if self.speaker is not None:
-            self.speaker.begin_stop()  # an ExaBGP that exits now stays down
-        await self._hand_over()
-        await self.drainer.stop(self.config.drain.slot_timeout)
-        if self.speaker is not None:
-            await self.drainer.wait_past(Phase.GRACEFUL)
-            try:
-                async with asyncio.timeout(_WITHDRAW_SETTLE):
-                    await self.speaker.wait_synced()
-            except TimeoutError:
-                log.warning("route.withdraw_unacked")
-            await self.clock.sleep(_WITHDRAW_SETTLE)
-        self.data.stop_accepting()
-        self._routes_changed()
-        waited = self.clock.monotonic()
-        idle = await self.data.wait_idle(self.config.drain.timeout)
-        self.drainer.submit(FlowsIdle() if idle else TimedOut())
-        if not idle:
-            log.warning("node.drain_timeout", open_connections=self.data.active)
-        if self.cluster is not None:
-            # Planned drain: peers steer this node's
-            # flows here until it owns none; only then does steering go.
-            left = self.config.drain.timeout - (self.clock.monotonic() - waited)
-            if not await self.cluster.wait_owned_zero(max(left, 0.0)):
-                log.warning("node.drain_timeout", owned_flows=len(self.cluster.local))
-        if self.speaker is not None:
-            # Last: the routes are withdrawn, so closing the sessions changes
-            # nothing the routers still use.
-            await self.speaker.stop_exabgp()
-
-
-def _retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
-    """Give a running forwarder the live settings of ``service``
-    (``liveapply.LIVE_SERVICE_FIELDS``: the pool holds the others); new
-    connections use them."""
-    if isinstance(forwarder, TcpForwarder | UdpForwarder):
-        forwarder.service = service
-    elif isinstance(forwarder, RelayForwarder):
-        forwarder.service = service
-        forwarder.connect_timeout = service.connect_timeout
-        forwarder.proxy_protocol = service.proxy_protocol
-
-
-def _first_leaf(group: BaseExceptionGroup[AnycastLBError]) -> AnycastLBError:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    assert isinstance(error, AnycastLBError)
-    return error
-
-
-class _HandOverFirst:
-    """The drain slots (``DrainSlots``) with the elected VIPs handed over
-    once a slot is taken and before the drainer feeds ``Drain``: a drain
-    queued for a slot keeps its VIPs while it waits."""
-
-    def __init__(self, slots: DrainSlots, hand_over: Callable[[], Awaitable[None]]) -> None:
-        self._slots, self._hand_over = slots, hand_over
-
-    async def acquire(self) -> None:
-        await self._slots.acquire()
-        await self._hand_over()
-
-    async def try_acquire(self) -> bool:
-        held = await self._slots.try_acquire()
-        if held:
-            await self._hand_over()
-        return held
-
-    async def release(self) -> None:
-        await self._slots.release()
 
 
 class _Stopped(Exception):

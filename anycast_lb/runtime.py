@@ -4,8 +4,9 @@
 /backends/{service}/{backend}/...``) change one backend of the config in
 effect. Both are config fields (``BackendConfig.drain``, ``weight``), so a
 change is a new config carried out by live apply
-(:meth:`anycast_lb.node.Node.apply_config`); this module only computes that
-config.
+(:class:`anycast_lb.applier.LiveApplier`, driven by
+:class:`anycast_lb.backendctl.BackendControl`); this module only computes
+that config.
 
 Standalone the change is node-local: it is kept as an :class:`Override` on
 top of the node's file (never written to it), survives ``reload`` for as long
