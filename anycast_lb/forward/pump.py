@@ -2,10 +2,17 @@
 
 A proxied connection has two ``Direction``s: client to backend (``up``) and
 backend to client (``down``). ``Pump.pump(d)`` reads ``d.src`` and writes
-``d.dst``; ``Pump.flush(d)`` writes what is pending. Zero-copy where it can:
-``os.splice`` through a pipe from the reactor's pool, so the bytes never
-enter user space; a direction with ``copy`` set (or no pipe to spare) reads
-through user space instead, at most ``COPY_READ`` bytes at a time.
+``d.dst``; ``Pump.flush(d)`` writes what is pending. A direction with
+``copy`` set (or no pipe to spare) reads through user space, at most
+``COPY_READ`` bytes at a time: for a short exchange ``recv`` and ``send``
+cost the kernel less than a splice into a pipe and out of it. After a read
+that fills the buffer (a bulk transfer) it switches to zero-copy
+``os.splice`` through a pipe from the reactor's pool, if the reactor
+splices and the owner does not tap it (HAProxy's splice-auto).
+
+The end of the source: a read returning 0, or (copying) a short read when
+epoll reported EPOLLRDHUP without an error: the peer's FIN was queued
+behind the bytes just read, so no read is spent on it.
 
 Backpressure: a direction holds at most one read (``buffer_size`` bytes, one
 pipe or one user buffer); while it cannot all be written the owner stops
@@ -32,7 +39,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, Reactor
+from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, RDHUP, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
@@ -128,12 +135,14 @@ class Pump:
 
     # -- moving bytes --------------------------------------------------------
 
-    def pump(self, d: Direction, ended: int | bool = False) -> None:
+    def pump(self, d: Direction, ended: int = 0) -> None:
         """Read from d.src and write to d.dst, while reads fill the buffer
         and writes complete, at most ``BURST`` reads: a bulk transfer moves
         up to BURST * buffer_size bytes per wake-up instead of one read.
-        ``ended`` (true: epoll reported EPOLLRDHUP): the source's FIN is
-        queued, so a short read is followed by another, which finds the end
+        ``ended``: the event's EPOLLRDHUP, EPOLLERR and EPOLLHUP bits. With
+        EPOLLRDHUP the source's FIN is queued: a short copied read (with
+        neither error bit) ends the direction at once; otherwise a short
+        read is followed by another, which finds the end (or the error)
         without waiting for the next wake-up.
 
         A spliced read is written out here (the common case, without a
@@ -144,6 +153,7 @@ class Pump:
         copy_size = size if size < COPY_READ else COPY_READ
         pool = loop.pipes
         pipe = d.pipe
+        splice = loop.splice
         for _ in range(BURST):
             copy = d.copy
             if not copy and pipe is None:
@@ -198,8 +208,22 @@ class Pump:
                     d.pending = n - sent
                     return
                 d.pending = 0
-                if n < copy_size and not ended:
-                    return
+                if n < copy_size:
+                    if ended == RDHUP:
+                        # A short read took every byte queued (tcp_recvmsg
+                        # returns early only on an empty queue), and the
+                        # peer's FIN is queued behind them: this is the end,
+                        # known without a read that returns 0 (HAProxy's
+                        # raw_sock_to_buf does the same).
+                        d.eof = True
+                        self.drained(d)
+                        return
+                    if not ended & RDHUP:
+                        return
+                elif splice and not d.tap:
+                    # A read filled the buffer: a bulk transfer, which
+                    # splices from now on (HAProxy's splice-auto).
+                    d.copy = False
                 continue
             assert pipe is not None  # spliced
             try:
@@ -210,7 +234,7 @@ class Pump:
             except OSError as exc:
                 self.failed(d, exc, True)
                 return
-            if n < size and not ended:
+            if n < size and not ended & RDHUP:
                 break
         if pipe is not None and not d.pending and d.pipe is pipe:
             # Idle: the pipe (empty) goes back to the pool.

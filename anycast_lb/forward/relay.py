@@ -4,8 +4,9 @@ asyncio's per-connection machinery (transports, protocols, futures, a task
 for the connect phase) costs more CPU per short connection than the bytes
 do. This engine moves bytes with plain non-blocking sockets on one epoll
 loop (``reactor.Reactor``), beside the node's asyncio control plane, and
-with zero-copy ``os.splice`` through a pipe where the platform has it
-(Linux): the bytes never enter user space (``pump``). One ``RelayLoop``
+with zero-copy ``os.splice`` through a pipe for bulk transfers where the
+platform has it (Linux): the bytes never enter user space (``pump``; a
+direction copies until a read fills the buffer). One ``RelayLoop``
 serves every TCP service of a node; each service gets a ``RelayForwarder``
 facade with the surface of ``anycast_lb.forward.Forwarder``.
 
@@ -22,7 +23,7 @@ common results matched by identity at their call sites, the rest action by
 action in ``_Conn.run``). Bytes do not go through the machine:
 only while it keeps a replay copy (until the backend's first byte, at most
 ``REPLAY_LIMIT`` bytes) are client reads fed to it, through user space;
-after that the client direction switches to splice.
+after that the client direction may switch to splice.
 
 Life of a connection::
 
@@ -169,6 +170,9 @@ _IN_HUP = _IN | _RDHUP
 """A reading socket's interest: EPOLLRDHUP tells that the peer's FIN is
 queued too (see the socket events)."""
 _IN_ERR = _IN | _ERR
+_RDHUP_ERR = _RDHUP | _ERR
+"""What the pump needs of a socket event to know the end without a read
+returning 0 (``Pump.pump``'s ``ended``)."""
 _IN_OUT = _IN | _OUT
 # Enum members as module constants: reading one through its class costs
 # about 70 ns on CPython 3.11, several times per connection.
@@ -468,7 +472,6 @@ class _Conn(Pump):
         up, down = self.up, self.down
         if up is not None:
             up.tap = False
-            up.copy = not self.loop.splice
         if down is not None:
             down.tap = False
 
@@ -571,15 +574,15 @@ class _Conn(Pump):
         backend = machine.backend
         assert backend is not None and bsock is not None
         del self.fwd.connecting[self]
-        # Client bytes go through user space while the machine keeps a copy
-        # for a redispatch; the backend's always splice.
+        # Both directions copy through user space at first (the client's
+        # bytes must, while the machine keeps them for a redispatch): for a
+        # short answer recv and send cost the kernel less than splice into
+        # and out of a pipe. The pump switches a direction to splice after a
+        # read that fills the buffer.
         replaying = machine.replaying
-        splice = self.loop.splice
         cfd, bfd = self.cfd, self.bfd
-        self.up = Direction(self.client, bsock, cfd, bfd, True, backend,
-                            replaying or not splice, replaying)
-        self.down = Direction(bsock, self.client, bfd, cfd, False, backend,
-                              not splice, replaying)
+        self.up = Direction(self.client, bsock, cfd, bfd, True, backend, True, replaying)
+        self.down = Direction(bsock, self.client, bfd, cfd, False, backend, True, replaying)
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
@@ -604,7 +607,7 @@ class _Conn(Pump):
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
-            self.pump(up, False)
+            self.pump(up)
             if not up.live:
                 return
         self.update()
@@ -629,7 +632,7 @@ class _Conn(Pump):
                 if not writes.live:
                     return  # reset, or redispatched: the old directions are gone
             if ev & _IN_ERR and not reads.eof and not reads.pending:
-                self.pump(reads, ev & _RDHUP)
+                self.pump(reads, ev & _RDHUP_ERR)
                 if not reads.live:
                     return
             if ev & _ERR and not ev & _IN_OUT:
@@ -661,7 +664,7 @@ class _Conn(Pump):
                 if not writes.live:
                     return
             if ev & _IN_ERR and not reads.eof and not reads.pending:
-                self.pump(reads, ev & _RDHUP)
+                self.pump(reads, ev & _RDHUP_ERR)
                 if not reads.live:
                     return
             if ev & _ERR and not ev & _IN_OUT:
@@ -697,12 +700,11 @@ class _Conn(Pump):
             return
         actions = machine.on_backend_first_byte()
         if actions is DO_STOP_REPLAY:
-            # StopReplay, inline: the client's bytes may splice now.
+            # StopReplay, inline: the client's bytes are no longer kept.
             d.tap = False
             up = self.up
             if up is not None:
                 up.tap = False
-                up.copy = not self.loop.splice
         else:
             d.tap = False
             self.run(actions, machine.backend)
