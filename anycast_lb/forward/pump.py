@@ -151,9 +151,67 @@ class Pump:
         loop = self.loop
         size = loop.buffer_size
         copy_size = size if size < COPY_READ else COPY_READ
+        if d.copy:
+            # Copying (every short exchange), without the pipe's bookkeeping.
+            for _ in range(BURST):
+                try:
+                    chunk = d.src.recv(copy_size)
+                except (BlockingIOError, InterruptedError):
+                    return  # drained the source for now
+                except OSError as exc:
+                    self.failed(d, exc, False)
+                    return
+                self.traffic = True
+                n = len(chunk)
+                if n == 0:
+                    d.eof = True
+                    self.drained(d)
+                    return
+                d.pending = n
+                if d.upstream:
+                    d.counters.bytes_in += n
+                else:
+                    d.counters.bytes_out += n
+                if d.tap:
+                    self.tapped(d, chunk)
+                    if not d.live:
+                        return
+                # Written here too; the rest, if any, by flush on EPOLLOUT.
+                try:
+                    sent = d.dst.send(chunk)
+                except (BlockingIOError, InterruptedError):
+                    d.buf = memoryview(chunk)
+                    return
+                except OSError as exc:
+                    d.buf = memoryview(chunk)
+                    self.failed(d, exc, True)
+                    return
+                if sent < n:
+                    d.buf = memoryview(chunk)[sent:]
+                    d.pending = n - sent
+                    return
+                d.pending = 0
+                if n < copy_size:
+                    if ended == RDHUP:
+                        # A short read took every byte queued (tcp_recvmsg
+                        # returns early only on an empty queue), and the
+                        # peer's FIN is queued behind them: this is the end,
+                        # known without a read that returns 0 (HAProxy's
+                        # raw_sock_to_buf does the same).
+                        d.eof = True
+                        self.drained(d)
+                        return
+                    if not ended & RDHUP:
+                        return
+                elif loop.splice and not d.tap:
+                    # A read filled the buffer: a bulk transfer, which
+                    # splices from now on (HAProxy's splice-auto).
+                    d.copy = False
+                    break
+            else:
+                return
         pool = loop.pipes
         pipe = d.pipe
-        splice = loop.splice
         for _ in range(BURST):
             copy = d.copy
             if not copy and pipe is None:
@@ -208,22 +266,8 @@ class Pump:
                     d.pending = n - sent
                     return
                 d.pending = 0
-                if n < copy_size:
-                    if ended == RDHUP:
-                        # A short read took every byte queued (tcp_recvmsg
-                        # returns early only on an empty queue), and the
-                        # peer's FIN is queued behind them: this is the end,
-                        # known without a read that returns 0 (HAProxy's
-                        # raw_sock_to_buf does the same).
-                        d.eof = True
-                        self.drained(d)
-                        return
-                    if not ended & RDHUP:
-                        return
-                elif splice and not d.tap:
-                    # A read filled the buffer: a bulk transfer, which
-                    # splices from now on (HAProxy's splice-auto).
-                    d.copy = False
+                if n < copy_size and not ended & RDHUP:
+                    return
                 continue
             assert pipe is not None  # spliced
             try:
