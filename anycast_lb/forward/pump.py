@@ -37,6 +37,7 @@ connection closed, or dropped its directions to reconnect) at once.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Protocol
 
 from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, RDHUP, Reactor
@@ -47,6 +48,9 @@ COPY_READ = 65536
 """Largest read through user space (bytes): bigger recv() buffers go to
 mmap and back on every call."""
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
+_DONTWAIT = socket.MSG_DONTWAIT
+"""Every recv and send of the pump: an accepted socket may be in blocking
+mode (see ``Socket``)."""
 
 
 class Counters(Protocol):
@@ -57,12 +61,19 @@ class Counters(Protocol):
 
 
 class Socket(Protocol):
-    """What the pump needs of a connected, non-blocking socket."""
+    """What the pump needs of a connected socket.
 
-    def recv(self, size: int, /) -> bytes: ...
-    def send(self, data: bytes | memoryview, /) -> int: ...
+    Its descriptor may be in blocking mode (an accepted socket: making it
+    non-blocking costs a system call per connection): the pump passes
+    MSG_DONTWAIT to every recv and send, and sets non-blocking mode, which
+    splice needs, before a direction's first splice.
+    """
+
+    def recv(self, size: int, flags: int, /) -> bytes: ...
+    def send(self, data: bytes | memoryview, flags: int, /) -> int: ...
     def fileno(self) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
+    def setblocking(self, flag: bool, /) -> None: ...
 
 
 class Direction:
@@ -155,7 +166,7 @@ class Pump:
             # Copying (every short exchange), without the pipe's bookkeeping.
             for _ in range(BURST):
                 try:
-                    chunk = d.src.recv(copy_size)
+                    chunk = d.src.recv(copy_size, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     return  # drained the source for now
                 except OSError as exc:
@@ -178,7 +189,7 @@ class Pump:
                         return
                 # Written here too; the rest, if any, by flush on EPOLLOUT.
                 try:
-                    sent = d.dst.send(chunk)
+                    sent = d.dst.send(chunk, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     d.buf = memoryview(chunk)
                     return
@@ -205,8 +216,11 @@ class Pump:
                         return
                 elif loop.splice and not d.tap:
                     # A read filled the buffer: a bulk transfer, which
-                    # splices from now on (HAProxy's splice-auto).
+                    # splices from now on (HAProxy's splice-auto), on
+                    # non-blocking descriptors (splice has no MSG_DONTWAIT).
                     d.copy = False
+                    d.src.setblocking(False)
+                    d.dst.setblocking(False)
                     break
             else:
                 return
@@ -220,7 +234,7 @@ class Pump:
             data = None
             try:
                 if copy:
-                    data = d.src.recv(copy_size)
+                    data = d.src.recv(copy_size, _DONTWAIT)
                     n = len(data)
                 else:
                     assert pipe is not None
@@ -253,7 +267,7 @@ class Pump:
             if data is not None:
                 # Copied: written here too; the rest, if any, by flush on EPOLLOUT.
                 try:
-                    sent = d.dst.send(data)
+                    sent = d.dst.send(data, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     d.buf = memoryview(data)
                     return
@@ -295,7 +309,7 @@ class Pump:
             while d.pending:
                 buf = d.buf
                 if buf is not None:
-                    n = d.dst.send(buf)
+                    n = d.dst.send(buf, _DONTWAIT)
                     d.buf = buf[n:] if n < len(buf) else None
                 else:
                     assert d.pipe is not None

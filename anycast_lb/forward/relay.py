@@ -159,7 +159,6 @@ resets the connection (a client that vanished; flow survival's stale-socket
 trap)."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_STREAM = int(socket.SOCK_STREAM)
 _IPPROTO_TCP, _TCP_NODELAY = int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY)
 _EINPROGRESS = errno.EINPROGRESS
 _SHUT_WR = int(socket.SHUT_WR)
@@ -182,7 +181,16 @@ Sock = _socket.socket
 """Connection sockets are the C ``_socket.socket`` objects: the
 ``socket.socket`` subclass adds Python-level wrappers (an enum conversion
 at accept, ``close``) that cost about 5 % of the relay's time on short
-connections (py-spy)."""
+connections (py-spy).
+
+An accepted socket's descriptor stays in blocking mode (Python's accept
+cannot ask for SOCK_NONBLOCK, and an ioctl per connection costs a system
+call): its object is made with SOCK_NONBLOCK in its type, which gives it a
+timeout of 0 (no poll in CPython's calls) without touching the descriptor,
+and the pump passes MSG_DONTWAIT to every recv and send and sets
+non-blocking mode before it splices (``pump.Socket``). Nothing else reads
+or writes a client socket: shutdown, setsockopt and close do not wait (no
+SO_LINGER timeout is ever set, only SO_LINGER 0)."""
 
 
 class RelayLoop(Reactor):
@@ -256,7 +264,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = accept()
-                sock = Sock(family, _STREAM, 0, fd)
+                sock = Sock(family, _STREAM_NONBLOCK, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1050,8 +1058,8 @@ class RelayForwarder:
                local: tuple[str, int]) -> None:
         """Loop thread: take an accepted connection. ``local`` is its local
         (address, port): the VIP, or the overridden bind address in tests;
-        backend choice always hashes the service's VIP."""
-        sock.setblocking(False)
+        backend choice always hashes the service's VIP. ``sock`` is in
+        blocking mode (see ``Sock``)."""
         if not self.accepting:
             _linger_reset(sock)
             loop.doom(sock)
