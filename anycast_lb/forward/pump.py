@@ -88,13 +88,15 @@ class Direction:
         "tap", "live", "upstream", "counters",
     )
 
-    def __init__(self, src: Socket, dst: Socket, sfd: int, dfd: int, upstream: bool,
-                 counters: Counters, copy: bool, tap: bool) -> None:
+    sfd: int
+    """src.fileno() and dst.fileno(): set when the direction starts to
+    splice (only splice reads them)."""
+    dfd: int
+
+    def __init__(self, src: Socket, dst: Socket, upstream: bool, counters: Counters,
+                 tap: bool) -> None:
         self.src = src
         self.dst = dst
-        self.sfd = sfd
-        """src.fileno(), dst.fileno(): the owner knows them already."""
-        self.dfd = dfd
         self.upstream = upstream
         self.counters = counters
         self.pipe: tuple[int, int] | None = None
@@ -108,8 +110,8 @@ class Direction:
         """The owner knows of the end: it shuts dst once pending is written."""
         self.shut = False
         """dst was shut down for writing (FIN sent)."""
-        self.copy = copy
-        """Read through user space (else splice)."""
+        self.copy = True
+        """Read through user space (else splice: ``Pump.pump`` switches)."""
         self.tap = tap
         """Call the owner's ``tapped`` on every read."""
         self.live = True
@@ -219,8 +221,10 @@ class Pump:
                     # splices from now on (HAProxy's splice-auto), on
                     # non-blocking descriptors (splice has no MSG_DONTWAIT).
                     d.copy = False
-                    d.src.setblocking(False)
-                    d.dst.setblocking(False)
+                    src, dst = d.src, d.dst
+                    src.setblocking(False)
+                    dst.setblocking(False)
+                    d.sfd, d.dfd = src.fileno(), dst.fileno()
                     break
             else:
                 return

@@ -588,9 +588,8 @@ class _Conn(Pump):
         # and out of a pipe. The pump switches a direction to splice after a
         # read that fills the buffer.
         replaying = machine.replaying
-        cfd, bfd = self.cfd, self.bfd
-        self.up = Direction(self.client, bsock, cfd, bfd, True, backend, True, replaying)
-        self.down = Direction(bsock, self.client, bfd, cfd, False, backend, True, replaying)
+        self.up = Direction(self.client, bsock, True, backend, replaying)
+        self.down = Direction(bsock, self.client, False, backend, replaying)
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
