@@ -735,7 +735,12 @@ class _Conn(Pump):
         else:
             actions = machine.on_backend_eof()
             if actions is DO_SHUT_CLIENT:
-                self._shutdown(d)
+                # ShutdownWrite(CLIENT), inline: d's bytes are all written.
+                d.shut = True
+                try:
+                    d.dst.shutdown(_SHUT_WR)
+                except OSError:
+                    pass  # already gone: the other direction reports it
                 return
         self.run(actions, backend)
 
