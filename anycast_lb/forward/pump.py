@@ -210,7 +210,11 @@ class Pump:
                         # returns early only on an empty queue), and the
                         # peer's FIN is queued behind them: this is the end,
                         # known without a read that returns 0 (HAProxy's
-                        # raw_sock_to_buf does the same).
+                        # raw_sock_to_buf does the same). The exception, as
+                        # there: a read also stops at a TCP urgent mark, so
+                        # bytes after urgent data that came with the FIN
+                        # are not relayed (and the close resets that peer);
+                        # the urgent byte itself is never relayed anyway.
                         d.eof = True
                         self.drained(d)
                         return
