@@ -2,10 +2,17 @@
 
 A proxied connection has two ``Direction``s: client to backend (``up``) and
 backend to client (``down``). ``Pump.pump(d)`` reads ``d.src`` and writes
-``d.dst``; ``Pump.flush(d)`` writes what is pending. Zero-copy where it can:
-``os.splice`` through a pipe from the reactor's pool, so the bytes never
-enter user space; a direction with ``copy`` set (or no pipe to spare) reads
-through user space instead, at most ``COPY_READ`` bytes at a time.
+``d.dst``; ``Pump.flush(d)`` writes what is pending. A direction with
+``copy`` set (or no pipe to spare) reads through user space, at most
+``COPY_READ`` bytes at a time: for a short exchange ``recv`` and ``send``
+cost the kernel less than a splice into a pipe and out of it. After a read
+that fills the buffer (a bulk transfer) it switches to zero-copy
+``os.splice`` through a pipe from the reactor's pool, if the reactor
+splices and the owner does not tap it (HAProxy's splice-auto).
+
+The end of the source: a read returning 0, or (copying) a short read when
+epoll reported EPOLLRDHUP without an error: the peer's FIN was queued
+behind the bytes just read, so no read is spent on it.
 
 Backpressure: a direction holds at most one read (``buffer_size`` bytes, one
 pipe or one user buffer); while it cannot all be written the owner stops
@@ -30,9 +37,10 @@ connection closed, or dropped its directions to reconnect) at once.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Protocol
 
-from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, Reactor
+from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, RDHUP, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
@@ -40,6 +48,9 @@ COPY_READ = 65536
 """Largest read through user space (bytes): bigger recv() buffers go to
 mmap and back on every call."""
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
+_DONTWAIT = socket.MSG_DONTWAIT
+"""Every recv and send of the pump: an accepted socket may be in blocking
+mode (see ``Socket``)."""
 
 
 class Counters(Protocol):
@@ -50,12 +61,19 @@ class Counters(Protocol):
 
 
 class Socket(Protocol):
-    """What the pump needs of a connected, non-blocking socket."""
+    """What the pump needs of a connected socket.
 
-    def recv(self, size: int, /) -> bytes: ...
-    def send(self, data: bytes | memoryview, /) -> int: ...
+    Its descriptor may be in blocking mode (an accepted socket: making it
+    non-blocking costs a system call per connection): the pump passes
+    MSG_DONTWAIT to every recv and send, and sets non-blocking mode, which
+    splice needs, before a direction's first splice.
+    """
+
+    def recv(self, size: int, flags: int, /) -> bytes: ...
+    def send(self, data: bytes | memoryview, flags: int, /) -> int: ...
     def fileno(self) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
+    def setblocking(self, flag: bool, /) -> None: ...
 
 
 class Direction:
@@ -70,13 +88,15 @@ class Direction:
         "tap", "live", "upstream", "counters",
     )
 
-    def __init__(self, src: Socket, dst: Socket, sfd: int, dfd: int, upstream: bool,
-                 counters: Counters, copy: bool, tap: bool) -> None:
+    sfd: int
+    """src.fileno() and dst.fileno(): set when the direction starts to
+    splice (only splice reads them)."""
+    dfd: int
+
+    def __init__(self, src: Socket, dst: Socket, upstream: bool, counters: Counters,
+                 tap: bool) -> None:
         self.src = src
         self.dst = dst
-        self.sfd = sfd
-        """src.fileno(), dst.fileno(): the owner knows them already."""
-        self.dfd = dfd
         self.upstream = upstream
         self.counters = counters
         self.pipe: tuple[int, int] | None = None
@@ -90,8 +110,8 @@ class Direction:
         """The owner knows of the end: it shuts dst once pending is written."""
         self.shut = False
         """dst was shut down for writing (FIN sent)."""
-        self.copy = copy
-        """Read through user space (else splice)."""
+        self.copy = True
+        """Read through user space (else splice: ``Pump.pump`` switches)."""
         self.tap = tap
         """Call the owner's ``tapped`` on every read."""
         self.live = True
@@ -128,12 +148,14 @@ class Pump:
 
     # -- moving bytes --------------------------------------------------------
 
-    def pump(self, d: Direction, ended: int | bool = False) -> None:
+    def pump(self, d: Direction, ended: int = 0) -> None:
         """Read from d.src and write to d.dst, while reads fill the buffer
         and writes complete, at most ``BURST`` reads: a bulk transfer moves
         up to BURST * buffer_size bytes per wake-up instead of one read.
-        ``ended`` (true: epoll reported EPOLLRDHUP): the source's FIN is
-        queued, so a short read is followed by another, which finds the end
+        ``ended``: the event's EPOLLRDHUP, EPOLLERR and EPOLLHUP bits. With
+        EPOLLRDHUP the source's FIN is queued: a short copied read (with
+        neither error bit) ends the direction at once; otherwise a short
+        read is followed by another, which finds the end (or the error)
         without waiting for the next wake-up.
 
         A spliced read is written out here (the common case, without a
@@ -142,6 +164,74 @@ class Pump:
         loop = self.loop
         size = loop.buffer_size
         copy_size = size if size < COPY_READ else COPY_READ
+        if d.copy:
+            # Copying (every short exchange), without the pipe's bookkeeping.
+            for _ in range(BURST):
+                try:
+                    chunk = d.src.recv(copy_size, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return  # drained the source for now
+                except OSError as exc:
+                    self.failed(d, exc, False)
+                    return
+                self.traffic = True
+                n = len(chunk)
+                if n == 0:
+                    d.eof = True
+                    self.drained(d)
+                    return
+                d.pending = n
+                if d.upstream:
+                    d.counters.bytes_in += n
+                else:
+                    d.counters.bytes_out += n
+                if d.tap:
+                    self.tapped(d, chunk)
+                    if not d.live:
+                        return
+                # Written here too; the rest, if any, by flush on EPOLLOUT.
+                try:
+                    sent = d.dst.send(chunk, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    d.buf = memoryview(chunk)
+                    return
+                except OSError as exc:
+                    d.buf = memoryview(chunk)
+                    self.failed(d, exc, True)
+                    return
+                if sent < n:
+                    d.buf = memoryview(chunk)[sent:]
+                    d.pending = n - sent
+                    return
+                d.pending = 0
+                if n < copy_size:
+                    if ended == RDHUP:
+                        # A short read took every byte queued (tcp_recvmsg
+                        # returns early only on an empty queue), and the
+                        # peer's FIN is queued behind them: this is the end,
+                        # known without a read that returns 0 (HAProxy's
+                        # raw_sock_to_buf does the same). The exception, as
+                        # there: a read also stops at a TCP urgent mark, so
+                        # bytes after urgent data that came with the FIN
+                        # are not relayed (and the close resets that peer);
+                        # the urgent byte itself is never relayed anyway.
+                        d.eof = True
+                        self.drained(d)
+                        return
+                    if not ended & RDHUP:
+                        return
+                elif loop.splice and not d.tap:
+                    # A read filled the buffer: a bulk transfer, which
+                    # splices from now on (HAProxy's splice-auto), on
+                    # non-blocking descriptors (splice has no MSG_DONTWAIT).
+                    d.copy = False
+                    src, dst = d.src, d.dst
+                    src.setblocking(False)
+                    dst.setblocking(False)
+                    d.sfd, d.dfd = src.fileno(), dst.fileno()
+                    break
+            else:
+                return
         pool = loop.pipes
         pipe = d.pipe
         for _ in range(BURST):
@@ -152,7 +242,7 @@ class Pump:
             data = None
             try:
                 if copy:
-                    data = d.src.recv(copy_size)
+                    data = d.src.recv(copy_size, _DONTWAIT)
                     n = len(data)
                 else:
                     assert pipe is not None
@@ -185,7 +275,7 @@ class Pump:
             if data is not None:
                 # Copied: written here too; the rest, if any, by flush on EPOLLOUT.
                 try:
-                    sent = d.dst.send(data)
+                    sent = d.dst.send(data, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     d.buf = memoryview(data)
                     return
@@ -198,7 +288,7 @@ class Pump:
                     d.pending = n - sent
                     return
                 d.pending = 0
-                if n < copy_size and not ended:
+                if n < copy_size and not ended & RDHUP:
                     return
                 continue
             assert pipe is not None  # spliced
@@ -210,7 +300,7 @@ class Pump:
             except OSError as exc:
                 self.failed(d, exc, True)
                 return
-            if n < size and not ended:
+            if n < size and not ended & RDHUP:
                 break
         if pipe is not None and not d.pending and d.pipe is pipe:
             # Idle: the pipe (empty) goes back to the pool.
@@ -227,7 +317,7 @@ class Pump:
             while d.pending:
                 buf = d.buf
                 if buf is not None:
-                    n = d.dst.send(buf)
+                    n = d.dst.send(buf, _DONTWAIT)
                     d.buf = buf[n:] if n < len(buf) else None
                 else:
                     assert d.pipe is not None

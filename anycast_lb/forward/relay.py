@@ -4,8 +4,9 @@ asyncio's per-connection machinery (transports, protocols, futures, a task
 for the connect phase) costs more CPU per short connection than the bytes
 do. This engine moves bytes with plain non-blocking sockets on one epoll
 loop (``reactor.Reactor``), beside the node's asyncio control plane, and
-with zero-copy ``os.splice`` through a pipe where the platform has it
-(Linux): the bytes never enter user space (``pump``). One ``RelayLoop``
+with zero-copy ``os.splice`` through a pipe for bulk transfers where the
+platform has it (Linux): the bytes never enter user space (``pump``; a
+direction copies until a read fills the buffer). One ``RelayLoop``
 serves every TCP service of a node; each service gets a ``RelayForwarder``
 facade with the surface of ``anycast_lb.forward.Forwarder``.
 
@@ -22,7 +23,7 @@ common results matched by identity at their call sites, the rest action by
 action in ``_Conn.run``). Bytes do not go through the machine:
 only while it keeps a replay copy (until the backend's first byte, at most
 ``REPLAY_LIMIT`` bytes) are client reads fed to it, through user space;
-after that the client direction switches to splice.
+after that the client direction may switch to splice.
 
 Life of a connection::
 
@@ -158,7 +159,6 @@ resets the connection (a client that vanished; flow survival's stale-socket
 trap)."""
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_STREAM = int(socket.SOCK_STREAM)
 _IPPROTO_TCP, _TCP_NODELAY = int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY)
 _EINPROGRESS = errno.EINPROGRESS
 _SHUT_WR = int(socket.SHUT_WR)
@@ -169,6 +169,9 @@ _IN_HUP = _IN | _RDHUP
 """A reading socket's interest: EPOLLRDHUP tells that the peer's FIN is
 queued too (see the socket events)."""
 _IN_ERR = _IN | _ERR
+_RDHUP_ERR = _RDHUP | _ERR
+"""What the pump needs of a socket event to know the end without a read
+returning 0 (``Pump.pump``'s ``ended``)."""
 _IN_OUT = _IN | _OUT
 # Enum members as module constants: reading one through its class costs
 # about 70 ns on CPython 3.11, several times per connection.
@@ -178,7 +181,16 @@ Sock = _socket.socket
 """Connection sockets are the C ``_socket.socket`` objects: the
 ``socket.socket`` subclass adds Python-level wrappers (an enum conversion
 at accept, ``close``) that cost about 5 % of the relay's time on short
-connections (py-spy)."""
+connections (py-spy).
+
+An accepted socket's descriptor stays in blocking mode (Python's accept
+cannot ask for SOCK_NONBLOCK, and an ioctl per connection costs a system
+call): its object is made with SOCK_NONBLOCK in its type, which gives it a
+timeout of 0 (no poll in CPython's calls) without touching the descriptor,
+and the pump passes MSG_DONTWAIT to every recv and send and sets
+non-blocking mode before it splices (``pump.Socket``). Nothing else reads
+or writes a client socket: shutdown, setsockopt and close do not wait (no
+SO_LINGER timeout is ever set, only SO_LINGER 0)."""
 
 
 class RelayLoop(Reactor):
@@ -252,7 +264,7 @@ class _Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = accept()
-                sock = Sock(family, _STREAM, 0, fd)
+                sock = Sock(family, _STREAM_NONBLOCK, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -468,7 +480,6 @@ class _Conn(Pump):
         up, down = self.up, self.down
         if up is not None:
             up.tap = False
-            up.copy = not self.loop.splice
         if down is not None:
             down.tap = False
 
@@ -571,15 +582,14 @@ class _Conn(Pump):
         backend = machine.backend
         assert backend is not None and bsock is not None
         del self.fwd.connecting[self]
-        # Client bytes go through user space while the machine keeps a copy
-        # for a redispatch; the backend's always splice.
+        # Both directions copy through user space at first (the client's
+        # bytes must, while the machine keeps them for a redispatch): for a
+        # short answer recv and send cost the kernel less than splice into
+        # and out of a pipe. The pump switches a direction to splice after a
+        # read that fills the buffer.
         replaying = machine.replaying
-        splice = self.loop.splice
-        cfd, bfd = self.cfd, self.bfd
-        self.up = Direction(self.client, bsock, cfd, bfd, True, backend,
-                            replaying or not splice, replaying)
-        self.down = Direction(bsock, self.client, bfd, cfd, False, backend,
-                              not splice, replaying)
+        self.up = Direction(self.client, bsock, True, backend, replaying)
+        self.down = Direction(bsock, self.client, False, backend, replaying)
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
@@ -604,7 +614,7 @@ class _Conn(Pump):
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
-            self.pump(up, False)
+            self.pump(up)
             if not up.live:
                 return
         self.update()
@@ -629,7 +639,7 @@ class _Conn(Pump):
                 if not writes.live:
                     return  # reset, or redispatched: the old directions are gone
             if ev & _IN_ERR and not reads.eof and not reads.pending:
-                self.pump(reads, ev & _RDHUP)
+                self.pump(reads, ev & _RDHUP_ERR)
                 if not reads.live:
                     return
             if ev & _ERR and not ev & _IN_OUT:
@@ -661,7 +671,7 @@ class _Conn(Pump):
                 if not writes.live:
                     return
             if ev & _IN_ERR and not reads.eof and not reads.pending:
-                self.pump(reads, ev & _RDHUP)
+                self.pump(reads, ev & _RDHUP_ERR)
                 if not reads.live:
                     return
             if ev & _ERR and not ev & _IN_OUT:
@@ -697,12 +707,11 @@ class _Conn(Pump):
             return
         actions = machine.on_backend_first_byte()
         if actions is DO_STOP_REPLAY:
-            # StopReplay, inline: the client's bytes may splice now.
+            # StopReplay, inline: the client's bytes are no longer kept.
             d.tap = False
             up = self.up
             if up is not None:
                 up.tap = False
-                up.copy = not self.loop.splice
         else:
             d.tap = False
             self.run(actions, machine.backend)
@@ -726,7 +735,12 @@ class _Conn(Pump):
         else:
             actions = machine.on_backend_eof()
             if actions is DO_SHUT_CLIENT:
-                self._shutdown(d)
+                # ShutdownWrite(CLIENT), inline: d's bytes are all written.
+                d.shut = True
+                try:
+                    d.dst.shutdown(_SHUT_WR)
+                except OSError:
+                    pass  # already gone: the other direction reports it
                 return
         self.run(actions, backend)
 
@@ -1048,8 +1062,8 @@ class RelayForwarder:
                local: tuple[str, int]) -> None:
         """Loop thread: take an accepted connection. ``local`` is its local
         (address, port): the VIP, or the overridden bind address in tests;
-        backend choice always hashes the service's VIP."""
-        sock.setblocking(False)
+        backend choice always hashes the service's VIP. ``sock`` is in
+        blocking mode (see ``Sock``)."""
         if not self.accepting:
             _linger_reset(sock)
             loop.doom(sock)
