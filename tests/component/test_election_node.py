@@ -124,7 +124,11 @@ async def test_bgp_owner_announces_standby_withdraws_or_prepends_and_drain_moves
                 await wait_until(lambda: b.node.status()["vips"][0]["owner"] == "a",
                                  timeout=10, what="b sees a own the VIP")
                 assert a.prepend() == 0          # owner: no prepend
-                assert b.prepend() == 3          # warm standby: bgp.announce.as_path_prepend
+                # Warm standby: bgp.announce.as_path_prepend, once b's own
+                # view of the service is ready (seeing a's key, an etcd watch
+                # event, can come first on a loaded machine).
+                await wait_until(lambda: b.prepend() == 3, timeout=10,
+                                 what="b announces as a warm standby (prepend 3)")
                 assert not b.owns()
                 status = await a.get("/status")
                 [row] = status["vips"]
