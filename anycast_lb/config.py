@@ -419,6 +419,10 @@ class ElectionConfig(_Model):
     safety_margin: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.25
     """Seconds before etcd could expire this node's lease at which an owner
     that could not renew drops its VIPs (fencing)."""
+    handover_timeout: Seconds = 1.0
+    """Seconds a resigning owner (drain, preemption) keeps a VIP waiting for
+    its successor's announcement (make before break) before it drops it
+    anyway; never past its fencing deadline."""
     standby: StandbyMode = StandbyMode.WITHDRAW
     """BGP active-passive: a standby withdraws, or announces with
     ``bgp.announce.as_path_prepend`` (at least 1) as a warm standby; the

@@ -14,7 +14,9 @@ Keys, under ``/anycast-lb/<cluster>/owners/<vip>/`` (docs/l2.md)::
   **term**.
 - Take: ``on_take`` (add the VIP, announce), then ``announced: true`` (and
   ``since``, wall-clock s of the take) written only if the key's mod revision is still the term (the key untouched).
-- Resign: delete ``owner`` only if its mod revision is the one last seen.
+- Resign: delete ``owner`` only if its mod revision is the one last seen
+  (with this node's candidate key when it no longer qualifies, in one
+  transaction).
 - Observe: the whole ``owners/`` prefix once, then a watch from the next
   revision; a compacted watch reads again.
 
@@ -49,6 +51,7 @@ from anycast_lb.election.machine import (
     ElectionSettings,
     OwnerRecord,
     Resign,
+    Role,
     Take,
     VipState,
 )
@@ -264,14 +267,29 @@ class VipOwnership:
                             error=str(exc))
                 if isinstance(action, Advertise):
                     retry = asyncio.create_task(self._advertise_again(vip, action.on))
-                    self._retries.add(retry)
-                    retry.add_done_callback(self._retries.discard)
+                elif isinstance(action, Take):
+                    retry = asyncio.create_task(self._mark_again(vip, action))
+                else:
+                    continue
+                self._retries.add(retry)
+                retry.add_done_callback(self._retries.discard)
 
     async def _advertise_again(self, vip: IPAddress, on: bool) -> None:
         # Not urgent (a missing candidate key costs the priority order, not
         # safety), and one log line a second per VIP while etcd is away.
         await self._clock.sleep(max(self._retry, ADVERTISE_RETRY))
         self._feed([vip], lambda m, now: m.advertise_failed(on, now))
+
+    async def _mark_again(self, vip: IPAddress, take: Take) -> None:
+        # A resigned predecessor keeps the VIP until this mark says the
+        # successor announced (make before break): a lost mark would make
+        # every handover to this node wait the whole handover_timeout. The
+        # write is conditional on the key being untouched since the take,
+        # so a mark that did land is not written twice.
+        await self._clock.sleep(self._retry)
+        m = self.machines[vip]
+        if m.role is Role.OWNER and m.has_vip and m.term == take.term:
+            self._remote.put_nowait((vip, take))
 
     async def _remote_action(self, vip: IPAddress, action: Action) -> None:
         s, key = self.settings, owner_key(self._layout, vip)
@@ -292,7 +310,15 @@ class VipOwnership:
         elif isinstance(action, Resign):
             seen = self._keys.get(key)
             if seen is not None and seen.create_revision == action.term:
-                await self._store.transact([ModRevisionIs(key, seen.mod_revision)], [Delete(key)])
+                deletes = [Delete(key)]
+                if not self.machines[vip].qualifies:
+                    # The candidate key goes in the same revision as the
+                    # owner key. Left behind (its own delete lost, a timeout
+                    # under load), it would outrank the successor, who then
+                    # defers for lease_ttl while this node drops the VIP at
+                    # handover_timeout: break before make.
+                    deletes.append(Delete(candidate_key(self._layout, vip, s.node)))
+                await self._store.transact([ModRevisionIs(key, seen.mod_revision)], deletes)
         elif isinstance(action, Advertise):
             ckey = candidate_key(self._layout, vip, s.node)
             if action.on:

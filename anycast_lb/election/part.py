@@ -44,8 +44,6 @@ from anycast_lb.errors import L2Error
 
 FENCE_REFRESH = 0.05
 """s between checks of the kernel fence against the fencing deadline."""
-HANDOVER_TIMEOUT = 1.0
-"""s a resigning owner keeps the VIP waiting for its successor's announce."""
 
 
 def elected_vips(services: Iterable[ServiceConfig]) -> dict[IPAddress, bool]:
@@ -84,7 +82,7 @@ class OwnershipPart:
         self.settings = ElectionSettings(
             node=node, lease_ttl=consensus.lease_ttl, safety_margin=election.safety_margin,
             priority=election.priority, preempt=election.preempt,
-            handover_timeout=HANDOVER_TIMEOUT)
+            handover_timeout=election.handover_timeout)
         self.ownership = VipOwnership(self.store, consensus.cluster, self.settings,
                                       list(self.vips), on_take=self._take,
                                       on_announce=self._announce, on_drop=self._drop,

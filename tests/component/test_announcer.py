@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,18 @@ class FakeExaBGP:
     proc: asyncio.subprocess.Process
     lines: list[tuple[float, str]] = field(default_factory=list)
     answer: bool = True
+    log: list[str] = field(default_factory=list)
+    """The announcer's stderr (its log lines), read as it writes them."""
+
+    async def pump_log(self) -> None:
+        assert self.proc.stderr is not None
+        while raw := await self.proc.stderr.readline():
+            self.log.append(raw.decode().rstrip("\n"))
+
+    def up(self) -> bool:
+        """Its interpreter started and imported the announcer (its first log
+        line): from here on its own clock runs, connecting within ms."""
+        return any("announcer.start" in line for line in self.log)
 
     async def pump(self) -> None:
         assert self.proc.stdout is not None and self.proc.stdin is not None
@@ -149,17 +162,26 @@ async def start(tmp_path: Path, node_timeout: float = 0.6, refresh: float = 30.0
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "anycast_lb.bgp.announcer", "--socket", str(sock),
         "--node-timeout", str(node_timeout), "--refresh", str(refresh),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
     )
     exa = FakeExaBGP(proc)
-    pump = asyncio.create_task(exa.pump())
+    pumps = [asyncio.create_task(exa.pump()), asyncio.create_task(exa.pump_log())]
     try:
+        # The tests' deadlines (connect, ack, withdraw) time the announcer,
+        # not the start of a Python interpreter, which a loaded machine can
+        # stretch to seconds: they start once it is up. The bound here only
+        # catches a process that never comes up.
+        await wait_until(lambda: exa.up() or proc.returncode is not None, timeout=60,
+                         what="the announcer's announcer.start log line")
+        assert exa.up(), f"the announcer exited with {proc.returncode}: {exa.log}"
         yield Rig(exa, node, sock, server)
     finally:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
-        pump.cancel()
+        for pump in pumps:
+            pump.cancel()
         await node.close()
         if server is not None:
             server.close()
@@ -417,3 +439,16 @@ async def test_idle_announcer_probes_exabgp_and_relays_alive_only_on_answers(rig
         await read_message(reader, "alive", timeout=2.5)
     assert time.monotonic() - quiet_from >= 2.4
     await beat.stop()
+
+
+def test_the_announcer_process_imports_no_config_models_or_console_renderer() -> None:
+    # ExaBGP starts it at every (re)spawn: pydantic's config models and
+    # structlog's dev renderer with rich tripled its start-up CPU (0.08 ->
+    # 0.27 s), seconds on a loaded machine.
+    heavy = ("pydantic", "structlog", "rich")
+    code = ("import sys, anycast_lb.bgp.announcer; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60, check=True)
+    assert done.stdout.split() == []

@@ -39,21 +39,37 @@ BGP = BgpConfig.model_validate({
 })
 
 
+HANDOVER_TIMEOUT = 30.0
+"""s: ``election.handover_timeout``. The node promises make before break
+only while the successor announces within it (the resign, then the
+successor's campaign, take and ``announced`` mark: etcd round trips and
+watch events through the one event loop that runs both nodes), and this
+test asserts make before break, so it must not rest on the 1 s default: it
+measured 0.01-0.36 s on a loaded 2-core machine, and each etcd request
+that misses its timeout there adds a retry. A drain returns as soon as the successor
+announced, so this bound costs nothing when the test passes."""
+
+
 def config(name: str, etcd: EtcdMember, cluster: str, backend: int, priority: int,
            standby: str) -> dict[str, Any]:
+    # No assertion below waits for a lease, an etcd request or a health
+    # check to time out: each bound is one a loaded machine keeps (a 0.1 s
+    # etcd request or health check timeout, a 1 s lease renewed every
+    # 0.25 s, were missed under load and moved the VIP before the drain).
     return {
         "node": {"name": name},
         "api": {"listen": "127.0.0.1:0"},
         "drain": {"timeout": 1.0, "announce_grace": 0.05},
         "consensus": {"endpoints": [etcd.client_url], "cluster": cluster,
-                      "lease_ttl": 1.0, "request_timeout": 0.1},
-        "election": {"priority": priority, "standby": standby, "safety_margin": 0.25},
+                      "lease_ttl": 6.0, "request_timeout": 2.0},
+        "election": {"priority": priority, "standby": standby, "safety_margin": 0.25,
+                     "handover_timeout": HANDOVER_TIMEOUT},
         "services": [{
             "name": "web", "vip": VIP, "port": 1, "protocol": "tcp", "maglev_table_size": 251,
             "announce": {"mode": "active_passive", "via": "bgp"},
             "backends": [{"address": "127.0.0.1", "port": backend}],
-            "health": {"kind": "tcp", "interval": 0.1, "fast_interval": 0.05, "timeout": 0.1,
-                       "rise": 1, "fall": 1},
+            "health": {"kind": "tcp", "interval": 2.0, "fast_interval": 0.05, "timeout": 2.0,
+                       "rise": 1, "fall": 3},
         }],
     }
 
@@ -108,7 +124,11 @@ async def test_bgp_owner_announces_standby_withdraws_or_prepends_and_drain_moves
                 await wait_until(lambda: b.node.status()["vips"][0]["owner"] == "a",
                                  timeout=10, what="b sees a own the VIP")
                 assert a.prepend() == 0          # owner: no prepend
-                assert b.prepend() == 3          # warm standby: bgp.announce.as_path_prepend
+                # Warm standby: bgp.announce.as_path_prepend, once b's own
+                # view of the service is ready (seeing a's key, an etcd watch
+                # event, can come first on a loaded machine).
+                await wait_until(lambda: b.prepend() == 3, timeout=10,
+                                 what="b announces as a warm standby (prepend 3)")
                 assert not b.owns()
                 status = await a.get("/status")
                 [row] = status["vips"]
