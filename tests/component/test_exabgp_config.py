@@ -25,6 +25,7 @@ from anycast_lb.clock import SystemClock
 from anycast_lb.config import BgpConfig, parse_config
 from anycast_lb.errors import AnnouncerError
 from tests.component.bgp_peer import BgpPeer
+from tests.procs import exited
 from tests.waiting import wait_until
 
 EXABGP = str(Path(sys.executable).parent / "exabgp")
@@ -172,8 +173,7 @@ async def test_real_exabgp_answers_done_to_every_line(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    await wait_until(lambda: not Path(f"/proc/{pid}").exists()
-                     or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+    await wait_until(lambda: exited(pid),
                      timeout=10, what="ExaBGP gone")
     log_text = (tmp_path / "exabgp.log").read_text()
     assert "route added to neighbor 127.0.0.2" in log_text, log_text[-2000:]

@@ -13,6 +13,7 @@ import pytest
 
 from anycast_lb.bgp.exabgp import ExaBGPSupervisor
 from anycast_lb.errors import AnnouncerError
+from tests.procs import exited
 from tests.waiting import wait_until
 
 
@@ -35,15 +36,6 @@ class StepClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         await asyncio.sleep(0)
-
-
-def gone(pid: int) -> bool:
-    """Exited: no /proc entry, or a zombie not yet reaped (PID 1 may reap it late)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 async def run_until(sup: ExaBGPSupervisor, clock: StepClock, sleeps: int) -> None:
@@ -101,7 +93,7 @@ async def test_cancel_terminates_then_kills_a_child_ignoring_sigterm(tmp_path: P
     with pytest.raises(asyncio.CancelledError):
         await task
     assert 1.9 <= time.monotonic() - began < 5  # SIGTERM ignored, SIGKILL after 2 s
-    assert gone(pid) and sup.pid is None
+    assert exited(pid) and sup.pid is None
 
 
 HELPER = """
@@ -130,10 +122,10 @@ async def test_child_dies_with_the_node() -> None:
     assert node.stdout is not None
     async with asyncio.timeout(20):
         child = int(await node.stdout.readline())
-    assert not gone(child)
+    assert not exited(child)
     node.send_signal(signal.SIGKILL)
     await node.wait()
-    await wait_until(lambda: gone(child), timeout=10, what="ExaBGP stand-in to die")
+    await wait_until(lambda: exited(child), timeout=10, what="ExaBGP stand-in to die")
 
 
 async def test_child_runs_in_its_own_session(tmp_path: Path) -> None:
@@ -169,7 +161,7 @@ async def test_no_restart_once_a_stop_has_begun(tmp_path: Path) -> None:
                          what="child ready")
         sup.begin_stop()
         os.kill(pid, signal.SIGTERM)  # ExaBGP exits during the node's stop
-        await wait_until(lambda: gone(pid), timeout=10, what="child exit")
+        await wait_until(lambda: exited(pid), timeout=10, what="child exit")
         await wait_until(lambda: sup.pid is None, timeout=5, what="child reaped")
         # Give a restart every chance to happen (the StepClock's backoff
         # sleeps return at once): it must not.

@@ -24,6 +24,7 @@ from anycast_lb.health import (
     make_probe,
     make_session,
 )
+from tests.procs import exited
 from tests.waiting import wait_until
 
 LOCAL = "127.0.0.1"
@@ -262,15 +263,6 @@ async def test_exec_missing_command_fails() -> None:
     assert result.detail.startswith("cannot run: ")
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 async def test_exec_timeout_kills_the_command_and_its_children(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     # The shell starts a grandchild, records both pids, and waits for ever.
@@ -282,8 +274,8 @@ async def test_exec_timeout_kills_the_command_and_its_children(tmp_path: Path) -
     assert (result.ok, result.detail) == (False, "timeout after 0.5 s")
     assert 0.45 <= elapsed < 3.0
     shell_pid, sleep_pid = (int(p) for p in pids.read_text().split())
-    assert not _alive(shell_pid)  # killed and reaped by the probe
-    await wait_until(lambda: not _alive(sleep_pid), what="the probe's child gone")  # killed with its process group
+    assert exited(shell_pid)  # killed and reaped by the probe
+    await wait_until(lambda: exited(sleep_pid), what="the probe's child gone")  # killed with its process group
 
 
 async def test_exec_cancel_kills_the_command(tmp_path: Path) -> None:
@@ -292,11 +284,11 @@ async def test_exec_cancel_kills_the_command(tmp_path: Path) -> None:
     task = asyncio.ensure_future(ExecProbe(["/bin/sh", "-c", script], LOCAL, 80, 20.0).check())
     await wait_until(pidfile.exists, what="the pid file")
     pid = int(pidfile.read_text())
-    assert _alive(pid)
+    assert not exited(pid)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not _alive(pid)
+    assert exited(pid)
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from anycast_lb.node import Node
 from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, tcp_request
 from tests.component.nodes import node_running
+from tests.procs import exited
 from tests.waiting import wait_until
 
 
@@ -109,15 +110,6 @@ def refused(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def gone(pid: int) -> bool:
-    """No such process, or a zombie (it released every socket)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 # -- wire format ---------------------------------------------------------------
@@ -242,7 +234,7 @@ async def test_crashed_worker_is_replaced_and_its_counts_kept(tmp_path: Path) ->
         assert proc is not None and proc.stdin is not None
         proc.stdin.close()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
-        assert second is not None and gone(second)
+        assert second is not None and exited(second)
     await be1.stop()
 
 
@@ -314,7 +306,7 @@ async def test_killed_node_leaves_no_worker(tmp_path: Path) -> None:
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         info = json.loads(line)
         port, workers = info["port"], info["workers"]
-        assert len(workers) == 2 and not any(gone(pid) for pid in workers)
+        assert len(workers) == 2 and not any(exited(pid) for pid in workers)
 
         async def serving() -> bool:
             try:
@@ -325,7 +317,7 @@ async def test_killed_node_leaves_no_worker(tmp_path: Path) -> None:
         await wait_until(serving, what="serving")
         proc.kill()  # SIGKILL: no drain, no word to the workers
         await proc.wait()
-        await wait_until(lambda: all(gone(pid) for pid in workers), timeout=5, what="workers gone")
+        await wait_until(lambda: all(exited(pid) for pid in workers), timeout=5, what="workers gone")
         await wait_until(lambda: refused(port), what="no listener left")
     finally:
         if proc.returncode is None:

@@ -32,6 +32,7 @@ from anycast_lb.status import Status
 from tests.component.backends import TcpNameEcho, UdpNameEcho, udp_request
 from tests.component.bgp_peer import BgpPeer
 from tests.component.nodes import node_running, wait_bound
+from tests.procs import exited
 from tests.waiting import wait_until
 
 VIP_PREFIX = "127.0.0.1/32"
@@ -112,17 +113,9 @@ async def bgp_node(tmp_path: Path, *args: str) -> AsyncIterator[BgpNode]:
             os.killpg(proc.pid, signal.SIGKILL)  # ExaBGP follows (PR_SET_PDEATHSIG)
             proc.wait()
         if exabgp_pid is not None:
-            await wait_until(lambda: not _alive(exabgp_pid), timeout=10, what="ExaBGP gone")
+            await wait_until(lambda: exited(exabgp_pid), timeout=10, what="ExaBGP gone")
         await peer.stop()
         await backend.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def test_group_sigterm_drains_withdraws_then_stops_exabgp(tmp_path: Path) -> None:
@@ -164,7 +157,7 @@ async def test_group_sighup_reloads_and_disturbs_nothing(tmp_path: Path) -> None
         assert node.proc.poll() is None
         status = (await node.get("/status"))[1]
         assert Status.model_validate(status).bgp is not None
-        assert status["bgp"]["exabgp_pid"] == exabgp_pid and _alive(exabgp_pid)
+        assert status["bgp"]["exabgp_pid"] == exabgp_pid and not exited(exabgp_pid)
         assert status["services"][0]["announcement"] == "announced"
         assert node.peer.sessions == 1 and len(node.peer.prefix_events(VIP_PREFIX)) == 1
         # Nor did it reach ExaBGP (which reloads on SIGHUP) or its API process
