@@ -361,6 +361,8 @@ class Pool:
                 kept.append(backend)
             removed = [b for b in self.backends if b.key not in wanted]
             self.service = service
+            self._proto = service.protocol.value
+            self._by_source = service.hash_key is HashKey.SOURCE_IP
             self.backends = kept
             self._by_key = {b.key: b for b in kept}
             old = self._selection

@@ -144,6 +144,16 @@ def test_source_ip_hash_ignores_port() -> None:
     assert len(chosen) == 1
 
 
+def test_a_live_update_changes_the_hash_key() -> None:
+    pool = all_up(make_pool(service()))
+    client = ("198.51.100.77", 40000)
+    assert pool.flow_key(client, VIP) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
+    pool.update(service(hash_key="source_ip"))
+    assert pool.flow_key(client, VIP) == bytes([198, 51, 100, 77])
+    pool.update(service())
+    assert pool.flow_key(client, VIP) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
+
+
 def test_fallbacks_hold_every_other_up_backend() -> None:
     pool = all_up(make_pool(service()))
     candidates = pool.candidates(CLIENT, VIP)
