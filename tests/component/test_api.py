@@ -139,8 +139,10 @@ async def test_connections_past_the_cap_are_refused_at_once() -> None:
                          ids=["nothing", "headers-unfinished", "request-line-unfinished"])
 async def test_a_stalled_request_is_closed_after_the_header_timeout(sent: bytes) -> None:
     async with serving(header_timeout=0.3) as (server, port):
+        # The server's timer starts when it accepts, which may run before
+        # this task resumes after the connect: start the clock before it.
+        start = time.monotonic()
         async with connection(port) as (reader, writer):
-            start = time.monotonic()
             writer.write(sent)
             assert await read_until_closed(reader, 3) == b""
             assert time.monotonic() - start >= 0.25
@@ -151,8 +153,8 @@ async def test_a_stalled_request_is_closed_after_the_header_timeout(sent: bytes)
 async def test_a_trickled_request_head_is_closed_at_the_header_timeout() -> None:
     """Slowloris: bytes keep coming, the head never completes in time."""
     async with serving(header_timeout=0.5) as (server, port):
+        start = time.monotonic()  # before the connect, as above
         async with connection(port) as (reader, writer):
-            start = time.monotonic()
             closed = asyncio.create_task(read_until_closed(reader, 3))
             head = b"GET /healthz HTTP/1.1\r\n" + b"X-Slow: a\r\n" * 100
             for i in range(len(head)):  # bounded: at most 3 s at 10 ms a byte
