@@ -5,10 +5,10 @@
 
     anycast-lb check-config node.yaml
     anycast-lb run --config node.yaml
-    anycast-lb drain [--wait [--timeout S]]|undrain|reload --config node.yaml
-    anycast-lb backend drain|undrain SERVICE ADDRESS:PORT --config node.yaml
-    anycast-lb backend weight SERVICE ADDRESS:PORT N --config node.yaml
-    anycast-lb status [--json] --config node.yaml
+    anycast-lb drain [--wait [--timeout S]]|undrain|reload --config node.yaml [--api HOST:PORT]
+    anycast-lb backend drain|undrain SERVICE ADDRESS:PORT --config node.yaml [--api HOST:PORT]
+    anycast-lb backend weight SERVICE ADDRESS:PORT N --config node.yaml [--api HOST:PORT]
+    anycast-lb status [--json] --config node.yaml [--api HOST:PORT]
     anycast-lb exabgp-config --config node.yaml
     anycast-lb schema
     anycast-lb backend-setup --vip VIP [--apply]
@@ -35,7 +35,14 @@ from typing import Any
 import click
 
 from anycast_lb import __version__, log
-from anycast_lb.config import Engine, NodeConfig, format_host_port, json_schema, load_config
+from anycast_lb.config import (
+    Engine,
+    NodeConfig,
+    format_host_port,
+    json_schema,
+    load_config,
+    parse_host_port,
+)
 from anycast_lb.consensus.cli import cluster
 from anycast_lb.election.cli import vip
 from anycast_lb.errors import AnycastLBError, ClusterError, ConfigError
@@ -155,9 +162,10 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
     traffic to the VIP's configured port) lets the kernel pick each port,
     so no caller has to pick a free one beforehand (and race others for
     it); read the bound addresses from the ``api.listening`` and
-    ``forwarder.listening`` log lines. ``anycast-lb drain``, ``undrain``
-    and ``status`` read ``api.listen`` from the config file, so they cannot
-    reach such a node.
+    ``forwarder.listening`` log lines. ``anycast-lb drain``, ``undrain``,
+    ``status``, ``reload`` and ``backend ...`` reach such a node with
+    ``--api HOST:PORT`` (the ``api.listening`` address) in place of the
+    config file's ``api.listen``.
     """
     cfg = _load(config)
     _check_files(cfg, config)
@@ -252,6 +260,36 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
     await node.run()
 
 
+def _api_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--api``: ``HOST:PORT`` (IPv6 as ``[::1]:PORT``, port 1-65535), as
+    ``api.listen`` reads it; click.BadParameter (exit 2) naming the fault."""
+    if value is None:
+        return None
+    try:
+        _, port = parse_host_port(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if port == 0:
+        raise click.BadParameter("port 0 is not an address to call: give the port the node "
+                                 "bound (its api.listening log line)")
+    return value
+
+
+_API = click.option("--api", "api", default=None, metavar="HOST:PORT", callback=_api_address,
+                    help="The node's API address, in place of api.listen of the config file "
+                         "(which still gives the token): for a node run with --ephemeral-ports, "
+                         "the address of its api.listening log line.")
+
+
+def _target(config: Path, api: str | None) -> NodeConfig:
+    """CONFIG loaded as :func:`_load` does, its ``api.listen`` replaced by
+    ``api`` (an ``--api`` value, already checked) when given."""
+    cfg = _load(config)
+    if api is None:
+        return cfg
+    return cfg.model_copy(update={"api": cfg.api.model_copy(update={"listen": api})})
+
+
 def _api_call(cfg: NodeConfig, method: str, path: str, token: str | None = None,
               body: object = None) -> tuple[int, Any]:
     host, port = cfg.api.host_port
@@ -290,8 +328,8 @@ def _token(cfg: NodeConfig) -> str | None:
         sys.exit(EXIT_ERROR)
 
 
-def _admin(config: Path, path: str) -> None:
-    cfg = _load(config)
+def _admin(config: Path, api: str | None, path: str) -> None:
+    cfg = _target(config, api)
     status, body = _api_call(cfg, "POST", path, _token(cfg))
     click.echo(json.dumps(body))
     if status != 200:
@@ -306,14 +344,16 @@ def _admin(config: Path, path: str) -> None:
               help="Then wait until the node is drained: withdrawn and no connection left.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="With --wait: give up (exit 1) after this many seconds (default: no limit).")
-def drain(config: Path, no_wait: bool, wait_end: bool, timeout: float | None) -> None:
+@_API
+def drain(config: Path, no_wait: bool, wait_end: bool, timeout: float | None,
+          api: str | None) -> None:
     """Drain the running node: GRACEFUL_SHUTDOWN (RFC 8326), then withdraw.
     With consensus the node first takes a drain slot (``drain.max_concurrent``
     cluster-wide); while every slot is held this waits, saying who holds
     them, until the node drains. ``--wait`` then waits, printing progress to
     stderr, until no connection is left (exit 1 at ``--timeout``)."""
     started = time.monotonic()
-    cfg = _load(config)
+    cfg = _target(config, api)
     if no_wait:
         status, body = _api_call(cfg, "POST", "/drain?no_wait=1", _token(cfg))
         click.echo(json.dumps(body))
@@ -378,21 +418,23 @@ def _wait_drained(cfg: NodeConfig, started: float, timeout: float | None) -> Non
 
 @main.command()
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
-def undrain(config: Path) -> None:
+@_API
+def undrain(config: Path, api: str | None) -> None:
     """End a drain: announce again where healthy."""
-    _admin(config, "/undrain")
+    _admin(config, api, "/undrain")
 
 
 @main.command()
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
-def reload(config: Path) -> None:
+@_API
+def reload(config: Path, api: str | None) -> None:
     """Make the running node re-read its config file and apply it live.
 
     Prints ``applied`` (generation, digest, actions) or ``refused`` with the
-    reason (exit 1). CONFIG gives the API address and token; the node
-    re-reads the file it was started with.
+    reason (exit 1). CONFIG gives the API address (or ``--api``) and the
+    token; the node re-reads the file it was started with.
     """
-    cfg = _load(config)
+    cfg = _target(config, api)
     status, body = _api_call(cfg, "POST", "/reload", _token(cfg))
     if isinstance(body, dict) and body.get("result") in ("applied", "refused"):
         if body["result"] == "applied":
@@ -410,10 +452,11 @@ def reload(config: Path) -> None:
 @main.command()
 @click.option("--config", "-c", "config", required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="The /status JSON, for machines.")
-def status(config: Path, as_json: bool) -> None:
+@_API
+def status(config: Path, as_json: bool, api: str | None) -> None:
     """The running node's state as tables (node, services, backends);
     ``--json``: the whole /status document."""
-    cfg = _load(config)
+    cfg = _target(config, api)
     code, body = _api_call(cfg, "GET", "/status")
     if as_json or code != 200:
         click.echo(json.dumps(body, indent=2))
@@ -433,9 +476,9 @@ def backend() -> None:
     every node applies it."""
 
 
-def _backend_change(config: Path, service: str, address: str, action: str,
+def _backend_change(config: Path, api: str | None, service: str, address: str, action: str,
                     body: object = None) -> None:
-    cfg = _load(config)
+    cfg = _target(config, api)
     quoted = "/".join(urllib.parse.quote(part, safe="") for part in (service, address))
     status, answer = _api_call(cfg, "POST", f"/backends/{quoted}/{action}", _token(cfg), body)
     if isinstance(answer, dict) and "change" in answer:
@@ -458,25 +501,28 @@ def _backend_change(config: Path, service: str, address: str, action: str,
 _SERVICE = click.argument("service")
 _ADDRESS = click.argument("address", metavar="ADDRESS:PORT")
 _CONFIG = click.option("--config", "-c", "config", required=True,
-                       type=click.Path(path_type=Path), help="node file: API address and token")
+                       type=click.Path(path_type=Path),
+                       help="node file: API address (unless --api) and token")
 
 
 @backend.command("drain")
 @_SERVICE
 @_ADDRESS
 @_CONFIG
-def backend_drain(service: str, address: str, config: Path) -> None:
+@_API
+def backend_drain(service: str, address: str, config: Path, api: str | None) -> None:
     """No new flows to ADDRESS:PORT of SERVICE; established ones continue."""
-    _backend_change(config, service, address, "drain")
+    _backend_change(config, api, service, address, "drain")
 
 
 @backend.command("undrain")
 @_SERVICE
 @_ADDRESS
 @_CONFIG
-def backend_undrain(service: str, address: str, config: Path) -> None:
+@_API
+def backend_undrain(service: str, address: str, config: Path, api: str | None) -> None:
     """Give ADDRESS:PORT of SERVICE new flows again (once up)."""
-    _backend_change(config, service, address, "undrain")
+    _backend_change(config, api, service, address, "undrain")
 
 
 @backend.command("weight")
@@ -484,9 +530,11 @@ def backend_undrain(service: str, address: str, config: Path) -> None:
 @_ADDRESS
 @click.argument("weight", type=click.IntRange(1, 1000))
 @_CONFIG
-def backend_weight(service: str, address: str, weight: int, config: Path) -> None:
+@_API
+def backend_weight(service: str, address: str, weight: int, config: Path,
+                   api: str | None) -> None:
     """Set the Maglev weight of ADDRESS:PORT of SERVICE (1..1000)."""
-    _backend_change(config, service, address, "weight", {"weight": weight})
+    _backend_change(config, api, service, address, "weight", {"weight": weight})
 
 
 @main.command("exabgp-config")

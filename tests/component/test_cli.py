@@ -289,3 +289,53 @@ def test_hostile_files_exit_2_with_one_clear_message(tmp_path: Path, command: st
         assert "Traceback" not in result.stderr, (name, result.stderr)
         assert result.stderr.startswith("anycast-lb: invalid config "), (name, result.stderr)
         assert result.stdout == "", name
+
+
+async def test_api_option_reaches_a_node_run_with_ephemeral_ports(tmp_path: Path) -> None:
+    backend = TcpNameEcho("be")
+    await backend.start()
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    data = minimal(backend.port)
+    data["api"] = {"listen": "127.0.0.1:0", "admin_token_file": str(token)}
+    path = write(tmp_path, data)
+    log = tmp_path / "node.log"
+    proc = start_node(path, log)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ANYCAST_LB, *args, "--config", str(path)],
+                              capture_output=True, text=True, check=False, timeout=30)
+
+    try:
+        bound = await wait_ready(proc, log)
+        api = f"{bound.api[0]}:{bound.api[1]}"
+        # The config file's api.listen (port 0) is not where the node listens ...
+        done = await asyncio.to_thread(cli, "status")
+        assert done.returncode == 1, done
+        assert "cannot reach the node's API at http://127.0.0.1:0/status" in done.stderr, done
+        # ... --api is; the token still comes from the file.
+        done = await asyncio.to_thread(cli, "status", "--api", api)
+        assert done.returncode == 0, done
+        assert done.stdout.startswith("node cli-node  drain: serving"), done
+        done = await asyncio.to_thread(cli, "drain", "--api", api)
+        assert (done.returncode, json.loads(done.stdout)) == (0, {"draining": True}), done
+        done = await asyncio.to_thread(cli, "status", "--json", "--api", api)
+        assert done.returncode == 0 and json.loads(done.stdout)["node"]["draining"], done
+        done = await asyncio.to_thread(cli, "undrain", "--api", api)
+        assert (done.returncode, json.loads(done.stdout)) == (0, {"draining": False}), done
+        for bad, reason in (("127.0.0.1:0", "port 0 is not an address to call"),
+                            ("localhost:9180", "'localhost' is not an IP address"),
+                            ("::1:9180", "write an IPv6 address in brackets"),
+                            ("127.0.0.1:65536", "'65536' is not a port")):
+            done = await asyncio.to_thread(cli, "undrain", "--api", bad)
+            assert done.returncode == 2, (bad, done)
+            assert "Invalid value for '--api'" in done.stderr and reason in done.stderr, (bad, done)
+        assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        await backend.stop()
