@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 import yaml
 
-from anycast_lb.config import parse_config
+from anycast_lb.config import format_host_port, parse_config
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho, UdpNameEcho, tcp_request, udp_request
-from tests.component.nodes import node_running
+from tests.component.nodes import node_running, wait_bound
 from tests.waiting import wait_until
 
 HEALTH = {"kind": "tcp", "interval": 0.2, "fast_interval": 0.05, "timeout": 0.2, "rise": 1,
@@ -243,49 +243,50 @@ async def test_refused_configs_keep_the_last_good_one_and_are_counted(tmp_path: 
 # ---------------------------------------------------------------- subprocess
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sighup_and_reload_command_on_a_running_node(tmp_path: Path) -> None:
     be1, be2 = await backends("be1", "be2")
     token = tmp_path / "token"
     token.write_text("t0ken\n")
     token.chmod(0o600)
-    api_port, web_port = _free_port(), _free_port()
-    cfg = config([{**service("web", [be1.port]), "port": web_port}])
-    cfg["api"] = {"listen": f"127.0.0.1:{api_port}", "admin_token_file": str(token)}
+    # --ephemeral-ports: the API and "web" (configured port 1) bind port 0;
+    # their ports are read from the log.
+    cfg = config([service("web", [be1.port])])
+    cfg["api"] = {"listen": "127.0.0.1:0", "admin_token_file": str(token)}
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "node.log"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "anycast_lb", "run", "--config", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "anycast_lb", "run", "--config", str(path),
+                                 "--ephemeral-ports"],
                                 stdout=subprocess.DEVNULL, stderr=err, env=env,
                                 start_new_session=True)
 
-    async def config_status() -> dict[str, Any]:
+    async def status() -> dict[str, Any]:
         async with aiohttp.ClientSession() as session, \
-                session.get(f"http://127.0.0.1:{api_port}/status") as response:
-            return (await response.json())["config"]  # type: ignore[no-any-return]
+                session.get(f"{bound.api_url}/status") as response:
+            return await response.json()  # type: ignore[no-any-return]
+
+    async def config_status() -> dict[str, Any]:
+        return (await status())["config"]  # type: ignore[no-any-return]
 
     async def ready() -> bool:
         try:
             async with aiohttp.ClientSession() as session, \
-                    session.get(f"http://127.0.0.1:{api_port}/readyz") as response:
+                    session.get(f"{bound.api_url}/readyz") as response:
                 return response.status == 200
         except aiohttp.ClientError:
             return False
 
     def cli_reload() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "anycast_lb", "reload", "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "anycast_lb", "reload", "--config", str(path),
+                               "--api", format_host_port(*bound.api)],
                               capture_output=True, text=True, env=env, timeout=20)
 
     try:
+        bound = await wait_bound(lambda: log.read_text(errors="replace"), ["web"],
+                                 alive=lambda: proc.poll() is None)
+        web_port = bound.services["web"][1]
         await wait_until(ready, timeout=20, interval=0.05, what="node ready")
         # SIGHUP with a changed file: applied.
         new = copy.deepcopy(cfg)
@@ -322,6 +323,11 @@ async def test_sighup_and_reload_command_on_a_running_node(tmp_path: Path) -> No
         done = await asyncio.to_thread(cli_reload)
         assert done.returncode == 1 and done.stdout.startswith("refused: restart needed: drain"), done
         assert proc.poll() is None
+        # Through every reload "web" kept the port it bound at start: never rebound.
+        [web] = (await status())["services"]
+        assert web["listen"] == f"127.0.0.1:{web_port}" and web["listening"], web
+        assert log.read_text().count("event=forwarder.listening") == 1
+        assert (await tcp_request(web_port))[0] == "be1"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 import yaml
 
-from anycast_lb.config import parse_config
+from anycast_lb.config import format_host_port, parse_config
 from anycast_lb.node import Node
 from tests.component.backends import TcpNameEcho, UdpNameEcho, tcp_request, udp_request
-from tests.component.nodes import node_running
+from tests.component.nodes import node_running, wait_bound
 from tests.waiting import wait_until
 
 HEALTH = {"kind": "tcp", "interval": 0.2, "fast_interval": 0.05, "timeout": 0.2, "rise": 1,
@@ -34,15 +34,16 @@ TOKEN = "t0ken"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def node_config(ports: list[int], token: Path, api: str = "127.0.0.1:0",
-                web_port: int = 1, engine: str = "asyncio", protocol: str = "tcp"
-                ) -> dict[str, Any]:
+def node_config(ports: list[int], token: Path, engine: str = "asyncio",
+                protocol: str = "tcp") -> dict[str, Any]:
+    """A node whose API and "web" are to bind port 0 (bind_overrides or
+    ``run --ephemeral-ports``: its configured port 1 is never bound)."""
     return {
         "node": {"name": "rtc"},
-        "api": {"listen": api, "admin_token_file": str(token)},
+        "api": {"listen": "127.0.0.1:0", "admin_token_file": str(token)},
         "forwarding": {"engine": engine},
         "drain": {"timeout": 2, "announce_grace": 0.1},
-        "services": [{"name": "web", "vip": "127.0.0.1", "port": web_port, "protocol": protocol,
+        "services": [{"name": "web", "vip": "127.0.0.1", "port": 1, "protocol": protocol,
                       "backends": [{"address": "127.0.0.1", "port": p} for p in ports],
                       "health": HEALTH if protocol == "tcp" else {**HEALTH, "kind": "none"}}],
     }
@@ -204,40 +205,42 @@ async def test_refusals(tmp_path: Path) -> None:
         await be.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_cli_backend_status_and_drain_wait(tmp_path: Path) -> None:
     be1, be2 = TcpNameEcho("be1"), TcpNameEcho("be2")
     for b in (be1, be2):
         await b.start()
-    api_port, web_port = _free_port(), _free_port()
-    cfg = node_config([be1.port, be2.port], token_file(tmp_path), api=f"127.0.0.1:{api_port}",
-                      web_port=web_port)
+    # --ephemeral-ports: the API and "web" bind port 0; their ports are read from the log.
+    cfg = node_config([be1.port, be2.port], token_file(tmp_path))
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "node.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(tmp_path / "node.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "anycast_lb", "run", "--config", str(path)],
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "anycast_lb", "run", "--config", str(path),
+                                 "--ephemeral-ports"],
                                 stdout=subprocess.DEVNULL, stderr=err, env=env,
                                 start_new_session=True)
+    api = ""
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "anycast_lb", *args, "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "anycast_lb", *args, "--config", str(path),
+                               "--api", api],
                               capture_output=True, text=True, env=env, timeout=30)
 
-    async def both_up() -> bool:
-        try:
-            async with aiohttp.ClientSession() as session, \
-                    session.get(f"http://127.0.0.1:{api_port}/status") as response:
-                return (await response.json())["services"][0]["up_backends"] == 2
-        except aiohttp.ClientError:
-            return False
-
     try:
+        bound = await wait_bound(lambda: log.read_text(errors="replace"), ["web"],
+                                 alive=lambda: proc.poll() is None)
+        api = format_host_port(*bound.api)
+        web_port = bound.services["web"][1]
+
+        async def both_up() -> bool:
+            try:
+                async with aiohttp.ClientSession() as session, \
+                        session.get(f"{bound.api_url}/status") as response:
+                    return (await response.json())["services"][0]["up_backends"] == 2
+            except aiohttp.ClientError:
+                return False
+
         await wait_until(both_up, timeout=20, interval=0.05, what="both backends up")
         done = await asyncio.to_thread(cli, "backend", "drain", "web", f"127.0.0.1:{be1.port}")
         assert done.returncode == 0, done
@@ -252,14 +255,18 @@ async def test_cli_backend_status_and_drain_wait(tmp_path: Path) -> None:
         lines = done.stdout.splitlines()
         assert lines[0] == "node rtc  drain: serving  config generation 3", lines
         [web] = [ln for ln in lines if ln.startswith("web ")]
-        assert web.split() == ["web", f"127.0.0.1:{web_port}", "tcp", "-", "yes", "1/2", "0"]
+        # The VIP column is the configured VIP:port; /status "listen" is where it is bound.
+        assert web.split() == ["web", "127.0.0.1:1", "tcp", "-", "yes", "1/2", "0"]
         [row1] = [ln for ln in lines if f"127.0.0.1:{be1.port}*" in ln]
         assert row1.split()[:5] == [f"127.0.0.1:{be1.port}*", "up", "1", "drained", "0"]
         [row2] = [ln for ln in lines if f"127.0.0.1:{be2.port}*" in ln]
         assert row2.split()[:5] == [f"127.0.0.1:{be2.port}*", "up", "7", "active", "0"]
         assert lines[-1].startswith("* drain or weight set at runtime")
         done = await asyncio.to_thread(cli, "status", "--json")
-        assert done.returncode == 0 and yaml.safe_load(done.stdout)["node"]["name"] == "rtc"
+        assert done.returncode == 0, done
+        document = yaml.safe_load(done.stdout)
+        assert document["node"]["name"] == "rtc"
+        assert document["services"][0]["listen"] == f"127.0.0.1:{web_port}"
         done = await asyncio.to_thread(cli, "backend", "undrain", "web", "127.0.0.1:1")
         assert done.returncode == 1 and "has no backend '127.0.0.1:1'" in done.stderr, done
         done = await asyncio.to_thread(cli, "backend", "weight", "web", "127.0.0.1:1", "0")
