@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import ip_address
 
 import pytest
@@ -55,13 +55,16 @@ async def udp_server() -> AsyncIterator[Callable[[Answer], asyncio.Future[tuple[
         transport.close()
 
 
-def closed_port() -> int:
-    """A UDP port nothing is bound to any more: datagrams get ICMP port unreachable."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((LOCAL, 0))
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A UDP port whose datagrams get ICMP port unreachable, held for the
+    test: its socket is connected to itself, so no datagram from another
+    port is delivered to it, and the kernel answers as if nothing were
+    bound (while nobody else can take the port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((LOCAL, 0))
+        sock.connect(sock.getsockname())
+        yield int(sock.getsockname()[1])
 
 
 # --- UDP ---------------------------------------------------------------------
@@ -102,8 +105,8 @@ async def test_udp_silence_times_out(udp_server) -> None:  # type: ignore[no-unt
     assert seen == [b"PING"]
 
 
-async def test_udp_closed_port_fails_fast() -> None:
-    result = await UdpProbe(LOCAL, closed_port(), 5.0, b"PING").check()
+async def test_udp_closed_port_fails_fast(closed_port: int) -> None:
+    result = await UdpProbe(LOCAL, closed_port, 5.0, b"PING").check()
     assert not result.ok and result.detail == "port unreachable"
     assert result.latency_s < 2.0  # the ICMP error, not the 5 s timeout
 
@@ -183,8 +186,8 @@ async def test_dns_answer_after_noise_is_still_taken(udp_server) -> None:  # typ
     assert (await DnsProbe(LOCAL, port, 1.0, "example.com", 1).check()).ok
 
 
-async def test_dns_closed_port_fails_fast() -> None:
-    result = await DnsProbe(LOCAL, closed_port(), 5.0, "example.com", 1).check()
+async def test_dns_closed_port_fails_fast(closed_port: int) -> None:
+    result = await DnsProbe(LOCAL, closed_port, 5.0, "example.com", 1).check()
     assert not result.ok and result.detail == "port unreachable"
 
 
