@@ -145,9 +145,9 @@ def _use_uvloop() -> None:
               help="Directory for ExaBGP's config and the announcer socket (default: a new temp dir).")
 @click.option("--no-uvloop", is_flag=True, help="Use the standard asyncio loop.")
 @click.option("--ephemeral-ports", is_flag=True,
-              help="For tests and labs: bind the API and every service listener on port 0 "
-                   "of its configured address; the bound addresses are logged "
-                   "(api.listening, forwarder.listening).")
+              help="For tests and labs: bind the API and every service listener (also "
+                   "one added by a reload) on port 0 of its configured address; the bound "
+                   "addresses are logged (api.listening, forwarder.listening).")
 def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path | None,
         no_uvloop: bool, ephemeral_ports: bool) -> None:
     """Run a node: forwarders, health checks, HTTP API and (with a bgp section) ExaBGP.
@@ -214,12 +214,8 @@ async def _run_node(cfg: NodeConfig, run_dir: Path | None, budget: Budget,
                     ephemeral_ports: bool = False, config_path: Path | None = None) -> None:
     from anycast_lb.node import Node  # deferred: keeps check-config light
 
-    bind_overrides: dict[str, tuple[str, int]] | None = None
-    api_listen: tuple[str, int] | None = None
-    if ephemeral_ports:
-        bind_overrides = {s.name: (str(s.vip), 0) for s in cfg.services}
-        api_listen = (str(cfg.api.host_port[0]), 0)
-    node = Node(cfg, run_dir=run_dir, budget=budget, bind_overrides=bind_overrides,
+    api_listen = (str(cfg.api.host_port[0]), 0) if ephemeral_ports else None
+    node = Node(cfg, run_dir=run_dir, budget=budget, ephemeral_ports=ephemeral_ports,
                 api_listen=api_listen, config_path=config_path)
     loop = asyncio.get_running_loop()
     signals = 0

@@ -46,6 +46,8 @@ class DataPlane:
 
     ``bind_overrides`` maps a service name to the (host, port) its forwarder
     binds instead of the VIP:port (tests bind 127.0.0.1 port 0).
+    ``ephemeral_ports``: every other service, including one added live,
+    binds port 0 of its VIP (``anycast-lb run --ephemeral-ports``).
     ``flow_hook`` (flow survival) is told of every TCP flow accepted and
     closed, and makes TCP listeners bind the wildcard address; both need the
     relay engine.
@@ -53,6 +55,7 @@ class DataPlane:
 
     def __init__(self, config: NodeConfig, pools: Mapping[str, Pool], budget: Budget, *,
                  bind_overrides: Mapping[str, tuple[str, int]] | None = None,
+                 ephemeral_ports: bool = False,
                  flow_hook: FlowHook | None = None, clock: Clock | None = None) -> None:
         self.config = config
         self.clock = clock
@@ -60,6 +63,7 @@ class DataPlane:
         self.budget = budget
         self.flow_hook = flow_hook
         self._bind_overrides = dict(bind_overrides or {})
+        self._ephemeral_ports = ephemeral_ports
         forwarding = config.forwarding
         self._tcp_slots = Slots(budget.tcp_connections,
                                 budget.tcp_connections_per_source or None,
@@ -100,7 +104,8 @@ class DataPlane:
         self.relay.start()
 
     def _forwarder(self, s: ServiceConfig, pool: Pool, budget: Budget) -> Forwarder:
-        host, port = self._bind_overrides.get(s.name, (str(s.vip), s.port))
+        host, port = self._bind_overrides.get(
+            s.name, (str(s.vip), 0 if self._ephemeral_ports else s.port))
         return forwarder_for(
             s, pool, bind_host=host, bind_port=port, relay=self.relay,
             wildcard=self.flow_hook is not None and self.relay is not None,

@@ -91,7 +91,8 @@ class Node:
 
     ``bind_overrides`` maps a service name to the (host, port) its forwarder
     binds instead of the VIP:port (tests bind 127.0.0.1 port 0);
-    ``api_listen`` overrides ``api.listen`` the same way; ``cluster_sock``
+    ``ephemeral_ports``: every other service, including one added live,
+    binds port 0 of its VIP; ``api_listen`` overrides ``api.listen`` the same way; ``cluster_sock``
     is an already bound UDP socket for the cluster's sync endpoint (tests
     bind port 0 and name the port read back in the peers' configs).
     ``config_path`` is the file :meth:`reload` re-reads (SIGHUP, ``POST
@@ -105,7 +106,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
                  run_dir: Path | None = None,
                  bind_overrides: Mapping[str, tuple[str, int]] | None = None,
-                 api_listen: tuple[str, int] | None = None,
+                 api_listen: tuple[str, int] | None = None, ephemeral_ports: bool = False,
                  cluster_sock: socket.socket | None = None, check_jitter: bool = True,
                  budget: Budget | None = None, apply: ApplyConfig | None = None,
                  config_path: Path | None = None) -> None:
@@ -116,6 +117,7 @@ class Node:
         self._tasks: asyncio.TaskGroup | None = None
         self.pools = {s.name: Pool(s) for s in config.services}
         self.data = DataPlane(config, self.pools, self.budget, bind_overrides=bind_overrides,
+                              ephemeral_ports=ephemeral_ports,
                               clock=self.clock)
         self.cluster: Cluster | None = None
         if config.cluster is not None:

@@ -288,9 +288,11 @@ async def test_sighup_and_reload_command_on_a_running_node(tmp_path: Path) -> No
                                  alive=lambda: proc.poll() is None)
         web_port = bound.services["web"][1]
         await wait_until(ready, timeout=20, interval=0.05, what="node ready")
-        # SIGHUP with a changed file: applied.
+        # SIGHUP with a changed file: applied. The service added live binds
+        # port 0 too (--ephemeral-ports), not its configured port 2.
         new = copy.deepcopy(cfg)
         new["services"][0]["backends"].append({"address": "127.0.0.1", "port": be2.port})
+        new["services"].append({**service("extra", [be2.port]), "port": 2})
         path.write_text(yaml.safe_dump(new))
         os.kill(proc.pid, signal.SIGHUP)
 
@@ -298,6 +300,16 @@ async def test_sighup_and_reload_command_on_a_running_node(tmp_path: Path) -> No
             return (await config_status())["generation"] == n
 
         await wait_until(lambda: generation(2), timeout=10, what="generation 2")
+        extra = (await wait_bound(lambda: log.read_text(errors="replace"), ["extra"])).services
+        assert extra["extra"][1] != 2, extra
+
+        async def extra_serves() -> bool:  # once its backend passed a first check
+            try:
+                return (await tcp_request(extra["extra"][1]))[0] == "be2"
+            except (OSError, asyncio.IncompleteReadError):
+                return False
+
+        await wait_until(extra_serves, timeout=10, what="extra serving")
 
         async def be2_serves() -> bool:
             return "be2" in {(await tcp_request(web_port))[0] for _ in range(20)}
@@ -326,7 +338,7 @@ async def test_sighup_and_reload_command_on_a_running_node(tmp_path: Path) -> No
         # Through every reload "web" kept the port it bound at start: never rebound.
         [web] = (await status())["services"]
         assert web["listen"] == f"127.0.0.1:{web_port}" and web["listening"], web
-        assert log.read_text().count("event=forwarder.listening") == 1
+        assert log.read_text().count("event=forwarder.listening service=web ") == 1
         assert (await tcp_request(web_port))[0] == "be1"
     finally:
         if proc.poll() is None:
