@@ -93,8 +93,9 @@ class Node:
     binds instead of the VIP:port (tests bind 127.0.0.1 port 0);
     ``ephemeral_ports``: every other service, including one added live,
     binds port 0 of its VIP; ``api_listen`` overrides ``api.listen`` the
-    same way; ``cluster_sock`` is an already bound UDP socket for the cluster's sync endpoint (tests
-    bind port 0 and name the port read back in the peers' configs).
+    same way; ``cluster_sock`` is an already bound UDP socket for the
+    cluster's sync endpoint (tests bind port 0 and name the port read back
+    in the peers' configs).
     ``config_path`` is the file :meth:`reload` re-reads (SIGHUP, ``POST
     /reload``). ``budget`` is
     the descriptor budget (the CLI plans it after raising the limit); by
