@@ -44,6 +44,9 @@ from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, RDHUP, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
+_BURST = (None,) * BURST
+"""``for _ in _BURST``: a tuple's iterator, not a ``range`` object built per
+call (about 50 ns less each, three times per short connection)."""
 COPY_READ = 65536
 """Largest read through user space (bytes): bigger recv() buffers go to
 mmap and back on every call."""
@@ -166,7 +169,7 @@ class Pump:
         copy_size = size if size < COPY_READ else COPY_READ
         if d.copy:
             # Copying (every short exchange), without the pipe's bookkeeping.
-            for _ in range(BURST):
+            for _ in _BURST:
                 try:
                     chunk = d.src.recv(copy_size, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
@@ -234,7 +237,7 @@ class Pump:
                 return
         pool = loop.pipes
         pipe = d.pipe
-        for _ in range(BURST):
+        for _ in _BURST:
             copy = d.copy
             if not copy and pipe is None:
                 pipe = d.pipe = pool.pop() if pool else loop.acquire_pipe()

@@ -147,6 +147,8 @@ START_TIMEOUT = 10.0
 """Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""
 ACCEPT_BATCH = 64
 """Connections accepted per listener wake-up before other sockets get a turn."""
+_ACCEPT_BATCH = (None,) * ACCEPT_BATCH
+"""``for _ in _ACCEPT_BATCH``: no ``range`` object built per wake-up."""
 CONNECT_SWEEP_S = 0.02
 """Resolution of connect timeouts (s): an attempt fails 0-20 ms after its
 connect_timeout."""
@@ -261,7 +263,7 @@ class _Listener:
         accept = self.sock._accept  # type: ignore[attr-defined]
         family = self.family
         loop = self.loop
-        for _ in range(ACCEPT_BATCH):
+        for _ in _ACCEPT_BATCH:
             try:
                 fd, peer = accept()
                 sock = Sock(family, _STREAM_NONBLOCK, 0, fd)
