@@ -188,6 +188,12 @@ class Pool:
         # about 70 ns each on CPython 3.11, and flow_key runs per flow.
         self._proto = self.service.protocol.value
         self._by_source = self.service.hash_key is HashKey.SOURCE_IP
+        self._balance = self.service.balance
+        """Read once (a pydantic model's attribute goes through its
+        ``__getattr__`` hook); ``update`` sets it again."""
+        self._key_end: tuple[tuple[str, int] | None, str] = (None, "")
+        """The last ``local`` that ``flow_key`` saw (by identity: an engine
+        passes its service's one tuple) and the key's end it formats to."""
         self._selection = _selection((), _Table((), array("l")), None, 0)
 
     def get(self, key: str) -> Backend:
@@ -361,6 +367,8 @@ class Pool:
                 kept.append(backend)
             removed = [b for b in self.backends if b.key not in wanted]
             self.service = service
+            self._balance = service.balance
+            self._by_source = service.hash_key is HashKey.SOURCE_IP
             self.backends = kept
             self._by_key = {b.key: b for b in kept}
             old = self._selection
@@ -423,7 +431,11 @@ class Pool:
         (``hash_key: source_ip``)."""
         if self._by_source:
             return ipaddress.ip_address(client[0]).packed
-        return f"{self._proto}|{client[0]}|{client[1]}|{local[0]}|{local[1]}".encode()
+        end = self._key_end
+        if end[0] is not local:
+            # One tuple, so a thread reading it sees a matching pair.
+            end = self._key_end = (local, f"|{local[0]}|{local[1]}")
+        return f"{self._proto}|{client[0]}|{client[1]}{end[1]}".encode()
 
     def candidates(self, client: tuple[str, int], local: tuple[str, int]) -> list[Backend]:
         """Up backends to try for a new flow, best first; empty when none is up.
@@ -445,7 +457,7 @@ class Pool:
         up = selection.up
         if not up:
             return []
-        balance = self.service.balance
+        balance = self._balance
         if balance is Balance.MAGLEV:
             first = _maglev_choice(selection, maglev.flow_hash(self.flow_key(client, local)))
         elif balance is Balance.ROUND_ROBIN:
