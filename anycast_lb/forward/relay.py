@@ -648,8 +648,18 @@ class _Conn(Pump):
                 # An error or hang-up with nothing left to read or write (level-
                 # triggered epoll would report it forever): the socket is dead.
                 self.feed(CLIENT_RESET)
-            else:
-                self.update()
+                return
+            # update(), inline: writes and reads are still self.down and self.up.
+            cmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
+                     | (_OUT if writes.pending else 0))
+            bmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
+                     | (_OUT if reads.pending else 0))
+            if cmask != self.cmask:
+                self.cmask = cmask
+                self.loop.modify(self.cfd, cmask)
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
 
@@ -678,8 +688,18 @@ class _Conn(Pump):
                     return
             if ev & _ERR and not ev & _IN_OUT:
                 self.feed(BACKEND_ERROR)
-            else:
-                self.update()
+                return
+            # update(), inline: writes and reads are still self.up and self.down.
+            cmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
+                     | (_OUT if reads.pending else 0))
+            bmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
+                     | (_OUT if writes.pending else 0))
+            if cmask != self.cmask:
+                self.cmask = cmask
+                self.loop.modify(self.cfd, cmask)
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
 
