@@ -103,6 +103,12 @@ class Reactor:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
         self._epoll.register(self._wake, IN)
+        self.handlers = self._handlers
+        """``register``'s two steps, for the relay's connections to do inline
+        (twice per connection): ``handlers[fd] = handler`` then ``watch(fd,
+        mask)`` (the epoll object's own ``register``); ``stop()`` finds the
+        owners from this dict as from ``register``'s."""
+        self.watch: Callable[[int, int], None] = self._epoll.register
         self._calls: deque[Callable[[], None]] = deque()
         self._timers: list[Timer] = []
         self.pipes: list[tuple[int, int]] = []

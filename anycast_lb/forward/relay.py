@@ -333,7 +333,11 @@ class _Conn(Pump):
 
     ``up`` / ``down`` are None while connecting (and reconnecting after a
     redispatch); ``cmask`` / ``bmask`` are the client's and backend's epoll
-    interest.
+    interest. After each socket event (and when the pump starts) a socket
+    wants EPOLLIN|EPOLLRDHUP while the direction it feeds has neither ended
+    nor bytes pending, and EPOLLOUT while the direction it receives has
+    bytes pending; epoll is told only of a change. The rule is written out
+    where it runs (no helper call: three times per short connection).
     """
 
     __slots__ = (
@@ -562,7 +566,8 @@ class _Conn(Pump):
         self.bfd = bfd = sock.fileno()
         self.bmask = _OUT
         loop = self.loop
-        loop.register(bfd, _OUT, self.backend_event)
+        loop.handlers[bfd] = self.backend_event  # loop.register, inline
+        loop.watch(bfd, _OUT)
         fwd.connecting[self] = loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
@@ -609,17 +614,29 @@ class _Conn(Pump):
             self.flush(up)
             if not up.live:
                 return  # reset (closed, or redispatched to the next candidate)
+        loop = self.loop
         if not self.creg:
             self.creg = True
-            self.cmask = _IN_HUP if not up.eof and not up.pending else 0
-            self.loop.register(self.cfd, self.cmask, self.client_event)
+            self.cmask = cmask = _IN_HUP if not up.eof and not up.pending else 0
+            loop.handlers[self.cfd] = self.client_event  # loop.register, inline
+            loop.watch(self.cfd, cmask)
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
             self.pump(up)
             if not up.live:
                 return
-        self.update()
+        # The epoll interest (see the class docstring); up is live, so self.down is its pair.
+        down = self.down
+        assert down is not None
+        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
+        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
+        if cmask != self.cmask:
+            self.cmask = cmask
+            loop.modify(self.cfd, cmask)
+        if bmask != self.bmask:
+            self.bmask = bmask
+            loop.modify(self.bfd, bmask)
 
     # -- socket events --------------------------------------------------------
     # The two handlers are written out (no shared helper call): each runs
@@ -649,7 +666,7 @@ class _Conn(Pump):
                 # triggered epoll would report it forever): the socket is dead.
                 self.feed(CLIENT_RESET)
                 return
-            # update(), inline: writes and reads are still self.down and self.up.
+            # The epoll interest (see the class docstring): writes and reads are live.
             cmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
                      | (_OUT if writes.pending else 0))
             bmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
@@ -689,7 +706,7 @@ class _Conn(Pump):
             if ev & _ERR and not ev & _IN_OUT:
                 self.feed(BACKEND_ERROR)
                 return
-            # update(), inline: writes and reads are still self.up and self.down.
+            # The epoll interest (see the class docstring): writes and reads are live.
             cmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
                      | (_OUT if reads.pending else 0))
             bmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
@@ -702,20 +719,6 @@ class _Conn(Pump):
                 self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
-
-    def update(self) -> None:
-        """Set each socket's epoll interest from the directions' state."""
-        up, down = self.up, self.down
-        if up is None or down is None:
-            return
-        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
-        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
-        if cmask != self.cmask:
-            self.cmask = cmask
-            self.loop.modify(self.cfd, cmask)
-        if bmask != self.bmask:
-            self.bmask = bmask
-            self.loop.modify(self.bfd, bmask)
 
     # -- pump hooks ----------------------------------------------------------
 
@@ -1090,7 +1093,12 @@ class RelayForwarder:
             _linger_reset(sock)
             loop.doom(sock)
             return
-        refusal = loop.slots.admit(peer[0])
+        slots = loop.slots
+        if slots.sources is None and (slots.cap is None or slots.used < slots.cap):
+            slots.used += 1  # Slots.admit's common case (no per-source cap), inline
+            refusal = None
+        else:
+            refusal = slots.admit(peer[0])
         if refusal is not None:
             # At a cap: reset now. Never registered with epoll, so closing
             # at once cannot confuse this batch's events (see doom).
@@ -1122,7 +1130,11 @@ class RelayForwarder:
         admitted, from ``_Conn.close``): its slot and its source's count
         are given back."""
         loop = self.loop
-        loop.slots.release(conn.peer[0])
+        slots = loop.slots
+        if slots.sources is None:
+            slots.used -= 1  # Slots.release without a per-source cap, inline
+        else:
+            slots.release(conn.peer[0])
         if loop.paused:
             loop.resume_listeners()
         self._conns.discard(conn)
