@@ -121,6 +121,38 @@ class Direction:
         """False once the owner dropped this direction."""
 
 
+_new = object.__new__
+
+
+def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tuple[Direction, Direction]:
+    """``(Direction(client, backend, True, counters, tap), Direction(backend,
+    client, False, counters, tap))``, built in one call: a class call runs
+    ``__init__`` through the type's slot (an argument tuple, a frame each),
+    which costs about 50 ns more per object, and this runs per connection.
+    Sets every field ``Direction.__init__`` sets, to the same values."""
+    up: Direction = _new(Direction)
+    up.src = client
+    up.dst = backend
+    up.upstream = True
+    up.counters = counters
+    up.pipe = up.buf = None
+    up.pending = 0
+    up.eof = up.fin = up.shut = False
+    up.copy = up.live = True
+    up.tap = tap
+    down: Direction = _new(Direction)
+    down.src = backend
+    down.dst = client
+    down.upstream = False
+    down.counters = counters
+    down.pipe = down.buf = None
+    down.pending = 0
+    down.eof = down.fin = down.shut = False
+    down.copy = down.live = True
+    down.tap = tap
+    return up, down
+
+
 class Pump:
     """Moves one connection's bytes on ``loop`` (see the module docstring).
 

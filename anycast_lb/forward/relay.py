@@ -126,7 +126,7 @@ from anycast_lb.forward.connection import (
     StopReplay,
 )
 from anycast_lb.forward.proxy_protocol import v2_header
-from anycast_lb.forward.pump import Direction, Pump
+from anycast_lb.forward.pump import Direction, Pump, pair
 from anycast_lb.forward.reactor import ERR as _ERR
 from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
 from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
@@ -595,8 +595,7 @@ class _Conn(Pump):
         # and out of a pipe. The pump switches a direction to splice after a
         # read that fills the buffer.
         replaying = machine.replaying
-        self.up = Direction(self.client, bsock, True, backend, replaying)
-        self.down = Direction(bsock, self.client, False, backend, replaying)
+        self.up, self.down = pair(self.client, bsock, backend, replaying)
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
