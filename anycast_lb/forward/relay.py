@@ -513,7 +513,13 @@ class _Conn(Pump):
             self.up = self.down = None
         sock = self.bsock
         if sock is not None:
-            loop.retire2(self.cfd, self.client, self.bfd, sock)
+            # loop.retire of both sockets, inline.
+            handlers = loop.handlers
+            handlers.pop(self.cfd, None)
+            handlers.pop(self.bfd, None)
+            doomed = loop.doomed
+            doomed.append(self.client)
+            doomed.append(sock)
             self.bsock, self.bfd, self.bmask = None, -1, 0
         else:
             loop.retire(self.cfd, self.client)
