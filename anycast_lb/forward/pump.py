@@ -44,6 +44,9 @@ from anycast_lb.forward.reactor import HAVE_SPLICE, PIPE_POOL, RDHUP, Reactor
 
 BURST = 8
 """Reads per direction per wake-up while each fills the buffer."""
+_BURST = (None,) * BURST
+"""``for _ in _BURST``: a tuple's iterator, not a ``range`` object built per
+call (about 50 ns less each, three times per short connection)."""
 COPY_READ = 65536
 """Largest read through user space (bytes): bigger recv() buffers go to
 mmap and back on every call."""
@@ -118,6 +121,38 @@ class Direction:
         """False once the owner dropped this direction."""
 
 
+_new = object.__new__
+
+
+def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tuple[Direction, Direction]:
+    """``(Direction(client, backend, True, counters, tap), Direction(backend,
+    client, False, counters, tap))``, built in one call: a class call runs
+    ``__init__`` through the type's slot (an argument tuple, a frame each),
+    which costs about 50 ns more per object, and this runs per connection.
+    Sets every field ``Direction.__init__`` sets, to the same values."""
+    up: Direction = _new(Direction)
+    up.src = client
+    up.dst = backend
+    up.upstream = True
+    up.counters = counters
+    up.pipe = up.buf = None
+    up.pending = 0
+    up.eof = up.fin = up.shut = False
+    up.copy = up.live = True
+    up.tap = tap
+    down: Direction = _new(Direction)
+    down.src = backend
+    down.dst = client
+    down.upstream = False
+    down.counters = counters
+    down.pipe = down.buf = None
+    down.pending = 0
+    down.eof = down.fin = down.shut = False
+    down.copy = down.live = True
+    down.tap = tap
+    return up, down
+
+
 class Pump:
     """Moves one connection's bytes on ``loop`` (see the module docstring).
 
@@ -166,7 +201,7 @@ class Pump:
         copy_size = size if size < COPY_READ else COPY_READ
         if d.copy:
             # Copying (every short exchange), without the pipe's bookkeeping.
-            for _ in range(BURST):
+            for _ in _BURST:
                 try:
                     chunk = d.src.recv(copy_size, _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
@@ -234,7 +269,7 @@ class Pump:
                 return
         pool = loop.pipes
         pipe = d.pipe
-        for _ in range(BURST):
+        for _ in _BURST:
             copy = d.copy
             if not copy and pipe is None:
                 pipe = d.pipe = pool.pop() if pool else loop.acquire_pipe()

@@ -126,7 +126,7 @@ from anycast_lb.forward.connection import (
     StopReplay,
 )
 from anycast_lb.forward.proxy_protocol import v2_header
-from anycast_lb.forward.pump import Direction, Pump
+from anycast_lb.forward.pump import Direction, Pump, pair
 from anycast_lb.forward.reactor import ERR as _ERR
 from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
 from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
@@ -147,6 +147,8 @@ START_TIMEOUT = 10.0
 """Seconds ``RelayForwarder.start()`` waits for the loop thread to bind."""
 ACCEPT_BATCH = 64
 """Connections accepted per listener wake-up before other sockets get a turn."""
+_ACCEPT_BATCH = (None,) * ACCEPT_BATCH
+"""``for _ in _ACCEPT_BATCH``: no ``range`` object built per wake-up."""
 CONNECT_SWEEP_S = 0.02
 """Resolution of connect timeouts (s): an attempt fails 0-20 ms after its
 connect_timeout."""
@@ -261,7 +263,7 @@ class _Listener:
         accept = self.sock._accept  # type: ignore[attr-defined]
         family = self.family
         loop = self.loop
-        for _ in range(ACCEPT_BATCH):
+        for _ in _ACCEPT_BATCH:
             try:
                 fd, peer = accept()
                 sock = Sock(family, _STREAM_NONBLOCK, 0, fd)
@@ -331,7 +333,11 @@ class _Conn(Pump):
 
     ``up`` / ``down`` are None while connecting (and reconnecting after a
     redispatch); ``cmask`` / ``bmask`` are the client's and backend's epoll
-    interest.
+    interest. After each socket event (and when the pump starts) a socket
+    wants EPOLLIN|EPOLLRDHUP while the direction it feeds has neither ended
+    nor bytes pending, and EPOLLOUT while the direction it receives has
+    bytes pending; epoll is told only of a change. The rule is written out
+    where it runs (no helper call: three times per short connection).
     """
 
     __slots__ = (
@@ -507,7 +513,13 @@ class _Conn(Pump):
             self.up = self.down = None
         sock = self.bsock
         if sock is not None:
-            loop.retire2(self.cfd, self.client, self.bfd, sock)
+            # loop.retire of both sockets, inline.
+            handlers = loop.handlers
+            handlers.pop(self.cfd, None)
+            handlers.pop(self.bfd, None)
+            doomed = loop.doomed
+            doomed.append(self.client)
+            doomed.append(sock)
             self.bsock, self.bfd, self.bmask = None, -1, 0
         else:
             loop.retire(self.cfd, self.client)
@@ -560,7 +572,8 @@ class _Conn(Pump):
         self.bfd = bfd = sock.fileno()
         self.bmask = _OUT
         loop = self.loop
-        loop.register(bfd, _OUT, self.backend_event)
+        loop.handlers[bfd] = self.backend_event  # loop.register, inline
+        loop.watch(bfd, _OUT)
         fwd.connecting[self] = loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
@@ -588,8 +601,7 @@ class _Conn(Pump):
         # and out of a pipe. The pump switches a direction to splice after a
         # read that fills the buffer.
         replaying = machine.replaying
-        self.up = Direction(self.client, bsock, True, backend, replaying)
-        self.down = Direction(bsock, self.client, False, backend, replaying)
+        self.up, self.down = pair(self.client, bsock, backend, replaying)
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
@@ -607,17 +619,29 @@ class _Conn(Pump):
             self.flush(up)
             if not up.live:
                 return  # reset (closed, or redispatched to the next candidate)
+        loop = self.loop
         if not self.creg:
             self.creg = True
-            self.cmask = _IN_HUP if not up.eof and not up.pending else 0
-            self.loop.register(self.cfd, self.cmask, self.client_event)
+            self.cmask = cmask = _IN_HUP if not up.eof and not up.pending else 0
+            loop.handlers[self.cfd] = self.client_event  # loop.register, inline
+            loop.watch(self.cfd, cmask)
         if not up.pending and not up.eof:
             # Clients usually speak first and their bytes are waiting by
             # now: read them without another trip through epoll.
             self.pump(up)
             if not up.live:
                 return
-        self.update()
+        # The epoll interest (see the class docstring); up is live, so self.down is its pair.
+        down = self.down
+        assert down is not None
+        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
+        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
+        if cmask != self.cmask:
+            self.cmask = cmask
+            loop.modify(self.cfd, cmask)
+        if bmask != self.bmask:
+            self.bmask = bmask
+            loop.modify(self.bfd, bmask)
 
     # -- socket events --------------------------------------------------------
     # The two handlers are written out (no shared helper call): each runs
@@ -646,8 +670,18 @@ class _Conn(Pump):
                 # An error or hang-up with nothing left to read or write (level-
                 # triggered epoll would report it forever): the socket is dead.
                 self.feed(CLIENT_RESET)
-            else:
-                self.update()
+                return
+            # The epoll interest (see the class docstring): writes and reads are live.
+            cmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
+                     | (_OUT if writes.pending else 0))
+            bmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
+                     | (_OUT if reads.pending else 0))
+            if cmask != self.cmask:
+                self.cmask = cmask
+                self.loop.modify(self.cfd, cmask)
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
 
@@ -676,24 +710,20 @@ class _Conn(Pump):
                     return
             if ev & _ERR and not ev & _IN_OUT:
                 self.feed(BACKEND_ERROR)
-            else:
-                self.update()
+                return
+            # The epoll interest (see the class docstring): writes and reads are live.
+            cmask = ((_IN_HUP if not writes.eof and not writes.pending else 0)
+                     | (_OUT if reads.pending else 0))
+            bmask = ((_IN_HUP if not reads.eof and not reads.pending else 0)
+                     | (_OUT if writes.pending else 0))
+            if cmask != self.cmask:
+                self.cmask = cmask
+                self.loop.modify(self.cfd, cmask)
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
-
-    def update(self) -> None:
-        """Set each socket's epoll interest from the directions' state."""
-        up, down = self.up, self.down
-        if up is None or down is None:
-            return
-        cmask = (_IN_HUP if not up.eof and not up.pending else 0) | (_OUT if down.pending else 0)
-        bmask = (_IN_HUP if not down.eof and not down.pending else 0) | (_OUT if up.pending else 0)
-        if cmask != self.cmask:
-            self.cmask = cmask
-            self.loop.modify(self.cfd, cmask)
-        if bmask != self.bmask:
-            self.bmask = bmask
-            self.loop.modify(self.bfd, bmask)
 
     # -- pump hooks ----------------------------------------------------------
 
@@ -1068,7 +1098,12 @@ class RelayForwarder:
             _linger_reset(sock)
             loop.doom(sock)
             return
-        refusal = loop.slots.admit(peer[0])
+        slots = loop.slots
+        if slots.sources is None and (slots.cap is None or slots.used < slots.cap):
+            slots.used += 1  # Slots.admit's common case (no per-source cap), inline
+            refusal = None
+        else:
+            refusal = slots.admit(peer[0])
         if refusal is not None:
             # At a cap: reset now. Never registered with epoll, so closing
             # at once cannot confuse this batch's events (see doom).
@@ -1100,7 +1135,11 @@ class RelayForwarder:
         admitted, from ``_Conn.close``): its slot and its source's count
         are given back."""
         loop = self.loop
-        loop.slots.release(conn.peer[0])
+        slots = loop.slots
+        if slots.sources is None:
+            slots.used -= 1  # Slots.release without a per-source cap, inline
+        else:
+            slots.release(conn.peer[0])
         if loop.paused:
             loop.resume_listeners()
         self._conns.discard(conn)
