@@ -9,7 +9,7 @@ proxying (``relay`` builds the forwarder on it, ``pump`` moves the bytes).
   handler is a method of the fd's owner (``Owner``): ``stop()`` calls every
   owner's ``halt()`` once, so it releases all its descriptors (a
   connection resets, a listener closes), whatever kind of object it is.
-- Deferred closes: ``doom(sock)`` closes a socket after the current batch
+- Deferred closes: ``doom(sock)`` (or an append to ``doomed``) closes a socket after the current batch
   of events, so its fd number cannot be reused by a socket accepted later
   in the same batch (which would then receive the stale events).
 - Timers: ``call_later(delay, fn)`` on the loop's clock (``now``, the
@@ -50,6 +50,9 @@ OUT = select.EPOLLOUT if HAVE_EPOLL else 4
 ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
 RDHUP = select.EPOLLRDHUP if HAVE_EPOLL else 0x2000
 """The peer shut down its writing side (its FIN arrived)."""
+ET = select.EPOLLET if HAVE_EPOLL else 1 << 31
+"""Edge-triggered: epoll reports a readiness once, when it arises, not
+while it lasts (epoll(7))."""
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 _F_SETPIPE_SZ = 1031
@@ -103,12 +106,21 @@ class Reactor:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._handlers: dict[int, Callable[[int], None]] = {self._wake: self._drain_wake}
         self._epoll.register(self._wake, IN)
+        self.handlers = self._handlers
+        """``register``'s two steps, for the relay's connections to do inline
+        (twice per connection): ``handlers[fd] = handler`` then ``watch(fd,
+        mask)`` (the epoll object's own ``register``); ``stop()`` finds the
+        owners from this dict as from ``register``'s."""
+        self.watch: Callable[[int, int], None] = self._epoll.register
         self._calls: deque[Callable[[], None]] = deque()
         self._timers: list[Timer] = []
         self.pipes: list[tuple[int, int]] = []
         """Empty pipes for reuse (at most ``PIPE_POOL``); the byte pump takes
         from and returns to it directly, ``acquire_pipe`` when it is empty."""
         self._doomed: list[_Closable] = []
+        self.doomed = self._doomed
+        """``doom``'s list (one list for the loop's life), for a closing
+        connection to append both its sockets inline."""
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False
@@ -195,15 +207,6 @@ class Reactor:
         self._handlers.pop(fd, None)
         self._doomed.append(sock)
 
-    def retire2(self, fd: int, sock: _Closable, fd2: int, sock2: _Closable) -> None:
-        """``retire`` of both sockets of a connection, in one call."""
-        handlers = self._handlers
-        handlers.pop(fd, None)
-        handlers.pop(fd2, None)
-        doomed = self._doomed
-        doomed.append(sock)
-        doomed.append(sock2)
-
     def doom(self, sock: _Closable) -> None:
         """Close ``sock`` after this batch of events: closing it now would
         free its fd number for a socket accepted later in the same batch,
@@ -286,9 +289,10 @@ class Reactor:
         # thread has returned.
 
     def _close_doomed(self) -> None:
-        doomed, self._doomed = self._doomed, []
+        doomed = self._doomed  # emptied in place: ``doomed`` is the same list
         for sock in doomed:
             sock.close()
+        doomed.clear()
 
     def _drain_wake(self, ev: int) -> None:
         try:

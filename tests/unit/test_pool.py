@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import threading
 import time
@@ -144,14 +145,28 @@ def test_source_ip_hash_ignores_port() -> None:
     assert len(chosen) == 1
 
 
-def test_a_live_update_changes_the_hash_key() -> None:
+def test_a_live_update_changes_the_hash_key_and_the_balance() -> None:
     pool = all_up(make_pool(service()))
     client = ("198.51.100.77", 40000)
     assert pool.flow_key(client, VIP) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
-    pool.update(service(hash_key="source_ip"))
+    pool.update(service(hash_key="source_ip", balance="round_robin"))
     assert pool.flow_key(client, VIP) == bytes([198, 51, 100, 77])
-    pool.update(service())
-    assert pool.flow_key(client, VIP) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
+    firsts = {pool.candidates(client, VIP)[0].key for _ in range(4)}
+    assert len(firsts) == 4  # round robin: the same flow rotates
+
+
+def test_flow_key_is_the_five_tuple_whatever_local_tuple_is_passed() -> None:
+    pool = make_pool(service())
+    client = ("198.51.100.77", 40000)
+    assert pool.flow_key(client, ("198.51.100.10", 80)) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
+    assert pool.flow_key(client, ("198.51.100.11", 443)) == b"tcp|198.51.100.77|40000|198.51.100.11|443"
+    assert pool.flow_key(client, ("198.51.100.10", 80)) == b"tcp|198.51.100.77|40000|198.51.100.10|80"
+
+
+@pytest.mark.parametrize("address", ["198.51.100.77", "0.0.0.0", "2001:db8::7", "::ffff:192.0.2.1", "fe80::1%eth0"])
+def test_source_ip_key_is_the_packed_address(address: str) -> None:
+    pool = make_pool(service(hash_key="source_ip"))
+    assert pool.flow_key((address, 40000), VIP) == ipaddress.ip_address(address).packed
 
 
 def test_fallbacks_hold_every_other_up_backend() -> None:

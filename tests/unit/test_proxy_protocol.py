@@ -11,6 +11,7 @@ from anycast_lb.forward.proxy_protocol import (
     SIGNATURE,
     IncompleteHeader,
     ProxyHeader,
+    ProxyHeaderError,
     parse_v2_header,
     v2_header,
 )
@@ -134,3 +135,27 @@ def test_builder_rejects_bad_input(
 ) -> None:
     with pytest.raises(ValueError):
         v2_header(client, local, protocol)  # type: ignore[arg-type]
+
+
+def _general_v4(client: tuple[str, int], local: tuple[str, int]) -> bytes:
+    """The IPv4 header built from ipaddress objects (the general path's way)."""
+    src, dst = ipaddress.IPv4Address(client[0]), ipaddress.IPv4Address(local[0])
+    body = src.packed + dst.packed + client[1].to_bytes(2, "big") + local[1].to_bytes(2, "big")
+    return SIGNATURE + bytes([0x21, 0x11]) + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "255.255.255.255", "192.0.2.1", "10.20.30.40", "127.0.0.1"])
+def test_ipv4_fast_path_gives_the_general_bytes(address: str) -> None:
+    for client, local in (((address, 0), ("198.51.100.10", 443)), (("203.0.113.7", 65535), (address, 80))):
+        assert v2_header(client, local, "tcp") == _general_v4(client, local)
+
+
+@pytest.mark.parametrize("address", ["01.2.3.4", "1.2.3", "1.2.3.4\x00", "256.1.1.1", "1.2.3.4 ", ""])
+def test_ipv4_spellings_that_ip_address_refuses_are_refused(address: str) -> None:
+    with pytest.raises(ProxyHeaderError):
+        v2_header((address, 1), ("198.51.100.10", 443), "tcp")
+
+
+def test_ipv4_port_out_of_range_is_refused() -> None:
+    with pytest.raises(ProxyHeaderError, match="port out of range"):
+        v2_header(("192.0.2.1", -1), ("198.51.100.10", 443), "tcp")
