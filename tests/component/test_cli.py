@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 from tests.component.backends import TcpNameEcho, tcp_request
 from tests.component.nodes import BoundAddresses, wait_bound
+from tests.procs import kill
 from tests.waiting import wait_until
 
 ANYCAST_LB = [sys.executable, "-m", "anycast_lb"]
@@ -154,9 +154,7 @@ async def test_run_serves_then_exits_0_on_sigterm(tmp_path: Path) -> None:
         assert out == b""  # stdout stays clean: logs go to stderr
         assert "event=node.started" in err and "event=node.stopped" in err
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill(proc)
         await backend.stop()
 
 
@@ -197,11 +195,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         assert proc.returncode == 1
         writer.close()
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        kill(proc)
         await backend.stop()
 
 
@@ -333,9 +327,5 @@ async def test_api_option_reaches_a_node_run_with_ephemeral_ports(tmp_path: Path
             assert "Invalid value for '--api'" in done.stderr and reason in done.stderr, (bad, done)
         assert proc.poll() is None
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        kill(proc)
         await backend.stop()
