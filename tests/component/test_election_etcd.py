@@ -99,6 +99,15 @@ def owners(nodes: list[Node]) -> list[str]:
     return [n.name for n in nodes if n.holds()]
 
 
+async def a_owns_and_b_sees_it(a: Node, b: Node) -> None:
+    """``a`` qualifies first and takes the VIP; then ``b`` qualifies and
+    sees ``a`` as its owner."""
+    a.ownership.set_qualifies(VIP, True)
+    await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
+    b.ownership.set_qualifies(VIP, True)
+    await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
+
+
 async def test_two_candidates_one_wins(etcd_member: EtcdMember, etcd_cluster: str) -> None:
     async with cluster(etcd_member, etcd_cluster, ("a", 100, False), ("b", 100, False)) as nodes:
         for n in nodes:
@@ -121,10 +130,7 @@ async def test_an_isolated_owner_steps_down_before_the_other_is_elected(
 ) -> None:
     async with cluster(etcd_member, etcd_cluster, ("a", 200, False), ("b", 100, False)) as nodes:
         a, b = nodes
-        a.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
-        b.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
+        await a_owns_and_b_sees_it(a, b)
         term_a = a.ownership.states()[VIP].term
         assert term_a is not None
         machine_a = a.ownership.machines[VIP]
@@ -162,10 +168,7 @@ async def test_a_draining_owner_hands_over_make_before_break(
 ) -> None:
     async with cluster(etcd_member, etcd_cluster, ("a", 200, False), ("b", 100, False)) as nodes:
         a, b = nodes
-        a.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
-        b.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
+        await a_owns_and_b_sees_it(a, b)
         a.ownership.set_qualifies(VIP, False)  # drain
         await wait_until(lambda: bool(b.times("take") and a.times("drop")), timeout=5,
                          what="b takes, a drops")
@@ -182,10 +185,7 @@ async def test_a_drain_whose_candidate_delete_is_lost_still_hands_over_make_befo
     # for lease_ttl while the owner drops the VIP after handover_timeout.
     async with cluster(etcd_member, etcd_cluster, ("a", 200, False), ("b", 100, False)) as nodes:
         a, b = nodes
-        a.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: bool(a.times("take")), timeout=5, what="a owns")
-        b.ownership.set_qualifies(VIP, True)
-        await wait_until(lambda: b.ownership.states()[VIP].owner == "a", timeout=5, what="b sees a")
+        await a_owns_and_b_sees_it(a, b)
         a.store.lost_deletes = 1  # a's candidate key delete
         a.ownership.set_qualifies(VIP, False)  # drain
         await wait_until(lambda: bool(b.times("take") and a.times("drop")), timeout=5,
