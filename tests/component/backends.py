@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from anycast_lb.listeners import close_server
+
 
 class TcpNameEcho:
     """Sends ``NAME\\n`` on connect, then echoes. ``stop()`` closes the
@@ -21,6 +23,7 @@ class TcpNameEcho:
         self._hold: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.connections = 0
 
     async def start(self) -> int:
@@ -29,13 +32,27 @@ class TcpNameEcho:
             self._hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._hold.bind(("127.0.0.1", 0))
             self.port = self._hold.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", self.port,
                                                   reuse_address=True, reuse_port=True)
         return self.port
 
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The connection is ours from here, not from the handler's first
+        # step: stop() must close one whose handler has not run yet, and a
+        # handler cancelled before its first step (loop teardown) never
+        # reaches its finally; Python 3.11's start_server then leaves the
+        # transport open (3.12 closes it), to warn when collected.
+        if self._server is None or not self._server.is_serving():
+            writer.transport.abort()  # accepted just before stop()
+            return
+        self._writers.add(writer)
+        handler = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+        handler.add_done_callback(lambda _: self._writers.discard(writer) or writer.close())
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._writers.add(writer)
         try:
             writer.write(self.name.encode() + b"\n")
             while data := await reader.read(65536):
@@ -44,14 +61,13 @@ class TcpNameEcho:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._writers.discard(writer)
             writer.close()
 
     async def stop(self, release: bool = True) -> None:
         """Close the listener and every connection; ``release=False`` keeps
         the port for a later ``start``."""
         assert self._server is not None
-        self._server.close()
+        await close_server(self._server)
         for writer in list(self._writers):
             writer.transport.abort()
         await self._server.wait_closed()
