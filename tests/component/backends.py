@@ -49,7 +49,11 @@ class TcpNameEcho:
         handler = asyncio.get_running_loop().create_task(self._serve(reader, writer))
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
-        handler.add_done_callback(lambda _: self._writers.discard(writer) or writer.close())
+        handler.add_done_callback(lambda _: self._ended(writer))
+
+    def _ended(self, writer: asyncio.StreamWriter) -> None:
+        self._writers.discard(writer)
+        writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
