@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 from anycast_lb.listeners import close_server
 
 
 class TcpNameEcho:
     """Sends ``NAME\\n`` on connect, then echoes. ``stop()`` closes the
-    listener and every connection, like a crashed backend.
+    listener and every connection, like a crashed backend: those it
+    answered with a FIN, the others (accepted, not answered yet: for a
+    process, still in its listen backlog) with a reset.
 
     Its port is held from the first ``start`` until ``stop(release=True)``
     by a second socket bound to it with SO_REUSEPORT that never listens:
@@ -23,6 +26,7 @@ class TcpNameEcho:
         self._hold: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._answered: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self.connections = 0
 
@@ -43,7 +47,7 @@ class TcpNameEcho:
         # reaches its finally; Python 3.11's start_server then leaves the
         # transport open (3.12 closes it), to warn when collected.
         if self._server is None or not self._server.is_serving():
-            writer.transport.abort()  # accepted just before stop()
+            _reset(writer)  # accepted just before stop()
             return
         self._writers.add(writer)
         handler = asyncio.get_running_loop().create_task(self._serve(reader, writer))
@@ -53,12 +57,14 @@ class TcpNameEcho:
 
     def _ended(self, writer: asyncio.StreamWriter) -> None:
         self._writers.discard(writer)
+        self._answered.discard(writer)
         writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             writer.write(self.name.encode() + b"\n")
+            self._answered.add(writer)
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -73,11 +79,25 @@ class TcpNameEcho:
         assert self._server is not None
         await close_server(self._server)
         for writer in list(self._writers):
-            writer.transport.abort()
+            if writer in self._answered:
+                writer.transport.abort()
+            else:
+                _reset(writer)
         await self._server.wait_closed()
         if release and self._hold is not None:
             self._hold.close()
             self._hold = None
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection with a reset (SO_LINGER 0), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already reset by the peer
+    writer.transport.abort()
 
 
 class UdpNameEcho(asyncio.DatagramProtocol):
