@@ -83,6 +83,7 @@ from anycast_lb.errors import (
     ConsensusError,
     UnknownBackend,
 )
+from anycast_lb.listeners import close_server
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.metrics import CONTENT_TYPE
 
@@ -414,7 +415,7 @@ class ApiServer:
     async def cleanup(self) -> None:
         """Stop listening, then let aiohttp finish and close every connection."""
         if self._listener is not None:
-            self._listener.close()
+            await close_server(self._listener)
         await self._runner.cleanup()
         for transport in list(self.connections):
             transport.abort()

@@ -55,6 +55,7 @@ from anycast_lb.bgp.policy import Prefix, Route, sorted_prefixes
 from anycast_lb.clock import Clock
 from anycast_lb.config import BgpConfig
 from anycast_lb.errors import AnnouncerError
+from anycast_lb.listeners import close_server
 
 HEARTBEAT = 0.2
 """Seconds between route messages when nothing changes."""
@@ -393,7 +394,11 @@ class BgpSpeaker:
         try:
             if self._tg is None:
                 raise RuntimeError("not running")
-            self._tg.create_task(coro)
+            task = self._tg.create_task(coro)
+            # A callback, not only _serve's finally: a task cancelled before
+            # its first step never runs its body (the node stopping just
+            # as the announcer connects) and would leave the socket open.
+            task.add_done_callback(lambda _: writer.close())
         except RuntimeError:  # shutting down
             coro.close()
             writer.close()
@@ -465,10 +470,8 @@ class BgpSpeaker:
         log.event("bgp.speaker_start", exabgp=exe, version=f"{version[0]}.{version[1]}",
                   config=str(self.config_path), socket=str(self.socket_path))
         try:
-            async with server, asyncio.TaskGroup() as tg:
+            async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                # serve_forever closes the server when cancelled, first thing.
-                tg.create_task(server.serve_forever())
                 exabgp_started = asyncio.Event()
                 tg.create_task(self._supervisor.run(exabgp_started))
                 tg.create_task(self._heartbeat())
@@ -477,6 +480,7 @@ class BgpSpeaker:
                 started.set()
         finally:
             self._tg = None
+            await close_server(server)
             for conn in list(self._conns):
                 conn.writer.close()
             self.socket_path.unlink(missing_ok=True)

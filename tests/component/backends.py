@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
+
+from anycast_lb.listeners import close_server
 
 
 class TcpNameEcho:
     """Sends ``NAME\\n`` on connect, then echoes. ``stop()`` closes the
-    listener and every connection, like a crashed backend.
+    listener and every connection, like a crashed backend: those it
+    answered with a FIN, the others (accepted, not answered yet: for a
+    process, still in its listen backlog) with a reset.
 
     Its port is held from the first ``start`` until ``stop(release=True)``
     by a second socket bound to it with SO_REUSEPORT that never listens:
@@ -21,6 +26,8 @@ class TcpNameEcho:
         self._hold: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._answered: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.connections = 0
 
     async def start(self) -> int:
@@ -29,35 +36,68 @@ class TcpNameEcho:
             self._hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._hold.bind(("127.0.0.1", 0))
             self.port = self._hold.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", self.port,
                                                   reuse_address=True, reuse_port=True)
         return self.port
 
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The connection is ours from here, not from the handler's first
+        # step: stop() must close one whose handler has not run yet, and a
+        # handler cancelled before its first step (loop teardown) never
+        # reaches its finally; Python 3.11's start_server then leaves the
+        # transport open (3.12 closes it), to warn when collected.
+        if self._server is None or not self._server.is_serving():
+            _reset(writer)  # accepted just before stop()
+            return
+        self._writers.add(writer)
+        handler = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+        handler.add_done_callback(lambda _: self._ended(writer))
+
+    def _ended(self, writer: asyncio.StreamWriter) -> None:
+        self._writers.discard(writer)
+        self._answered.discard(writer)
+        writer.close()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._writers.add(writer)
         try:
             writer.write(self.name.encode() + b"\n")
+            self._answered.add(writer)
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._writers.discard(writer)
             writer.close()
 
     async def stop(self, release: bool = True) -> None:
         """Close the listener and every connection; ``release=False`` keeps
         the port for a later ``start``."""
         assert self._server is not None
-        self._server.close()
+        await close_server(self._server)
         for writer in list(self._writers):
-            writer.transport.abort()
+            if writer in self._answered:
+                writer.transport.abort()
+            else:
+                _reset(writer)
         await self._server.wait_closed()
         if release and self._hold is not None:
             self._hold.close()
             self._hold = None
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection with a reset (SO_LINGER 0), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already reset by the peer
+    writer.transport.abort()
 
 
 class UdpNameEcho(asyncio.DatagramProtocol):

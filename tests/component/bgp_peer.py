@@ -13,6 +13,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from anycast_lb.listeners import close_server
+
 MARKER = b"\xff" * 16
 OPEN, UPDATE, NOTIFICATION, KEEPALIVE = 1, 2, 3, 4
 NEXT_HOP, COMMUNITIES, MP_REACH, MP_UNREACH, EXTENDED, LARGE = 3, 8, 14, 15, 16, 32
@@ -55,14 +57,14 @@ class BgpPeer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
-        self._server = await asyncio.start_server(self._serve, sock=sock)
+        self._server = await asyncio.start_server(self._accepted, sock=sock)
         self.port = int(sock.getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
         """Close the listener and every session (their reads then end)."""
         if self._server is not None:
-            self._server.close()
+            await close_server(self._server)
         for writer in list(self._writers):
             writer.close()
         if self._tasks:
@@ -78,11 +80,20 @@ class BgpPeer:
                 out.append(("withdraw", u))
         return out
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The session is ours from here, not from its task's first step:
+        # stop() must close one whose task has not run yet, and a task
+        # cancelled before its first step never reaches its finally.
+        if self._server is None or not self._server.is_serving():
+            writer.close()  # accepted just before stop()
+            return
         self._writers.add(writer)
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: (self._writers.discard(writer), writer.close()))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         keepalive: asyncio.Task[None] | None = None
         try:
             while True:
@@ -106,8 +117,6 @@ class BgpPeer:
             if keepalive is not None:
                 keepalive.cancel()
             writer.close()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
 
     def _open(self) -> bytes:
         caps = (

@@ -21,6 +21,7 @@ from anycast_lb.forward import FlowKey
 from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
+from anycast_lb.listeners import close_server
 from anycast_lb.pool import Pool
 from tests.waiting import wait_until
 
@@ -49,9 +50,12 @@ class LineBackend:
         return self.address
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                  ) -> Coroutine[Any, Any, None]:
+                  ) -> Coroutine[Any, Any, None] | None:
         # Registered at once, not when the handler task first runs: close()
         # must close a connection whose task has not started yet.
+        if self.server is None or not self.server.is_serving():
+            writer.close()  # accepted just before close()
+            return None
         self.writers.add(writer)
         return self._handle(reader, writer)
 
@@ -82,7 +86,7 @@ class LineBackend:
 
     async def close(self) -> None:
         assert self.server is not None
-        self.server.close()
+        await close_server(self.server)
         for writer in list(self.writers):
             writer.close()
         await self.server.wait_closed()
