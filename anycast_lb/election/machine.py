@@ -373,8 +373,11 @@ class ElectionMachine:
         if self.role in (Role.STANDBY, Role.CANDIDATE):
             if mine and owner is not None and owner.term == self._resigned_term:
                 pass  # our resign has not reached etcd yet (sent again above)
-            elif mine and owner is not None and alive and self.qualifies:
+            elif mine and owner is not None and alive and self.qualifies \
+                    and owner.term >= self.highest_term:
                 # Our campaign won (its answer may have been lost on the way).
+                # A record of ours below the highest term seen is stale: a
+                # later campaign of ours won while this node had no lease.
                 self.role, self.term = Role.OWNER, owner.term
                 self._take(now, out)
             elif owner is None and self.qualifies:

@@ -140,6 +140,23 @@ def test_terms_taken_never_decrease(ops: list[tuple[str, int]]) -> None:
     assert taken == sorted(taken)
 
 
+def test_an_own_record_below_the_highest_term_is_not_taken_again() -> None:
+    # Found by test_terms_taken_never_decrease: a campaign won term 1 and
+    # the VIP was taken; the lease was lost; a later campaign's answer (term
+    # 2) came while there was no lease, so the term-1 record stayed; a lease
+    # with the old id (etcd does not reuse ids, the machine must not rely on
+    # it) made that stale record look like ours again.
+    m = machine()
+    m.set_qualifies(True, 0.0)
+    m.lease_granted(LEASE, 1.0, 0.0, 0.0)
+    assert Take(1) in m.campaign_result(1, 0.01)
+    m.lease_lost(0.02)
+    m.campaign_result(2, 0.03)
+    out = m.lease_granted(LEASE, 1.0, 0.04, 0.04)
+    assert not any(isinstance(a, Take) for a in out) and not m.has_vip
+    assert m.role is not Role.OWNER
+
+
 def test_a_draining_owner_resigns_and_drops_only_after_its_successor_announced() -> None:
     m = machine()
     owner_of(m)
