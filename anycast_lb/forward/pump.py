@@ -29,11 +29,6 @@ and per chunk only while a direction is ``tap``ped:
 - ``drained(d)``: ``d.eof`` is set and every byte is written.
 - ``failed(d, exc, writing)``: an OSError reading ``d.src`` (``writing``
   False) or writing ``d.dst``.
-- ``may_hold_more(d)``: the pump stopped reading ``d.src`` with every
-  byte written while it may hold more (``BURST`` full reads, or a short
-  splice: splice stops when the pipe's slots are full, not only when the
-  socket is empty), which an edge-triggered epoll registration would not
-  report again.
 
 After a hook the pump leaves a direction whose ``live`` turned False (the
 connection closed, or dropped its directions to reconnect) at once.
@@ -186,9 +181,6 @@ class Pump:
     def failed(self, d: Direction, exc: OSError, writing: bool) -> None:
         raise NotImplementedError
 
-    def may_hold_more(self, d: Direction) -> None:
-        raise NotImplementedError
-
     # -- moving bytes --------------------------------------------------------
 
     def pump(self, d: Direction, ended: int = 0) -> None:
@@ -274,7 +266,6 @@ class Pump:
                     d.sfd, d.dfd = src.fileno(), dst.fileno()
                     break
             else:
-                self.may_hold_more(d)
                 return
         pool = loop.pipes
         pipe = d.pipe
@@ -345,10 +336,7 @@ class Pump:
                 self.failed(d, exc, True)
                 return
             if n < size and not ended & RDHUP:
-                self.may_hold_more(d)
                 break
-        else:
-            self.may_hold_more(d)
         if pipe is not None and not d.pending and d.pipe is pipe:
             # Idle: the pipe (empty) goes back to the pool.
             d.pipe = None

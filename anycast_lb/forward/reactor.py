@@ -50,9 +50,6 @@ OUT = select.EPOLLOUT if HAVE_EPOLL else 4
 ERR = (select.EPOLLERR | select.EPOLLHUP) if HAVE_EPOLL else 24
 RDHUP = select.EPOLLRDHUP if HAVE_EPOLL else 0x2000
 """The peer shut down its writing side (its FIN arrived)."""
-ET = select.EPOLLET if HAVE_EPOLL else 1 << 31
-"""Edge-triggered: epoll reports a readiness once, when it arises, not
-while it lasts (epoll(7))."""
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 _F_SETPIPE_SZ = 1031

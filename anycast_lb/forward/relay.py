@@ -128,7 +128,6 @@ from anycast_lb.forward.connection import (
 from anycast_lb.forward.proxy_protocol import v2_header
 from anycast_lb.forward.pump import Direction, Pump, pair
 from anycast_lb.forward.reactor import ERR as _ERR
-from anycast_lb.forward.reactor import ET as _ET
 from anycast_lb.forward.reactor import HAVE_EPOLL as HAVE_EPOLL
 from anycast_lb.forward.reactor import HAVE_SPLICE as HAVE_SPLICE
 from anycast_lb.forward.reactor import IN as _IN
@@ -172,9 +171,6 @@ _IN_HUP = _IN | _RDHUP
 """A reading socket's interest: EPOLLRDHUP tells that the peer's FIN is
 queued too (see the socket events)."""
 _IN_ERR = _IN | _ERR
-_BACKEND_ARMED = _IN_HUP | _OUT | _ET
-"""The backend socket's epoll registration, from the connect to the close:
-edge-triggered, for everything (see ``_Conn``)."""
 _RDHUP_ERR = _RDHUP | _ERR
 """What the pump needs of a socket event to know the end without a read
 returning 0 (``Pump.pump``'s ``ended``)."""
@@ -336,25 +332,12 @@ class _Conn(Pump):
     actions of its ``Connection`` machine; ``Pump`` moves the bytes.
 
     ``up`` / ``down`` are None while connecting (and reconnecting after a
-    redispatch); ``cmask`` / ``bmask`` are what the client's and backend's
-    sockets want. After each socket event (and when the pump starts) a
-    socket wants EPOLLIN|EPOLLRDHUP while the direction it feeds has neither
-    ended nor bytes pending, and EPOLLOUT while the direction it receives
-    has bytes pending. The rule is written out where it runs (no helper
-    call: three times per short connection).
-
-    The client's socket is level-triggered: epoll is told of each change
-    of ``cmask``. The backend's is registered once, edge-triggered, for
-    EPOLLIN, EPOLLOUT and EPOLLRDHUP (``_BACKEND_ARMED``): the change from
-    connecting to reading, and the end of the backend's bytes, cost no
-    system call (two ``epoll_ctl`` less per short connection). An edge is
-    reported once, so a readiness the connection did not act on must be
-    asked for again (an ``epoll_ctl`` MOD, which reports what is ready
-    now): when ``bmask`` gains a bit (bytes the backend sent while the
-    client could not take them), when the pump stopped reading with bytes
-    perhaps left (``may_hold_more``), and after the connect when bytes
-    came with it. (epoll(7), "edge-triggered"; the re-report on MOD is
-    ``ep_modify`` in the kernel's fs/eventpoll.c.)
+    redispatch); ``cmask`` / ``bmask`` are the client's and backend's epoll
+    interest. After each socket event (and when the pump starts) a socket
+    wants EPOLLIN|EPOLLRDHUP while the direction it feeds has neither ended
+    nor bytes pending, and EPOLLOUT while the direction it receives has
+    bytes pending; epoll is told only of a change. The rule is written out
+    where it runs (no helper call: three times per short connection).
     """
 
     __slots__ = (
@@ -587,10 +570,10 @@ class _Conn(Pump):
             return
         self.bsock = sock
         self.bfd = bfd = sock.fileno()
-        self.bmask = _IN_HUP | _OUT  # armed: every edge from now on reaches backend_event
+        self.bmask = _OUT
         loop = self.loop
         loop.handlers[bfd] = self.backend_event  # loop.register, inline
-        loop.watch(bfd, _BACKEND_ARMED)
+        loop.watch(bfd, _OUT)
         fwd.connecting[self] = loop.now + self.machine.connect_timeout
 
     def timed_out(self) -> None:
@@ -656,9 +639,9 @@ class _Conn(Pump):
         if cmask != self.cmask:
             self.cmask = cmask
             loop.modify(self.cfd, cmask)
-        if bmask & ~self.bmask:
-            loop.modify(self.bfd, _BACKEND_ARMED)  # edge-triggered: ask again (class docstring)
-        self.bmask = bmask
+        if bmask != self.bmask:
+            self.bmask = bmask
+            loop.modify(self.bfd, bmask)
 
     # -- socket events --------------------------------------------------------
     # The two handlers are written out (no shared helper call): each runs
@@ -696,9 +679,9 @@ class _Conn(Pump):
             if cmask != self.cmask:
                 self.cmask = cmask
                 self.loop.modify(self.cfd, cmask)
-            if bmask & ~self.bmask:
-                self.loop.modify(self.bfd, _BACKEND_ARMED)  # edge-triggered: ask again
-            self.bmask = bmask
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
 
@@ -716,9 +699,6 @@ class _Conn(Pump):
                     self._attempt_failed(os.strerror(err) if err else "hang-up")
                 else:
                     self._connected()
-                    if ev & _IN and self.down is not None:
-                        # The backend spoke at once: that edge is spent.
-                        self.loop.modify(self.bfd, _BACKEND_ARMED)
                 return
             if ev & _OUT or (ev & _ERR and writes.pending):
                 self.flush(writes)
@@ -739,18 +719,13 @@ class _Conn(Pump):
             if cmask != self.cmask:
                 self.cmask = cmask
                 self.loop.modify(self.cfd, cmask)
-            if bmask & ~self.bmask:
-                self.loop.modify(self.bfd, _BACKEND_ARMED)  # edge-triggered: ask again
-            self.bmask = bmask
+            if bmask != self.bmask:
+                self.bmask = bmask
+                self.loop.modify(self.bfd, bmask)
         except ConnectionStateError as exc:
             self._bug(exc)
 
     # -- pump hooks ----------------------------------------------------------
-
-    def may_hold_more(self, d: Direction) -> None:
-        if not d.upstream and d is self.down:
-            # The backend's socket is edge-triggered: ask again for the rest.
-            self.loop.modify(self.bfd, _BACKEND_ARMED)
 
     def tapped(self, d: Direction, data: bytes | None) -> None:
         machine = self.machine
