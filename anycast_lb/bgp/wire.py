@@ -245,7 +245,8 @@ def decode_announcer_message(line: bytes | str) -> PeerMessage | AckMessage | Al
         return AckMessage(seq=_int(obj, "seq"), ok=ok is True)
     if kind == "peer":
         address, state = obj.get("address"), obj.get("state")
-        if not isinstance(address, str) or state not in PEER_STATES:
+        # isinstance first: a JSON list or object is unhashable (TypeError).
+        if not isinstance(address, str) or not isinstance(state, str) or state not in PEER_STATES:
             raise WireError(f"bad peer message {line[:200]!r}")
         return PeerMessage(address=address, state=str(state))
     raise WireError(f"unknown message type {kind!r}")
@@ -282,6 +283,6 @@ def classify_exabgp_line(line: str) -> ExaLine:
     address = neighbor.get("address")
     peer = address.get("peer") if isinstance(address, dict) else None
     state = neighbor.get("state")
-    if isinstance(peer, str) and state in PEER_STATES:
-        return PeerMessage(address=peer, state=str(state))
+    if isinstance(peer, str) and isinstance(state, str) and state in PEER_STATES:
+        return PeerMessage(address=peer, state=state)
     return None

@@ -167,7 +167,8 @@ def parse_counters(doc: Mapping[str, object], names: Iterable[str] = COUNTERS) -
         return out
     for item in items:
         counter = item.get("counter") if isinstance(item, dict) else None
-        if isinstance(counter, dict) and counter.get("name") in wanted:
+        name = counter.get("name") if isinstance(counter, dict) else None
+        if isinstance(counter, dict) and isinstance(name, str) and name in wanted:
             packets = counter.get("packets")
             if isinstance(packets, int):
                 out[str(counter["name"])] = packets

@@ -233,6 +233,8 @@ def bgp_lines() -> st.SearchStrategy[str]:
 @example('{"type":"routes","seq":1,"routes":[{"prefix":"198.51.100.0/24","med":1,'
          '"communities":["65100:1\\n"],"as_path_prepend":0,"local_as":65000}]}')
 @example('{"type":"routes","seq":1,"routes":[],"withdrawn":["198.51.100.1/24"]}')
+@example('{"address":"","state":[],"type":"peer"}')  # an unhashable state (found by a soak)
+@example('{"type":"state","neighbor":{"address":{"peer":"198.51.100.1"},"state":[]}}')
 def test_bgp_lines_raise_only_its_error(line: str) -> None:
     assert bgp_wire.classify_exabgp_line(line) is None or True  # never raises
     for decode in (bgp_wire.decode_node_message, bgp_wire.decode_announcer_message):
