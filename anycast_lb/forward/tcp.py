@@ -298,6 +298,20 @@ class TcpForwarder:
         task = asyncio.get_running_loop().create_task(self._adopt(relay, conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A callback, not only _adopt's except: a task cancelled before its
+        # first step (loop teardown, stop right after an accept) never runs
+        # its body, and would leak the accepted socket and its slot.
+        task.add_done_callback(lambda done: self._adopt_done(done, relay, conn))
+
+    def _adopt_done(self, task: asyncio.Task[None], relay: _Relay, conn: socket.socket) -> None:
+        """Close ``conn`` and give back ``relay``'s slot when ``task`` was
+        cancelled before ``_adopt`` ran. Never twice: if the body ran, either
+        a transport took the socket (``relay.client`` set, the slot goes back
+        with ``_unregister``) or its except branch closed it (fileno -1) and
+        gave the slot back itself."""
+        if task.cancelled() and relay.client is None and conn.fileno() != -1:
+            conn.close()
+            self.slots.release(relay.peer[0])
 
     async def _adopt(self, relay: _Relay, conn: socket.socket) -> None:
         """Wrap an accepted socket in a transport; ``relay`` holds a slot,

@@ -21,6 +21,7 @@ from anycast_lb.forward import FlowKey
 from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
+from anycast_lb.limits import Slots
 from anycast_lb.listeners import close_server
 from anycast_lb.pool import Pool
 from tests.waiting import wait_until
@@ -580,6 +581,54 @@ async def test_abort_all_closes_every_connection(rig: Rig) -> None:
         writer.close()
     assert await fwd.wait_idle(DEADLINE)
     assert pool.backends[0].active_connections == 0
+
+
+class AdoptCancelled(TcpForwarder):
+    """The asyncio engine with its next ``cancels`` adopt tasks cancelled in
+    the loop turn that creates them, before their first step: what a loop
+    teardown or a stop right after an accept does."""
+
+    cancels = 1
+
+    def _spawn_adopt(self, relay: Any, conn: socket.socket) -> None:
+        before = set(self._tasks)
+        super()._spawn_adopt(relay, conn)
+        if self.cancels > 0:
+            self.cancels -= 1
+            for task in self._tasks - before:
+                task.cancel()
+
+
+async def test_adopt_cancelled_before_it_runs_closes_the_socket_and_frees_the_slot() -> None:
+    backend = LineBackend("b1")
+    pool = Pool(service_for([await backend.start()]))
+    for b in pool.backends:
+        pool.set_up(b.key, True)
+    slots = Slots(1, 1)
+    fwd = AdoptCancelled(pool.service, pool, "127.0.0.1", 0, slots=slots)
+    address = await fwd.start()
+    try:
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            assert await closed_by_peer(reader)  # the accepted socket was closed
+        finally:
+            writer.close()
+        await wait_until(lambda: slots.used == 0, DEADLINE, what="the slot given back")
+        assert slots.sources is not None and len(slots.sources) == 0
+        assert fwd.accepted == 0 and fwd.active == 0
+        # The one slot serves the next client (a leaked slot refuses it: "cap").
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(b"next\n")
+            assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:next\n"
+        finally:
+            writer.close()
+        assert sum(fwd.refused().values()) == 0
+    finally:
+        fwd.stop_accepting()
+        fwd.abort_all()
+        assert await fwd.wait_idle(DEADLINE)
+        await backend.close()
 
 
 async def test_bind_error_names_the_address(rig: Rig) -> None:
