@@ -180,6 +180,9 @@ def run(config: Path, log_level: str, log_format: log.LogFormat, run_dir: Path |
               udp_flow_caps=",".join(f"{k}={v}" for k, v in budget.udp_flows.items()))
     if not no_uvloop:
         _use_uvloop()
+    from anycast_lb.forward.reactor import tune_gc  # deferred: keeps the other commands light
+
+    tune_gc()
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -30,6 +30,7 @@ not stop every other.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import os
 import select
@@ -53,6 +54,25 @@ RDHUP = select.EPOLLRDHUP if HAVE_EPOLL else 0x2000
 PIPE_POOL = 256
 """Empty pipes kept for reuse (2 fds each)."""
 _F_SETPIPE_SZ = 1031
+
+
+GC_THRESHOLD0 = 20_000
+"""CPython's generation-0 collection threshold in a node process (CPython's
+default is 700). Each connection the relay engine proxies makes and frees
+about a dozen objects the cycle collector tracks (the connection, its
+machine, its two directions, tuples, bound methods); with the default a
+young-generation collection runs every few dozen short connections, and
+most of what it scans is alive anyway (the open connections). Older
+generations keep CPython's thresholds (10, 10)."""
+
+
+def tune_gc() -> None:
+    """Raise the generation-0 threshold of this process to ``GC_THRESHOLD0``
+    (``gc.set_threshold``); the older generations' thresholds are kept.
+    Called once by ``anycast-lb run`` and by each relay worker process
+    before their loops start."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, older, oldest)
 
 
 class Owner(Protocol):

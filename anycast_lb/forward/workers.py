@@ -79,6 +79,7 @@ from anycast_lb.clock import Clock, SystemClock, wait_event, wait_for
 from anycast_lb.config import ForwardingConfig, NodeConfig, ServiceConfig, Transport
 from anycast_lb.errors import BindError, WorkerProtocolError
 from anycast_lb.flows import FlowKey
+from anycast_lb.forward.reactor import tune_gc
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.pool import Backend, Pool
 
@@ -440,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(started by the node, see the module docstring)", file=sys.stderr)
         return 2
     _die_with_parent(int(args[1]))
+    tune_gc()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return asyncio.run(_worker_main())
