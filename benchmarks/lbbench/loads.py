@@ -57,22 +57,28 @@ class CpuMeter:
     def __init__(self, pid: int, proxy_cpus: tuple[int, ...]) -> None:
         self.pid = pid
         self.proxy_cpus = proxy_cpus
-        self._cpu0 = 0.0
+        self._cpu0 = (0.0, 0.0)
         self._wall0 = 0.0
         self._busy0: dict[str, tuple[int, int]] = {}
         self.cpu_s = 0.0
+        self.user_s = 0.0
+        self.sys_s = 0.0
+        """``cpu_s``'s user and system (kernel) parts, s."""
         self.wall_s = 0.0
         self.busy_s: dict[str, float] = {}
         self.softirq_s: dict[str, float] = {}
 
     def __enter__(self) -> CpuMeter:
         self._busy0 = cpu_busy_ticks()
-        self._cpu0 = procfs.cpu_seconds(self.pid)
+        self._cpu0 = procfs.cpu_split(self.pid)
         self._wall0 = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cpu_s = procfs.cpu_seconds(self.pid) - self._cpu0
+        user, system = procfs.cpu_split(self.pid)
+        self.user_s = user - self._cpu0[0]
+        self.sys_s = system - self._cpu0[1]
+        self.cpu_s = self.user_s + self.sys_s
         self.wall_s = time.monotonic() - self._wall0
         busy1 = cpu_busy_ticks()
         for name, (busy, softirq) in busy1.items():
@@ -99,7 +105,8 @@ class CpuMeter:
         return self._share(busy - softirq - self.cpu_s)
 
     def record(self) -> dict[str, Any]:
-        return {"proxy_cpu_s": round(self.cpu_s, 3), "wall_s": round(self.wall_s, 3),
+        return {"proxy_cpu_s": round(self.cpu_s, 3), "proxy_user_s": round(self.user_s, 3),
+                "proxy_sys_s": round(self.sys_s, 3), "wall_s": round(self.wall_s, 3),
                 "cpu_busy_s": {k: round(v, 2) for k, v in self.busy_s.items()},
                 "cpu_softirq_s": {k: round(v, 2) for k, v in self.softirq_s.items()},
                 "foreign_on_proxy_cpu": round(self.foreign_fraction, 3),
@@ -146,6 +153,8 @@ def short_connections(ctx: LoadContext, pid: int, seconds: float, connections: i
     duration = wrk["duration_us"] / 1e6
     return {"short_rate": done / duration,
             "short_cpu_us": meter.cpu_s / done * 1e6 if done else None,
+            "short_user_us": meter.user_s / done * 1e6 if done else None,
+            "short_sys_us": meter.sys_s / done * 1e6 if done else None,
             "short_requests": done, "short_errors": errors, "wrk": wrk, **meter.record()}
 
 

@@ -24,8 +24,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def parse_stat_ticks(text: str) -> int:
-    """utime + stime in clock ticks from the text of /proc/PID/stat.
+def parse_stat_split(text: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from the text of /proc/PID/stat.
 
     The command name (field 2) is in parentheses and may hold spaces or
     parentheses itself, so fields are counted after its last ``)``.
@@ -37,9 +37,16 @@ def parse_stat_ticks(text: str) -> int:
     fields = rest.split()
     # rest starts at field 3 (state); utime is field 14, stime field 15.
     try:
-        return int(fields[11]) + int(fields[12])
+        return int(fields[11]), int(fields[12])
     except (IndexError, ValueError) as exc:
         raise ValueError(f"malformed /proc/PID/stat: {text[:80]!r}") from exc
+
+
+def parse_stat_ticks(text: str) -> int:
+    """utime + stime in clock ticks from the text of /proc/PID/stat
+    (``parse_stat_split``). Raises ValueError on a malformed line."""
+    user, system = parse_stat_split(text)
+    return user + system
 
 
 def parse_status_rss(text: str) -> int:
@@ -103,15 +110,23 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
-    """CPU seconds (user + system) used so far by ``pid``, all its threads and
+def cpu_split(pid: int, proc: Path = Path("/proc")) -> tuple[float, float]:
+    """CPU seconds (user, system) used so far by ``pid``, all its threads and
     its live descendants."""
-    ticks = 0
+    user = system = 0
     for p in process_tree(pid, proc):
         text = _read(proc / str(p) / "stat")
         if text is not None:
-            ticks += parse_stat_ticks(text)
-    return ticks / CLOCK_TICKS
+            u, s = parse_stat_split(text)
+            user += u
+            system += s
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds (user + system) used so far by ``pid``, all its threads and
+    its live descendants."""
+    return sum(cpu_split(pid, proc))
 
 
 def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int:

@@ -27,6 +27,8 @@ class Figure:
 FIGURES: tuple[Figure, ...] = (
     Figure("short_rate", "short connections/s (new TCP connection per request)"),
     Figure("short_cpu_us", "  proxy CPU per short connection (us)", 1, ("<=", 1.2)),
+    Figure("short_user_us", "    its user part (us)", 1),
+    Figure("short_sys_us", "    its system (kernel) part (us)", 1),
     Figure("short_errors", "  failed connections (wrk socket errors)"),
     Figure("lat_rate", "offered rate for latency (conn/s, half HAProxy's max)"),
     Figure("lat_p50_us", "  p50 latency at that rate (us)"),

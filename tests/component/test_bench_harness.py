@@ -89,6 +89,7 @@ def test_parse_stat_counts_fields_after_the_last_parenthesis() -> None:
     fields = ["S"] + ["0"] * 10 + ["123", "45"] + ["0"] * 30
     text = "4242 (we ird) (name) " + " ".join(fields)
     assert procfs.parse_stat_ticks(text) == 168
+    assert procfs.parse_stat_split(text) == (123, 45)
     with pytest.raises(ValueError):
         procfs.parse_stat_ticks("4242 no parenthesis")
 
@@ -122,7 +123,7 @@ import sys, threading, time, subprocess
 def spin():
     end = time.thread_time() + 0.3
     while time.thread_time() < end:
-        pass
+        sum(range(2000))  # user time between the clock's system calls
 t = threading.Thread(target=spin)
 t.start(); t.join()
 child = subprocess.Popen([sys.executable, "-c", "import sys; print(1, flush=True); sys.stdin.read()"],
@@ -142,6 +143,9 @@ def test_cpu_rss_and_tree_of_a_real_process_include_threads_and_children() -> No
         grandchild = int(proc.stdout.readline())
         # The spinning thread has exited: its 0.3 s still count for the process.
         assert procfs.cpu_seconds(proc.pid) >= 0.25
+        user, system = procfs.cpu_split(proc.pid)
+        assert user >= 0.15  # the spin is mostly user time
+        assert user + system == pytest.approx(procfs.cpu_seconds(proc.pid), abs=0.05)
         assert grandchild in procfs.process_tree(proc.pid)
         assert procfs.rss_bytes(proc.pid) > procfs.rss_bytes(grandchild) > 1024 * 1024
         assert procfs.fd_count(proc.pid) >= 3
