@@ -60,10 +60,9 @@ class CpuMeter:
         self._cpu0 = (0.0, 0.0)
         self._wall0 = 0.0
         self._busy0: dict[str, tuple[int, int]] = {}
-        self.cpu_s = 0.0
         self.user_s = 0.0
         self.sys_s = 0.0
-        """``cpu_s``'s user and system (kernel) parts, s."""
+        """The proxy's CPU over the load, user and system (kernel) parts, s."""
         self.wall_s = 0.0
         self.busy_s: dict[str, float] = {}
         self.softirq_s: dict[str, float] = {}
@@ -78,13 +77,17 @@ class CpuMeter:
         user, system = procfs.cpu_split(self.pid)
         self.user_s = user - self._cpu0[0]
         self.sys_s = system - self._cpu0[1]
-        self.cpu_s = self.user_s + self.sys_s
         self.wall_s = time.monotonic() - self._wall0
         busy1 = cpu_busy_ticks()
         for name, (busy, softirq) in busy1.items():
             before = self._busy0.get(name, (0, 0))
             self.busy_s[name] = (busy - before[0]) / procfs.CLOCK_TICKS
             self.softirq_s[name] = (softirq - before[1]) / procfs.CLOCK_TICKS
+
+    @property
+    def cpu_s(self) -> float:
+        """The proxy's CPU over the load, s (user + system)."""
+        return self.user_s + self.sys_s
 
     def _share(self, seconds: float) -> float:
         capacity = self.wall_s * len(self.proxy_cpus)

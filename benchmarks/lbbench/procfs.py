@@ -42,13 +42,6 @@ def parse_stat_split(text: str) -> tuple[int, int]:
         raise ValueError(f"malformed /proc/PID/stat: {text[:80]!r}") from exc
 
 
-def parse_stat_ticks(text: str) -> int:
-    """utime + stime in clock ticks from the text of /proc/PID/stat
-    (``parse_stat_split``). Raises ValueError on a malformed line."""
-    user, system = parse_stat_split(text)
-    return user + system
-
-
 def parse_status_rss(text: str) -> int:
     """VmRSS in bytes from the text of /proc/PID/status (0 for a zombie)."""
     for line in text.splitlines():
@@ -121,12 +114,6 @@ def cpu_split(pid: int, proc: Path = Path("/proc")) -> tuple[float, float]:
             user += u
             system += s
     return user / CLOCK_TICKS, system / CLOCK_TICKS
-
-
-def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
-    """CPU seconds (user + system) used so far by ``pid``, all its threads and
-    its live descendants."""
-    return sum(cpu_split(pid, proc))
 
 
 def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int:

@@ -88,10 +88,9 @@ def test_idle_connections_fit_haproxys_descriptor_budget(nofile: int) -> None:
 def test_parse_stat_counts_fields_after_the_last_parenthesis() -> None:
     fields = ["S"] + ["0"] * 10 + ["123", "45"] + ["0"] * 30
     text = "4242 (we ird) (name) " + " ".join(fields)
-    assert procfs.parse_stat_ticks(text) == 168
     assert procfs.parse_stat_split(text) == (123, 45)
     with pytest.raises(ValueError):
-        procfs.parse_stat_ticks("4242 no parenthesis")
+        procfs.parse_stat_split("4242 no parenthesis")
 
 
 def test_parse_status_meminfo_sockstat() -> None:
@@ -142,10 +141,9 @@ def test_cpu_rss_and_tree_of_a_real_process_include_threads_and_children() -> No
         assert proc.stdout is not None
         grandchild = int(proc.stdout.readline())
         # The spinning thread has exited: its 0.3 s still count for the process.
-        assert procfs.cpu_seconds(proc.pid) >= 0.25
         user, system = procfs.cpu_split(proc.pid)
+        assert user + system >= 0.25
         assert user >= 0.15  # the spin is mostly user time
-        assert user + system == pytest.approx(procfs.cpu_seconds(proc.pid), abs=0.05)
         assert grandchild in procfs.process_tree(proc.pid)
         assert procfs.rss_bytes(proc.pid) > procfs.rss_bytes(grandchild) > 1024 * 1024
         assert procfs.fd_count(proc.pid) >= 3
