@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -286,13 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     os.sched_setaffinity(0, set(cpu_list(args.load_cpu)))
-    nofile = raise_nofile(configs.haproxy_fds(args.idle_connections + 200))
-    idle = min(args.idle_connections, configs.max_idle_connections(nofile))
+    topo = configs.Topology()
+    engines = [configs.Forwarding(engine=e, splice=not args.no_splice,
+                                  buffer_size=args.buffer_size, workers=args.workers)
+               for e in dict.fromkeys([args.engine, *args.extra_engine])]
+    wanted = args.idle_connections + 200
+    nofile = raise_nofile(max(configs.haproxy_fds(wanted),
+                              *(configs.anycast_lb_fds(wanted, topo, f) for f in engines)))
+    idle = min(args.idle_connections, configs.max_idle_connections(nofile, [(topo, f) for f in engines]))
     if idle < args.idle_connections:
         progress(f"idle: RLIMIT_NOFILE is {nofile} and cannot be raised here: "
                  f"{idle} idle connections instead of {args.idle_connections}")
+    # Every idle connection comes from 127.0.0.1: the node's caps, the
+    # per-source one included, are set to what HAProxy's maxconn holds.
+    forwarding = [replace(f, max_tcp_connections=idle + 200) for f in engines]
     loadgen = build_loadgen()
-    topo = configs.Topology()
     workdir = Path(tempfile.mkdtemp(prefix="alb-bench-"))
     sup = Supervisor(workdir, nice=args.nice)
     if args.nice:
@@ -302,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         start_backends(sup, topo, args.load_cpu, loadgen, nginx_connections=min(idle + 1000, 15000))
-        forwarding = [configs.Forwarding(engine=e, splice=not args.no_splice,
-                                         buffer_size=args.buffer_size, workers=args.workers)
-                      for e in dict.fromkeys([args.engine, *args.extra_engine])]
         haproxy_options = configs.HaproxyOptions(splice=not args.no_haproxy_splice,
                                                  maxconn=idle + 200,
                                                  extra_global=tuple(args.haproxy_global),

@@ -13,14 +13,23 @@ Pure functions: no file is written here, no process started.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
 
+from anycast_lb.config import parse_config
+from anycast_lb.errors import ConfigError
+from anycast_lb.limits import plan
+
 HAPROXY_MAXPIPES = 256
 """HAProxy ``maxpipes``: pipes it may hold for splicing (default maxconn/4,
 which costs two descriptors each whether used or not)."""
+UDP_MAX_FLOWS = 256
+"""The UDP service's ``max_flows``, set so the descriptors left for TCP are
+known (the UDP load opens 16 flows from one source; a quarter of 256 admits
+them)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,19 @@ class Forwarding:
     buffer_size: int = 65536
     """Bytes per read, and pipe or user buffer per direction."""
     workers: int = 1
+    max_tcp_connections: int | None = None
+    """``max_tcp_connections`` and ``max_tcp_connections_per_source`` both:
+    the idle load opens every connection from one source (127.0.0.1), which
+    the default per-source cap (a quarter of the cap) would refuse. None
+    leaves both to the node's descriptor budget."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine, "splice": self.splice,
-                "buffer_size": self.buffer_size, "workers": self.workers}
+        out: dict[str, Any] = {"engine": self.engine, "splice": self.splice,
+                               "buffer_size": self.buffer_size, "workers": self.workers}
+        if self.max_tcp_connections is not None:
+            out["max_tcp_connections"] = self.max_tcp_connections
+            out["max_tcp_connections_per_source"] = self.max_tcp_connections
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,7 @@ def anycast_lb_config(topo: Topology, forwarding: Forwarding, api_listen: str = 
              "balance": "round_robin", "idle_timeout": 600,
              "backends": backends(topo.bulk_port, (topo.bulk_backend,)), "health": dict(none)},
             {"name": "udp", "vip": topo.vip, "port": topo.udp_port, "protocol": "udp",
-             "balance": "round_robin", "idle_timeout": 30,
+             "balance": "round_robin", "idle_timeout": 30, "max_flows": UDP_MAX_FLOWS,
              "backends": backends(topo.udp_port, topo.backends), "health": dict(none)},
         ],
     }
@@ -172,9 +190,49 @@ def haproxy_fds(maxconn: int, maxpipes: int = HAPROXY_MAXPIPES) -> int:
     return 2 * maxconn + 2 * maxpipes + 100
 
 
-def max_idle_connections(nofile: int, maxpipes: int = HAPROXY_MAXPIPES, slack: int = 200) -> int:
-    """The most idle connections both proxies can hold under a descriptor
+def _admits(topo: Topology, forwarding: Forwarding, nofile: int, connections: int) -> bool:
+    """Whether the node's descriptor budget (anycast_lb.limits.plan) under a
+    limit of ``nofile`` fits ``max_tcp_connections: connections``."""
+    config = parse_config(anycast_lb_config(topo, replace(forwarding, max_tcp_connections=connections)))
+    try:
+        plan(nofile, config)
+    except ConfigError:
+        return False
+    return True
+
+
+def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The least n in [lo, hi] with ``pred(n)`` (pred monotonic: False then
+    True), or hi + 1 if none."""
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return lo
+
+
+def anycast_lb_max_connections(nofile: int, topo: Topology, forwarding: Forwarding) -> int:
+    """The most TCP connections the node's descriptor budget admits under a
+    limit of ``nofile`` (splice pipes take an eighth of the data descriptors,
+    so it holds fewer than HAProxy with its fixed ``maxpipes``); 0 if none."""
+    return _first_true(lambda n: not _admits(topo, forwarding, nofile, n), 1, nofile // 2) - 1
+
+
+def anycast_lb_fds(connections: int, topo: Topology, forwarding: Forwarding) -> int:
+    """The least RLIMIT_NOFILE under which the node admits ``connections``."""
+    hi = 4 * connections + 10_000
+    return _first_true(lambda nofile: _admits(topo, forwarding, nofile, connections), 1, hi)
+
+
+def max_idle_connections(nofile: int, anycast_lb: Iterable[tuple[Topology, Forwarding]] = (),
+                         maxpipes: int = HAPROXY_MAXPIPES, slack: int = 200) -> int:
+    """The most idle connections every proxy can hold under a descriptor
     limit of ``nofile`` (the hard RLIMIT_NOFILE): HAProxy needs
-    ``haproxy_fds(n + slack)``; rounded down to hundreds."""
-    n = (nofile - 2 * maxpipes - 100) // 2 - slack
-    return max(0, n // 100 * 100)
+    ``haproxy_fds(n + slack)``, each anycast-lb node configured as given
+    admits ``n + slack`` (:func:`anycast_lb_max_connections`); rounded down
+    to hundreds."""
+    most = [(nofile - 2 * maxpipes - 100) // 2]
+    most += [anycast_lb_max_connections(nofile, topo, f) for topo, f in anycast_lb]
+    return max(0, (min(most) - slack) // 100 * 100)

@@ -15,11 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from anycast_lb.config import Engine, parse_config
+from anycast_lb.errors import ConfigError
+from anycast_lb.limits import plan
 from benchmarks import forwarder_vs_haproxy as bench
 from benchmarks.lbbench import configs, loads, processes, procfs, report
 
@@ -80,6 +83,25 @@ def test_idle_connections_fit_haproxys_descriptor_budget(nofile: int) -> None:
     assert configs.haproxy_fds(n + 200) <= nofile
     assert configs.haproxy_fds(n + 300 + 200) > nofile - 200  # not needlessly small
     assert configs.max_idle_connections(20000) == 9400
+
+
+@pytest.mark.parametrize("nofile", [4096, 20000, 65536])
+@pytest.mark.parametrize("splice", [True, False])
+def test_idle_connections_fit_the_nodes_descriptor_budget_from_one_source(nofile: int, splice: bool) -> None:
+    topo = configs.Topology()
+    engine = configs.Forwarding(splice=splice)
+    n = configs.max_idle_connections(nofile, [(topo, engine)])
+    assert 0 < n <= configs.max_idle_connections(nofile)
+    most = configs.anycast_lb_max_connections(nofile, topo, engine)
+    assert n + 200 <= most < n + 300 + 200 or n == configs.max_idle_connections(nofile)
+    # The node admits them all from 127.0.0.1, as the idle load opens them.
+    config = parse_config(configs.anycast_lb_config(topo, replace(engine, max_tcp_connections=n + 200)))
+    budget = plan(nofile, config)
+    assert budget.tcp_connections == budget.tcp_connections_per_source == n + 200
+    assert budget.udp_flows_per_source["udp"] >= 16  # the UDP load's flows
+    with pytest.raises(ConfigError):
+        plan(nofile, parse_config(configs.anycast_lb_config(topo, replace(engine, max_tcp_connections=most + 1))))
+    assert configs.anycast_lb_fds(most, topo, engine) <= nofile < configs.anycast_lb_fds(most + 1, topo, engine)
 
 
 # ------------------------------------------------------------------ procfs
