@@ -32,6 +32,7 @@ from anycast_lb.clock import Clock
 from anycast_lb.config import BgpConfig, NodeConfig, ServiceConfig, load_config
 from anycast_lb.errors import BindError, ConfigError
 from anycast_lb.forward import Forwarder, RelayForwarder, TcpForwarder, UdpForwarder
+from anycast_lb.forward.connection import Rules
 from anycast_lb.limits import Budget, plan
 from anycast_lb.liveapply import ApplyResult
 from anycast_lb.pool import Backend, Pool
@@ -368,9 +369,8 @@ def retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
     """Give a running forwarder the live settings of ``service``
     (``liveapply.LIVE_SERVICE_FIELDS``: the pool holds the others); new
     connections use them."""
-    if isinstance(forwarder, TcpForwarder | UdpForwarder):
+    if isinstance(forwarder, TcpForwarder | RelayForwarder):
         forwarder.service = service
-    elif isinstance(forwarder, RelayForwarder):
+        forwarder.rules = Rules(service.connect_timeout, service.proxy_protocol)
+    elif isinstance(forwarder, UdpForwarder):
         forwarder.service = service
-        forwarder.connect_timeout = service.connect_timeout
-        forwarder.proxy_protocol = service.proxy_protocol

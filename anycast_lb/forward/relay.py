@@ -118,6 +118,7 @@ from anycast_lb.forward.connection import (
     Phase,
     Reject,
     Replay,
+    Rules,
     SendProxyHeader,
     ShutdownWrite,
     Side,
@@ -353,7 +354,7 @@ class _Conn(Pump):
         self.down: Direction | None = None
         self.traffic = False
         self.fwd = fwd
-        self.machine: Connection[Backend] = Connection(fwd.connect_timeout, fwd.proxy_protocol)
+        self.machine: Connection[Backend] = Connection(fwd.rules)
         self.client = client
         self.cfd = cfd
         self.peer = peer
@@ -574,7 +575,7 @@ class _Conn(Pump):
         loop = self.loop
         loop.handlers[bfd] = self.backend_event  # loop.register, inline
         loop.watch(bfd, _OUT)
-        fwd.connecting[self] = loop.now + self.machine.connect_timeout
+        fwd.connecting[self] = loop.now + self.machine.rules.connect_timeout
 
     def timed_out(self) -> None:
         """The connect sweep found the attempt past its deadline."""
@@ -872,8 +873,7 @@ class RelayForwarder:
         self.pool = pool
         self.loop = loop
         self.name = service.name
-        self.connect_timeout = service.connect_timeout
-        self.proxy_protocol = service.proxy_protocol
+        self.rules = Rules(service.connect_timeout, service.proxy_protocol)
         self.wildcard = wildcard
         self.on_flow = on_flow
         self.vip = (str(service.vip), service.port)

@@ -98,6 +98,7 @@ from anycast_lb.forward.connection import (
     Phase,
     Reject,
     Replay,
+    Rules,
     SendProxyHeader,
     ShutdownWrite,
     Side,
@@ -157,6 +158,7 @@ class TcpForwarder:
         slots: Slots | None = None,
     ) -> None:
         self.service = service
+        self.rules = Rules(service.connect_timeout, service.proxy_protocol)
         self.pool = pool
         self._bind = (
             bind_host if bind_host is not None else str(service.vip),
@@ -419,9 +421,7 @@ class _Relay(asyncio.Protocol):
 
     def __init__(self, fwd: TcpForwarder) -> None:
         self.fwd = fwd
-        self.machine: Connection[Backend] = Connection(
-            fwd.service.connect_timeout, proxy_protocol=fwd.service.proxy_protocol
-        )
+        self.machine: Connection[Backend] = Connection(fwd.rules)
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         """The live backend transport (None while connecting, after a close)."""
@@ -491,7 +491,7 @@ class _Relay(asyncio.Protocol):
         elif kind is ConnectTo:
             current = self.machine.backend
             assert current is not None
-            self.connecting = fwd._spawn(self, current, self.machine.connect_timeout)
+            self.connecting = fwd._spawn(self, current, self.machine.rules.connect_timeout)
         elif kind is CountConnected:
             assert backend is not None
             backend.active_connections += 1

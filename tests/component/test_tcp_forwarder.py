@@ -15,9 +15,11 @@ from typing import Any, cast
 
 import pytest
 
+from anycast_lb.applier import retune
 from anycast_lb.config import ForwardingConfig, ServiceConfig
 from anycast_lb.errors import BindError
 from anycast_lb.forward import FlowKey
+from anycast_lb.forward.connection import Rules
 from anycast_lb.forward.proxy_protocol import IncompleteHeader, parse_v2_header
 from anycast_lb.forward.relay import RelayForwarder, RelayLoop
 from anycast_lb.forward.tcp import HIGH_WATER, TcpForwarder
@@ -525,6 +527,21 @@ async def test_proxy_protocol_header_carries_the_client(rig: Rig) -> None:
     first = await asyncio.wait_for(reader.readline(), DEADLINE)
     assert first == f"b1:client={(client[0], client[1])} local={address}\n".encode()
     assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:ping\n"
+    writer.close()
+
+
+async def test_a_live_retune_reaches_new_connections(rig: Rig) -> None:
+    """A config apply changing ``proxy_protocol`` and ``connect_timeout``
+    (``applier.retune``): connections opened after it send the header."""
+    b1 = await rig.backend("b1", proxy=True)
+    fwd, _, address = await rig.forwarder([b1])
+    retune(fwd, fwd.service.model_copy(update={"proxy_protocol": True, "connect_timeout": 0.5}))
+    assert fwd.rules == Rules(0.5, True)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"ping\n")
+    client = writer.get_extra_info("sockname")
+    first = await asyncio.wait_for(reader.readline(), DEADLINE)
+    assert first == f"b1:client={(client[0], client[1])} local={address}\n".encode()
     writer.close()
 
 

@@ -42,6 +42,7 @@ from anycast_lb.forward.connection import (
     Phase,
     Reject,
     Replay,
+    Rules,
     SendProxyHeader,
     ShutdownWrite,
     Side,
@@ -62,7 +63,7 @@ ABANDON: tuple[Step, ...] = (Close(C, True), Close(BK, True))
 
 
 def machine(proxy: bool = False) -> Connection[str]:
-    return Connection(T, proxy_protocol=proxy, replay_limit=LIMIT, idle_sweeps=SWEEPS)
+    return Connection(Rules(T, proxy_protocol=proxy, replay_limit=LIMIT, idle_sweeps=SWEEPS))
 
 
 def step(conn: Connection[str], event: Event[str]) -> tuple[Step, ...]:
@@ -410,3 +411,17 @@ def test_a_short_connection_allocates_no_action() -> None:
     for event in short:
         assert first.handle(event) is second.handle(event)
     assert first.closed and second.closed
+
+
+@pytest.mark.parametrize("end", [BACKEND_FIRST_BYTE, BACKEND_EOF, ClientData(b"x" * (LIMIT + 1))])
+def test_a_connection_past_its_replay_holds_no_copy(end: Event[str]) -> None:
+    """Once the replay ends (the backend's first byte or EOF, or the copy
+    past the limit) the machine keeps no list: an idle connection's memory
+    (RSS per idle connection, docs/performance.md) holds no client bytes and
+    no empty list."""
+    conn = machine()
+    assert conn.kept is None
+    feed(conn, [*RELAY, ClientData(b"GET")])
+    assert conn.kept == [b"GET"]
+    feed(conn, [end])
+    assert conn.kept is None and conn.kept_len == 0
