@@ -82,13 +82,13 @@ class Socket(Protocol):
 class Direction:
     """One direction of a connection: bytes from ``src`` to ``dst``.
 
-    ``upstream``: client to backend (bytes count in ``counters.bytes_in``),
-    else backend to client (``bytes_out``).
+    ``upstream``: client to backend (bytes count in the pump's
+    ``counters.bytes_in``), else backend to client (``bytes_out``).
     """
 
     __slots__ = (
         "src", "dst", "sfd", "dfd", "pipe", "pending", "buf", "eof", "fin", "shut", "copy",
-        "tap", "live", "upstream", "counters",
+        "tap", "live", "upstream",
     )
 
     sfd: int
@@ -96,12 +96,10 @@ class Direction:
     splice (only splice reads them)."""
     dfd: int
 
-    def __init__(self, src: Socket, dst: Socket, upstream: bool, counters: Counters,
-                 tap: bool) -> None:
+    def __init__(self, src: Socket, dst: Socket, upstream: bool, tap: bool) -> None:
         self.src = src
         self.dst = dst
         self.upstream = upstream
-        self.counters = counters
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         """Bytes read from src (or queued) and not yet written to dst."""
@@ -124,9 +122,9 @@ class Direction:
 _new = object.__new__
 
 
-def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tuple[Direction, Direction]:
-    """``(Direction(client, backend, True, counters, tap), Direction(backend,
-    client, False, counters, tap))``, built in one call: a class call runs
+def pair(client: Socket, backend: Socket, tap: bool) -> tuple[Direction, Direction]:
+    """``(Direction(client, backend, True, tap), Direction(backend, client,
+    False, tap))``, built in one call: a class call runs
     ``__init__`` through the type's slot (an argument tuple, a frame each),
     which costs about 50 ns more per object, and this runs per connection.
     Sets every field ``Direction.__init__`` sets, to the same values."""
@@ -134,7 +132,6 @@ def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tupl
     up.src = client
     up.dst = backend
     up.upstream = True
-    up.counters = counters
     up.pipe = up.buf = None
     up.pending = 0
     up.eof = up.fin = up.shut = False
@@ -144,7 +141,6 @@ def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tupl
     down.src = backend
     down.dst = client
     down.upstream = False
-    down.counters = counters
     down.pipe = down.buf = None
     down.pending = 0
     down.eof = down.fin = down.shut = False
@@ -156,10 +152,15 @@ def pair(client: Socket, backend: Socket, counters: Counters, tap: bool) -> tupl
 class Pump:
     """Moves one connection's bytes on ``loop`` (see the module docstring).
 
-    Subclasses set ``up`` and ``down`` and supply the hooks.
+    Subclasses set ``up``, ``down`` and ``counters`` (before the first
+    ``pump``) and supply the hooks.
     """
 
-    __slots__ = ("loop", "up", "down", "traffic")
+    __slots__ = ("loop", "up", "down", "traffic", "counters")
+
+    counters: Counters
+    """The backend's byte counters, for both directions (one field here,
+    not one per direction: an idle connection's memory)."""
 
     def __init__(self, loop: Reactor) -> None:
         self.loop = loop
@@ -217,9 +218,9 @@ class Pump:
                     return
                 d.pending = n
                 if d.upstream:
-                    d.counters.bytes_in += n
+                    self.counters.bytes_in += n
                 else:
-                    d.counters.bytes_out += n
+                    self.counters.bytes_out += n
                 if d.tap:
                     self.tapped(d, chunk)
                     if not d.live:
@@ -300,9 +301,9 @@ class Pump:
                 return
             d.pending = n
             if d.upstream:
-                d.counters.bytes_in += n
+                self.counters.bytes_in += n
             else:
-                d.counters.bytes_out += n
+                self.counters.bytes_out += n
             if d.tap:
                 self.tapped(d, data)
                 if not d.live:

@@ -279,18 +279,21 @@ class _Listener:
                 continue  # ECONNABORTED and the like: that client is gone
             self.backoff = ACCEPT_BACKOFF_MIN_S
             fwd = self.only
-            local = self.local
+            local = self.local  # shared by the listener's connections
             if fwd is None:
                 try:
-                    local = sock.getsockname()
+                    bound = sock.getsockname()
                 except OSError:
                     loop.doom(sock)
                     continue
-                fwd = self.services.get(local[0])
+                fwd = self.services.get(bound[0])
                 if fwd is None or not fwd.accepting:
                     _linger_reset(sock)
                     loop.doom(sock)
                     continue
+                local = (bound[0], bound[1])
+            if len(peer) != 2:
+                peer = (peer[0], peer[1])  # IPv6: without flow info and scope id
             fwd.accept(loop, sock, fd, peer, local)
 
     def pause(self, exc: OSError) -> None:
@@ -342,8 +345,8 @@ class _Conn(Pump):
     """
 
     __slots__ = (
-        "fwd", "machine", "client", "cfd", "peer", "local", "key", "bsock", "bfd", "cmask",
-        "bmask", "creg", "closed",
+        "fwd", "machine", "client", "cfd", "peer", "local", "bsock", "bfd", "cmask", "bmask",
+        "creg", "closed",
     )
 
     def __init__(self, loop: Reactor, fwd: RelayForwarder, client: Sock, cfd: int,
@@ -359,8 +362,6 @@ class _Conn(Pump):
         self.cfd = cfd
         self.peer = peer
         self.local = local
-        self.key: FlowKey
-        """Set by the forwarder only when it has a flow hook (``on_flow``)."""
         self.bsock: Sock | None = None
         """The current attempt's or connection's backend socket."""
         self.bfd = -1
@@ -602,7 +603,8 @@ class _Conn(Pump):
         # and out of a pipe. The pump switches a direction to splice after a
         # read that fills the buffer.
         replaying = machine.replaying
-        self.up, self.down = pair(self.client, bsock, backend, replaying)
+        self.up, self.down = pair(self.client, bsock, replaying)
+        self.counters = backend
         actions = machine.on_connected()
         if actions is DO_START:
             backend.active_connections += 1
@@ -1090,10 +1092,11 @@ class RelayForwarder:
 
     def accept(self, loop: RelayLoop, sock: Sock, fd: int, peer: tuple[str, int],
                local: tuple[str, int]) -> None:
-        """Loop thread: take an accepted connection. ``local`` is its local
-        (address, port): the VIP, or the overridden bind address in tests;
-        backend choice always hashes the service's VIP. ``sock`` is in
-        blocking mode (see ``Sock``)."""
+        """Loop thread: take an accepted connection. ``peer`` is the client's
+        (address, port); ``local`` its local (address, port): the VIP, or the
+        overridden bind address in tests (one tuple shared by a listener's
+        connections); backend choice always hashes the service's VIP.
+        ``sock`` is in blocking mode (see ``Sock``)."""
         if not self.accepting:
             _linger_reset(sock)
             loop.doom(sock)
@@ -1112,7 +1115,7 @@ class RelayForwarder:
             self.refuse(refusal)
             return
         self.accepted += 1
-        conn = _Conn(loop, self, sock, fd, (peer[0], peer[1]), (local[0], local[1]))
+        conn = _Conn(loop, self, sock, fd, peer, local)
         candidates = self.pool.candidates(conn.peer, self.vip)
         if not candidates:
             conn.run(conn.machine.on_accepted(candidates), None)  # no_backend: reset at once
@@ -1121,9 +1124,9 @@ class RelayForwarder:
             self._became_busy()
         self._conns.add(conn)
         if self.on_flow is not None:
-            conn.key = (peer[0], peer[1], local[0], local[1])
-            self._by_flow[conn.key] = conn
-            self.on_flow(True, conn.key)
+            key = (peer[0], peer[1], local[0], local[1])
+            self._by_flow[key] = conn
+            self.on_flow(True, key)
         actions = conn.machine.on_accepted(candidates)
         if actions is DO_CONNECT:
             conn._connect()
@@ -1143,9 +1146,12 @@ class RelayForwarder:
         if loop.paused:
             loop.resume_listeners()
         self._conns.discard(conn)
-        if self.on_flow is not None and self._by_flow.get(conn.key) is conn:
-            del self._by_flow[conn.key]
-            self.on_flow(False, conn.key)
+        if self.on_flow is not None:
+            peer, local = conn.peer, conn.local
+            key = (peer[0], peer[1], local[0], local[1])
+            if self._by_flow.get(key) is conn:
+                del self._by_flow[key]
+                self.on_flow(False, key)
         if not self._conns:
             self._became_idle()
 
