@@ -19,8 +19,10 @@ as median [min-max]; ratios are anycast-lb / HAProxy.
 
 Loads (each bounded in time, and in number where it counts), in this order:
   idle     N idle keep-alive connections held at once (N = 10,000, or what
-           RLIMIT_NOFILE allows): RSS, kernel slab and descriptors per
-           connection. First, before any load leaves TIME_WAIT sockets.
+           both proxies' descriptor budgets hold under RLIMIT_NOFILE; all
+           from 127.0.0.1, so the node's caps, per source included, are set
+           to N + 200): RSS, kernel slab and descriptors per connection.
+           First, before any load leaves TIME_WAIT sockets.
   bulk     iperf3 through the proxy, 1 stream then 8 streams: Gbit/s and
            proxy CPU s per GB.
   udp      loadgen udp-flood, 16 flows of 64-byte datagrams echoed by the
