@@ -53,7 +53,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if idle < args.idle_connections:
         progress(f"idle: RLIMIT_NOFILE is {nofile} and cannot be raised here: "
                  f"{idle} idle connections instead of {args.idle_connections}")
-    # Every idle connection comes from 127.0.0.1: the node's caps, the
-    # per-source one included, are set to what HAProxy's maxconn holds.
-    forwarding = [replace(f, max_tcp_connections=idle + 200) for f in engines]
+    forwarding = [configs.sized_for_idle(f, idle) for f in engines]
     loadgen = build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="alb-bench-"))
     sup = Supervisor(workdir, nice=args.nice)

@@ -226,6 +226,14 @@ def anycast_lb_fds(connections: int, topo: Topology, forwarding: Forwarding) -> 
     return _first_true(lambda nofile: _admits(topo, forwarding, nofile, connections), 1, hi)
 
 
+def sized_for_idle(forwarding: Forwarding, idle: int, slack: int = 200) -> Forwarding:
+    """``forwarding`` with the node's TCP caps, the per-source one included,
+    at ``idle + slack`` (HAProxy's ``maxconn``): every idle connection comes
+    from 127.0.0.1. Unchanged when ``idle`` is 0 (the limit holds none; the
+    node keeps its own budget, which ``idle + slack`` would not fit)."""
+    return replace(forwarding, max_tcp_connections=idle + slack) if idle else forwarding
+
+
 def max_idle_connections(nofile: int, anycast_lb: Iterable[tuple[Topology, Forwarding]] = (),
                          maxpipes: int = HAPROXY_MAXPIPES, slack: int = 200) -> int:
     """The most idle connections every proxy can hold under a descriptor

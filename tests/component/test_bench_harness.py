@@ -104,6 +104,21 @@ def test_idle_connections_fit_the_nodes_descriptor_budget_from_one_source(nofile
     assert configs.anycast_lb_fds(most, topo, engine) <= nofile < configs.anycast_lb_fds(most + 1, topo, engine)
 
 
+@pytest.mark.parametrize("nofile", [1024, 20000])
+def test_the_node_config_sized_for_the_idle_count_starts_under_the_limit(nofile: int) -> None:
+    """Under a small limit no idle connection fits both proxies, and the node
+    keeps its own budget instead of caps it cannot hold."""
+    topo = configs.Topology()
+    engine = configs.Forwarding()
+    idle = configs.max_idle_connections(nofile, [(topo, engine)])
+    sized = configs.sized_for_idle(engine, idle)
+    budget = plan(nofile, parse_config(configs.anycast_lb_config(topo, sized)))
+    if idle:
+        assert budget.tcp_connections_per_source == idle + 200
+    else:
+        assert sized == engine and budget.tcp_connections > 0
+
+
 # ------------------------------------------------------------------ procfs
 
 
