@@ -181,6 +181,22 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     await rig.close()
 
 
+@pytest.fixture
+def logged_errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The events logged at error level during the test (still logged)."""
+    from anycast_lb import log
+
+    errors: list[str] = []
+    real_error = log.error
+
+    def record(event: str, /, **fields: object) -> None:
+        errors.append(event)
+        real_error(event, **fields)
+
+    monkeypatch.setattr(log, "error", record)
+    return errors
+
+
 async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
     async with asyncio.timeout(DEADLINE):
         return await reader.read()
@@ -754,6 +770,34 @@ async def test_flow_hook_sees_open_and_close_and_abort_flows_resets(relay_rig: R
     assert await fwd.wait_idle(DEADLINE)
 
 
+async def test_flow_hook_with_no_backend_up_resets_and_sees_no_flow(
+    relay_rig: Rig, logged_errors: list[str]
+) -> None:
+    """A connection refused for want of a backend was never a flow: the hook
+    hears nothing, the slot is given back and the data path logs no error;
+    the next, with a backend up, opens and closes a flow."""
+    rig = relay_rig
+    b1 = await rig.backend("b1")
+    events: list[tuple[bool, FlowKey]] = []
+    pool = Pool(service_for([b1]))
+    fwd = rig.make(pool, on_flow=lambda opened, key: events.append((opened, key)))
+    assert isinstance(fwd, RelayForwarder) and rig.relay is not None
+    address = await fwd.start()
+    assert await refused_or_closed(address)
+    assert fwd.rejected_no_backend == 1
+    await wait_until(lambda: rig.relay is not None and rig.relay.slots.used == 0)
+    pool.set_up(pool.backends[0].key, True)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"x\n")
+    assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"b1:x\n"
+    writer.close()
+    client = writer.get_extra_info("sockname")
+    key = (client[0], client[1], address[0], address[1])
+    await wait_until(lambda: events == [(True, key), (False, key)])
+    assert await fwd.wait_idle(DEADLINE)
+    assert logged_errors == []
+
+
 async def test_accepted_sockets_inherit_keepalive_and_user_timeout(relay_rig: Rig) -> None:
     """Socket hygiene for flow survival: dead clients are noticed."""
     rig = relay_rig
@@ -798,21 +842,13 @@ async def test_upload_past_the_replay_limit_reaches_a_silent_backend(rig: Rig) -
 
 
 async def test_chaos_of_resets_and_early_closes_leaves_no_error(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, logged_errors: list[str]
 ) -> None:
     """Backends that reset, close before answering or answer; clients that
     reset, half-close or not; abort_all in the middle. Every connection ends,
     nothing is left open and the data path logs no error (a relay bug shows
     up as ``forward.relay_error``). Seeded, bounded: 400 connections."""
-    from anycast_lb import log
-
-    errors: list[str] = []
-    real_error = log.error
-    def record(event: str, /, **fields: object) -> None:
-        errors.append(event)
-        real_error(event, **fields)
-
-    monkeypatch.setattr(log, "error", record)
+    errors = logged_errors
     rnd = random.Random(7)
 
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
