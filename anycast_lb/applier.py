@@ -371,6 +371,6 @@ def retune(forwarder: Forwarder | None, service: ServiceConfig) -> None:
     connections use them."""
     if isinstance(forwarder, TcpForwarder | RelayForwarder):
         forwarder.service = service
-        forwarder.rules = Rules(service.connect_timeout, service.proxy_protocol)
+        forwarder.rules = Rules.of(service)
     elif isinstance(forwarder, UdpForwarder):
         forwarder.service = service

@@ -94,7 +94,7 @@ import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from anycast_lb.errors import ConnectionStateError
 
@@ -400,6 +400,22 @@ class Rules:
     proxy_protocol: bool = False
     replay_limit: int = REPLAY_LIMIT
     idle_sweeps: int = SWEEPS_PER_IDLE_TIMEOUT
+
+    @classmethod
+    def of(cls, service: ServiceSettings) -> Rules:
+        """The rules of ``service`` (a ``config.ServiceConfig``): what an
+        engine builds at start and ``applier.retune`` on a live apply."""
+        return cls(service.connect_timeout, service.proxy_protocol)
+
+
+class ServiceSettings(Protocol):
+    """The service settings ``Rules.of`` reads (``config.ServiceConfig`` has
+    them; the machine does not import the config)."""
+
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def proxy_protocol(self) -> bool: ...
 
 
 class Connection(Generic[B]):

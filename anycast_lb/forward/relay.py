@@ -376,6 +376,13 @@ class _Conn(Pump):
     def client_name(self) -> str:
         return format_host_port(*self.peer)
 
+    def flow_key(self) -> FlowKey:
+        """The connection's 5-tuple as flow survival keys it (TCP implied):
+        built when the forwarder has a flow hook, at accept and at close,
+        rather than kept in every connection."""
+        peer, local = self.peer, self.local
+        return (peer[0], peer[1], local[0], local[1])
+
     @property
     def backend(self) -> Backend | None:
         return self.machine.backend
@@ -875,7 +882,7 @@ class RelayForwarder:
         self.pool = pool
         self.loop = loop
         self.name = service.name
-        self.rules = Rules(service.connect_timeout, service.proxy_protocol)
+        self.rules = Rules.of(service)
         self.wildcard = wildcard
         self.on_flow = on_flow
         self.vip = (str(service.vip), service.port)
@@ -1124,7 +1131,7 @@ class RelayForwarder:
             self._became_busy()
         self._conns.add(conn)
         if self.on_flow is not None:
-            key = (peer[0], peer[1], local[0], local[1])
+            key = conn.flow_key()
             self._by_flow[key] = conn
             self.on_flow(True, key)
         actions = conn.machine.on_accepted(candidates)
@@ -1147,8 +1154,7 @@ class RelayForwarder:
             loop.resume_listeners()
         self._conns.discard(conn)
         if self.on_flow is not None:
-            peer, local = conn.peer, conn.local
-            key = (peer[0], peer[1], local[0], local[1])
+            key = conn.flow_key()
             if self._by_flow.get(key) is conn:
                 del self._by_flow[key]
                 self.on_flow(False, key)

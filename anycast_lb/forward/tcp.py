@@ -158,7 +158,7 @@ class TcpForwarder:
         slots: Slots | None = None,
     ) -> None:
         self.service = service
-        self.rules = Rules(service.connect_timeout, service.proxy_protocol)
+        self.rules = Rules.of(service)
         self.pool = pool
         self._bind = (
             bind_host if bind_host is not None else str(service.vip),
